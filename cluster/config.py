@@ -1,0 +1,47 @@
+"""The ``cluster`` section: where the Ray cluster is and how jobs are shipped to it."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from pipelines.schema import StrictModel
+
+DEFAULT_EXCLUDES = [
+    ".venv/",
+    ".git/",
+    "runs/",
+    "bench-results/",
+    "**/__pycache__/",
+    ".pytest_cache/",
+    ".ruff_cache/",
+    "*.egg-info/",
+]
+
+
+class ClusterConfig(StrictModel):
+    address: str | None = Field(
+        default=None,
+        description="Ray address to connect to (e.g. 'ray://head:10001' or 'auto'). "
+        "Unset: the RAY_ADDRESS environment variable, else an embedded local Ray.",
+    )
+    num_cpus: int | None = Field(
+        default=None,
+        ge=1,
+        description="Logical CPUs of the embedded local Ray. Unset: max(8, cores), enough for "
+        "Serve's ingress replica next to the engine replicas on a small machine.",
+    )
+    object_store_memory_gib: float | None = Field(
+        default=None,
+        gt=0,
+        description="Object store size of the embedded local Ray in GiB. Unset: Ray's default.",
+    )
+    runtime_env_excludes: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_EXCLUDES),
+        description="Paths left out of the working_dir that `loom submit` uploads "
+        "(Ray caps the upload at about 500 MB).",
+    )
+    pip: list[str] = Field(
+        default_factory=list,
+        description="Extra pip packages for the job's runtime_env. Cluster nodes should already "
+        "have Loom's dependencies (cluster.yaml setup_commands); this is for small additions.",
+    )

@@ -1,0 +1,40 @@
+"""One way to reach Ray: connect to a cluster, or start an embedded local one."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from cluster.config import ClusterConfig
+
+log = logging.getLogger(__name__)
+
+
+def embedded_num_cpus(config: ClusterConfig) -> int:
+    # Serve's ingress replica, the vLLM engine replica and the Train workers each
+    # hold a logical CPU; on a 2-core machine Ray would otherwise deadlock waiting.
+    return config.num_cpus or max(8, os.cpu_count() or 1)
+
+
+def connect(config: ClusterConfig, address: str | None = None) -> str:
+    """Initialise Ray once per process and return a description of where it runs.
+
+    Order: the explicit ``address``, then ``cluster.address``, then ``RAY_ADDRESS``
+    (set by ``ray job submit``); with none, an embedded local Ray sized for this machine.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return "already connected"
+    target = address or config.address or os.environ.get("RAY_ADDRESS")
+    if target:
+        ray.init(address=target, log_to_driver=True)
+        return f"Ray cluster at {target}"
+    num_cpus = embedded_num_cpus(config)
+    memory = config.object_store_memory_gib
+    ray.init(
+        num_cpus=num_cpus,
+        object_store_memory=int(memory * 2**30) if memory else None,
+        include_dashboard=False,
+    )
+    return f"embedded local Ray ({num_cpus} logical CPUs)"

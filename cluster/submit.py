@@ -1,0 +1,92 @@
+"""`loom submit`: validate locally, then run the same module command as a Ray job."""
+
+from __future__ import annotations
+
+import shlex
+import time
+from pathlib import Path
+
+from pipelines.config import LoomConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+#: The module each submitted stage runs (`python -m MODULE --config RECIPE OVERRIDES`).
+STAGE_MODULES = {
+    "data": "pipelines.data",
+    "train": "pipelines.train",
+    "tune": "tune",
+    "serve": "serve",
+    "run": "cluster",  # `python -m cluster run ...`: the whole chain
+}
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+class SubmitError(Exception):
+    pass
+
+
+def entrypoint(stage: str, recipe: Path, overrides: list[str]) -> str:
+    recipe = recipe.resolve()
+    try:
+        relative = recipe.relative_to(REPO_ROOT)
+    except ValueError:
+        raise SubmitError(
+            f"recipe {recipe} is outside the working directory {REPO_ROOT} that is uploaded; "
+            "copy it under the repository (e.g. pipelines/recipes/)"
+        ) from None
+    command = ["python", "-m", STAGE_MODULES[stage]]
+    if stage == "run":
+        command.append("run")
+    return shlex.join([*command, "--config", str(relative), *overrides])
+
+
+def runtime_env(config: LoomConfig) -> dict:
+    env: dict = {"working_dir": str(REPO_ROOT), "excludes": list(config.cluster.runtime_env_excludes)}
+    if config.cluster.pip:
+        env["pip"] = list(config.cluster.pip)
+    return env
+
+
+def _submit_with_retry(client, command: str, env: dict, attempts: int = 150, wait_s: float = 2.0) -> str:
+    """Submit, retrying while the head says its job agent is not up yet.
+
+    A freshly started head serves its dashboard a few seconds before the job agent
+    registers, and answers "No available agent to submit job, please try again later";
+    on a loaded 2-core machine that took over a minute, so the window is five minutes.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return client.submit_job(entrypoint=command, runtime_env=env)
+        except RuntimeError as err:
+            if "try again later" not in str(err) or attempt == attempts:
+                raise
+            time.sleep(wait_s)
+    raise AssertionError("unreachable")
+
+
+def submit(stage: str, recipe: Path, overrides: list[str], config: LoomConfig, address: str, wait: bool = True) -> int:
+    """Submit and (with ``wait``) stream the job's logs; return 0 when it succeeded."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    if not Path(config.storage).is_absolute():
+        # A job runs in an unpacked copy of the working_dir: a relative storage path would
+        # land in Ray's temporary files. Anchor it where the submitter stands.
+        absolute = Path(config.storage).resolve()
+        print(f"[loom] storage '{config.storage}' is relative; the job writes to {absolute}", flush=True)
+        overrides = [*overrides, f"storage={absolute}"]
+    command = entrypoint(stage, recipe, overrides)
+    job_id = _submit_with_retry(client, command, runtime_env(config))
+    print(f"[loom] submitted {job_id} to {address}: {command}", flush=True)
+    if not wait:
+        return 0
+    printed = 0
+    while True:
+        status = str(client.get_job_status(job_id).value)
+        logs = client.get_job_logs(job_id)
+        print(logs[printed:], end="", flush=True)
+        printed = len(logs)
+        if status in TERMINAL:
+            print(f"[loom] job {job_id}: {status}", flush=True)
+            return 0 if status == "SUCCEEDED" else 1
+        time.sleep(2)

@@ -1,0 +1,1 @@
+"""Loom pipelines: configuration, run directories and the data/train stages."""

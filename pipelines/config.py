@@ -1,0 +1,171 @@
+"""The root config: one YAML recipe, validated into one strict object.
+
+Each stage receives only its own section. Dotted overrides (``train.lr=3e-4``)
+are applied to the raw YAML before validation, so a typo in an override is
+reported like a typo in the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from cluster.config import ClusterConfig
+from pipelines.data.config import DataConfig
+from pipelines.schema import StrictModel
+from pipelines.train.config import TrainConfig
+from serve.config import ServeConfig
+from tune.config import TuneConfig
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+# vLLM's CPU attention kernels exist for these head sizes only (vllm/v1/attention/backends/cpu_attn.py).
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+DEFAULT_RECIPE = RECIPES_DIR / "tiny.yaml"
+
+
+class LoomConfig(StrictModel):
+    run_name: str = Field(
+        default="tiny", pattern=r"^[A-Za-z0-9._-]+$", description="Name of the run directory under storage."
+    )
+    storage: str = Field(
+        default="runs",
+        description="Local directory holding run directories (relative paths are taken from the "
+        "current directory). On a multi-node cluster it must be a shared filesystem.",
+    )
+    seed: int = Field(default=0, ge=0, description="Seed for shuffling, initialisation and sampling.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Data curation stage.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training stage.")
+    tune: TuneConfig = Field(default_factory=TuneConfig, description="Hyperparameter sweep stage.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving stage.")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Ray cluster and job submission.")
+
+    @model_validator(mode="after")
+    def _across_sections(self) -> LoomConfig:
+        problems = []
+        if "://" in self.storage:
+            problems.append(f"storage '{self.storage}': only local (or shared-filesystem) paths are supported")
+        if self.train.model.max_position_embeddings < self.data.seq_len:
+            problems.append(
+                f"train.model.max_position_embeddings ({self.train.model.max_position_embeddings}) "
+                f"is shorter than data.seq_len ({self.data.seq_len})"
+            )
+        if self.serve.max_model_len > self.train.model.max_position_embeddings and self.serve.model_source is None:
+            problems.append(
+                f"serve.max_model_len ({self.serve.max_model_len}) exceeds "
+                f"train.model.max_position_embeddings ({self.train.model.max_position_embeddings})"
+            )
+        model = self.train.model
+        head_dim = model.hidden_size // model.num_heads
+        if self.serve.accelerator == "cpu" and self.serve.model_source is None and head_dim not in VLLM_CPU_HEAD_SIZES:
+            problems.append(
+                f"train.model: head size hidden_size/num_heads = {head_dim} cannot be served by vLLM on CPU "
+                f"(supported: {', '.join(map(str, VLLM_CPU_HEAD_SIZES))})"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def run_dir(self) -> Path:
+        return (Path(self.storage) / self.run_name).resolve()
+
+
+class ConfigError(Exception):
+    """Every problem found in a recipe, each as (key path, message)."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]):
+        self.source = source
+        self.problems = problems
+        lines = [f"{source}: {len(problems)} problem(s)"]
+        lines += [f"  {key or '<root>'}: {message}" for key, message in problems]
+        super().__init__("\n".join(lines))
+
+
+def parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """Turn ``a.b=value`` strings into a nested dict; values are parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    problems: list[tuple[str, str]] = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            problems.append((item, "override must look like 'section.key=value'"))
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            problems.append((key, f"value {raw!r} is not valid YAML: {err}"))
+            continue
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                problems.append((key, f"'{part}' is set both as a value and as a section"))
+                break
+            node = child
+        else:
+            node[leaf] = value
+    return nested, problems
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _pydantic_problems(err: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    for item in err.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif item["type"] not in ("value_error", "assertion_error") and "input" in item:
+            message = f"{message} (got {item['input']!r})"
+        message = message.removeprefix("Value error, ")
+        problems.append((key, message))
+    return problems
+
+
+def validate_dict(raw: dict[str, Any], source: str = "<config>") -> LoomConfig:
+    try:
+        return LoomConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(source, _pydantic_problems(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> LoomConfig:
+    """Read a YAML recipe, apply dotted overrides, validate; raise ConfigError listing every problem."""
+    path = Path(path) if path is not None else DEFAULT_RECIPE
+    source = str(path)
+    if not path.is_file():
+        raise ConfigError(source, [("", f"recipe file not found: {path}")])
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(source, [("", f"not valid YAML: {err}")]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [("", f"a recipe is a mapping of sections, got {type(raw).__name__}")])
+    nested, problems = parse_overrides(overrides or [])
+    if problems:
+        try:
+            validate_dict(_merge(raw, nested), source)
+        except ConfigError as err:
+            problems += err.problems
+        raise ConfigError(source, problems)
+    return validate_dict(_merge(raw, nested), source)
+
+
+def config_hash(section: StrictModel | dict[str, Any]) -> str:
+    """Stable short hash of a config (section) for lineage."""
+    data = section.model_dump(mode="json") if isinstance(section, StrictModel) else section
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""The data stage: read, normalise, deduplicate, tokenize and pack text on Ray Data."""

@@ -1,0 +1,1 @@
+"""Model building blocks: the tiny Llama family, the tokenizer, Hugging Face export."""

@@ -1,0 +1,1 @@
+"""The training stage: DeepSpeed inside Ray Train workers."""

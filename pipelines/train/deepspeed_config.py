@@ -1,0 +1,28 @@
+"""The DeepSpeed config a recipe's ``train`` section asks for."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipelines.train.config import TrainConfig
+
+
+def deepspeed_config(config: TrainConfig) -> dict[str, Any]:
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": config.micro_batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "train_batch_size": config.global_batch_size,
+        "gradient_clipping": config.grad_clip,
+        "zero_optimization": {"stage": config.zero_stage},
+        "steps_per_print": 10**9,  # Loom reports its own metrics
+        "wall_clock_breakdown": False,
+    }
+    if config.zero_stage == 3:
+        ds["zero_optimization"].update(
+            {"stage3_gather_16bit_weights_on_model_save": True, "stage3_param_persistence_threshold": 0}
+        )
+    if config.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif config.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    return ds

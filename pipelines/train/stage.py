@@ -1,0 +1,155 @@
+"""The training stage: a Ray Train TorchTrainer whose workers each run a DeepSpeed engine.
+
+Outputs under ``<run>/train/``: ``ray/`` (Ray Train's run directory with its
+checkpoints: DeepSpeed engine, optimizer, scheduler and data position) and
+``model/``, a Hugging Face directory that transformers and vLLM load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipelines.runs import RunDir, StageResult, hash_dir
+from pipelines.train.config import TrainConfig
+from pipelines.train.loop import FINAL_EXPORT_MARKER, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+
+class MissingInputError(RuntimeError):
+    pass
+
+
+def data_outputs(run: RunDir) -> dict[str, Path]:
+    data = run.stage_dir("data")
+    if not run.is_complete("data"):
+        raise MissingInputError(f"the data stage has not completed in {run.root}; run `loom data` first")
+    return {"train": data / "train", "val": data / "val", "tokenizer": data / "tokenizer", "stats": data / "stats.json"}
+
+
+def build_trainer(
+    config: TrainConfig,
+    run: RunDir,
+    seed: int,
+    storage_path: Path,
+    name: str,
+    callbacks: list[Any] | None = None,
+):
+    """A TorchTrainer over the run's packed shards (shared by the train and tune stages)."""
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    inputs = data_outputs(run)
+    stats = json.loads(inputs["stats"].read_text())
+    has_val = inputs["val"].is_dir()
+    datasets = {"train": ray.data.read_parquet(str(inputs["train"]))}
+    if has_val:
+        datasets["val"] = ray.data.read_parquet(str(inputs["val"]))
+    execution = ray.train.DataConfig.default_ingest_options()
+    execution.preserve_order = True  # the same order after a restart, so the data position means something
+    data_config = ray.train.DataConfig(datasets_to_split="all", execution_options=execution)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "train": config.model_dump(mode="json"),
+            "seed": seed,
+            "tokenizer_dir": str(inputs["tokenizer"]),
+            "seq_len": stats["seq_len"],
+            "has_val": has_val,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.num_workers,
+            use_gpu=config.use_gpu,
+            resources_per_worker={"CPU": config.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.num_checkpoints_to_keep),
+            callbacks=callbacks,
+        ),
+        datasets=datasets,
+        dataset_config=data_config,
+        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
+    )
+
+
+def metrics_log_callback(path: Path):
+    """A Ray Train callback appending rank 0's metrics of every report to a JSON-lines file.
+
+    ``Result.metrics_dataframe`` only holds reports that carried a checkpoint; the
+    loss curve needs every report.
+    """
+    import ray.train
+
+    class MetricsLog(ray.train.UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(path, "a") as handle:
+                handle.write(json.dumps(metrics[0], default=float) + "\n")
+
+    return MetricsLog()
+
+
+def read_loss_curve(path: Path) -> list[dict[str, float]]:
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # A resume may repeat steps; the final report repeats the last loss and is not a new point.
+    by_step = {int(row["step"]): float(row["loss"]) for row in rows if "loss" in row and not row.get("final")}
+    return [{"step": step, "loss": loss} for step, loss in sorted(by_step.items())]
+
+
+def plot_loss(curve: list[dict[str, float]], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([p["step"] for p in curve], [p["loss"] for p in curve], marker=".")
+    ax.set(xlabel="optimizer step", ylabel="training loss (mean over workers)", title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run_train(config: TrainConfig, run: RunDir, seed: int) -> StageResult:
+    out = run.begin("train")
+    inputs = data_outputs(run)
+    # Rerunning with the same storage path and name resumes from Ray Train's latest checkpoint.
+    history = out / "metrics.jsonl"
+    trainer = build_trainer(config, run, seed, storage_path=out, name="ray", callbacks=[metrics_log_callback(history)])
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint; see the worker logs above")
+    model_dir = out / "model"
+    shutil.rmtree(model_dir, ignore_errors=True)
+    result.checkpoint.to_directory(str(model_dir))
+    if not (model_dir / FINAL_EXPORT_MARKER).exists():
+        raise RuntimeError(f"the last checkpoint {result.checkpoint.path} is not the final model export")
+    (model_dir / FINAL_EXPORT_MARKER).unlink()
+
+    curve = read_loss_curve(history)
+    plot = plot_loss(curve, run.root / "report" / "train_loss.png", f"{run.root.name}: training loss")
+    metrics = {k: v for k, v in result.metrics.items() if k in ("step", "val_loss", "val_perplexity")}
+    if curve:
+        metrics["first_loss"], metrics["last_loss"] = curve[0]["loss"], curve[-1]["loss"]
+    return StageResult(
+        inputs={"train_shards": hash_dir(inputs["train"]), "tokenizer": hash_dir(inputs["tokenizer"])},
+        outputs={
+            "model": str(model_dir),
+            "checkpoints": str(out / "ray"),
+            "metrics": str(history),
+            "loss_plot": str(plot),
+        },
+        metrics=metrics,
+    )

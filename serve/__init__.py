@@ -1,0 +1,1 @@
+"""Serving: Ray Serve + vLLM behind one OpenAI-compatible endpoint."""

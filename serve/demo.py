@@ -1,0 +1,29 @@
+"""Queries the demo sends to a freshly deployed endpoint, through the official openai client."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class DemoAnswer:
+    kind: str
+    prompt: str
+    text: str
+
+
+def query_endpoint(base_url: str, model_id: str, prompts: list[str], max_tokens: int) -> list[DemoAnswer]:
+    import openai
+
+    # No API key is configured in the skeleton; the client requires a non-empty one.
+    client = openai.OpenAI(base_url=base_url, api_key="unused", timeout=120, max_retries=2)
+    answers = []
+    for prompt in prompts:
+        completion = client.completions.create(model=model_id, prompt=prompt, max_tokens=max_tokens, temperature=0)
+        answers.append(DemoAnswer("completion", prompt, completion.choices[0].text))
+    chat_prompt = prompts[0] if prompts else "Hello"
+    chat = client.chat.completions.create(
+        model=model_id, messages=[{"role": "user", "content": chat_prompt}], max_tokens=max_tokens, temperature=0
+    )
+    answers.append(DemoAnswer("chat", chat_prompt, chat.choices[0].message.content or ""))
+    return answers

@@ -1,0 +1,30 @@
+"""Benchmarks write their figures as JSON under bench-results/ and print a table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+RESULTS = REPO_ROOT / "bench-results"
+
+
+@pytest.fixture
+def record_benchmark():
+    def record(name: str, rows: list[dict], **extra) -> Path:
+        RESULTS.mkdir(exist_ok=True)
+        path = RESULTS / f"{name}.json"
+        path.write_text(json.dumps({"benchmark": name, "rows": rows, **extra}, indent=2) + "\n")
+        columns = list(rows[0])
+        print(f"\n{name}")
+        print(" | ".join(f"{c:>18}" for c in columns))
+        for row in rows:
+            print(" | ".join(f"{row[c]:>18.4g}" if isinstance(row[c], float) else f"{row[c]!s:>18}" for c in columns))
+        for key, value in extra.items():
+            print(f"{key}: {value}")
+        return path
+
+    return record

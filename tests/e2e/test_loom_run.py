@@ -1,0 +1,75 @@
+"""`loom run` on the tiny recipe, as a user runs it, queried with the official openai client."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO_ROOT, TINY, free_port
+
+pytestmark = pytest.mark.e2e
+READY = "[loom] serving at "
+
+
+def test_loom_run_whole_chain_then_query_the_endpoint(tmp_path):
+    import openai
+
+    port = free_port()
+    log_path = tmp_path / "loom-run.log"
+    command = [
+        sys.executable, "-m", "cluster", "run", str(TINY),
+        f"storage={tmp_path}", "run_name=e2e", f"serve.port={port}",
+        "data.max_documents=150", "train.max_steps=12", "train.checkpoint_every=6",
+        "tune.num_trials=2", "tune.max_steps_per_trial=3",
+        "--keep-serving",
+    ]  # fmt: skip
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 1200
+        url = None
+        while time.monotonic() < deadline and process.poll() is None:
+            for line in log_path.read_text(errors="replace").splitlines():
+                if line.startswith(READY):
+                    url = line.removeprefix(READY).split()[0]
+            if url:
+                break
+            time.sleep(2)
+        output = log_path.read_text(errors="replace")
+        assert url, f"loom run never served (exit {process.poll()}):\n{output[-5000:]}"
+        assert url == f"http://127.0.0.1:{port}/v1"
+
+        # The demo printed real completions and the run directory with its manifest.
+        assert "[completion] 'def fibonacci(n):'" in output and "[chat]" in output
+        run_dir = tmp_path / "e2e"
+        assert f"[loom] run directory: {run_dir}" in output
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        assert set(manifest["stages"]) == {"data", "train", "tune", "serve"}
+        for stage in ("data", "train", "tune"):
+            assert (run_dir / stage / "_COMPLETE").is_file()
+        assert manifest["stages"]["serve"]["inputs"]["model"]
+
+        client = openai.OpenAI(base_url=url, api_key="unused")
+        completion = client.completions.create(model="loom-tiny", prompt="class Foo:", max_tokens=8, temperature=0)
+        assert completion.choices[0].text and completion.usage.completion_tokens == 8
+        chat = client.chat.completions.create(
+            model="loom-tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=8
+        )
+        assert chat.choices[0].message.content is not None
+        stream = client.completions.create(model="loom-tiny", prompt="import", max_tokens=6, stream=True)
+        assert len([chunk for chunk in stream if chunk.choices and chunk.choices[0].text]) >= 1
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    assert process.returncode == 0, log_path.read_text(errors="replace")[-5000:]

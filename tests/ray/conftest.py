@@ -1,0 +1,85 @@
+"""One local Ray cluster for the tests in this folder, and one tiny run built stage by stage.
+
+The run uses planted inputs next to a slice of the standard library: exact
+duplicates, a too-short document, a record without a text field and a file of
+invalid UTF-8, so the data stage's rejects can be checked.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipelines.config import LoomConfig, load_config
+from tests.conftest import TINY, free_port
+
+PLANTED_TEXT = "A planted document that appears twice with identical content, so exact dedup drops one copy."
+
+
+@pytest.fixture(scope="package")
+def ray_cluster():
+    import ray
+
+    from cluster.config import ClusterConfig
+    from cluster.connect import connect
+
+    connect(ClusterConfig(num_cpus=8))
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="package")
+def planted_sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sources")
+    records = [
+        {"text": PLANTED_TEXT},
+        {"text": PLANTED_TEXT},
+        {"text": "too short"},
+        {"body": "this record has no text field at all, so it cannot become a document"},
+    ]
+    (root / "planted.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    texts = root / "texts"
+    texts.mkdir()
+    (texts / "good.txt").write_text("A plain text document that is long enough to be kept by every filter.\n")
+    (texts / "bad.txt").write_bytes(b"invalid utf-8 follows: \xff\xfe\xfa and more text to be long enough")
+    return root
+
+
+@pytest.fixture(scope="package")
+def tiny_config(tmp_path_factory, planted_sources) -> LoomConfig:
+    storage = tmp_path_factory.mktemp("runs")
+    return load_config(
+        TINY,
+        [
+            f"storage={storage}",
+            "run_name=ray-tests",
+            "data.max_documents=120",
+            "data.vocab_size=1024",
+            "data.sources=["
+            "{format: stdlib, name: stdlib},"
+            f"{{format: jsonl, path: '{planted_sources / 'planted.jsonl'}', name: planted}},"
+            f"{{format: text, path: '{planted_sources / 'texts'}', name: texts}}]",
+            "train.max_steps=16",
+            "train.checkpoint_every=8",
+            "train.log_every=2",
+            "tune.num_trials=2",
+            "tune.max_steps_per_trial=4",
+            f"serve.port={free_port()}",
+            "serve.demo_max_tokens=8",
+        ],
+    )
+
+
+@pytest.fixture(scope="package")
+def data_done(ray_cluster, tiny_config):
+    from pipelines.chain import run_stage
+
+    return run_stage("data", tiny_config)
+
+
+@pytest.fixture(scope="package")
+def train_done(data_done, tiny_config):
+    from pipelines.chain import run_stage
+
+    return run_stage("train", tiny_config)

@@ -1,0 +1,107 @@
+"""Each stage on a local Ray cluster, on tiny inputs, in chain order."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.chain import StageConfigChangedError, run_stage
+from pipelines.runs import RunDir
+
+pytestmark = pytest.mark.ray
+
+
+def test_data_stage_writes_packed_shards_tokenizer_rejects_and_stats(data_done, tiny_config):
+    run = RunDir(tiny_config.run_dir())
+    out = run.stage_dir("data")
+    stats = json.loads((out / "stats.json").read_text())
+    # 120 stdlib documents + 4 jsonl records + 2 text files were read.
+    assert stats["documents_in"] == 126
+    drops = stats["drops_by_step"]
+    assert drops["exact_dedup"] >= 1 and drops["min_length"] >= 1 and drops["read"] == 2
+    assert stats["documents_out"] == stats["documents_in"] - sum(drops.values())
+
+    rejects = pq.read_table(out / "rejects").to_pylist()
+    reasons = [r["reject_reason"] for r in rejects]
+    assert any(r.startswith("read: invalid utf-8") for r in reasons)
+    assert any(r == "read: missing text field 'text'" for r in reasons)
+    assert sum(r.startswith("exact_dedup: duplicate of") for r in reasons) >= 1
+    assert any(r["reject_reason"].startswith("min_length") and r["text"] == "too short" for r in rejects)
+    assert len(rejects) == sum(drops.values())
+
+    train = pq.read_table(out / "train").column("input_ids").to_pylist()
+    assert len(train) == stats["sequences"]["train"] > 0
+    assert {len(row) for row in train} == {tiny_config.data.seq_len}
+    from pipelines.model.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(out / "tokenizer")
+    assert len(tokenizer) == tiny_config.data.vocab_size
+    assert tokenizer.chat_template and tokenizer.eos_token_id in {t for row in train for t in row}
+    assert max(t for row in train for t in row) < len(tokenizer)
+    assert data_done["metrics"]["tokens"] == stats["tokens"]
+
+
+def test_data_stage_is_skipped_when_complete_and_refuses_a_changed_config(data_done, tiny_config):
+    assert run_stage("data", tiny_config) is None
+    changed = tiny_config.model_copy(update={"data": tiny_config.data.model_copy(update={"seq_len": 64})})
+    with pytest.raises(StageConfigChangedError, match="--force"):
+        run_stage("data", changed)
+
+
+def test_train_stage_loss_falls_and_exports_a_loadable_model(train_done, tiny_config):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    metrics = train_done["metrics"]
+    assert metrics["step"] == tiny_config.train.max_steps
+    assert metrics["last_loss"] < metrics["first_loss"]
+    run = RunDir(tiny_config.run_dir())
+    model_dir = Path(train_done["outputs"]["model"])
+    assert (model_dir / "model.safetensors").is_file()
+    assert Path(train_done["outputs"]["loss_plot"]).stat().st_size > 0
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer("def f(x):", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=ids)
+    assert torch.isfinite(out.loss)
+    # Ray Train kept DeepSpeed checkpoints (ZeRO shards of both ranks) next to the export.
+    shards = list((run.stage_dir("train") / "ray").rglob("zero_pp_rank_*_optim_states.pt"))
+    assert {p.name.split("_")[3] for p in shards} >= {"0", "1"}
+    manifest = run.manifest()
+    assert manifest["stages"]["train"]["inputs"]["train_shards"]
+
+
+def test_tune_stage_runs_optuna_trials(train_done, tiny_config):
+    record = run_stage("tune", tiny_config)
+    best = json.loads(Path(record["outputs"]["best"]).read_text())
+    assert len(best["trials"]) == tiny_config.tune.num_trials
+    lrs = [t["lr"] for t in best["trials"]]
+    assert all(tiny_config.tune.lr_min <= lr <= tiny_config.tune.lr_max for lr in lrs)
+    assert len(set(lrs)) == len(lrs)
+    assert best["best"]["lr"] == record["metrics"]["best_lr"]
+
+
+def test_serve_stage_answers_completions_and_chat(train_done, tiny_config, capsys):
+    import openai
+
+    from serve.stage import base_url, shutdown
+
+    try:
+        record = run_stage("serve", tiny_config)
+        printed = capsys.readouterr().out
+        assert "[completion]" in printed and "[chat]" in printed
+        assert record["metrics"]["demo_answers"] == len(tiny_config.serve.demo_prompts) + 1
+        client = openai.OpenAI(base_url=base_url(tiny_config.serve), api_key="unused")
+        models = [m.id for m in client.models.list().data]
+        assert models == [tiny_config.serve.model_id]
+        completion = client.completions.create(model=models[0], prompt="import os", max_tokens=5, temperature=0)
+        assert completion.usage.completion_tokens == 5
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model=models[0], prompt="import os", max_tokens=-5)
+        assert Path(record["outputs"]["serve_config"]).read_text().count("serve.app:build_app") == 1
+    finally:
+        shutdown()

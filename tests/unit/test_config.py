@@ -1,0 +1,113 @@
+"""The root config: every shipped recipe loads, every mistake is reported with its key."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.cli import main
+from pipelines.config import ConfigError, LoomConfig, config_hash, load_config, parse_overrides
+from tests.conftest import RECIPES, TINY
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_loads(recipe):
+    config = load_config(recipe)
+    assert isinstance(config, LoomConfig)
+    assert config.data.seq_len <= config.train.model.max_position_embeddings
+
+
+def test_both_required_recipes_ship():
+    assert {p.name for p in RECIPES} >= {"tiny.yaml", "gpu-125m.yaml"}
+
+
+def test_gpu_recipe_is_realistic():
+    config = load_config(TINY.parent / "gpu-125m.yaml")
+
+    m = config.train.model
+    # Llama parameter count without embeddings, plus tied embeddings for a 32k vocabulary.
+    per_layer = 4 * m.hidden_size**2 + 3 * m.hidden_size * m.intermediate_size
+    total = m.num_layers * per_layer + config.data.vocab_size * m.hidden_size
+    assert 100e6 < total < 160e6
+    assert (config.train.zero_stage, config.train.precision, config.train.use_gpu) == (2, "bf16", True)
+    assert config.serve.accelerator == "gpu"
+
+
+def test_three_mistakes_are_all_reported(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(TINY.read_text().replace("num_workers: 2", "num_workers: -2").replace("lr: 3.0e-3", "lr: fast"))
+    recipe.write_text(recipe.read_text() + "\nextra_section: {}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(recipe)
+    keys = {key for key, _ in err.value.problems}
+    assert keys == {"train.num_workers", "train.lr", "extra_section"}
+    text = str(err.value)
+    assert "greater than or equal to 1" in text and "unknown key" in text and "'fast'" in text
+
+
+def test_dotted_overrides_apply_and_typos_are_named():
+    config = load_config(TINY, ["train.lr=3e-4", "data.seq_len=64", "tune.enabled=false"])
+    assert (config.train.lr, config.data.seq_len, config.tune.enabled) == (3e-4, 64, False)
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, ["train.learning_rate=1", "nonsense"])
+    assert {key for key, _ in err.value.problems} == {"nonsense", "train.learning_rate"}
+
+
+def test_parse_overrides_nests_and_parses_yaml_scalars():
+    nested, problems = parse_overrides(["a.b.c=1", "a.d=[1, 2]", "e=true"])
+    assert problems == []
+    assert nested == {"a": {"b": {"c": 1}, "d": [1, 2]}, "e": True}
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        (["train.precision=fp16"], "train"),  # fp16 needs a GPU
+        (["tune.lr_min=0.1", "tune.lr_max=0.01"], "tune"),
+        (["serve.min_replicas=3", "serve.max_replicas=2"], "serve"),
+        (["data.seq_len=512"], ""),  # longer than max_position_embeddings
+        (["train.model.num_heads=4", "train.model.num_kv_heads=4"], ""),  # head size 16: vLLM CPU cannot serve it
+        (["train.model.num_heads=3"], "train.model"),
+        (["storage=s3://bucket/runs"], ""),
+    ],
+)
+def test_impossible_combinations_are_rejected(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, override)
+    assert key in {k for k, _ in err.value.problems}
+
+
+def test_missing_recipe_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="recipe file not found"):
+        load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+
+
+def test_cli_exits_2_and_names_the_key(tmp_path, capsys):
+    assert main(["validate", str(TINY), "train.num_workers=-1"]) == 2
+    err = capsys.readouterr().err
+    assert "train.num_workers" in err and "nothing was started" in err
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert "recipe file not found" in capsys.readouterr().err
+    assert main(["validate", str(TINY)]) == 0
+
+
+def test_config_hash_is_stable_and_sensitive():
+    a, b = load_config(TINY), load_config(TINY, ["train.lr=1e-3"])
+    assert config_hash(a.train) == config_hash(load_config(TINY).train)
+    assert config_hash(a.train) != config_hash(b.train)
+    assert config_hash(a.data) == config_hash(b.data)
+
+
+def test_every_field_has_a_description():
+    def walk(model_cls, prefix=""):
+        for name, field in model_cls.model_fields.items():
+            assert field.description, f"{prefix}{name} has no description"
+            annotation = field.annotation
+            for candidate in getattr(annotation, "__args__", (annotation,)):
+                if isinstance(candidate, type) and hasattr(candidate, "model_fields"):
+                    walk(candidate, f"{prefix}{name}.")
+
+    walk(LoomConfig)

@@ -1,0 +1,48 @@
+"""Data steps on Arrow batches, without Ray."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from pipelines.data.pack import pack
+from pipelines.data.steps import ExactDedup, MinLengthFilter, Normalize, content_hash
+
+
+def docs(*texts, reasons=None):
+    n = len(texts)
+    return pa.table(
+        {
+            "doc_id": [f"d{i}" for i in range(n)],
+            "source": ["s"] * n,
+            "text": list(texts),
+            "reject_reason": pa.array(reasons or [None] * n, pa.string()),
+        }
+    )
+
+
+def test_normalize_folds_newlines_trailing_space_and_unicode():
+    out = Normalize()._batch(docs("  a \r\nb\t\r\n\n", "e\u0301"))
+    assert out.column("text").to_pylist() == ["a\nb", "\u00e9"]
+
+
+def test_filter_marks_drops_with_step_and_reason_and_keeps_first_reason():
+    out = MinLengthFilter(5)._batch(docs("long enough", "tiny", "x", reasons=[None, None, "read: invalid utf-8"]))
+    assert out.column("reject_reason").to_pylist() == [None, "min_length: 4 chars < 5", "read: invalid utf-8"]
+
+
+def test_exact_dedup_keeps_smallest_doc_id_per_hash():
+    group = docs("same text", "same text", "same text").take([2, 0, 1])
+    marked = ExactDedup._mark(group)
+    rows = {r["doc_id"]: r["reject_reason"] for r in marked.to_pylist()}
+    assert rows == {"d0": None, "d1": "exact_dedup: duplicate of d0", "d2": "exact_dedup: duplicate of d0"}
+
+
+def test_content_hash_ignores_case_and_whitespace_runs_only():
+    assert content_hash("Hello   World\n") == content_hash("hello world ")
+    assert content_hash("hello world") != content_hash("hello, world")
+
+
+def test_pack_cuts_fixed_length_rows_and_drops_the_tail():
+    batch = pa.table({"ids": pa.array([[1, 2, 3, 0], [4, 5, 0], [6, 7, 8, 9, 0]], pa.list_(pa.int32()))})
+    rows = pack(batch, seq_len=4).column("input_ids").to_pylist()
+    assert rows == [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 0]]

@@ -1,0 +1,72 @@
+"""`loom submit` builds the same module command a user would run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from cluster.submit import REPO_ROOT, SubmitError, entrypoint, runtime_env
+from pipelines.config import load_config
+from tests.conftest import REPO_ROOT as ROOT
+from tests.conftest import TINY
+
+
+def test_entrypoint_is_the_stage_module_with_relative_recipe():
+    command = entrypoint("data", TINY, ["data.max_documents=10"])
+    assert command == "python -m pipelines.data --config pipelines/recipes/tiny.yaml data.max_documents=10"
+    assert entrypoint("run", TINY, []).startswith("python -m cluster run --config")
+
+
+def test_recipe_outside_the_working_dir_is_refused(tmp_path):
+    outside = tmp_path / "r.yaml"
+    outside.write_text("{}")
+    with pytest.raises(SubmitError, match="outside the working directory"):
+        entrypoint("data", outside, [])
+
+
+def test_runtime_env_uploads_repo_without_venv_or_runs():
+    env = runtime_env(load_config(TINY))
+    assert env["working_dir"] == str(REPO_ROOT)
+    assert ".venv/" in env["excludes"] and "runs/" in env["excludes"]
+
+
+def test_submit_refuses_a_bad_recipe_before_contacting_anything():
+    result = subprocess.run(
+        [sys.executable, "-m", "cluster", "submit", "data", str(TINY), "train.num_workers=-1",
+         "--address", "http://127.0.0.1:9"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "train.num_workers" in result.stderr and "nothing was started" in result.stderr
+
+
+class FlakyHead:
+    """A job server whose agent comes up after two refusals, as a fresh head does."""
+
+    def __init__(self, refusals: int, message: str = "No available agent to submit job, please try again later."):
+        self.refusals, self.message, self.calls = refusals, message, 0
+
+    def submit_job(self, entrypoint, runtime_env):
+        self.calls += 1
+        if self.calls <= self.refusals:
+            raise RuntimeError(f"Request failed with status code 500: {self.message}")
+        return "raysubmit_1"
+
+
+def test_submit_retries_while_the_job_agent_starts():
+    from cluster.submit import _submit_with_retry
+
+    head = FlakyHead(refusals=2)
+    assert _submit_with_retry(head, "python -m x", {}, wait_s=0) == "raysubmit_1"
+    assert head.calls == 3
+
+
+def test_submit_does_not_retry_other_errors():
+    from cluster.submit import _submit_with_retry
+
+    head = FlakyHead(refusals=1, message="runtime_env is invalid")
+    with pytest.raises(RuntimeError, match="runtime_env is invalid"):
+        _submit_with_retry(head, "python -m x", {}, wait_s=0)
+    assert head.calls == 1

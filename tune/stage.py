@@ -1,0 +1,110 @@
+"""The tune stage: Optuna proposes learning rates, each trial is a short Ray Train run.
+
+Outputs under ``<run>/tune/``: ``sweep/`` (Ray Tune's experiment), ``trials/``
+(each trial's Ray Train run) and ``best.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from typing import Any
+
+from pipelines.runs import RunDir, StageResult, hash_dir
+from pipelines.train.config import TrainConfig
+from tune.config import TuneConfig
+
+
+def trial_train_config(train: TrainConfig, tune_config: TuneConfig, lr: float) -> TrainConfig:
+    """The recipe's training setup, shortened to a trial."""
+    steps = tune_config.max_steps_per_trial
+    return TrainConfig.model_validate(
+        {
+            **train.model_dump(),
+            "lr": lr,
+            "max_steps": steps,
+            "num_workers": tune_config.workers_per_trial,
+            "warmup_steps": min(train.warmup_steps, steps // 4),
+            "checkpoint_every": steps,
+            "log_every": max(1, min(train.log_every, steps)),
+        }
+    )
+
+
+def run_trial(params: dict[str, Any], *, train: dict[str, Any], tune_config: dict[str, Any], run_root: str, seed: int):
+    """Tune trainable: one Ray Train run whose reports flow back to Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipelines.train.stage import build_trainer
+
+    run = RunDir(run_root)
+    config = trial_train_config(TrainConfig.model_validate(train), TuneConfig.model_validate(tune_config), params["lr"])
+    trainer = build_trainer(
+        config,
+        run,
+        seed,
+        storage_path=run.stage_dir("tune") / "trials",
+        name=ray.tune.get_context().get_trial_name(),
+        callbacks=[TuneReportCallback()],
+    )
+    trainer.fit()
+
+
+#: Every report of a training run carries the training loss (mean over workers); Tune's
+#: searchers need the metric in each result, so held-out loss is recorded, not optimised.
+OBJECTIVE = "loss"
+
+
+def run_tune(config: TuneConfig, train: TrainConfig, run: RunDir, seed: int) -> StageResult:
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from pipelines.train.stage import data_outputs
+
+    inputs = data_outputs(run)
+    out = run.begin("tune")
+    for name in ("sweep", "trials"):
+        shutil.rmtree(out / name, ignore_errors=True)  # an interrupted sweep starts over: trials are short
+    metric = OBJECTIVE
+    trainable = tune.with_parameters(
+        run_trial,
+        train=train.model_dump(mode="json"),
+        tune_config=config.model_dump(mode="json"),
+        run_root=str(run.root),
+        seed=seed,
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"lr": tune.loguniform(config.lr_min, config.lr_max)},
+        tune_config=tune.TuneConfig(
+            search_alg=OptunaSearch(metric=metric, mode="min", seed=seed),
+            num_samples=config.num_trials,
+            max_concurrent_trials=config.max_concurrent_trials,
+        ),
+        run_config=tune.RunConfig(name="sweep", storage_path=str(out)),
+    )
+    results = tuner.fit()
+    trials = []
+    for result in results:
+        value = (result.metrics or {}).get(metric)
+        trials.append(
+            {
+                "lr": result.config["lr"],
+                metric: value,
+                "val_loss": (result.metrics or {}).get("val_loss"),
+                "error": str(result.error) if result.error else None,
+            }
+        )
+    finished = [t for t in trials if isinstance(t[metric], float) and math.isfinite(t[metric])]
+    if not finished:
+        raise RuntimeError(f"tune: no trial reported {metric}; errors: {[t['error'] for t in trials]}")
+    best = min(finished, key=lambda t: t[metric])
+    summary = {"metric": metric, "mode": "min", "best": best, "trials": trials}
+    (out / "best.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return StageResult(
+        inputs={"train_shards": hash_dir(inputs["train"])},
+        outputs={"best": str(out / "best.json"), "sweep": str(out / "sweep")},
+        metrics={"best_lr": best["lr"], f"best_{metric}": best[metric], "trials": len(trials)},
+    )
