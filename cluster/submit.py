@@ -47,21 +47,27 @@ def runtime_env(config: LoomConfig) -> dict:
     return env
 
 
-def _submit_with_retry(client, command: str, env: dict, attempts: int = 150, wait_s: float = 2.0) -> str:
+def _submit_with_retry(client, command: str, env: dict, wait_s: float = 300.0, poll_s: float = 2.0) -> str:
     """Submit, retrying while the head says its job agent is not up yet.
 
     A freshly started head serves its dashboard a few seconds before the job agent
     registers, and answers "No available agent to submit job, please try again later";
-    on a loaded 2-core machine that took over a minute, so the window is five minutes.
+    on a loaded 2-core machine that took over a minute. An agent that never comes (it
+    could not bind its port, say) is reported after ``wait_s`` instead of waiting forever.
     """
-    for attempt in range(1, attempts + 1):
+    deadline = time.monotonic() + wait_s
+    while True:
         try:
             return client.submit_job(entrypoint=command, runtime_env=env)
         except RuntimeError as err:
-            if "try again later" not in str(err) or attempt == attempts:
+            if "try again later" not in str(err):
                 raise
-            time.sleep(wait_s)
-    raise AssertionError("unreachable")
+            if time.monotonic() > deadline:
+                raise SubmitError(
+                    f"the head's job agent did not come up within {wait_s:.0f} s ({err}); see "
+                    "dashboard_agent.log in the head's Ray log folder (a port already in use is the usual cause)"
+                ) from None
+            time.sleep(poll_s)
 
 
 def submit(stage: str, recipe: Path, overrides: list[str], config: LoomConfig, address: str, wait: bool = True) -> int:

@@ -43,12 +43,20 @@ def _dashboard_ready(address: str, token: str) -> bool:
 def ray_head(auth_env):
     ray_bin = Path(sys.executable).parent / "ray"
     port, dashboard_port = free_port(), free_port()
+    # The package's embedded Ray already holds Ray's default agent ports (52365 and others) on
+    # this machine: a second node on the defaults starts without a job agent and every
+    # submission waits forever. Each of its listening ports gets a free one.
+    own_ports = [
+        f"--{flag}={free_port()}"
+        for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                     "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")
+    ]  # fmt: skip
     # A short temp dir: Ray's socket paths must stay under the 107-byte limit.
     temp_dir = Path(f"/tmp/loom-head-{os.getpid()}")
     head = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}",
-         "--include-dashboard=true", "--disable-usage-stats"],
+         "--include-dashboard=true", "--disable-usage-stats", *own_ports],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=auth_env,
     )  # fmt: skip
     address = f"http://127.0.0.1:{dashboard_port}"

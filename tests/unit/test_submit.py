@@ -59,8 +59,16 @@ def test_submit_retries_while_the_job_agent_starts():
     from cluster.submit import _submit_with_retry
 
     head = FlakyHead(refusals=2)
-    assert _submit_with_retry(head, "python -m x", {}, wait_s=0) == "raysubmit_1"
+    assert _submit_with_retry(head, "python -m x", {}, wait_s=60, poll_s=0) == "raysubmit_1"
     assert head.calls == 3
+
+
+def test_submit_gives_up_with_a_message_when_the_agent_never_comes():
+    from cluster.submit import SubmitError, _submit_with_retry
+
+    head = FlakyHead(refusals=10**9)
+    with pytest.raises(SubmitError, match="job agent did not come up within 0 s.*dashboard_agent.log"):
+        _submit_with_retry(head, "python -m x", {}, wait_s=0, poll_s=0)
 
 
 def test_submit_does_not_retry_other_errors():
@@ -68,5 +76,5 @@ def test_submit_does_not_retry_other_errors():
 
     head = FlakyHead(refusals=1, message="runtime_env is invalid")
     with pytest.raises(RuntimeError, match="runtime_env is invalid"):
-        _submit_with_retry(head, "python -m x", {}, wait_s=0)
+        _submit_with_retry(head, "python -m x", {}, wait_s=60, poll_s=0)
     assert head.calls == 1
