@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -31,6 +31,162 @@ class SourceConfig(StrictModel):
         return self
 
 
+class NormalizeStep(StrictModel):
+    type: Literal["normalize"] = Field(description="Unicode normal form, Unix newlines, trimmed whitespace.")
+    form: Literal["NFC", "NFKC"] = Field(default="NFC", description="Unicode normalisation form.")
+
+    def build(self):
+        from pipelines.data.steps import Normalize
+
+        return Normalize(self.form)
+
+
+class LengthStep(StrictModel):
+    type: Literal["length"] = Field(description="Drop documents outside a character / word range.")
+    min_chars: int | None = Field(default=32, ge=0, description="Fewest characters (None: no bound).")
+    max_chars: int | None = Field(default=1_000_000, ge=1, description="Most characters (None: no bound).")
+    min_words: int | None = Field(default=None, ge=0, description="Fewest whitespace-separated words.")
+    max_words: int | None = Field(default=None, ge=1, description="Most whitespace-separated words.")
+
+    def build(self):
+        from pipelines.data.filters import LengthFilter
+
+        return LengthFilter(self.min_chars, self.max_chars, self.min_words, self.max_words)
+
+
+class GopherQualityStep(StrictModel):
+    type: Literal["gopher_quality"] = Field(description="Gopher word-shape heuristics (prose).")
+    min_mean_word_length: float | None = Field(default=3, ge=0, description="Smallest mean word length.")
+    max_mean_word_length: float | None = Field(default=10, gt=0, description="Largest mean word length.")
+    max_symbol_word_ratio: float | None = Field(
+        default=0.1, ge=0, description="Most '#' and ellipsis symbols per word."
+    )
+    max_ellipsis_line_fraction: float | None = Field(
+        default=0.3, ge=0, le=1, description="Most lines ending in an ellipsis, as a share of lines."
+    )
+    max_bullet_line_fraction: float | None = Field(
+        default=0.9, ge=0, le=1, description="Most lines starting with a bullet, as a share of lines."
+    )
+    min_alpha_word_fraction: float | None = Field(
+        default=0.8, ge=0, le=1, description="Fewest words holding a letter, as a share of words."
+    )
+    min_stop_words: int | None = Field(
+        default=2, ge=0, description="Fewest English stop words (the, be, to, of, and, that, have, with)."
+    )
+
+    def build(self):
+        from pipelines.data.filters import GopherQualityFilter
+
+        return GopherQualityFilter(**self.model_dump(exclude={"type"}))
+
+
+class RepetitionStep(StrictModel):
+    type: Literal["repetition"] = Field(description="Gopher repetition heuristics: lines, paragraphs, n-grams.")
+    max_duplicate_line_fraction: float | None = Field(
+        default=0.3, ge=0, le=1, description="Most repeated lines, as a share of non-blank lines."
+    )
+    max_duplicate_line_char_fraction: float | None = Field(
+        default=0.2, ge=0, le=1, description="Most characters in repeated lines, as a share of characters."
+    )
+    max_duplicate_paragraph_fraction: float | None = Field(
+        default=0.3, ge=0, le=1, description="Most repeated paragraphs, as a share of paragraphs."
+    )
+    max_duplicate_paragraph_char_fraction: float | None = Field(
+        default=0.2, ge=0, le=1, description="Most characters in repeated paragraphs, as a share of characters."
+    )
+    max_top_ngram_char_fraction: dict[int, float] = Field(
+        default_factory=lambda: {2: 0.2, 3: 0.18, 4: 0.16},
+        description="n -> most characters covered by the most frequent word n-gram.",
+    )
+    max_duplicate_ngram_char_fraction: dict[int, float] = Field(
+        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10},
+        description="n -> most characters covered by repeated word n-grams.",
+    )
+
+    def build(self):
+        from pipelines.data.filters import RepetitionFilter
+
+        return RepetitionFilter(**self.model_dump(exclude={"type"}))
+
+
+class BlocklistStep(StrictModel):
+    type: Literal["blocklist"] = Field(description="Drop documents containing blocklisted words.")
+    words: list[str] = Field(min_length=1, description="Words (or phrases) matched whole, in any case.")
+    max_matches: int = Field(default=0, ge=0, description="Matches a document may hold and still be kept.")
+
+    def build(self):
+        from pipelines.data.filters import BlocklistFilter
+
+        return BlocklistFilter(self.words, self.max_matches)
+
+
+class CharsetStep(StrictModel):
+    type: Literal["charset"] = Field(description="Charset and script check (not a language identifier).")
+    scripts: list[str] = Field(
+        default_factory=lambda: ["latin"],
+        min_length=1,
+        description="Unicode scripts letters may come from (first word of the character name: latin, cyrillic, cjk...).",
+    )
+    min_script_fraction: float = Field(
+        default=0.9, ge=0, le=1, description="Fewest letters of the allowed scripts, as a share of letters."
+    )
+    max_bad_char_fraction: float = Field(
+        default=0.01, ge=0, le=1, description="Most control / replacement characters, as a share of characters."
+    )
+
+    def build(self):
+        from pipelines.data.filters import CharsetFilter
+
+        return CharsetFilter(self.scripts, self.min_script_fraction, self.max_bad_char_fraction)
+
+
+class ExactDedupStep(StrictModel):
+    type: Literal["exact_dedup"] = Field(description="Keep one document per normalised content hash.")
+    num_partitions: int = Field(default=8, ge=1, description="Hash partitions of the dedup shuffle.")
+
+    def build(self):
+        from pipelines.data.dedup import ExactDedup
+
+        return ExactDedup(self.num_partitions)
+
+
+class MinHashDedupStep(StrictModel):
+    type: Literal["minhash_dedup"] = Field(description="Near-duplicate removal with MinHash LSH.")
+    threshold: float = Field(default=0.8, gt=0, lt=1, description="Jaccard similarity of word n-gram sets that counts as duplicate.")
+    num_perm: int = Field(default=128, ge=16, le=1024, description="MinHash permutations (signature length).")
+    ngram: int = Field(default=5, ge=1, le=32, description="Words per shingle.")
+    seed: int = Field(default=1, ge=0, description="Seed of the permutations.")
+    false_positive_weight: float = Field(
+        default=0.5, gt=0, lt=1,
+        description="Weight of false positives against false negatives (1 - this) when choosing bands and rows.",
+    )  # fmt: skip
+    verify: bool = Field(
+        default=False, description="Check every candidate pair's true Jaccard similarity before merging it."
+    )
+    num_partitions: int = Field(default=8, ge=1, description="Hash partitions of each shuffle (buckets, components).")
+
+    def build(self):
+        from pipelines.data.dedup import MinHashDedup
+
+        return MinHashDedup(**self.model_dump(exclude={"type"}))
+
+
+StepConfig = Annotated[
+    NormalizeStep | LengthStep | GopherQualityStep | RepetitionStep | BlocklistStep | CharsetStep
+    | ExactDedupStep | MinHashDedupStep,
+    Field(discriminator="type"),
+]  # fmt: skip
+
+
+def default_steps() -> list:
+    return [
+        NormalizeStep(type="normalize"),
+        LengthStep(type="length"),
+        ExactDedupStep(type="exact_dedup"),
+        MinHashDedupStep(type="minhash_dedup"),
+    ]
+
+
 class DataConfig(StrictModel):
     sources: list[SourceConfig] = Field(
         default_factory=lambda: [SourceConfig(format="stdlib", name="stdlib")],
@@ -42,8 +198,10 @@ class DataConfig(StrictModel):
         ge=1,
         description="Read at most this many raw documents from each source (the stdlib: first files by path); unset: all.",
     )
-    min_document_chars: int = Field(
-        default=32, ge=1, description="Documents shorter than this after normalisation are dropped."
+    steps: list[StepConfig] = Field(
+        default_factory=default_steps,
+        description="Curation steps in order, each chosen by 'type': normalize, length, gopher_quality, "
+        "repetition, blocklist, charset, exact_dedup, minhash_dedup.",
     )
     vocab_size: int = Field(
         default=4096, ge=300, le=1_000_000, description="BPE vocabulary size, special tokens included."

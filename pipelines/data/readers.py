@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import json
 import sysconfig
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ def stdlib_files() -> list[str]:
 
 
 def _doc_id(*parts: str) -> str:
-    return hashlib.sha1("\0".join(parts).encode()).hexdigest()[:20]
+    # 16 hex digits: near-dedup reads a doc_id as an unsigned 64-bit graph node.
+    return hashlib.sha1("\0".join(parts).encode()).hexdigest()[:16]
 
 
 def _stdlib_documents(row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -72,30 +74,76 @@ def _decode_binary(batch: dict[str, np.ndarray], source: str) -> dict[str, list]
     return out
 
 
+DOCUMENT_SCHEMA = pa.schema(
+    [("doc_id", pa.string()), ("source", pa.string()), ("text", pa.string()), ("reject_reason", pa.string())]
+)
+
+
+def _documents(rows: list[tuple[str, str, str | None]], source: str) -> pa.Table:
+    """Rows of (doc_id, text, reject_reason) as a table of DOCUMENT_SCHEMA."""
+    return pa.table(
+        {
+            "doc_id": [r[0] for r in rows],
+            "source": [source] * len(rows),
+            "text": [r[1] for r in rows],
+            "reject_reason": [r[2] for r in rows],
+        },
+        schema=DOCUMENT_SCHEMA,
+    )
+
+
+def _parse_line(raw: bytes, spec: SourceConfig) -> tuple[str, str | None]:
+    """(text, reject_reason) of one line of a jsonl or line-per-document text file."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return "", f"read: invalid utf-8 ({err.reason} at byte {err.start})"
+    if spec.format == "text":
+        return line, None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        return line[:1000], f"read: malformed json ({err.msg} at column {err.colno})"
+    if not isinstance(record, dict):
+        return line[:1000], f"read: a json line must be an object, got {type(record).__name__}"
+    text = record.get(spec.text_field)
+    if not isinstance(text, str):
+        return line[:1000], f"read: missing text field '{spec.text_field}'"
+    return text, None
+
+
+def _lines_to_documents(batch: dict[str, np.ndarray], spec: SourceConfig) -> pa.Table:
+    """Whole files -> one document per non-blank line; a bad line is rejected, the rest kept.
+
+    Ray's JSON and text readers decode a whole file strictly: one malformed line or
+    invalid byte fails the file. Lines are parsed one by one here so only the bad
+    line is lost, and it is kept in rejects with its reason.
+    """
+    rows = []
+    for path, payload in zip(batch["path"], batch["bytes"], strict=True):
+        for number, raw in enumerate(bytes(payload).split(b"\n"), start=1):
+            if not raw.strip():
+                continue
+            text, reason = _parse_line(raw.rstrip(b"\r"), spec)
+            rows.append((_doc_id(str(path), str(number)), text, reason))
+    return _documents(rows, spec.name)
+
+
 def _records_to_documents(table: pa.Table, spec: SourceConfig) -> pa.Table:
     n = table.num_rows
     paths = table.column("path").to_pylist() if "path" in table.column_names else [spec.path] * n
-    if spec.text_field in table.column_names:
-        texts = table.column(spec.text_field).to_pylist()
-    else:
-        texts = [None] * n
-    doc_ids, out_texts, reasons = [], [], []
-    for i, (path, text) in enumerate(zip(paths, texts, strict=True)):
-        doc_ids.append(_doc_id(str(path), str(i), str(text)[:256]))
-        if not isinstance(text, str):
-            out_texts.append("")
-            reasons.append(f"read: missing text field '{spec.text_field}'")
+    texts = table.column(spec.text_field).to_pylist() if spec.text_field in table.column_names else [None] * n
+    rows = []
+    for path, text in zip(paths, texts, strict=True):
+        if isinstance(text, str):
+            rows.append((_doc_id(str(path), text), text, None))
         else:
-            out_texts.append(text)
-            reasons.append(None)
-    return pa.table(
-        {
-            "doc_id": pa.array(doc_ids, pa.string()),
-            "source": pa.array([spec.name] * n, pa.string()),
-            "text": pa.array(out_texts, pa.string()),
-            "reject_reason": pa.array(reasons, pa.string()),
-        }
-    )
+            rows.append((_doc_id(str(path), repr(text)), "", f"read: missing text field '{spec.text_field}'"))
+    return _documents(rows, spec.name)
+
+
+def _as_documents(table: pa.Table) -> pa.Table:
+    return table.select(DOCUMENT_SCHEMA.names).cast(DOCUMENT_SCHEMA)
 
 
 def read_source(spec: SourceConfig, max_documents: int | None = None):
@@ -116,16 +164,16 @@ def _read_source(spec: SourceConfig, max_documents: int | None):
     if spec.format == "text" and spec.text_unit == "file":
         ds = ray.data.read_binary_files(spec.path, include_paths=True)
         return ds.map_batches(_decode_binary, fn_kwargs={"source": spec.name}, batch_format="numpy")
-    if spec.format == "text":
-        ds = ray.data.read_text(spec.path, include_paths=True).rename_columns({"text": spec.text_field})
-    elif spec.format == "jsonl":
-        ds = ray.data.read_json(spec.path, lines=True, include_paths=True)
-    else:
-        ds = ray.data.read_parquet(spec.path, include_paths=True)
+    if spec.format in ("jsonl", "text"):
+        ds = ray.data.read_binary_files(spec.path, include_paths=True)
+        return ds.map_batches(_lines_to_documents, fn_kwargs={"spec": spec}, batch_format="numpy")
+    ds = ray.data.read_parquet(spec.path, include_paths=True)
     return ds.map_batches(_records_to_documents, fn_kwargs={"spec": spec}, batch_format="pyarrow")
 
 
 def read_documents(config: DataConfig):
-    """All sources as one Dataset, each capped at ``max_documents`` when set."""
+    """All sources as one Dataset of DOCUMENT_SCHEMA rows, each source capped at ``max_documents``."""
     datasets = [read_source(spec, config.max_documents) for spec in config.sources]
-    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+    ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+    # One schema everywhere: a block whose reasons are all null must not become a null-typed column.
+    return ds.map_batches(_as_documents, batch_format="pyarrow")

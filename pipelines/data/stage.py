@@ -7,6 +7,7 @@ row with its reason) and ``stats.json``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -16,36 +17,107 @@ from pathlib import Path
 from pipelines.data.config import DataConfig
 from pipelines.data.pack import Tokenize, pack
 from pipelines.data.readers import read_documents, stdlib_files
-from pipelines.data.steps import ExactDedup, MinLengthFilter, Normalize, Step
-from pipelines.runs import RunDir, StageResult, hash_files
+from pipelines.data.steps import reason_key, split_kept
+from pipelines.runs import MARKER, RunDir, StageResult, hash_files
 
 log = logging.getLogger(__name__)
 
 
-def curation_steps(config: DataConfig) -> list[Step]:
-    """Steps before deduplication, in order."""
-    return [Normalize(), MinLengthFilter(config.min_document_chars)]
+STEPS_DIR = "steps"
 
 
-def _split_rejects(ds):
-    """(kept, rejected) by ``reject_reason``; materialised once so both halves reuse it."""
+def _step_key(previous: str, step_config: dict) -> str:
+    """Chained hash: a step's cached output is valid only for the same config of it and every step before."""
+    return hashlib.sha256((previous + json.dumps(step_config, sort_keys=True)).encode()).hexdigest()[:16]
+
+
+def _cached(directory: Path, key: str, produce):
+    """The dataset materialised in ``directory`` if it was completed under ``key``; else produce, write, mark.
+
+    Returns (dataset, produced) so the caller knows whether the step ran.
+    """
+    import ray.data
+
+    marker = directory / MARKER
+    if marker.is_file() and marker.read_text().strip() == key:
+        return ray.data.read_parquet(str(directory)), False
+    shutil.rmtree(directory, ignore_errors=True)
+    partial = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    produce().write_parquet(str(partial))
+    partial.rename(directory)
+    return ray.data.read_parquet(str(directory)), True
+
+
+def _mark_done(directory: Path, key: str, stats: dict) -> None:
+    (directory / "step_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    (directory / MARKER).write_text(key + "\n")
+
+
+def _kept_count(ds) -> int:
     from ray.data.expressions import col
 
-    ds = ds.materialize()
-    return ds.filter(expr=col("reject_reason").is_null()), ds.filter(expr=col("reject_reason").is_not_null())
+    return ds.filter(expr=col("reject_reason").is_null()).count()
 
 
-def _drops_by_step(rejected) -> dict[str, int]:
-    """Count rejects by the step that dropped them (reasons read "step: detail")."""
-    counts: Counter[str] = Counter()
+def curate(config: DataConfig, out: Path) -> tuple[object, list[dict], dict[str, dict]]:
+    """Read, then run every configured step; each step's output is materialised under
+    ``steps/NN-name/`` with a completion marker, so a rerun after a crash resumes after the
+    last finished step. Returns (marked dataset, funnel, per-step stats)."""
+    steps_dir = out / STEPS_DIR
+    steps_dir.mkdir(parents=True, exist_ok=True)
+    key = _step_key("", {"sources": [s.model_dump(mode="json") for s in config.sources], "max": config.max_documents})
+    ds, _ = _cached(steps_dir / "00-read", key, lambda: read_documents(config))
+    if not (steps_dir / "00-read" / MARKER).is_file():
+        _mark_done(steps_dir / "00-read", key, {})
+    documents_in = ds.count()
+    funnel = [{"step": "read", "documents": documents_in, "kept": _kept_count(ds)}]
+    step_stats: dict[str, dict] = {}
+    for index, step_config in enumerate(config.steps, start=1):
+        step = step_config.build()
+        key = _step_key(key, step_config.model_dump(mode="json"))
+        directory = steps_dir / f"{index:02d}-{step.name}"
+        upstream = ds
+        ds, produced = _cached(directory, key, lambda step=step, upstream=upstream: step.apply(upstream))
+        if produced:
+            _mark_done(directory, key, step.stats())
+            print(f"[loom] data: step {index} {step.name} done", flush=True)
+        else:
+            print(f"[loom] data: step {index} {step.name} already done (skipped)", flush=True)
+        step_stats[f"{index:02d}-{step.name}"] = json.loads((directory / "step_stats.json").read_text())
+        funnel.append({"step": step.name, "documents": documents_in, "kept": _kept_count(ds)})
+    return ds, funnel, step_stats
+
+
+def _drop_counts(rejected) -> tuple[dict[str, int], dict[str, int]]:
+    """Rejects counted by step and by reason code (reasons read "step: code (detail)")."""
+    by_step: Counter[str] = Counter()
+    by_reason: Counter[str] = Counter()
     for batch in rejected.select_columns(["reject_reason"]).iter_batches(batch_format="pyarrow"):
-        counts.update(reason.split(":", 1)[0] for reason in batch.column("reject_reason").to_pylist())
-    return dict(sorted(counts.items()))
+        for reason in batch.column("reject_reason").to_pylist():
+            by_step[reason.split(":", 1)[0]] += 1
+            by_reason[reason_key(reason)] += 1
+    return dict(sorted(by_step.items())), dict(sorted(by_reason.items()))
 
 
-def dedup_partitions(documents: int) -> int:
-    """Hash partitions for the dedup shuffle: about 50k documents each, at least 2."""
-    return max(2, min(1024, documents // 50_000))
+def plot_funnel(funnel: list[dict], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = [row["step"] for row in funnel]
+    kept = [row["kept"] for row in funnel]
+    bars = ax.barh(names[::-1], kept[::-1], color="#4c72b0")
+    ax.bar_label(bars, labels=[f"{k:,}" for k in kept[::-1]], padding=3, fontsize=8)
+    ax.set(xlabel="documents kept after the step", title=title)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def input_hash(config: DataConfig) -> str:
@@ -67,19 +139,13 @@ def run_data(config: DataConfig, run: RunDir, seed: int) -> StageResult:
     # Deterministic output for the same input and seed (limits, shuffles and splits see rows in order).
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     out = run.begin("data")
-    for name in ("train", "val", "rejects", "tokenizer"):
+    for name in ("train", "val", "rejects", "tokenizer"):  # steps/ is kept: it is how a rerun resumes
         shutil.rmtree(out / name, ignore_errors=True)  # half-written outputs of an earlier attempt
 
-    raw = read_documents(config).materialize()
-    documents_in = raw.count()
-    ds = raw
-    for step in curation_steps(config):
-        ds = step.apply(ds)
-    kept, rejected = _split_rejects(ds)
-    kept, duplicates = _split_rejects(ExactDedup(dedup_partitions(documents_in)).apply(kept))
-    rejects = rejected.union(duplicates.drop_columns(["content_hash"]))
+    marked, funnel, step_stats = curate(config, out)
+    documents_in = funnel[0]["documents"]
+    kept, rejects = split_kept(marked)
     rejects.write_parquet(str(out / "rejects"))
-    kept = kept.drop_columns(["content_hash"]).materialize()
     documents_out = kept.count()
     log.info("data: %d documents in, %d kept", documents_in, documents_out)
 
@@ -122,12 +188,16 @@ def run_data(config: DataConfig, run: RunDir, seed: int) -> StageResult:
     if sequences["val"]:
         val.write_parquet(str(out / "val"), min_rows_per_file=config.rows_per_shard)
 
+    drops_by_step, drops_by_reason = _drop_counts(rejects)
     tokens_in = sum(tokens_per_source.values())
     packed_tokens = (sequences["train"] + sequences["val"]) * config.seq_len
     stats = {
         "documents_in": documents_in,
         "documents_out": documents_out,
-        "drops_by_step": _drops_by_step(rejects),
+        "drops_by_step": drops_by_step,
+        "drops_by_reason": drops_by_reason,
+        "funnel": funnel,
+        "steps": step_stats,
         "documents_rejected": documents_in - documents_out,
         "tokens": tokens_in,
         "tokens_by_source": tokens_per_source,
@@ -137,6 +207,7 @@ def run_data(config: DataConfig, run: RunDir, seed: int) -> StageResult:
         "seq_len": config.seq_len,
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    plot = plot_funnel(funnel, run.root / "report" / "data_funnel.png", f"{run.root.name}: data funnel")
     return StageResult(
         inputs={"sources": input_hash(config)},
         outputs={
@@ -145,6 +216,7 @@ def run_data(config: DataConfig, run: RunDir, seed: int) -> StageResult:
             "tokenizer": str(tokenizer_dir),
             "rejects": str(out / "rejects"),
             "stats": str(out / "stats.json"),
+            "funnel_plot": str(plot),
         },
         metrics={k: stats[k] for k in ("documents_in", "documents_out", "tokens", "tokens_packed", "sequences")},
     )

@@ -21,15 +21,15 @@ def test_data_stage_writes_packed_shards_tokenizer_rejects_and_stats(data_done, 
     # 120 stdlib documents + 4 jsonl records + 2 text files were read.
     assert stats["documents_in"] == 126
     drops = stats["drops_by_step"]
-    assert drops["exact_dedup"] >= 1 and drops["min_length"] >= 1 and drops["read"] == 2
+    assert drops["exact_dedup"] >= 1 and drops["length"] >= 1 and drops["read"] == 2
     assert stats["documents_out"] == stats["documents_in"] - sum(drops.values())
 
     rejects = pq.read_table(out / "rejects").to_pylist()
     reasons = [r["reject_reason"] for r in rejects]
     assert any(r.startswith("read: invalid utf-8") for r in reasons)
     assert any(r == "read: missing text field 'text'" for r in reasons)
-    assert sum(r.startswith("exact_dedup: duplicate of") for r in reasons) >= 1
-    assert any(r["reject_reason"].startswith("min_length") and r["text"] == "too short" for r in rejects)
+    assert sum(r.startswith("exact_dedup: duplicate (of ") for r in reasons) >= 1
+    assert any(r["reject_reason"].startswith("length: too_short") and r["text"] == "too short" for r in rejects)
     assert len(rejects) == sum(drops.values())
 
     train = pq.read_table(out / "train").column("input_ids").to_pylist()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from pipelines.data.dedup import ExactDedup, content_hash
+from pipelines.data.filters import LengthFilter
 from pipelines.data.pack import pack
-from pipelines.data.steps import ExactDedup, MinLengthFilter, Normalize, content_hash
+from pipelines.data.steps import Normalize, reason_key
 
 
 def docs(*texts, reasons=None):
@@ -26,15 +28,17 @@ def test_normalize_folds_newlines_trailing_space_and_unicode():
 
 
 def test_filter_marks_drops_with_step_and_reason_and_keeps_first_reason():
-    out = MinLengthFilter(5)._batch(docs("long enough", "tiny", "x", reasons=[None, None, "read: invalid utf-8"]))
-    assert out.column("reject_reason").to_pylist() == [None, "min_length: 4 chars < 5", "read: invalid utf-8"]
+    out = LengthFilter(min_chars=5)._batch(docs("long enough", "tiny", "x", reasons=[None, None, "read: invalid utf-8"]))
+    reasons = out.column("reject_reason").to_pylist()
+    assert reasons == [None, "length: too_short (4 chars < 5)", "read: invalid utf-8"]
+    assert reason_key(reasons[1]) == "length: too_short"
 
 
 def test_exact_dedup_keeps_smallest_doc_id_per_hash():
     group = docs("same text", "same text", "same text").take([2, 0, 1])
     marked = ExactDedup._mark(group)
     rows = {r["doc_id"]: r["reject_reason"] for r in marked.to_pylist()}
-    assert rows == {"d0": None, "d1": "exact_dedup: duplicate of d0", "d2": "exact_dedup: duplicate of d0"}
+    assert rows == {"d0": None, "d1": "exact_dedup: duplicate (of d0)", "d2": "exact_dedup: duplicate (of d0)"}
 
 
 def test_content_hash_ignores_case_and_whitespace_runs_only():

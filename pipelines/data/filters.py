@@ -1,0 +1,256 @@
+"""Rule filters in the spirit of the Gopher (Rae et al. 2021) and C4 heuristics.
+
+Each filter reads one document and answers keep, or drop with a reason
+"code (detail)". A threshold set to None is not checked. Defaults are the
+published Gopher values; a recipe for source code loosens the prose rules.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+from typing import Any
+
+from pipelines.data.steps import Filter, Verdict
+
+_WORD = re.compile(r"\S+")
+_PARAGRAPHS = re.compile(r"\n{2,}")
+SYMBOLS = ("#", "...", "\u2026")
+BULLETS = ("\u2022", "\u2023", "\u25b6", "\u25cf", "\u25e6", "\u25aa", "-", "*")
+STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text)
+
+
+def _fail(code: str, detail: str) -> tuple[bool, str]:
+    return False, f"{code} ({detail})"
+
+
+class LengthFilter(Filter):
+    """Documents outside [min, max] characters or words."""
+
+    name = "length"
+
+    def __init__(
+        self,
+        min_chars: int | None = None,
+        max_chars: int | None = None,
+        min_words: int | None = None,
+        max_words: int | None = None,
+    ):
+        self.min_chars, self.max_chars, self.min_words, self.max_words = min_chars, max_chars, min_words, max_words
+
+    def keep(self, row: dict[str, Any]) -> Verdict:
+        chars = len(row["text"])
+        if self.min_chars is not None and chars < self.min_chars:
+            return _fail("too_short", f"{chars} chars < {self.min_chars}")
+        if self.max_chars is not None and chars > self.max_chars:
+            return _fail("too_long", f"{chars} chars > {self.max_chars}")
+        if self.min_words is not None or self.max_words is not None:
+            words = len(_words(row["text"]))
+            if self.min_words is not None and words < self.min_words:
+                return _fail("too_few_words", f"{words} words < {self.min_words}")
+            if self.max_words is not None and words > self.max_words:
+                return _fail("too_many_words", f"{words} words > {self.max_words}")
+        return True
+
+
+class GopherQualityFilter(Filter):
+    """Word-shape heuristics: mean word length, symbols, ellipsis and bullet lines, alphabetic words, stop words."""
+
+    name = "gopher_quality"
+
+    def __init__(
+        self,
+        min_mean_word_length: float | None = 3,
+        max_mean_word_length: float | None = 10,
+        max_symbol_word_ratio: float | None = 0.1,
+        max_ellipsis_line_fraction: float | None = 0.3,
+        max_bullet_line_fraction: float | None = 0.9,
+        min_alpha_word_fraction: float | None = 0.8,
+        min_stop_words: int | None = 2,
+    ):
+        self.min_mean_word_length = min_mean_word_length
+        self.max_mean_word_length = max_mean_word_length
+        self.max_symbol_word_ratio = max_symbol_word_ratio
+        self.max_ellipsis_line_fraction = max_ellipsis_line_fraction
+        self.max_bullet_line_fraction = max_bullet_line_fraction
+        self.min_alpha_word_fraction = min_alpha_word_fraction
+        self.min_stop_words = min_stop_words
+
+    def keep(self, row: dict[str, Any]) -> Verdict:
+        text = row["text"]
+        words = _words(text)
+        if not words:
+            return _fail("no_words", "0 words")
+        mean = sum(len(w) for w in words) / len(words)
+        if self.min_mean_word_length is not None and mean < self.min_mean_word_length:
+            return _fail("mean_word_length", f"{mean:.2f} < {self.min_mean_word_length}")
+        if self.max_mean_word_length is not None and mean > self.max_mean_word_length:
+            return _fail("mean_word_length", f"{mean:.2f} > {self.max_mean_word_length}")
+        if self.max_symbol_word_ratio is not None:
+            ratio = sum(text.count(symbol) for symbol in SYMBOLS) / len(words)
+            if ratio > self.max_symbol_word_ratio:
+                return _fail("symbol_word_ratio", f"{ratio:.3f} > {self.max_symbol_word_ratio}")
+        lines = [line for line in text.split("\n") if line.strip()]
+        if lines and self.max_ellipsis_line_fraction is not None:
+            fraction = sum(line.rstrip().endswith(("...", "\u2026")) for line in lines) / len(lines)
+            if fraction > self.max_ellipsis_line_fraction:
+                return _fail("ellipsis_lines", f"{fraction:.3f} > {self.max_ellipsis_line_fraction}")
+        if lines and self.max_bullet_line_fraction is not None:
+            fraction = sum(line.lstrip().startswith(BULLETS) for line in lines) / len(lines)
+            if fraction > self.max_bullet_line_fraction:
+                return _fail("bullet_lines", f"{fraction:.3f} > {self.max_bullet_line_fraction}")
+        if self.min_alpha_word_fraction is not None:
+            fraction = sum(any(c.isalpha() for c in w) for w in words) / len(words)
+            if fraction < self.min_alpha_word_fraction:
+                return _fail("alpha_words", f"{fraction:.3f} < {self.min_alpha_word_fraction}")
+        if self.min_stop_words is not None:
+            found = sum(w.lower() in STOP_WORDS for w in words)
+            if found < self.min_stop_words:
+                return _fail("stop_words", f"{found} < {self.min_stop_words}")
+        return True
+
+
+def _duplicate_fraction(items: list[str]) -> tuple[float, float]:
+    """(share of items that repeat an earlier one, share of characters in them)."""
+    seen: set[str] = set()
+    repeated = repeated_chars = 0
+    for item in items:
+        if item in seen:
+            repeated += 1
+            repeated_chars += len(item)
+        seen.add(item)
+    total_chars = sum(len(item) for item in items) or 1
+    return repeated / max(1, len(items)), repeated_chars / total_chars
+
+
+class RepetitionFilter(Filter):
+    """Repeated lines, paragraphs and n-grams (Gopher's repetition removal, Table A1)."""
+
+    name = "repetition"
+
+    def __init__(
+        self,
+        max_duplicate_line_fraction: float | None = 0.3,
+        max_duplicate_line_char_fraction: float | None = 0.2,
+        max_duplicate_paragraph_fraction: float | None = 0.3,
+        max_duplicate_paragraph_char_fraction: float | None = 0.2,
+        max_top_ngram_char_fraction: dict[int, float] | None = None,
+        max_duplicate_ngram_char_fraction: dict[int, float] | None = None,
+    ):
+        self.line_limits = (max_duplicate_line_fraction, max_duplicate_line_char_fraction)
+        self.paragraph_limits = (max_duplicate_paragraph_fraction, max_duplicate_paragraph_char_fraction)
+        self.top_ngram = max_top_ngram_char_fraction or {}
+        self.duplicate_ngram = max_duplicate_ngram_char_fraction or {}
+
+    def _check_units(self, code: str, units: list[str], limits: tuple[float | None, float | None]) -> Verdict:
+        share, char_share = _duplicate_fraction(units)
+        if limits[0] is not None and share > limits[0]:
+            return _fail(f"duplicate_{code}s", f"{share:.3f} of {code}s > {limits[0]}")
+        if limits[1] is not None and char_share > limits[1]:
+            return _fail(f"duplicate_{code}_chars", f"{char_share:.3f} of chars > {limits[1]}")
+        return True
+
+    def keep(self, row: dict[str, Any]) -> Verdict:
+        text = row["text"]
+        for code, units, limits in (
+            ("paragraph", [p for p in _PARAGRAPHS.split(text) if p.strip()], self.paragraph_limits),
+            ("line", [line for line in text.split("\n") if line.strip()], self.line_limits),
+        ):
+            verdict = self._check_units(code, units, limits)
+            if verdict is not True:
+                return verdict
+        words = [w.lower() for w in _words(text)]
+        total_chars = sum(len(w) for w in words) or 1
+        for n, limit in sorted(self.top_ngram.items()):
+            ngrams = Counter(zip(*(words[i:] for i in range(n)), strict=False))
+            if not ngrams:
+                continue
+            gram, count = ngrams.most_common(1)[0]
+            share = count * sum(len(w) for w in gram) / total_chars
+            if count > 1 and share > limit:
+                return _fail(f"top_{n}gram", f"{share:.3f} of chars > {limit}")
+        for n, limit in sorted(self.duplicate_ngram.items()):
+            share = _duplicate_ngram_char_share(words, n) / total_chars
+            if share > limit:
+                return _fail(f"duplicate_{n}grams", f"{share:.3f} of chars > {limit}")
+        return True
+
+
+def _duplicate_ngram_char_share(words: list[str], n: int) -> int:
+    """Characters of words covered by an n-gram that occurred before (each word counted once)."""
+    seen: set[tuple[str, ...]] = set()
+    covered = [False] * len(words)
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i : i + n])
+        if gram in seen:
+            for j in range(i, i + n):
+                covered[j] = True
+        seen.add(gram)
+    return sum(len(w) for w, hit in zip(words, covered, strict=True) if hit)
+
+
+class BlocklistFilter(Filter):
+    """Documents containing more than ``max_matches`` blocklisted words (whole words, any case)."""
+
+    name = "blocklist"
+
+    def __init__(self, words: list[str], max_matches: int = 0):
+        self.max_matches = max_matches
+        alternatives = "|".join(re.escape(w) for w in sorted(set(words), key=len, reverse=True))
+        self.pattern = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE) if words else None
+
+    def keep(self, row: dict[str, Any]) -> Verdict:
+        if self.pattern is None:
+            return True
+        hits = self.pattern.findall(row["text"])
+        if len(hits) > self.max_matches:
+            shown = ", ".join(sorted({h.lower() for h in hits})[:5])
+            return _fail("blocklisted_words", f"{len(hits)} > {self.max_matches}: {shown}")
+        return True
+
+
+def _script(char: str) -> str:
+    """The script of a letter, from its Unicode name ("LATIN SMALL LETTER A" -> "latin")."""
+    try:
+        return unicodedata.name(char).split(" ", 1)[0].lower()
+    except ValueError:
+        return "unknown"
+
+
+class CharsetFilter(Filter):
+    """Charset and script check: few control/replacement characters, letters mostly of the allowed scripts.
+
+    A script check, not a language identifier: it tells Latin text from Cyrillic or CJK,
+    not English from French.
+    """
+
+    name = "charset"
+
+    def __init__(self, scripts: list[str] | None = None, min_script_fraction: float = 0.9, max_bad_char_fraction=0.01):
+        self.scripts = {s.lower() for s in (scripts or ["latin"])}
+        self.min_script_fraction = min_script_fraction
+        self.max_bad_char_fraction = max_bad_char_fraction
+
+    def keep(self, row: dict[str, Any]) -> Verdict:
+        text = row["text"]
+        if not text:
+            return _fail("empty", "0 chars")
+        bad = sum(
+            c == "\ufffd" or (unicodedata.category(c) in ("Cc", "Cs", "Co") and c not in "\n\t\r") for c in text
+        )
+        if bad / len(text) > self.max_bad_char_fraction:
+            return _fail("bad_chars", f"{bad / len(text):.3f} control/replacement chars > {self.max_bad_char_fraction}")
+        # ASCII letters are Latin: only the rest need a Unicode name lookup.
+        letters = [c for c in text if c.isalpha()]
+        if not letters:
+            return True
+        allowed = sum(c.isascii() and "latin" in self.scripts or (not c.isascii() and _script(c) in self.scripts) for c in letters)
+        fraction = allowed / len(letters)
+        if fraction < self.min_script_fraction:
+            return _fail("script", f"{fraction:.3f} of letters in {sorted(self.scripts)} < {self.min_script_fraction}")
+        return True
