@@ -152,7 +152,9 @@ class ExactDedupStep(StrictModel):
 
 class MinHashDedupStep(StrictModel):
     type: Literal["minhash_dedup"] = Field(description="Near-duplicate removal with MinHash LSH.")
-    threshold: float = Field(default=0.8, gt=0, lt=1, description="Jaccard similarity of word n-gram sets that counts as duplicate.")
+    threshold: float = Field(
+        default=0.8, gt=0, lt=1, description="Jaccard similarity of word n-gram sets that counts as duplicate."
+    )
     num_perm: int = Field(default=128, ge=16, le=1024, description="MinHash permutations (signature length).")
     ngram: int = Field(default=5, ge=1, le=32, description="Words per shingle.")
     seed: int = Field(default=1, ge=0, description="Seed of the permutations.")
@@ -215,7 +217,28 @@ class DataConfig(StrictModel):
         default=0.05, ge=0.0, lt=0.5, description="Share of packed sequences held out for evaluation."
     )
     rows_per_shard: int = Field(default=2048, ge=1, description="Packed sequences per parquet shard (at least).")
+    mix: dict[str, float] | None = Field(
+        default=None,
+        description="Token share per source name, e.g. {code: 0.6, prose: 0.4} (normalised to sum 1). "
+        "Sources are downsampled by document to match; unset: every curated document is kept.",
+    )
     tokenize_actors: int = Field(
         default=2, ge=1, description="Actors in the tokenizer pool (each loads the tokenizer once)."
     )
     batch_size: int = Field(default=128, ge=1, description="Documents per Ray Data batch for tokenize and pack.")
+
+    @model_validator(mode="after")
+    def _mix_names_sources(self) -> DataConfig:
+        if self.mix is None:
+            return self
+        names = [source.name for source in self.sources]
+        problems = [f"mix names unknown source '{name}' (sources: {', '.join(names)})" for name in self.mix if name not in names]
+        problems += [f"mix weight of '{name}' must be >= 0 (got {w})" for name, w in self.mix.items() if w < 0]
+        if not problems and sum(self.mix.values()) <= 0:
+            problems.append("mix weights must not all be zero")
+        if len(set(names)) != len(names):
+            problems.append(f"mix needs distinct source names (got {names})")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+

@@ -107,7 +107,10 @@ class ShingleSets:
         hashes, doc_of = shingle_hashes(*word_hashes(table.column("text")), self.ngram)
         sets = [np.unique(hashes[doc_of == i]) for i in range(table.num_rows)]
         return pa.table(
-            {"node": pa.array(doc_node(table.column("doc_id")), pa.uint64()), "shingles": pa.array(sets, pa.list_(pa.uint32()))}
+            {
+                "node": pa.array(doc_node(table.column("doc_id")), pa.uint64()),
+                "shingles": pa.array(sets, pa.list_(pa.uint32())),
+            }
         )
 
 
@@ -173,10 +176,16 @@ class MinHashDedup(Step):
         edges = members.map_batches(_bucket_edges, batch_format="pyarrow")
         if not self.verify:
             return edges
-        sets = kept.map_batches(ShingleSets, fn_constructor_kwargs={"ngram": self.ngram}, batch_format="pyarrow", compute=_actor_pool())
+        sets = kept.map_batches(
+            ShingleSets, fn_constructor_kwargs={"ngram": self.ngram}, batch_format="pyarrow", compute=_actor_pool()
+        )
         sets = sets.materialize()
-        with_u = edges.join(sets.rename_columns({"node": "u", "shingles": "shingles_u"}), "inner", self.num_partitions, on=("u",))
-        both = with_u.join(sets.rename_columns({"node": "v", "shingles": "shingles_v"}), "inner", self.num_partitions, on=("v",))
+        with_u = edges.join(
+            sets.rename_columns({"node": "u", "shingles": "shingles_u"}), "inner", self.num_partitions, on=("u",)
+        )
+        both = with_u.join(
+            sets.rename_columns({"node": "v", "shingles": "shingles_v"}), "inner", self.num_partitions, on=("v",)
+        )
         return both.map_batches(_verified, fn_kwargs={"threshold": self.threshold}, batch_format="pyarrow")
 
     def apply(self, ds):

@@ -240,16 +240,16 @@ class CharsetFilter(Filter):
         text = row["text"]
         if not text:
             return _fail("empty", "0 chars")
-        bad = sum(
-            c == "\ufffd" or (unicodedata.category(c) in ("Cc", "Cs", "Co") and c not in "\n\t\r") for c in text
-        )
+        bad = sum(c == "\ufffd" or (unicodedata.category(c) in ("Cc", "Cs", "Co") and c not in "\n\t\r") for c in text)
         if bad / len(text) > self.max_bad_char_fraction:
             return _fail("bad_chars", f"{bad / len(text):.3f} control/replacement chars > {self.max_bad_char_fraction}")
         # ASCII letters are Latin: only the rest need a Unicode name lookup.
         letters = [c for c in text if c.isalpha()]
         if not letters:
             return True
-        allowed = sum(c.isascii() and "latin" in self.scripts or (not c.isascii() and _script(c) in self.scripts) for c in letters)
+        allowed = sum(
+            c.isascii() and "latin" in self.scripts or (not c.isascii() and _script(c) in self.scripts) for c in letters
+        )
         fraction = allowed / len(letters)
         if fraction < self.min_script_fraction:
             return _fail("script", f"{fraction:.3f} of letters in {sorted(self.scripts)} < {self.min_script_fraction}")

@@ -45,9 +45,7 @@ class LSHParams:
     seed: int
 
     @classmethod
-    def for_threshold(
-        cls, threshold: float, num_perm: int, seed: int, false_positive_weight: float = 0.5
-    ) -> LSHParams:
+    def for_threshold(cls, threshold: float, num_perm: int, seed: int, false_positive_weight: float = 0.5) -> LSHParams:
         """Bands and rows minimising weighted false positives + negatives at ``threshold``
         (datasketch's own search, through ``MinHashLSH``)."""
         from datasketch import MinHashLSH

@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from pipelines.data.config import DataConfig
-from pipelines.data.pack import Tokenize, pack
+from pipelines.data.pack import Tokenize, mix_keep_fractions, pack, sample_by_source
 from pipelines.data.readers import read_documents, stdlib_files
 from pipelines.data.steps import reason_key, split_kept
 from pipelines.runs import MARKER, RunDir, StageResult, hash_files
@@ -40,13 +40,13 @@ def _cached(directory: Path, key: str, produce):
 
     marker = directory / MARKER
     if marker.is_file() and marker.read_text().strip() == key:
-        return ray.data.read_parquet(str(directory)), False
+        return ray.data.read_parquet(str(directory), file_extensions=["parquet"]), False
     shutil.rmtree(directory, ignore_errors=True)
     partial = directory.with_name(directory.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     produce().write_parquet(str(partial))
     partial.rename(directory)
-    return ray.data.read_parquet(str(directory)), True
+    return ray.data.read_parquet(str(directory), file_extensions=["parquet"]), True
 
 
 def _mark_done(directory: Path, key: str, stats: dict) -> None:
@@ -54,10 +54,16 @@ def _mark_done(directory: Path, key: str, stats: dict) -> None:
     (directory / MARKER).write_text(key + "\n")
 
 
-def _kept_count(ds) -> int:
-    from ray.data.expressions import col
+def _counts(directory: Path) -> tuple[int, int]:
+    """(rows, kept rows) of a materialised step, read from the parquet footers and one column.
 
-    return ds.filter(expr=col("reject_reason").is_null()).count()
+    Run storage is a local or shared filesystem (see LoomConfig.storage), so the driver reads
+    it directly: a Ray Data count costs seconds of task scheduling per step.
+    """
+    import pyarrow.dataset as pads
+
+    files = pads.dataset(sorted(str(p) for p in directory.glob("*.parquet")), format="parquet")
+    return files.count_rows(), files.count_rows(filter=pads.field("reject_reason").is_null())
 
 
 def curate(config: DataConfig, out: Path) -> tuple[object, list[dict], dict[str, dict]]:
@@ -67,11 +73,11 @@ def curate(config: DataConfig, out: Path) -> tuple[object, list[dict], dict[str,
     steps_dir = out / STEPS_DIR
     steps_dir.mkdir(parents=True, exist_ok=True)
     key = _step_key("", {"sources": [s.model_dump(mode="json") for s in config.sources], "max": config.max_documents})
-    ds, _ = _cached(steps_dir / "00-read", key, lambda: read_documents(config))
-    if not (steps_dir / "00-read" / MARKER).is_file():
+    ds, produced = _cached(steps_dir / "00-read", key, lambda: read_documents(config))
+    if produced:
         _mark_done(steps_dir / "00-read", key, {})
-    documents_in = ds.count()
-    funnel = [{"step": "read", "documents": documents_in, "kept": _kept_count(ds)}]
+    documents_in, kept = _counts(steps_dir / "00-read")
+    funnel = [{"step": "read", "documents": documents_in, "kept": kept}]
     step_stats: dict[str, dict] = {}
     for index, step_config in enumerate(config.steps, start=1):
         step = step_config.build()
@@ -85,7 +91,12 @@ def curate(config: DataConfig, out: Path) -> tuple[object, list[dict], dict[str,
         else:
             print(f"[loom] data: step {index} {step.name} already done (skipped)", flush=True)
         step_stats[f"{index:02d}-{step.name}"] = json.loads((directory / "step_stats.json").read_text())
-        funnel.append({"step": step.name, "documents": documents_in, "kept": _kept_count(ds)})
+        rows, kept = _counts(directory)
+        if rows != documents_in:
+            raise RuntimeError(
+                f"data: step {step.name} turned {documents_in} rows into {rows}; steps must mark, not drop"
+            )
+        funnel.append({"step": step.name, "documents": rows, "kept": kept})
     return ds, funnel, step_stats
 
 
@@ -98,6 +109,13 @@ def _drop_counts(rejected) -> tuple[dict[str, int], dict[str, int]]:
             by_step[reason.split(":", 1)[0]] += 1
             by_reason[reason_key(reason)] += 1
     return dict(sorted(by_step.items())), dict(sorted(by_reason.items()))
+
+
+def _tokens_by_source(tokenized) -> dict[str, int]:
+    return {
+        row["source"]: int(row["sum(num_tokens)"])
+        for row in tokenized.groupby("source", num_partitions=1).sum("num_tokens").take_all()
+    }
 
 
 def plot_funnel(funnel: list[dict], path: Path, title: str) -> Path:
@@ -166,10 +184,27 @@ def run_data(config: DataConfig, run: RunDir, seed: int) -> StageResult:
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=config.tokenize_actors),
     ).materialize()
-    tokens_per_source = {
-        row["source"]: int(row["sum(num_tokens)"])
-        for row in tokenized.groupby("source", num_partitions=1).sum("num_tokens").take_all()
-    }
+    tokens_per_source = _tokens_by_source(tokenized)
+    mix_stats = None
+    if config.mix:
+        keep = mix_keep_fractions(tokens_per_source, config.mix)
+        tokenized = tokenized.map_batches(
+            sample_by_source, fn_kwargs={"keep": keep, "seed": seed}, batch_format="pyarrow"
+        ).materialize()
+        mixed = _tokens_by_source(tokenized)
+        total = sum(mixed.values()) or 1
+        weight_sum = sum(config.mix.values())
+        mix_stats = {
+            source: {
+                "target_share": config.mix[source] / weight_sum,
+                "share": mixed.get(source, 0) / total,
+                "documents_kept_fraction": keep[source],
+                "tokens_before": tokens_per_source.get(source, 0),
+                "tokens_after": mixed.get(source, 0),
+            }
+            for source in config.mix
+        }
+        tokens_per_source = mixed
     packed = tokenized.map_batches(
         pack, fn_kwargs={"seq_len": config.seq_len}, batch_size=config.batch_size, batch_format="pyarrow"
     ).random_shuffle(seed=seed)
@@ -201,6 +236,7 @@ def run_data(config: DataConfig, run: RunDir, seed: int) -> StageResult:
         "documents_rejected": documents_in - documents_out,
         "tokens": tokens_in,
         "tokens_by_source": tokens_per_source,
+        "mix": mix_stats,
         "tokens_packed": packed_tokens,
         "tokens_dropped_at_pack_tail": tokens_in - packed_tokens,
         "sequences": sequences,

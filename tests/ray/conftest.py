@@ -1,12 +1,14 @@
 """One local Ray cluster for the tests in this folder, and one tiny run built stage by stage.
 
 The run uses planted inputs next to a slice of the standard library: exact
-duplicates, a too-short document, a record without a text field and a file of
-invalid UTF-8, so the data stage's rejects can be checked.
+duplicates, a too-short document, a record without a text field, malformed JSON
+lines, a line and a file of invalid UTF-8 and a gzip-compressed file, so the data
+stage's rejects can be checked.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
@@ -38,7 +40,15 @@ def planted_sources(tmp_path_factory):
         {"text": "too short"},
         {"body": "this record has no text field at all, so it cannot become a document"},
     ]
-    (root / "planted.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    malformed = [b"{not json at all", b"[1, 2, 3]", b'{"text": "bad byte \xff in a line"}']
+    (root / "planted.jsonl").write_bytes(
+        "".join(json.dumps(r) + "\n" for r in records).encode() + b"\n".join(malformed)
+    )
+    with gzip.open(root / "compressed.jsonl.gz", "wt") as handle:
+        for i in range(2):
+            handle.write(
+                json.dumps({"text": f"Compressed record number {i}, long enough to pass the length filter."}) + "\n"
+            )
     texts = root / "texts"
     texts.mkdir()
     (texts / "good.txt").write_text("A plain text document that is long enough to be kept by every filter.\n")
@@ -59,6 +69,7 @@ def tiny_config(tmp_path_factory, planted_sources) -> LoomConfig:
             "data.sources=["
             "{format: stdlib, name: stdlib},"
             f"{{format: jsonl, path: '{planted_sources / 'planted.jsonl'}', name: planted}},"
+            f"{{format: jsonl, path: '{planted_sources / 'compressed.jsonl.gz'}', name: gz}},"
             f"{{format: text, path: '{planted_sources / 'texts'}', name: texts}}]",
             "train.max_steps=16",
             "train.checkpoint_every=8",

@@ -18,16 +18,22 @@ def test_data_stage_writes_packed_shards_tokenizer_rejects_and_stats(data_done, 
     run = RunDir(tiny_config.run_dir())
     out = run.stage_dir("data")
     stats = json.loads((out / "stats.json").read_text())
-    # 120 stdlib documents + 4 jsonl records + 2 text files were read.
-    assert stats["documents_in"] == 126
+    # 120 stdlib documents + 7 jsonl lines + 2 gzip-compressed jsonl lines + 2 text files were read.
+    assert stats["documents_in"] == 131
     drops = stats["drops_by_step"]
-    assert drops["exact_dedup"] >= 1 and drops["length"] >= 1 and drops["read"] == 2
+    assert drops["exact_dedup"] >= 1 and drops["length"] >= 1 and drops["read"] == 5
+    assert stats["tokens_by_source"]["gz"] > 0
+    assert [row["step"] for row in stats["funnel"]] == ["read"] + [s.type for s in tiny_config.data.steps]
+    assert stats["funnel"][-1]["kept"] == stats["documents_out"]
     assert stats["documents_out"] == stats["documents_in"] - sum(drops.values())
 
     rejects = pq.read_table(out / "rejects").to_pylist()
     reasons = [r["reject_reason"] for r in rejects]
     assert any(r.startswith("read: invalid utf-8") for r in reasons)
     assert any(r == "read: missing text field 'text'" for r in reasons)
+    assert any(r.startswith("read: malformed json") for r in reasons)
+    assert any(r == "read: a json line must be an object, got list" for r in reasons)
+    assert sum(r.startswith("read: invalid utf-8") for r in reasons) == 2
     assert sum(r.startswith("exact_dedup: duplicate (of ") for r in reasons) >= 1
     assert any(r["reject_reason"].startswith("length: too_short") and r["text"] == "too short" for r in rejects)
     assert len(rejects) == sum(drops.values())

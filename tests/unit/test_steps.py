@@ -28,7 +28,9 @@ def test_normalize_folds_newlines_trailing_space_and_unicode():
 
 
 def test_filter_marks_drops_with_step_and_reason_and_keeps_first_reason():
-    out = LengthFilter(min_chars=5)._batch(docs("long enough", "tiny", "x", reasons=[None, None, "read: invalid utf-8"]))
+    out = LengthFilter(min_chars=5)._batch(
+        docs("long enough", "tiny", "x", reasons=[None, None, "read: invalid utf-8"])
+    )
     reasons = out.column("reject_reason").to_pylist()
     assert reasons == [None, "length: too_short (4 chars < 5)", "read: invalid utf-8"]
     assert reason_key(reasons[1]) == "length: too_short"
@@ -50,3 +52,30 @@ def test_pack_cuts_fixed_length_rows_and_drops_the_tail():
     batch = pa.table({"ids": pa.array([[1, 2, 3, 0], [4, 5, 0], [6, 7, 8, 9, 0]], pa.list_(pa.int32()))})
     rows = pack(batch, seq_len=4).column("input_ids").to_pylist()
     assert rows == [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 0]]
+
+
+def test_mix_keeps_the_scarcest_source_whole_and_cuts_the_others():
+    from pipelines.data.pack import mix_keep_fractions
+
+    keep = mix_keep_fractions({"code": 600, "prose": 1000}, {"code": 0.6, "prose": 0.4})
+    assert keep == {"code": 1.0, "prose": 0.4}  # 600 code tokens -> 400 prose tokens of 1000
+
+
+def test_mix_sampling_is_deterministic_and_follows_the_fraction():
+    from pipelines.data.pack import sample_by_source
+
+    batch = pa.table({"doc_id": [f"{i:016x}" for i in range(4000)], "source": ["a", "b"] * 2000})
+    kept = sample_by_source(batch, {"a": 0.25, "b": 1.0}, seed=0)
+    assert kept.equals(sample_by_source(batch, {"a": 0.25, "b": 1.0}, seed=0))
+    sources = kept.column("source").to_pylist()
+    assert sources.count("b") == 2000 and abs(sources.count("a") - 500) < 60
+
+
+def test_mix_must_name_known_sources():
+    import pytest
+
+    from pipelines.config import ConfigError, load_config
+    from tests.conftest import TINY
+
+    with pytest.raises(ConfigError, match="mix names unknown source 'prose'"):
+        load_config(TINY, ["data.mix={stdlib: 0.5, prose: 0.5}"])

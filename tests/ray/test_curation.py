@@ -1,0 +1,163 @@
+"""Curation on the local Ray cluster: near-dedup quality and determinism, components, resume."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pyarrow as pa
+import pytest
+
+from pipelines.data.config import DataConfig
+from pipelines.data.dedup import MinHashDedup
+from tests.planted_corpus import planted_corpus
+
+pytestmark = pytest.mark.ray
+
+
+def as_dataset(documents: list[tuple[str, str]], blocks: int):
+    import ray.data
+
+    table = pa.table(
+        {
+            "doc_id": [doc_id for doc_id, _ in documents],
+            "source": ["planted"] * len(documents),
+            "text": [text for _, text in documents],
+            "reject_reason": pa.array([None] * len(documents), pa.string()),
+        }
+    )
+    return ray.data.from_arrow(table).repartition(blocks)
+
+
+def dropped_ids(ds) -> dict[str, str]:
+    return {row["doc_id"]: row["reject_reason"] for row in ds.take_all() if row["reject_reason"] is not None}
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    corpus = planted_corpus(bases=40, variants_per_base=2, hard_negatives=40, uniques=80, seed=7)
+    # The planted pairs sit well on either side of the 0.8 threshold.
+    assert corpus.min_positive_jaccard >= 0.9 and corpus.max_negative_jaccard <= 0.5
+    return corpus
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_cluster, corpus):
+    step = MinHashDedup(threshold=0.8, num_perm=128, num_partitions=2)
+    return step, dropped_ids(step.apply(as_dataset(corpus.documents, blocks=2)))
+
+
+def test_near_duplicates_are_found_with_high_precision_and_recall(first_run, corpus):
+    step, dropped = first_run
+    expected = corpus.expected_drops()
+    found = set(dropped)
+    precision = len(found & expected) / len(found)
+    recall = len(found & expected) / len(expected)
+    assert precision >= 0.95 and recall >= 0.95, (precision, recall)
+    assert not found & set(corpus.hard_negatives)
+    # The survivor of each cluster is its smallest doc_id, and the reason names it.
+    for cluster in corpus.clusters:
+        survivor = min(cluster)
+        assert survivor not in found
+        assert all(dropped[d] == f"minhash_dedup: near-duplicate (of {survivor})" for d in cluster if d in found)
+    assert step.stats()["duplicate_clusters"] == len(corpus.clusters)
+    assert step.stats()["cluster_size_histogram"] == {"3": len(corpus.clusters)}
+
+
+def test_survivors_are_the_same_across_partitions_blocks_and_verification(first_run, corpus):
+    _, dropped = first_run
+    other = MinHashDedup(threshold=0.8, num_perm=128, num_partitions=3, verify=True)
+    assert dropped_ids(other.apply(as_dataset(corpus.documents, blocks=5))) == dropped
+
+
+def test_connected_components_match_union_find(ray_cluster):
+    import ray.data
+
+    from pipelines.data.components import connected_components
+
+    rng = random.Random(5)
+    nodes = [rng.getrandbits(63) for _ in range(300)]
+    edges = [(rng.choice(nodes), rng.choice(nodes)) for _ in range(220)]
+    # A long path: the worst case for label propagation, a few rounds for large/small-star.
+    edges += list(zip(nodes[:40], nodes[1:41], strict=True))
+
+    parent = {n: n for n in nodes}
+
+    def find(n):
+        while parent[n] != n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for u, v in edges:
+        ru, rv = find(u), find(v)
+        parent[max(ru, rv)] = min(ru, rv)
+    components: dict[int, list[int]] = {}
+    for n in nodes:
+        components.setdefault(find(n), []).append(n)
+    expected = {n: min(members) for members in components.values() for n in members if n != min(members)}
+
+    table = pa.table(
+        {"u": pa.array([u for u, _ in edges], pa.uint64()), "v": pa.array([v for _, v in edges], pa.uint64())}
+    )
+    result = connected_components(ray.data.from_arrow(table).repartition(3), num_partitions=2)
+    assert {row["u"]: row["v"] for row in result.take_all()} == expected
+
+
+def test_curation_resumes_after_the_last_finished_step(ray_cluster, corpus, tmp_path):
+    from pipelines.data.stage import curate
+    from pipelines.runs import MARKER
+
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"text": text}) + "\n" for _, text in corpus.documents[:60]))
+    config = DataConfig.model_validate(
+        {
+            "sources": [{"format": "jsonl", "path": str(source), "name": "planted"}],
+            "steps": [
+                {"type": "normalize"},
+                {"type": "length", "min_chars": 10},
+                {"type": "exact_dedup", "num_partitions": 2},
+            ],
+        }
+    )
+    _, funnel, _ = curate(config, tmp_path / "data")
+    last = tmp_path / "data" / "steps" / "03-exact_dedup"
+    (last / MARKER).unlink()  # as if the run died while writing the last step
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "data" / "steps" / "01-normalize").iterdir()}
+    _, again, _ = curate(config, tmp_path / "data")
+    assert again == funnel
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "data" / "steps" / "01-normalize").iterdir()} == before
+    assert (last / MARKER).is_file()
+
+
+def test_domain_mix_matches_the_weights_and_reaches_the_shards(ray_cluster, tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipelines.data.stage import run_data
+    from pipelines.runs import RunDir
+
+    prose = planted_corpus(bases=0, uniques=600, words=120, seed=3)
+    source = tmp_path / "prose.jsonl"
+    source.write_text("".join(json.dumps({"text": text}) + "\n" for _, text in prose.documents))
+    config = DataConfig.model_validate(
+        {
+            "sources": [
+                {"format": "stdlib", "name": "code"},
+                {"format": "jsonl", "path": str(source), "name": "prose"},
+            ],
+            "max_documents": 600,
+            "steps": [{"type": "normalize"}, {"type": "length", "min_chars": 32}],
+            "mix": {"code": 0.6, "prose": 0.4},
+            "vocab_size": 512,
+            "seq_len": 64,
+            "val_fraction": 0.0,
+            "tokenize_actors": 1,
+        }
+    )
+    run_data(config, RunDir(tmp_path / "run"), seed=0)
+    stats = json.loads((tmp_path / "run" / "data" / "stats.json").read_text())
+    mix = stats["mix"]
+    assert abs(mix["code"]["share"] - 0.6) <= 0.02 and abs(mix["prose"]["share"] - 0.4) <= 0.02, mix
+    # One source was cut to fit the other's weight; both reached the packed shards.
+    assert min(mix["code"]["documents_kept_fraction"], mix["prose"]["documents_kept_fraction"]) < 1.0
+    assert pq.read_table(tmp_path / "run" / "data" / "train").num_rows == stats["sequences"]["train"] > 0

@@ -1,0 +1,150 @@
+"""Each rule filter drops exactly the planted bad documents, with the right reason."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from pipelines.data.filters import BlocklistFilter, CharsetFilter, GopherQualityFilter, LengthFilter, RepetitionFilter
+from pipelines.data.steps import reason_key
+
+PROSE = [
+    "The committee met on Tuesday to review the budget and the plans that have been made for the new library. "
+    "Members agreed that the work should begin with the roof, and that the windows can wait until spring.",
+    "A river runs through the valley and the farmers who live there have built small bridges of stone and wood. "
+    "In summer the children swim in the shallow pools, and in winter the water freezes at the edges.",
+    "Good software is written to be read by people first and by machines second. That is why the names of "
+    "functions matter, and why a short comment that explains the reason behind a choice is worth having.",
+]
+
+
+def run(step, planted: dict[str, str]) -> dict[str, str | None]:
+    """Apply a filter to the prose documents plus planted ones; map every document to its reason."""
+    names = [f"good{i}" for i in range(len(PROSE))] + list(planted)
+    texts = PROSE + list(planted.values())
+    table = pa.table(
+        {
+            "doc_id": names,
+            "source": ["test"] * len(names),
+            "text": texts,
+            "reject_reason": pa.array([None] * len(names), pa.string()),
+        }
+    )
+    out = step._batch(table)
+    return dict(zip(out.column("doc_id").to_pylist(), out.column("reject_reason").to_pylist(), strict=True))
+
+
+def dropped(result: dict[str, str | None]) -> dict[str, str]:
+    return {name: reason_key(reason) for name, reason in result.items() if reason is not None}
+
+
+def test_length_filter_drops_short_long_and_wordy_documents():
+    result = run(
+        LengthFilter(min_chars=20, max_chars=400, min_words=5, max_words=60),
+        {
+            "short": "tiny text",
+            "long": "x" * 401,
+            "few_words": "supercalifragilistic expialidocious",
+            "many_words": "word " * 61,
+        },
+    )
+    assert dropped(result) == {
+        "short": "length: too_short",
+        "long": "length: too_long",
+        "few_words": "length: too_few_words",
+        "many_words": "length: too_many_words",
+    }
+    assert result["short"] == "length: too_short (9 chars < 20)"
+
+
+def test_gopher_quality_drops_each_planted_violation():
+    planted = {
+        "short_words": "a b c d e f g h i j k l m n o p q r s t u v w x y z and the of to",
+        "long_words": "the and " + " ".join(["incomprehensibilities"] * 30),
+        "symbols": "the and of " + " ".join(["# heading"] * 20),
+        "ellipsis": "\n".join(
+            ["the story goes on and on for a long while and then..."] * 5 + ["the end of it all, and that is that"]
+        ),
+        "bullets": "\n".join(["- the item of the list and more"] * 10),
+        "numbers": "the and " + " ".join(["12345 67890 3.1415"] * 20),
+        "no_stop_words": "Quick brown foxes jump over lazy dogs while cats sleep quietly inside warm houses nearby today",
+    }
+    result = run(GopherQualityFilter(), planted)
+    assert dropped(result) == {
+        "short_words": "gopher_quality: mean_word_length",
+        "long_words": "gopher_quality: mean_word_length",
+        "symbols": "gopher_quality: symbol_word_ratio",
+        "ellipsis": "gopher_quality: ellipsis_lines",
+        "bullets": "gopher_quality: bullet_lines",
+        "numbers": "gopher_quality: alpha_words",
+        "no_stop_words": "gopher_quality: stop_words",
+    }
+
+
+def test_a_threshold_set_to_none_is_not_checked():
+    result = run(GopherQualityFilter(min_stop_words=None), {"no_stop_words": "Quick brown foxes jump over lazy dogs"})
+    assert dropped(result) == {}
+
+
+def test_repetition_drops_repeated_lines_paragraphs_and_ngrams():
+    planted = {
+        "lines": "\n".join(["click here to subscribe now"] * 6 + ["a different line of text follows", "and one more"]),
+        "paragraphs": "\n\n".join(["This paragraph appears again and again in the page."] * 4 + ["Unique ending."]),
+        "top_ngram": " ".join(["buy cheap"] * 30) + " and the rest of the sentence is ordinary words here",
+        "duplicate_ngrams": " ".join(
+            ["one sentence of twenty distinct words that says very little about anything in particular here today"] * 2
+        ),
+    }
+    result = run(
+        RepetitionFilter(
+            max_duplicate_line_char_fraction=None,
+            max_duplicate_paragraph_char_fraction=None,
+            max_top_ngram_char_fraction={2: 0.2},
+            max_duplicate_ngram_char_fraction={5: 0.15},
+        ),
+        planted,
+    )
+    assert dropped(result) == {
+        "lines": "repetition: duplicate_lines",
+        "paragraphs": "repetition: duplicate_paragraphs",
+        "top_ngram": "repetition: top_2gram",
+        "duplicate_ngrams": "repetition: duplicate_5grams",
+    }
+
+
+def test_blocklist_matches_whole_words_in_any_case():
+    result = run(
+        BlocklistFilter(["casino", "free money"], max_matches=0),
+        {"spam": "Win FREE MONEY at the Casino tonight", "substring": "the casinos of old are not matched"},
+    )
+    assert dropped(result) == {"spam": "blocklist: blocklisted_words"}
+    assert "casino, free money" in result["spam"]
+
+
+def test_charset_drops_other_scripts_and_control_characters():
+    result = run(
+        CharsetFilter(scripts=["latin"]),
+        {
+            "cyrillic": "Съешь же ещё этих мягких французских булок, да выпей чаю",
+            "control": "text with many \x00\x01\x02\x03 control \x04\x05 characters \ufffd\ufffd",
+            "accents": "Café crème brûlée à la carte, naïve façade",
+        },
+    )
+    assert dropped(result) == {"cyrillic": "charset: script", "control": "charset: bad_chars"}
+
+
+def test_a_filter_keeps_the_first_reason_of_an_already_dropped_row():
+    table = pa.table(
+        {
+            "doc_id": ["a"],
+            "source": ["s"],
+            "text": ["x"],
+            "reject_reason": pa.array(["read: invalid utf-8"], pa.string()),
+        }
+    )
+    assert LengthFilter(min_chars=5)._batch(table).column("reject_reason").to_pylist() == ["read: invalid utf-8"]
+
+
+@pytest.mark.parametrize("text", ["", "   "])
+def test_empty_documents_are_dropped_not_crashing(text):
+    assert dropped(run(GopherQualityFilter(), {"empty": text})) == {"empty": "gopher_quality: no_words"}
