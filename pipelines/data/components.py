@@ -1,8 +1,9 @@
 """Connected components of a large graph on Ray Data: alternating large-star / small-star.
 
 Kiveris et al., "Connected Components in MapReduce and Beyond" (SoCC 2014). Each
-operation is a group-by-minimum and a join, both hash-shuffled across the
-cluster, so no node ever holds the whole graph. When neither operation changes
+operation is a group-by-minimum (hash-shuffled across the cluster) and a join
+(broadcast while the per-node minima are small, hash-shuffled beyond), so no
+node has to hold the whole graph. When neither operation changes
 the edge set, every node points at the smallest node of its component.
 Written here because Ray Data ships no graph algorithms; each round is a handful
 of vectorised Arrow passes.
@@ -70,9 +71,11 @@ def _fingerprint(table: pa.Table) -> pa.Table:
 def _star(edges, orient, emit, num_partitions: int):
     from ray.data.aggregate import Min
 
+    from pipelines.data.dedup import small_side_join
+
     directed = edges.map_batches(orient, batch_format="pyarrow").materialize()
     minima = directed.groupby("u", num_partitions=num_partitions).aggregate(Min("v", alias_name="m"))
-    joined = directed.join(minima, join_type="inner", num_partitions=num_partitions, on=("u",))
+    joined = small_side_join(directed, minima.materialize(), "u", "inner", num_partitions)
     return joined.map_batches(emit, batch_format="pyarrow")
 
 

@@ -173,9 +173,52 @@ class MinHashDedupStep(StrictModel):
         return MinHashDedup(**self.model_dump(exclude={"type"}))
 
 
+class PerplexityStep(StrictModel):
+    type: Literal["perplexity"] = Field(description="Drop documents a reference language model finds too surprising.")
+    model_path: str = Field(
+        description="Local Hugging Face causal LM directory (e.g. an earlier run's train/model) used as reference."
+    )
+    max_perplexity: float | None = Field(default=None, gt=0, description="Absolute threshold.")
+    max_relative_to_median: float | None = Field(
+        default=None, gt=0, description="Threshold as a multiple of the corpus median, e.g. 1.2."
+    )
+    max_percentile: float | None = Field(
+        default=None, gt=0, lt=100, description="Threshold as a percentile of the corpus, e.g. 90 drops the top 10%."
+    )
+    max_tokens: int = Field(default=512, ge=2, description="Tokens of each document scored (its beginning).")
+    actors: int = Field(default=1, ge=1, description="Scoring actors, each holding the model once.")
+    batch_size: int = Field(default=16, ge=1, description="Documents per scoring batch.")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> PerplexityStep:
+        rules = [self.max_perplexity, self.max_relative_to_median, self.max_percentile]
+        if sum(rule is not None for rule in rules) != 1:
+            raise ValueError("set exactly one of max_perplexity, max_relative_to_median, max_percentile")
+        return self
+
+    def build(self):
+        from pipelines.data.perplexity import PerplexityFilter
+
+        return PerplexityFilter(**self.model_dump(exclude={"type"}))
+
+
+class SimHashDedupStep(StrictModel):
+    type: Literal["simhash_dedup"] = Field(description="Near-duplicate removal with 64-bit SimHash fingerprints.")
+    max_hamming: int = Field(
+        default=6, ge=1, le=15, description="Most differing fingerprint bits between near-duplicates."
+    )
+    ngram: int = Field(default=3, ge=1, le=32, description="Words per shingle (feature).")
+    num_partitions: int = Field(default=8, ge=1, description="Hash partitions of each shuffle (buckets, components).")
+
+    def build(self):
+        from pipelines.data.dedup import SimHashDedup
+
+        return SimHashDedup(self.max_hamming, self.ngram, self.num_partitions)
+
+
 StepConfig = Annotated[
     NormalizeStep | LengthStep | GopherQualityStep | RepetitionStep | BlocklistStep | CharsetStep
-    | ExactDedupStep | MinHashDedupStep,
+    | PerplexityStep | ExactDedupStep | MinHashDedupStep | SimHashDedupStep,
     Field(discriminator="type"),
 ]  # fmt: skip
 
@@ -203,7 +246,7 @@ class DataConfig(StrictModel):
     steps: list[StepConfig] = Field(
         default_factory=default_steps,
         description="Curation steps in order, each chosen by 'type': normalize, length, gopher_quality, "
-        "repetition, blocklist, charset, exact_dedup, minhash_dedup.",
+        "repetition, blocklist, charset, perplexity, exact_dedup, minhash_dedup, simhash_dedup.",
     )
     vocab_size: int = Field(
         default=4096, ge=300, le=1_000_000, description="BPE vocabulary size, special tokens included."
@@ -232,7 +275,9 @@ class DataConfig(StrictModel):
         if self.mix is None:
             return self
         names = [source.name for source in self.sources]
-        problems = [f"mix names unknown source '{name}' (sources: {', '.join(names)})" for name in self.mix if name not in names]
+        problems = [
+            f"mix names unknown source '{name}' (sources: {', '.join(names)})" for name in self.mix if name not in names
+        ]
         problems += [f"mix weight of '{name}' must be >= 0 (got {w})" for name, w in self.mix.items() if w < 0]
         if not problems and sum(self.mix.values()) <= 0:
             problems.append("mix weights must not all be zero")
@@ -241,4 +286,3 @@ class DataConfig(StrictModel):
         if problems:
             raise ValueError("; ".join(problems))
         return self
-

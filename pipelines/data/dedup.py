@@ -33,6 +33,48 @@ def doc_node(doc_ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return np.array([int(doc_id, 16) for doc_id in doc_ids.to_pylist()], dtype=np.uint64)
 
 
+#: Right-hand sides of joins up to this many rows are sent to every task instead of shuffled.
+BROADCAST_ROWS = 5_000_000
+
+
+def _lookup(table: pa.Table, on: str, keys: np.ndarray, values: dict[str, np.ndarray], how: str) -> pa.Table:
+    left = table.column(on).to_numpy()
+    index = np.searchsorted(keys, left).clip(0, max(len(keys) - 1, 0))
+    found = (keys[index] == left) if len(keys) else np.zeros(len(left), dtype=bool)
+    if how == "inner":
+        table, index = table.filter(pa.array(found)), index[found]
+        for name, column in values.items():
+            table = table.append_column(name, pa.array(column[index]))
+        return table
+    for name, column in values.items():
+        table = table.append_column(name, pa.array(column[index], mask=~found))
+    return table
+
+
+def small_side_join(left, right, on: str, how: str, num_partitions: int, limit: int = BROADCAST_ROWS):
+    """``left`` joined with ``right`` on one unsigned integer key (``how``: "inner" or "left_outer").
+
+    A broadcast join when ``right`` is small (duplicate clusters and shared buckets usually
+    are): the big side, which carries the document texts, is not shuffled. Ray Data's
+    hash-shuffle join otherwise, as Spark picks between the two.
+    """
+    import ray
+
+    rows = right.count()
+    if rows > limit:
+        return left.join(right, join_type=how, num_partitions=num_partitions, on=(on,))
+    if rows == 0 and how == "inner":
+        return left.limit(0)
+    if rows == 0:
+        raise ValueError("small_side_join: an empty right side has no columns to add; skip the join instead")
+    table = pa.concat_tables([t for t in ray.get(right.to_arrow_refs()) if t.num_rows]).sort_by(on)
+    keys = table.column(on).to_numpy()
+    values = {name: table.column(name).to_numpy() for name in table.column_names if name != on}
+    return left.map_batches(
+        _lookup, fn_kwargs={"on": on, "keys": keys, "values": values, "how": how}, batch_format="pyarrow"
+    )
+
+
 def _kept_and_rejected(ds):
     from ray.data.expressions import col
 
@@ -68,24 +110,23 @@ class ExactDedup(Step):
         return marked.drop_columns(["content_hash"]).union(rejected)
 
 
-class MinHashBuckets:
-    """Ray Data batch function: every document's LSH bucket keys, one row per (band, document)."""
+def minhash_buckets(table: pa.Table, params: LSHParams, ngram: int) -> pa.Table:
+    """Ray Data batch function: every document's LSH bucket keys, one row per (band, document).
 
-    def __init__(self, params: LSHParams, ngram: int):
-        self.params, self.ngram = params, ngram
-        self.a, self.b = permutations(params.num_perm, params.seed)
-
-    def __call__(self, table: pa.Table) -> pa.Table:
-        signature = signatures(table.column("text"), self.ngram, self.a, self.b)
-        nodes = doc_node(table.column("doc_id"))
-        has_shingles = ~(signature == EMPTY).all(axis=1)
-        keys = band_keys(signature[has_shingles], self.params.bands, self.params.rows)
-        return pa.table(
-            {
-                "bucket": pa.array(keys.ravel(), pa.uint64()),
-                "node": pa.array(np.repeat(nodes[has_shingles], self.params.bands), pa.uint64()),
-            }
-        )
+    Plain tasks, not an actor pool: the permutation table is cached per worker process, and
+    tasks reuse Ray's warm workers where a new actor pool pays process start-up each time.
+    """
+    a, b = permutations(params.num_perm, params.seed)
+    signature = signatures(table.column("text"), ngram, a, b)
+    nodes = doc_node(table.column("doc_id"))
+    has_shingles = ~(signature == EMPTY).all(axis=1)
+    keys = band_keys(signature[has_shingles], params.bands, params.rows)
+    return pa.table(
+        {
+            "bucket": pa.array(keys.ravel(), pa.uint64()),
+            "node": pa.array(np.repeat(nodes[has_shingles], params.bands), pa.uint64()),
+        }
+    )
 
 
 def _bucket_edges(table: pa.Table) -> pa.Table:
@@ -95,23 +136,14 @@ def _bucket_edges(table: pa.Table) -> pa.Table:
     return pa.table({"u": pa.array(node[keep], pa.uint64()), "v": pa.array(root[keep], pa.uint64())})
 
 
-class ShingleSets:
+def shingle_sets(table: pa.Table, ngram: int) -> pa.Table:
     """Ray Data batch function: each document's sorted distinct shingle hashes (for verification)."""
+    from pipelines.data.minhash import shingle_hashes, word_hashes
 
-    def __init__(self, ngram: int):
-        self.ngram = ngram
-
-    def __call__(self, table: pa.Table) -> pa.Table:
-        from pipelines.data.minhash import shingle_hashes, word_hashes
-
-        hashes, doc_of = shingle_hashes(*word_hashes(table.column("text")), self.ngram)
-        sets = [np.unique(hashes[doc_of == i]) for i in range(table.num_rows)]
-        return pa.table(
-            {
-                "node": pa.array(doc_node(table.column("doc_id")), pa.uint64()),
-                "shingles": pa.array(sets, pa.list_(pa.uint32())),
-            }
-        )
+    hashes, doc_of = shingle_hashes(*word_hashes(table.column("text")), ngram)
+    sets = [np.unique(hashes[doc_of == i]) for i in range(table.num_rows)]
+    nodes = pa.array(doc_node(table.column("doc_id")), pa.uint64())
+    return pa.table({"node": nodes, "shingles": pa.array(sets, pa.list_(pa.uint32()))})
 
 
 def _verified(table: pa.Table, threshold: float) -> pa.Table:
@@ -124,9 +156,64 @@ def _verified(table: pa.Table, threshold: float) -> pa.Table:
     return table.select(["u", "v"]).filter(mask)
 
 
-class MinHashDedup(Step):
-    """Near-duplicate removal: MinHash signatures, LSH bands grouped across the cluster,
-    connected components of the candidate graph, one survivor (smallest doc_id) per component."""
+class NearDedup(Step):
+    """Near-duplicate removal: candidate pairs from a subclass, connected components of the
+    candidate graph computed across the cluster, one survivor (smallest doc_id) per component."""
+
+    def __init__(self, num_partitions: int):
+        self.num_partitions = num_partitions
+        #: Filled by ``apply``: sizes of the duplicate clusters found (members, survivor included).
+        self.cluster_sizes: list[int] = []
+
+    def candidate_edges(self, kept):
+        """Dataset of (u, v) uint64 node pairs judged near-duplicates."""
+        raise NotImplementedError
+
+    def parameters(self) -> dict:
+        return {}
+
+    def stats(self) -> dict:
+        histogram: dict[str, int] = {}
+        for size in self.cluster_sizes:
+            histogram[str(size)] = histogram.get(str(size), 0) + 1
+        return {
+            **self.parameters(),
+            "duplicate_clusters": len(self.cluster_sizes),
+            "documents_in_clusters": sum(self.cluster_sizes),
+            "largest_cluster": max(self.cluster_sizes, default=0),
+            "cluster_size_histogram": histogram,
+        }
+
+    def _shared_buckets(self, buckets):
+        """Rows of ``buckets`` (bucket, node, ...) whose bucket holds two documents or more, with
+        the bucket's smallest node as ``root``."""
+        from ray.data.aggregate import Count, Min
+
+        shared = (
+            buckets.groupby("bucket", num_partitions=self.num_partitions)
+            .aggregate(Min("node", alias_name="root"), Count(alias_name="size"))
+            .filter(expr=_col("size") >= 2)
+        )
+        return small_side_join(buckets, shared.materialize(), "bucket", "inner", self.num_partitions)
+
+    def apply(self, ds):
+        kept, rejected = _kept_and_rejected(ds)
+        kept = kept.materialize()
+        roots = connected_components(self.candidate_edges(kept), num_partitions=self.num_partitions).materialize()
+        self.cluster_sizes = _cluster_sizes(roots)
+        if not self.cluster_sizes:
+            return kept.union(rejected)
+        assignment = roots.rename_columns({"u": "node", "v": "root"})
+        with_node = kept.map_batches(_add_node, batch_format="pyarrow")
+        marked = small_side_join(with_node, assignment, "node", "left_outer", self.num_partitions)
+        return marked.map_batches(_mark_near_duplicates, fn_kwargs={"step": self.name}, batch_format="pyarrow").union(
+            rejected
+        )
+
+
+class MinHashDedup(NearDedup):
+    """MinHash signatures, LSH bands grouped across the cluster; optionally each candidate pair's
+    true Jaccard similarity is checked before it joins a cluster."""
 
     name = "minhash_dedup"
 
@@ -140,45 +227,21 @@ class MinHashDedup(Step):
         verify: bool = False,
         num_partitions: int = 8,
     ):
-        self.threshold, self.ngram, self.verify, self.num_partitions = threshold, ngram, verify, num_partitions
+        super().__init__(num_partitions)
+        self.threshold, self.ngram, self.verify = threshold, ngram, verify
         self.params = LSHParams.for_threshold(threshold, num_perm, seed, false_positive_weight)
-        #: Filled by ``apply``: sizes of the duplicate clusters found (members, survivor included).
-        self.cluster_sizes: list[int] = []
 
-    def stats(self) -> dict:
-        histogram: dict[str, int] = {}
-        for size in self.cluster_sizes:
-            histogram[str(size)] = histogram.get(str(size), 0) + 1
-        return {
-            "bands": self.params.bands,
-            "rows_per_band": self.params.rows,
-            "duplicate_clusters": len(self.cluster_sizes),
-            "documents_in_clusters": sum(self.cluster_sizes),
-            "largest_cluster": max(self.cluster_sizes, default=0),
-            "cluster_size_histogram": histogram,
-        }
+    def parameters(self) -> dict:
+        return {"bands": self.params.bands, "rows_per_band": self.params.rows}
 
     def candidate_edges(self, kept):
-        from ray.data.aggregate import Count, Min
-
         buckets = kept.map_batches(
-            MinHashBuckets,
-            fn_constructor_kwargs={"params": self.params, "ngram": self.ngram},
-            batch_format="pyarrow",
-            compute=_actor_pool(),
+            minhash_buckets, fn_kwargs={"params": self.params, "ngram": self.ngram}, batch_format="pyarrow"
         ).materialize()
-        shared = (
-            buckets.groupby("bucket", num_partitions=self.num_partitions)
-            .aggregate(Min("node", alias_name="root"), Count(alias_name="size"))
-            .filter(expr=_col("size") >= 2)
-        )
-        members = buckets.join(shared, join_type="inner", num_partitions=self.num_partitions, on=("bucket",))
-        edges = members.map_batches(_bucket_edges, batch_format="pyarrow")
+        edges = self._shared_buckets(buckets).map_batches(_bucket_edges, batch_format="pyarrow")
         if not self.verify:
             return edges
-        sets = kept.map_batches(
-            ShingleSets, fn_constructor_kwargs={"ngram": self.ngram}, batch_format="pyarrow", compute=_actor_pool()
-        )
+        sets = kept.map_batches(shingle_sets, fn_kwargs={"ngram": self.ngram}, batch_format="pyarrow")
         sets = sets.materialize()
         with_u = edges.join(
             sets.rename_columns({"node": "u", "shingles": "shingles_u"}), "inner", self.num_partitions, on=("u",)
@@ -188,17 +251,76 @@ class MinHashDedup(Step):
         )
         return both.map_batches(_verified, fn_kwargs={"threshold": self.threshold}, batch_format="pyarrow")
 
-    def apply(self, ds):
-        kept, rejected = _kept_and_rejected(ds)
-        kept = kept.materialize()
-        roots = connected_components(self.candidate_edges(kept), num_partitions=self.num_partitions).materialize()
-        self.cluster_sizes = _cluster_sizes(roots)
-        if not self.cluster_sizes:
-            return kept.union(rejected)
-        assignment = roots.rename_columns({"u": "node", "v": "root"})
-        with_node = kept.map_batches(_add_node, batch_format="pyarrow")
-        marked = with_node.join(assignment, join_type="left_outer", num_partitions=self.num_partitions, on=("node",))
-        return marked.map_batches(_mark_near_duplicates, batch_format="pyarrow").union(rejected)
+
+def simhash_fingerprints(texts: pa.Array | pa.ChunkedArray, ngram: int) -> tuple[np.ndarray, np.ndarray]:
+    """(64-bit SimHash (Charikar 2002) of each text over its word n-gram shingles, whether it has
+    any shingle), vectorised over the batch."""
+    from pipelines.data.minhash import fmix64, shingle_hashes, word_hashes
+
+    words, offsets = word_hashes(texts)
+    hashes, doc_of = shingle_hashes(words, offsets, ngram)
+    documents = len(offsets) - 1
+    wide = fmix64(hashes.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    positions = np.arange(64, dtype=np.uint64)
+    votes = np.zeros((documents, 64), dtype=np.int64)
+    for start in range(0, len(wide), 8192):
+        bits = ((wide[start : start + 8192, None] >> positions) & np.uint64(1)).astype(np.int64) * 2 - 1
+        np.add.at(votes, doc_of[start : start + 8192], bits)
+    fingerprints = ((votes > 0).astype(np.uint64) << positions).sum(axis=1, dtype=np.uint64)
+    return fingerprints, np.bincount(doc_of, minlength=documents) > 0
+
+
+def simhash_buckets(table: pa.Table, ngram: int, max_hamming: int) -> pa.Table:
+    """Ray Data batch function: one row per (block, document); documents within ``max_hamming``
+    bits share at least one of the ``max_hamming + 1`` blocks of their fingerprints (pigeonhole)."""
+    from pipelines.data.minhash import fmix64
+
+    bounds = np.linspace(0, 64, max_hamming + 2).astype(int)
+    fingerprints, has_shingles = simhash_fingerprints(table.column("text"), ngram)
+    fingerprints, nodes = fingerprints[has_shingles], doc_node(table.column("doc_id"))[has_shingles]
+    keys = [
+        fmix64(((fingerprints >> np.uint64(low)) & np.uint64((1 << (high - low)) - 1)) ^ np.uint64(index << 58))
+        for index, (low, high) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
+    ]
+    return pa.table(
+        {
+            "bucket": pa.array(np.concatenate(keys), pa.uint64()),
+            "node": pa.array(np.tile(nodes, len(keys)), pa.uint64()),
+            "fingerprint": pa.array(np.tile(fingerprints, len(keys)), pa.uint64()),
+        }
+    )
+
+
+def _pairs_within(group: pa.Table, max_hamming: int) -> pa.Table:
+    """All pairs of one shared bucket whose fingerprints differ in at most ``max_hamming`` bits."""
+    nodes, prints = group.column("node").to_numpy(), group.column("fingerprint").to_numpy()
+    distance = np.bitwise_count(prints[:, None] ^ prints[None, :])
+    left, right = np.nonzero(np.triu(distance <= max_hamming, k=1))
+    return pa.table({"u": pa.array(nodes[left], pa.uint64()), "v": pa.array(nodes[right], pa.uint64())})
+
+
+class SimHashDedup(NearDedup):
+    """SimHash fingerprints; documents within ``max_hamming`` bits are near-duplicates. Cheaper to
+    store than MinHash (8 bytes a document) but coarser on short documents."""
+
+    name = "simhash_dedup"
+
+    def __init__(self, max_hamming: int = 6, ngram: int = 3, num_partitions: int = 8):
+        super().__init__(num_partitions)
+        self.max_hamming, self.ngram = max_hamming, ngram
+
+    def parameters(self) -> dict:
+        return {"max_hamming": self.max_hamming, "blocks": self.max_hamming + 1}
+
+    def candidate_edges(self, kept):
+        buckets = kept.map_batches(
+            simhash_buckets, fn_kwargs={"ngram": self.ngram, "max_hamming": self.max_hamming}, batch_format="pyarrow"
+        ).materialize()
+        shared = self._shared_buckets(buckets)
+        # One call per shared bucket only: buckets of one document never reach Python.
+        return shared.groupby("bucket", num_partitions=self.num_partitions).map_groups(
+            _pairs_within, fn_kwargs={"max_hamming": self.max_hamming}, batch_format="pyarrow"
+        )
 
 
 def _cluster_sizes(roots) -> list[int]:
@@ -215,14 +337,14 @@ def _add_node(table: pa.Table) -> pa.Table:
     return table.append_column("node", pa.array(doc_node(table.column("doc_id")), pa.uint64()))
 
 
-def _mark_near_duplicates(table: pa.Table) -> pa.Table:
+def _mark_near_duplicates(table: pa.Table, step: str) -> pa.Table:
     if "root" not in table.column_names:  # a join partition that met no duplicate
         return table.drop_columns(["node"])
     roots = table.column("root").to_pylist()
     reasons = table.column("reject_reason").to_pylist()
     for i, root in enumerate(roots):
         if root is not None and reasons[i] is None:
-            reasons[i] = f"minhash_dedup: near-duplicate (of {root:016x})"
+            reasons[i] = f"{step}: near-duplicate (of {root:016x})"
     return with_columns(table.drop_columns(["node", "root"]), reject_reason=reasons)
 
 
@@ -230,10 +352,3 @@ def _col(name: str):
     from ray.data.expressions import col
 
     return col(name)
-
-
-def _actor_pool():
-    import ray.data
-
-    # The permutation tables are built once per actor, not once per batch.
-    return ray.data.ActorPoolStrategy(min_size=1, max_size=2)

@@ -13,6 +13,7 @@ the estimates and collision probabilities are datasketch's.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,7 +56,9 @@ class LSHParams:
         return cls(num_perm=num_perm, bands=lsh.b, rows=lsh.r, seed=seed)
 
 
+@functools.lru_cache(maxsize=8)
 def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """datasketch's affine32 permutation parameters (a, b); cached per process, as each task reuses them."""
     from datasketch import MinHash
 
     a, b = MinHash(num_perm=num_perm, seed=seed).permutations

@@ -40,8 +40,8 @@ def pack(batch: pa.Table, seq_len: int) -> pa.Table:
     return pa.table({"input_ids": pa.array(list(sequences), pa.list_(pa.int32()))})
 
 
-def mix_keep_fractions(tokens_by_source: dict[str, int], weights: dict[str, float]) -> dict[str, float]:
-    """Share of each source's documents to keep so token shares match ``weights``.
+def mix_token_targets(tokens_by_source: dict[str, int], weights: dict[str, float]) -> dict[str, int]:
+    """Tokens to keep from each source so token shares match ``weights``.
 
     Mixing only downsamples: the source with the fewest tokens for its weight is kept
     whole and the others are cut to match it (no document is repeated).
@@ -52,17 +52,64 @@ def mix_keep_fractions(tokens_by_source: dict[str, int], weights: dict[str, floa
     if missing:
         raise ValueError(f"data.mix: no tokens left from source(s) {missing} after curation; cannot mix")
     budget = min(tokens_by_source[source] / share for source, share in shares.items() if share > 0)
-    return {source: min(1.0, budget * share / tokens_by_source[source]) if share > 0 else 0.0 for source, share in shares.items()}
+    return {source: min(tokens_by_source[source], round(budget * share)) for source, share in shares.items()}
 
 
-def sample_by_source(batch: pa.Table, keep: dict[str, float], seed: int) -> pa.Table:
-    """Keep each document with its source's probability, decided by a hash of (seed, doc_id):
-    the same documents on every run and any number of workers."""
+def _rank(seed: int, doc_ids: list[str]) -> np.ndarray:
+    """A deterministic random order of documents: a hash of (seed, doc_id)."""
     import hashlib
 
-    sources = batch.column("source").to_pylist()
-    mask = []
-    for doc_id, source in zip(batch.column("doc_id").to_pylist(), sources, strict=True):
-        draw = int.from_bytes(hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest(), "big") / 2**64
-        mask.append(draw < keep.get(source, 1.0))
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(f"{seed}:{d}".encode(), digest_size=8).digest(), "big") for d in doc_ids],
+        dtype=np.uint64,
+    )
+
+
+def with_rank(batch: pa.Table, seed: int) -> pa.Table:
+    return pa.table(
+        {
+            "source": batch.column("source"),
+            "rank": pa.array(_rank(seed, batch.column("doc_id").to_pylist()), pa.uint64()),
+            "num_tokens": batch.column("num_tokens"),
+        }
+    )
+
+
+def mix_cutoffs(tokenized, targets: dict[str, int], seed: int) -> dict[str, int | None]:
+    """Per source, the largest rank to keep so its kept tokens come closest to its target.
+
+    Documents are taken in a random (hashed) order until the source's token target is
+    reached: exact to one document, where sampling documents with a probability misses
+    by whole large documents. The ranks are sorted across the cluster and streamed to
+    the driver a batch at a time (three small columns), so memory stays bounded.
+    ``targets`` names only the sources to cut.
+    """
+    taken = dict.fromkeys(targets, 0)
+    cutoffs: dict[str, int | None] = dict.fromkeys(targets)
+    open_sources = set(targets)
+    ranked = tokenized.map_batches(with_rank, fn_kwargs={"seed": seed}, batch_format="pyarrow").sort("rank")
+    for batch in ranked.iter_batches(batch_format="pyarrow"):
+        if not open_sources:
+            break
+        sources = np.asarray(batch.column("source").to_pylist(), dtype=object)
+        ranks, tokens = batch.column("rank").to_numpy(), batch.column("num_tokens").to_numpy()
+        for source in list(open_sources):
+            mask = sources == source
+            cumulative = taken[source] + np.cumsum(tokens[mask])
+            crossing = int(np.searchsorted(cumulative, targets[source]))
+            if crossing == len(cumulative):
+                taken[source] = int(cumulative[-1]) if len(cumulative) else taken[source]
+                continue
+            before = int(cumulative[crossing - 1]) if crossing else taken[source]
+            # Take the crossing document only if that lands nearer the target.
+            take = crossing if cumulative[crossing] - targets[source] <= targets[source] - before else crossing - 1
+            cutoffs[source] = int(ranks[mask][take]) if take >= 0 else -1
+            open_sources.discard(source)
+    return cutoffs
+
+
+def keep_until_cutoff(batch: pa.Table, cutoffs: dict[str, int | None], seed: int) -> pa.Table:
+    ranks = _rank(seed, batch.column("doc_id").to_pylist())
+    limits = [cutoffs.get(source) for source in batch.column("source").to_pylist()]
+    mask = [limit is None or int(rank) <= limit for rank, limit in zip(ranks, limits, strict=True)]
     return batch.filter(pa.array(mask, pa.bool_()))

@@ -15,7 +15,8 @@ from collections import Counter
 from pathlib import Path
 
 from pipelines.data.config import DataConfig
-from pipelines.data.pack import Tokenize, mix_keep_fractions, pack, sample_by_source
+from pipelines.data.pack import Tokenize, keep_until_cutoff, mix_cutoffs, mix_token_targets, pack
+from pipelines.data.perplexity import plot_histogram
 from pipelines.data.readers import read_documents, stdlib_files
 from pipelines.data.steps import reason_key, split_kept
 from pipelines.runs import MARKER, RunDir, StageResult, hash_files
@@ -187,9 +188,11 @@ def run_data(config: DataConfig, run: RunDir, seed: int) -> StageResult:
     tokens_per_source = _tokens_by_source(tokenized)
     mix_stats = None
     if config.mix:
-        keep = mix_keep_fractions(tokens_per_source, config.mix)
+        targets = mix_token_targets(tokens_per_source, config.mix)
+        to_cut = {source: target for source, target in targets.items() if target < tokens_per_source[source]}
+        cutoffs = mix_cutoffs(tokenized, to_cut, seed)
         tokenized = tokenized.map_batches(
-            sample_by_source, fn_kwargs={"keep": keep, "seed": seed}, batch_format="pyarrow"
+            keep_until_cutoff, fn_kwargs={"cutoffs": cutoffs, "seed": seed}, batch_format="pyarrow"
         ).materialize()
         mixed = _tokens_by_source(tokenized)
         total = sum(mixed.values()) or 1
@@ -198,7 +201,7 @@ def run_data(config: DataConfig, run: RunDir, seed: int) -> StageResult:
             source: {
                 "target_share": config.mix[source] / weight_sum,
                 "share": mixed.get(source, 0) / total,
-                "documents_kept_fraction": keep[source],
+                "target_tokens": targets[source],
                 "tokens_before": tokens_per_source.get(source, 0),
                 "tokens_after": mixed.get(source, 0),
             }
@@ -244,6 +247,9 @@ def run_data(config: DataConfig, run: RunDir, seed: int) -> StageResult:
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     plot = plot_funnel(funnel, run.root / "report" / "data_funnel.png", f"{run.root.name}: data funnel")
+    for name, found in step_stats.items():
+        if found.get("histogram", {}).get("counts"):
+            plot_histogram(found["histogram"], found["threshold"], run.root / "report" / f"data_{name}.png", name)
     return StageResult(
         inputs={"sources": input_hash(config)},
         outputs={

@@ -70,6 +70,17 @@ def test_survivors_are_the_same_across_partitions_blocks_and_verification(first_
     assert dropped_ids(other.apply(as_dataset(corpus.documents, blocks=5))) == dropped
 
 
+def test_simhash_finds_the_same_planted_clusters(ray_cluster, corpus):
+    from pipelines.data.dedup import SimHashDedup
+
+    step = SimHashDedup(max_hamming=6, ngram=3, num_partitions=2)
+    dropped = dropped_ids(step.apply(as_dataset(corpus.documents, blocks=3)))
+    expected = corpus.expected_drops()
+    assert len(set(dropped) & expected) / len(expected) >= 0.95
+    assert not set(dropped) - expected
+    assert all(reason.startswith("simhash_dedup: near-duplicate (of ") for reason in dropped.values())
+
+
 def test_connected_components_match_union_find(ray_cluster):
     import ray.data
 
@@ -159,5 +170,27 @@ def test_domain_mix_matches_the_weights_and_reaches_the_shards(ray_cluster, tmp_
     mix = stats["mix"]
     assert abs(mix["code"]["share"] - 0.6) <= 0.02 and abs(mix["prose"]["share"] - 0.4) <= 0.02, mix
     # One source was cut to fit the other's weight; both reached the packed shards.
-    assert min(mix["code"]["documents_kept_fraction"], mix["prose"]["documents_kept_fraction"]) < 1.0
+    assert any(m["tokens_after"] < m["tokens_before"] for m in mix.values())
     assert pq.read_table(tmp_path / "run" / "data" / "train").num_rows == stats["sequences"]["train"] > 0
+
+
+def test_perplexity_filter_drops_the_planted_gibberish(train_done, tmp_path):
+    from pipelines.data.perplexity import PerplexityFilter
+
+    rng = random.Random(1)
+    code = [
+        "def add(a, b):\n    return a + b\n",
+        "import os\nimport sys\n\n\ndef main():\n    print(os.getcwd(), sys.argv)\n",
+        "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
+        "for index in range(10):\n    if index % 2 == 0:\n        print(index)\n",
+        "try:\n    value = int(text)\nexcept ValueError:\n    value = None\n",
+        "def read(path):\n    with open(path) as handle:\n        return handle.read()\n",
+    ]
+    gibberish = ["".join(rng.choices("qzxjvkw#@~^%&ÿþ¤", k=160)) for _ in range(2)]
+    documents = [(f"{i:016x}", text) for i, text in enumerate(code + gibberish)]
+    step = PerplexityFilter(model_path=train_done["outputs"]["model"], max_relative_to_median=3.0)
+    dropped = dropped_ids(step.apply(as_dataset(documents, blocks=2)))
+    assert set(dropped) == {doc_id for doc_id, text in documents if text in gibberish}, step.stats()
+    assert all(reason.startswith("perplexity: too_high (") for reason in dropped.values())
+    stats = step.stats()
+    assert stats["rule"].startswith("3.0x median") and sum(stats["histogram"]["counts"]) == len(documents)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 from pipelines.data.dedup import ExactDedup, content_hash
@@ -55,20 +56,21 @@ def test_pack_cuts_fixed_length_rows_and_drops_the_tail():
 
 
 def test_mix_keeps_the_scarcest_source_whole_and_cuts_the_others():
-    from pipelines.data.pack import mix_keep_fractions
+    from pipelines.data.pack import mix_token_targets
 
-    keep = mix_keep_fractions({"code": 600, "prose": 1000}, {"code": 0.6, "prose": 0.4})
-    assert keep == {"code": 1.0, "prose": 0.4}  # 600 code tokens -> 400 prose tokens of 1000
+    targets = mix_token_targets({"code": 600, "prose": 1000}, {"code": 0.6, "prose": 0.4})
+    assert targets == {"code": 600, "prose": 400}  # 600 code tokens -> 400 prose tokens of 1000
 
 
-def test_mix_sampling_is_deterministic_and_follows_the_fraction():
-    from pipelines.data.pack import sample_by_source
+def test_mix_rank_order_is_deterministic_and_keeps_up_to_the_cutoff():
+    from pipelines.data.pack import _rank, keep_until_cutoff
 
-    batch = pa.table({"doc_id": [f"{i:016x}" for i in range(4000)], "source": ["a", "b"] * 2000})
-    kept = sample_by_source(batch, {"a": 0.25, "b": 1.0}, seed=0)
-    assert kept.equals(sample_by_source(batch, {"a": 0.25, "b": 1.0}, seed=0))
-    sources = kept.column("source").to_pylist()
-    assert sources.count("b") == 2000 and abs(sources.count("a") - 500) < 60
+    ids = [f"{i:016x}" for i in range(1000)]
+    assert np.array_equal(_rank(0, ids), _rank(0, ids)) and not np.array_equal(_rank(0, ids), _rank(1, ids))
+    batch = pa.table({"doc_id": ids, "source": ["a", "b"] * 500})
+    median = int(np.median(_rank(0, ids[::2])))
+    kept = keep_until_cutoff(batch, {"a": median, "b": None}, seed=0).column("source").to_pylist()
+    assert kept.count("b") == 500 and kept.count("a") == 250
 
 
 def test_mix_must_name_known_sources():
