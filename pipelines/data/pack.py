@@ -7,37 +7,68 @@ import pyarrow as pa
 
 
 class Tokenize:
-    """Ray Data actor: loads the tokenizer once, appends EOS after every document."""
+    """Ray Data actor: loads the tokenizer once, appends EOS after every document.
+
+    It calls the Rust ``tokenizers`` ``encode_batch`` directly and builds the Arrow list
+    column from one flat buffer, without the transformers wrapper or per-document arrays.
+    """
 
     def __init__(self, tokenizer_dir: str):
-        from pipelines.model.tokenizer import load_tokenizer
+        from pathlib import Path
 
-        self.tokenizer = load_tokenizer(tokenizer_dir)
-        self.eos_id = self.tokenizer.eos_token_id
+        from tokenizers import Tokenizer
+
+        from pipelines.model.tokenizer import EOS_TOKEN
+
+        # tokenizers alone: importing transformers costs each actor seconds at start-up.
+        path = Path(tokenizer_dir) / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} is missing: data.tokenizer_path must hold a fast (tokenizer.json) tokenizer"
+            )
+        self.backend = Tokenizer.from_file(str(path))
+        self.eos_id = self.backend.token_to_id(EOS_TOKEN)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        texts = batch.column("text").to_pylist()
-        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        ids = [np.asarray(doc + [self.eos_id], dtype=np.int32) for doc in encoded]
+        encoded = self.backend.encode_batch(batch.column("text").to_pylist(), add_special_tokens=False)
+        lengths = np.fromiter((len(e.ids) + 1 for e in encoded), dtype=np.int64, count=len(encoded))
+        flat = np.fromiter(
+            (t for e in encoded for t in (*e.ids, self.eos_id)), dtype=np.int32, count=int(lengths.sum())
+        )
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
         return pa.table(
             {
                 "doc_id": batch.column("doc_id"),
                 "source": batch.column("source"),
-                "ids": pa.array(ids, pa.list_(pa.int32())),
-                "num_tokens": pa.array([len(doc) for doc in ids], pa.int64()),
+                "ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
+                "num_tokens": pa.array(lengths, pa.int64()),
             }
         )
 
 
 def pack(batch: pa.Table, seq_len: int) -> pa.Table:
-    """Concatenate the batch's documents (EOS-separated) and cut into ``seq_len`` rows.
+    """Concatenate the batch's documents (each ends in EOS) and cut into ``seq_len`` rows.
 
+    ``position_ids`` restart at 0 where a document starts (and at each row start): with
+    them a trainer can keep attention inside documents (per-document causal masks, or
+    varlen flash attention) instead of letting packed neighbours see each other.
     The tail shorter than ``seq_len`` is dropped; the stage reports how many tokens that cost.
     """
+    lengths = batch.column("num_tokens").to_numpy()
     flat = batch.column("ids").combine_chunks().flatten().to_numpy()
     rows = len(flat) // seq_len
-    sequences = flat[: rows * seq_len].reshape(rows, seq_len)
-    return pa.table({"input_ids": pa.array(list(sequences), pa.list_(pa.int32()))})
+    index = np.arange(rows * seq_len)
+    starts = np.zeros(rows * seq_len, dtype=bool)
+    document_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    starts[document_starts[document_starts < rows * seq_len]] = True
+    starts[::seq_len] = True
+    positions = index - np.maximum.accumulate(np.where(starts, index, 0))
+    return pa.table(
+        {
+            "input_ids": pa.array(list(flat[: rows * seq_len].reshape(rows, seq_len)), pa.list_(pa.int32())),
+            "position_ids": pa.array(list(positions.astype(np.int32).reshape(rows, seq_len)), pa.list_(pa.int32())),
+        }
+    )
 
 
 def mix_token_targets(tokens_by_source: dict[str, int], weights: dict[str, float]) -> dict[str, int]:

@@ -41,7 +41,8 @@ def test_tokenize_pack_throughput(tmp_path, record_benchmark):
     baseline_tokens = len(flat)
 
     connect(ClusterConfig(num_cpus=8))
-    ds = ray.data.from_items([{"text": t, "source": "stdlib"} for t in texts]).materialize()
+    ds = ray.data.from_items([{"doc_id": f"{i:016x}", "text": t, "source": "stdlib"} for i, t in enumerate(texts)])
+    ds = ds.materialize()
     start = time.perf_counter()
     tokenized = ds.map_batches(
         Tokenize,

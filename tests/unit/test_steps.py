@@ -50,9 +50,12 @@ def test_content_hash_ignores_case_and_whitespace_runs_only():
 
 
 def test_pack_cuts_fixed_length_rows_and_drops_the_tail():
-    batch = pa.table({"ids": pa.array([[1, 2, 3, 0], [4, 5, 0], [6, 7, 8, 9, 0]], pa.list_(pa.int32()))})
-    rows = pack(batch, seq_len=4).column("input_ids").to_pylist()
-    assert rows == [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 0]]
+    ids = [[1, 2, 3, 0], [4, 5, 0], [6, 7, 8, 9, 0]]
+    batch = pa.table({"ids": pa.array(ids, pa.list_(pa.int32())), "num_tokens": [4, 3, 5]})
+    packed = pack(batch, seq_len=4)
+    assert packed.column("input_ids").to_pylist() == [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 0]]
+    # Positions restart where a document (or a row) starts: no position spans two documents.
+    assert packed.column("position_ids").to_pylist() == [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 2, 3]]
 
 
 def test_mix_keeps_the_scarcest_source_whole_and_cuts_the_others():
