@@ -17,7 +17,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from cluster.config import ClusterConfig
 from pipelines.data.config import DataConfig
-from pipelines.schema import StrictModel
+from pipelines.schema import FIELD_PROBLEMS, StrictModel
 from pipelines.train.config import TrainConfig
 from serve.config import ServeConfig
 from tune.config import TuneConfig
@@ -132,6 +132,12 @@ def _pydantic_problems(err: ValidationError) -> list[tuple[str, str]]:
         elif item["type"] not in ("value_error", "assertion_error") and "input" in item:
             message = f"{message} (got {item['input']!r})"
         message = message.removeprefix("Value error, ")
+        if item["type"] == "value_error" and message.startswith(FIELD_PROBLEMS):
+            # A section's cross-field check lists one "field: problem" per line.
+            for line in message.removeprefix(FIELD_PROBLEMS).splitlines():
+                field, _, detail = line.partition(": ")
+                problems.append((f"{key}.{field}" if key else field, detail))
+            continue
         problems.append((key, message))
     return problems
 

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipelines.model.config import ModelConfig
-from pipelines.schema import StrictModel
+from pipelines.schema import StrictModel, field_problems
 
 
 class TrainConfig(StrictModel):
@@ -23,6 +23,21 @@ class TrainConfig(StrictModel):
     )
     micro_batch_size: int = Field(default=4, ge=1, description="Sequences per worker per forward pass.")
     gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
+    global_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Sequences per optimizer step across all workers. Unset: micro_batch_size x "
+        "gradient_accumulation_steps x num_workers; set: it must equal that product.",
+    )
+    offload_optimizer: bool = Field(
+        default=False, description="Keep optimizer state in CPU memory (ZeRO-Offload; zero_stage >= 1)."
+    )
+    offload_params: bool = Field(
+        default=False, description="Keep parameters in CPU memory (ZeRO-Infinity; zero_stage 3)."
+    )
+    activation_checkpointing: bool = Field(
+        default=False, description="Recompute activations in the backward pass to save memory."
+    )
     lr: float = Field(default=3e-3, gt=0, le=1, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(default=0.01, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(default=5, ge=0, description="Linear warmup steps before cosine decay.")
@@ -35,13 +50,31 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
+        """Every impossible DeepSpeed combination, named by its keys, before any worker starts."""
+        problems = []
         if self.precision == "bf16" and not self.use_gpu and self.zero_stage == 0:
             # DeepSpeed's bf16 path without ZeRO needs a GPU optimizer wrapper.
-            raise ValueError("precision 'bf16' on CPU needs zero_stage >= 1")
+            problems.append(("precision", "'bf16' on CPU needs zero_stage >= 1"))
         if self.precision == "fp16" and not self.use_gpu:
-            raise ValueError("precision 'fp16' needs use_gpu: true (CPU has no fp16 kernels for training)")
+            problems.append(("precision", "'fp16' needs use_gpu: true (CPU has no fp16 kernels for training)"))
+        product = self.micro_batch_size * self.gradient_accumulation_steps * self.num_workers
+        if self.global_batch_size is not None and self.global_batch_size != product:
+            problems.append(
+                (
+                    "global_batch_size",
+                    f"{self.global_batch_size} must equal micro_batch_size ({self.micro_batch_size}) "
+                    f"x gradient_accumulation_steps ({self.gradient_accumulation_steps}) x num_workers "
+                    f"({self.num_workers}) = {product}",
+                )
+            )
+        if self.offload_optimizer and self.zero_stage == 0:
+            problems.append(("offload_optimizer", "needs zero_stage >= 1 (ZeRO partitions what it offloads)"))
+        if self.offload_params and self.zero_stage != 3:
+            problems.append(("offload_params", f"needs zero_stage 3 (got {self.zero_stage})"))
+        if problems:
+            raise field_problems(problems)
         return self
 
     @property
-    def global_batch_size(self) -> int:
+    def effective_global_batch_size(self) -> int:
         return self.micro_batch_size * self.gradient_accumulation_steps * self.num_workers

@@ -94,6 +94,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 return  # Training already finished; the export is the latest checkpoint.
 
     model = build_llama(config.model, tokenizer_dir, seed)
+    if config.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, config.max_steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(
@@ -109,7 +111,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if loop_config["has_val"] else None
-    tokens_per_step = config.global_batch_size * loop_config["seq_len"]
+    tokens_per_step = config.effective_global_batch_size * loop_config["seq_len"]
     window_start, window_steps = time.perf_counter(), 0
     loss_sum, loss_count = 0.0, 0
     last_loss = float("nan")

@@ -61,7 +61,7 @@ def test_parse_overrides_nests_and_parses_yaml_scalars():
 @pytest.mark.parametrize(
     "override, key",
     [
-        (["train.precision=fp16"], "train"),  # fp16 needs a GPU
+        (["train.precision=fp16"], "train.precision"),  # fp16 needs a GPU
         (["tune.lr_min=0.1", "tune.lr_max=0.01"], "tune"),
         (["serve.min_replicas=3", "serve.max_replicas=2"], "serve"),
         (["data.seq_len=512"], ""),  # longer than max_position_embeddings

@@ -32,3 +32,33 @@ def test_warmup_then_cosine_to_floor():
     assert factor(4) == pytest.approx(1.0)
     assert factor(20) == pytest.approx(0.1)
     assert factor(12) == pytest.approx(0.55)
+
+
+def test_offload_and_checkpointing_reach_the_deepspeed_config():
+    train = load_config(TINY, ["train.zero_stage=3", "train.offload_optimizer=true", "train.offload_params=true"]).train
+    zero = deepspeed_config(train)["zero_optimization"]
+    assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+
+
+def test_bad_deepspeed_combinations_are_all_reported_with_their_keys():
+    from pipelines.config import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(
+            TINY,
+            [
+                "train.zero_stage=0",
+                "train.precision=fp16",
+                "train.offload_optimizer=true",
+                "train.offload_params=true",
+                "train.global_batch_size=7",
+            ],
+        )
+    problems = dict(caught.value.problems)
+    assert problems == {
+        "train.precision": "'fp16' needs use_gpu: true (CPU has no fp16 kernels for training)",
+        "train.global_batch_size": "7 must equal micro_batch_size (8) x gradient_accumulation_steps (1) "
+        "x num_workers (2) = 16",
+        "train.offload_optimizer": "needs zero_stage >= 1 (ZeRO partitions what it offloads)",
+        "train.offload_params": "needs zero_stage 3 (got 0)",
+    }
