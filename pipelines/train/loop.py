@@ -6,6 +6,7 @@ again here; nothing is read from module globals of the driver.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 FINAL_EXPORT_MARKER = "LOOM_FINAL_EXPORT"
+#: Written next to the DeepSpeed state: what a restart must agree with before loading it.
+RUN_STATE = "loom_state.json"
 DS_TAG = "deepspeed"
 
 
@@ -29,19 +32,33 @@ def warmup_cosine(warmup_steps: int, max_steps: int, floor: float = 0.1):
     return factor
 
 
-def _batches(shard, micro_batch_size: int, skip: int):
-    """Micro-batches of ``input_ids`` from the shard, skipping the first ``skip`` (data position)."""
+def _batches(shard, micro_batch_size: int, skip: int, rank: int = 0, world: int = 1):
+    """This rank's micro-batches of ``input_ids``, after the first ``skip`` rounds (the data position).
+
+    Every worker streams the whole dataset in the same order and takes every ``world``-th
+    micro-batch: which rows a rank trains on, and in which step, is then fixed by the data
+    alone, so a restarted group resumes exactly where the last checkpoint was. (Ray's
+    streaming split hands blocks to whichever worker asks first: cheaper to read, but not
+    reproducible.) Only whole rounds are used, so every rank takes the same number of steps.
+    """
     import numpy as np
     import torch
 
     def collate(batch: dict[str, Any]):
         return torch.from_numpy(np.stack(batch["input_ids"]).astype(np.int64))
 
+    held = None
     for index, batch in enumerate(
         shard.iter_torch_batches(batch_size=micro_batch_size, collate_fn=collate, drop_last=True)
     ):
-        if index >= skip:
-            yield batch
+        round_number, owner = divmod(index, world)
+        if round_number < skip:
+            continue
+        if owner == rank:
+            held = batch
+        if owner == world - 1 and held is not None:  # the round is complete: every rank has its batch
+            yield held
+            held = None
 
 
 def _mean_across_ranks(value: float) -> float:
@@ -55,14 +72,14 @@ def _mean_across_ranks(value: float) -> float:
     return float(tensor.item())
 
 
-def evaluate(engine, shard, micro_batch_size: int, max_batches: int = 50) -> float:
+def evaluate(engine, shard, micro_batch_size: int, rank: int, world: int, max_batches: int = 50) -> float:
     """Mean held-out loss across ranks (every rank runs the same number of batches)."""
     import torch
 
     losses = []
     engine.eval()
     with torch.no_grad():
-        for index, batch in enumerate(_batches(shard, micro_batch_size, 0)):
+        for index, batch in enumerate(_batches(shard, micro_batch_size, 0, rank, world)):
             if index >= max_batches:
                 break
             batch = batch.to(engine.device)
@@ -85,13 +102,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     seed: int = loop_config["seed"]
     tokenizer_dir: str = loop_config["tokenizer_dir"]
     context = ray.train.get_context()
-    rank = context.get_world_rank()
+    rank, world = context.get_world_rank(), context.get_world_size()
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             if (Path(directory) / FINAL_EXPORT_MARKER).exists():
                 return  # Training already finished; the export is the latest checkpoint.
+            saved = json.loads((Path(directory) / RUN_STATE).read_text())
+        if saved["world_size"] != world:
+            raise RuntimeError(
+                f"the checkpoint at step {saved['step']} was written by {saved['world_size']} workers; ZeRO shards "
+                f"and the data position are per worker count. Resume with train.num_workers={saved['world_size']}, "
+                "or start a new run_name."
+            )
 
     model = build_llama(config.model, tokenizer_dir, seed)
     if config.activation_checkpointing:
@@ -102,7 +126,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config)
     )
 
-    # Data position: micro-batches consumed in the current epoch, saved with every checkpoint.
+    # Data position: rounds of micro-batches (one per rank) consumed in the current epoch,
+    # saved with every checkpoint; the same on every rank, so rank 0's client state serves all.
     epoch, position = 0, 0
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -118,7 +143,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     while engine.global_steps < config.max_steps:
         epoch_start_position = position
-        for batch in _batches(train_shard, config.micro_batch_size, position):
+        for batch in _batches(train_shard, config.micro_batch_size, position, rank, world):
             batch = batch.to(engine.device)
             loss = engine(input_ids=batch, labels=batch).loss
             engine.backward(loss)
@@ -147,9 +172,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             window_start, window_steps, loss_sum, loss_count = time.perf_counter(), 0, 0.0, 0
             if step % config.checkpoint_every == 0 or last:
                 with tempfile.TemporaryDirectory() as directory:
-                    engine.save_checkpoint(
-                        directory, tag=DS_TAG, client_state={"epoch": epoch, "data_position": position, "step": step}
-                    )
+                    state = {"epoch": epoch, "data_position": position, "step": step, "world_size": world}
+                    engine.save_checkpoint(directory, tag=DS_TAG, client_state=state)
+                    if rank == 0:
+                        (Path(directory) / RUN_STATE).write_text(json.dumps(state))
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
             else:
                 ray.train.report(metrics)
@@ -168,7 +194,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # "loss" repeats the last training loss so that every report carries it (Tune's searchers require that).
     final: dict[str, Any] = {"step": engine.global_steps, "final": True, "loss": last_loss}
     if val_shard is not None:
-        val_loss = evaluate(engine, val_shard, config.micro_batch_size)
+        val_loss = evaluate(engine, val_shard, config.micro_batch_size, rank, world)
         final.update(val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 50.0)))
 
     # ZeRO-3 shards parameters across ranks: gathering them is a collective every rank joins.
