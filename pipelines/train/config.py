@@ -47,6 +47,10 @@ class TrainConfig(StrictModel):
     num_checkpoints_to_keep: int = Field(default=2, ge=1, description="Checkpoints Ray Train keeps.")
     max_failures: int = Field(default=2, ge=0, description="Worker-group restarts allowed (from the last checkpoint).")
     log_every: int = Field(default=5, ge=1, description="Report metrics every this many steps.")
+    eval_every: int = Field(
+        default=0, ge=0, description="Held-out loss and perplexity every this many steps (0: only at the end)."
+    )
+    eval_batches: int = Field(default=20, ge=1, description="Held-out micro-batches per rank in each evaluation.")
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:

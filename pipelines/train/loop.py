@@ -61,6 +61,17 @@ def _batches(shard, micro_batch_size: int, skip: int, rank: int = 0, world: int 
             held = None
 
 
+def _memory_mib(device) -> float:
+    """Peak accelerator memory on GPU; the worker's resident memory on CPU."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
 def _mean_across_ranks(value: float) -> float:
     import torch
     import torch.distributed as dist
@@ -156,7 +167,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             step = engine.global_steps
             window_steps += 1
             last = step >= config.max_steps
-            if step % config.log_every and step % config.checkpoint_every and not last:
+            evaluate_now = bool(val_shard is not None and config.eval_every and step % config.eval_every == 0)
+            if step % config.log_every and step % config.checkpoint_every and not last and not evaluate_now:
                 continue
             elapsed = time.perf_counter() - window_start
             metrics = {
@@ -167,9 +179,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 "step_time_s": elapsed / window_steps,
                 "tokens_per_s": tokens_per_step * window_steps / elapsed,
                 "parameters": count_parameters(engine.module),
+                "memory_mib": _memory_mib(engine.device),
             }
+            grad_norm = engine.get_global_grad_norm()
+            if grad_norm is not None:
+                metrics["grad_norm"] = float(grad_norm)
+            if evaluate_now:
+                val_loss = evaluate(engine, val_shard, config.micro_batch_size, rank, world, config.eval_batches)
+                metrics.update(val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 50.0)))
+                window_start = time.perf_counter()  # evaluation time is not training time
             last_loss = metrics["loss"]
-            window_start, window_steps, loss_sum, loss_count = time.perf_counter(), 0, 0.0, 0
+            window_start = window_start if evaluate_now else time.perf_counter()
+            window_steps, loss_sum, loss_count = 0, 0.0, 0
             if step % config.checkpoint_every == 0 or last:
                 with tempfile.TemporaryDirectory() as directory:
                     state = {"epoch": epoch, "data_position": position, "step": step, "world_size": world}
@@ -194,7 +215,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # "loss" repeats the last training loss so that every report carries it (Tune's searchers require that).
     final: dict[str, Any] = {"step": engine.global_steps, "final": True, "loss": last_loss}
     if val_shard is not None:
-        val_loss = evaluate(engine, val_shard, config.micro_batch_size, rank, world)
+        val_loss = evaluate(engine, val_shard, config.micro_batch_size, rank, world, config.eval_batches)
         final.update(val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 50.0)))
 
     # ZeRO-3 shards parameters across ranks: gathering them is a collective every rank joins.

@@ -101,23 +101,36 @@ def metrics_log_callback(path: Path):
 
 
 def read_loss_curve(path: Path) -> list[dict[str, float]]:
+    """One point per step (training loss, and held-out loss where evaluated); a resume may
+    repeat steps and the last report wins; the final report repeats the last loss and is skipped."""
     if not path.is_file():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    # A resume may repeat steps; the final report repeats the last loss and is not a new point.
-    by_step = {int(row["step"]): float(row["loss"]) for row in rows if "loss" in row and not row.get("final")}
-    return [{"step": step, "loss": loss} for step, loss in sorted(by_step.items())]
+    by_step: dict[int, dict[str, float]] = {}
+    for row in rows:
+        if "loss" in row and not row.get("final"):
+            point = {"step": int(row["step"]), "loss": float(row["loss"])}
+            if "val_loss" in row:
+                point["val_loss"] = float(row["val_loss"])
+            by_step[point["step"]] = point
+    return [by_step[step] for step in sorted(by_step)]
 
 
-def plot_loss(curve: list[dict[str, float]], path: Path, title: str) -> Path:
+def plot_loss(curve: list[dict[str, float]], path: Path, title: str, final_val_loss: float | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([p["step"] for p in curve], [p["loss"] for p in curve], marker=".")
-    ax.set(xlabel="optimizer step", ylabel="training loss (mean over workers)", title=title)
+    ax.plot([p["step"] for p in curve], [p["loss"] for p in curve], marker=".", label="training loss")
+    evaluated = [p for p in curve if "val_loss" in p]
+    if final_val_loss is not None and curve:
+        evaluated.append({"step": curve[-1]["step"], "val_loss": final_val_loss})
+    if evaluated:
+        ax.plot([p["step"] for p in evaluated], [p["val_loss"] for p in evaluated], marker="o", label="held-out loss")
+    ax.set(xlabel="optimizer step", ylabel="loss (mean over workers)", title=title)
+    ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +156,9 @@ def run_train(config: TrainConfig, run: RunDir, seed: int) -> StageResult:
     (model_dir / FINAL_EXPORT_MARKER).unlink()
 
     curve = read_loss_curve(history)
-    plot = plot_loss(curve, run.root / "report" / "train_loss.png", f"{run.root.name}: training loss")
+    plot = plot_loss(
+        curve, run.root / "report" / "train_loss.png", f"{run.root.name}: loss", result.metrics.get("val_loss")
+    )
     metrics = {k: v for k, v in result.metrics.items() if k in ("step", "val_loss", "val_perplexity")}
     if curve:
         metrics["first_loss"], metrics["last_loss"] = curve[0]["loss"], curve[-1]["loss"]

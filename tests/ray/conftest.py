@@ -74,6 +74,7 @@ def tiny_config(tmp_path_factory, planted_sources) -> LoomConfig:
             "train.max_steps=16",
             "train.checkpoint_every=8",
             "train.log_every=2",
+            "train.eval_every=8",
             "tune.num_trials=2",
             "tune.max_steps_per_trial=4",
             f"serve.port={free_port()}",

@@ -79,6 +79,14 @@ def test_train_stage_loss_falls_and_exports_a_loadable_model(train_done, tiny_co
     assert {p.name.split("_")[3] for p in shards} >= {"0", "1"}
     manifest = run.manifest()
     assert manifest["stages"]["train"]["inputs"]["train_shards"]
+    # Metrics of every report: held-out loss every eval_every steps, gradient norm, memory.
+    rows = [json.loads(line) for line in (run.stage_dir("train") / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [row["step"] for row in rows if "val_loss" in row and not row.get("final")]
+    assert evaluated == list(
+        range(tiny_config.train.eval_every, tiny_config.train.max_steps + 1, tiny_config.train.eval_every)
+    )
+    assert all(row["grad_norm"] > 0 and row["memory_mib"] > 0 for row in rows if not row.get("final"))
+    assert metrics["val_perplexity"] > 1
 
 
 def test_tune_stage_runs_optuna_trials(train_done, tiny_config):
@@ -104,7 +112,9 @@ def test_serve_stage_answers_completions_and_chat(train_done, tiny_config, capsy
         client = openai.OpenAI(base_url=base_url(tiny_config.serve), api_key="unused")
         models = [m.id for m in client.models.list().data]
         assert models == [tiny_config.serve.model_id]
-        completion = client.completions.create(model=models[0], prompt="import os", max_tokens=5, temperature=0)
+        completion = client.completions.create(
+            model=models[0], prompt="import os", max_tokens=5, temperature=0, extra_body={"ignore_eos": True}
+        )
         assert completion.usage.completion_tokens == 5
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model=models[0], prompt="import os", max_tokens=-5)
