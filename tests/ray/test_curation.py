@@ -188,9 +188,10 @@ def test_perplexity_filter_drops_the_planted_gibberish(train_done, tmp_path):
     ]
     gibberish = ["".join(rng.choices("qzxjvkw#@~^%&ÿþ¤", k=160)) for _ in range(2)]
     documents = [(f"{i:016x}", text) for i, text in enumerate(code + gibberish)]
-    step = PerplexityFilter(model_path=train_done["outputs"]["model"], max_relative_to_median=3.0)
+    # Code scores a few hundred under the briefly trained model, the gibberish about 3x that.
+    step = PerplexityFilter(model_path=train_done["outputs"]["model"], max_relative_to_median=2.0)
     dropped = dropped_ids(step.apply(as_dataset(documents, blocks=2)))
     assert set(dropped) == {doc_id for doc_id, text in documents if text in gibberish}, step.stats()
     assert all(reason.startswith("perplexity: too_high (") for reason in dropped.values())
     stats = step.stats()
-    assert stats["rule"].startswith("3.0x median") and sum(stats["histogram"]["counts"]) == len(documents)
+    assert stats["rule"].startswith("2.0x median") and sum(stats["histogram"]["counts"]) == len(documents)
