@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
+import time
 
 from pipelines.runs import RunDir
 
@@ -43,3 +46,27 @@ def fit(config, tiny_config, tmp_path, name, during=None):
         stop.set()
         if thread:
             thread.join(timeout=30)
+
+
+def resume_config(train, steps: int, checkpoint_every: int):
+    """The recipe's training setup, reporting every step and checkpointing every ``checkpoint_every``."""
+    from pipelines.train.config import TrainConfig
+
+    overrides = {"max_steps": steps, "warmup_steps": 2, "log_every": 1, "checkpoint_every": checkpoint_every}
+    return TrainConfig.model_validate({**train.model_dump(), **overrides, "max_failures": 2})
+
+
+def killer(after_step: int, killed: dict):
+    """A ``fit`` side thread: kill -9 one training worker once ``after_step`` has been reported."""
+
+    def kill_one_worker(history, stop):
+        while not stop.is_set():
+            steps = reported_steps(history)
+            pids = train_worker_pids() if max(steps, default=0) >= after_step else []
+            if pids:
+                killed["pid"], killed["step"], killed["at"] = pids[-1], max(steps), time.time()
+                os.kill(pids[-1], signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    return kill_one_worker

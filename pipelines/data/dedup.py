@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from pipelines.data.components import connected_components
 from pipelines.data.minhash import EMPTY, LSHParams, band_keys, permutations, signatures
-from pipelines.data.steps import Step, with_columns
+from pipelines.data.steps import Step, split_kept, with_columns
 
 _WHITESPACE = re.compile(r"\s+")
 
@@ -75,12 +75,6 @@ def small_side_join(left, right, on: str, how: str, num_partitions: int, limit: 
     )
 
 
-def _kept_and_rejected(ds):
-    from ray.data.expressions import col
-
-    return ds.filter(expr=col("reject_reason").is_null()), ds.filter(expr=col("reject_reason").is_not_null())
-
-
 class ExactDedup(Step):
     """Keep one document per content hash: the one with the smallest doc_id."""
 
@@ -102,7 +96,7 @@ class ExactDedup(Step):
         return with_columns(group, reject_reason=reasons)
 
     def apply(self, ds):
-        kept, rejected = _kept_and_rejected(ds)
+        kept, rejected = split_kept(ds, materialize=False)
         hashed = kept.map_batches(self._hash, batch_format="pyarrow")
         marked = hashed.groupby("content_hash", num_partitions=self.num_partitions).map_groups(
             self._mark, batch_format="pyarrow"
@@ -197,7 +191,7 @@ class NearDedup(Step):
         return small_side_join(buckets, shared.materialize(), "bucket", "inner", self.num_partitions)
 
     def apply(self, ds):
-        kept, rejected = _kept_and_rejected(ds)
+        kept, rejected = split_kept(ds, materialize=False)
         kept = kept.materialize()
         roots = connected_components(self.candidate_edges(kept), num_partitions=self.num_partitions).materialize()
         self.cluster_sizes = _cluster_sizes(roots)

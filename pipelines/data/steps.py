@@ -97,9 +97,9 @@ class Filter(Step):
         return ds.map_batches(self._batch, batch_format="pyarrow")
 
 
-def split_kept(ds):
-    """(kept, rejected) halves of a marked dataset; materialised once so both reuse it."""
+def split_kept(ds, materialize: bool = True):
+    """(kept, rejected) halves of a marked dataset; materialised once (by default) so both reuse it."""
     from ray.data.expressions import col
 
-    ds = ds.materialize()
+    ds = ds.materialize() if materialize else ds
     return ds.filter(expr=col("reject_reason").is_null()), ds.filter(expr=col("reject_reason").is_not_null())

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import time
 
 import pytest
 
 from tests.conftest import TINY
-from tests.training import fit, reported_steps, train_worker_pids
+from tests.training import fit, killer, reported_steps, resume_config
 
 pytestmark = pytest.mark.benchmark
 CHECKPOINT_EVERY, KILL_AFTER, STEPS = 4, 6, 12
@@ -22,35 +19,15 @@ def test_recovery_after_a_killed_worker(tmp_path, record_benchmark):
     from cluster.connect import connect
     from pipelines.chain import run_stage
     from pipelines.config import load_config
-    from pipelines.train.config import TrainConfig
 
     cfg = load_config(
         TINY, [f"storage={tmp_path}", "run_name=recovery", "data.max_documents=120", "data.vocab_size=1024"]
     )
     connect(cfg.cluster)
     run_stage("data", cfg)
-    config = TrainConfig.model_validate(
-        {
-            **cfg.train.model_dump(),
-            "max_steps": STEPS,
-            "warmup_steps": 2,
-            "log_every": 1,
-            "checkpoint_every": CHECKPOINT_EVERY,
-            "max_failures": 2,
-        }
-    )
+    config = resume_config(cfg.train, STEPS, CHECKPOINT_EVERY)
     killed: dict[str, float] = {}
-
-    def kill_one_worker(history, stop):
-        while not stop.is_set():
-            steps = reported_steps(history)
-            if max(steps, default=0) >= KILL_AFTER and train_worker_pids():
-                killed["step"], killed["at"] = max(steps), time.time()
-                os.kill(train_worker_pids()[-1], signal.SIGKILL)
-                return
-            time.sleep(0.05)
-
-    result, history = fit(config, cfg, tmp_path, "killed", during=kill_one_worker)
+    result, history = fit(config, cfg, tmp_path, "killed", during=killer(KILL_AFTER, killed))
     ray.shutdown()
     assert killed and result.metrics["step"] == STEPS
     rows = [json.loads(line) for line in history.read_text().splitlines()]

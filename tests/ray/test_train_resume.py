@@ -3,14 +3,9 @@ position, and every step after the resume has the loss of an uninterrupted run."
 
 from __future__ import annotations
 
-import os
-import signal
-import time
-
 import pytest
 
-from pipelines.train.config import TrainConfig
-from tests.training import fit, reported_steps, train_worker_pids
+from tests.training import fit, killer, reported_steps, resume_config
 
 pytestmark = pytest.mark.ray
 STEPS, CHECKPOINT_EVERY, KILL_AFTER = 12, 4, 6
@@ -19,32 +14,12 @@ STEPS, CHECKPOINT_EVERY, KILL_AFTER = 12, 4, 6
 def test_killed_worker_resumes_exactly(data_done, tiny_config, tmp_path):
     from pipelines.train.stage import read_loss_curve
 
-    config = TrainConfig.model_validate(
-        {
-            **tiny_config.train.model_dump(),
-            "max_steps": STEPS,
-            "warmup_steps": 2,
-            "log_every": 1,
-            "checkpoint_every": CHECKPOINT_EVERY,
-            "max_failures": 2,
-        }
-    )
+    config = resume_config(tiny_config.train, STEPS, CHECKPOINT_EVERY)
     reference, reference_history = fit(config, tiny_config, tmp_path, "uninterrupted")
     assert reference.error is None
 
     killed: dict[str, float] = {}
-
-    def kill_one_worker(history, stop):
-        while not stop.is_set():
-            if max(reported_steps(history), default=0) >= KILL_AFTER:
-                pids = train_worker_pids()
-                if pids:
-                    os.kill(pids[-1], signal.SIGKILL)
-                    killed["pid"], killed["step"] = pids[-1], max(reported_steps(history))
-                    return
-            time.sleep(0.05)
-
-    result, history = fit(config, tiny_config, tmp_path, "killed", during=kill_one_worker)
+    result, history = fit(config, tiny_config, tmp_path, "killed", during=killer(KILL_AFTER, killed))
     assert killed, "no training worker was found to kill"
     assert result.error is None and result.metrics["step"] == STEPS
 
