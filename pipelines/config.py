@@ -54,18 +54,21 @@ class LoomConfig(StrictModel):
                 f"train.model.max_position_embeddings ({self.train.model.max_position_embeddings}) "
                 f"is shorter than data.seq_len ({self.data.seq_len})"
             )
-        if self.serve.max_model_len > self.train.model.max_position_embeddings and self.serve.model_source is None:
-            problems.append(
-                f"serve.max_model_len ({self.serve.max_model_len}) exceeds "
-                f"train.model.max_position_embeddings ({self.train.model.max_position_embeddings})"
-            )
         model = self.train.model
         head_dim = model.hidden_size // model.num_heads
-        if self.serve.accelerator == "cpu" and self.serve.model_source is None and head_dim not in VLLM_CPU_HEAD_SIZES:
-            problems.append(
-                f"train.model: head size hidden_size/num_heads = {head_dim} cannot be served by vLLM on CPU "
-                f"(supported: {', '.join(map(str, VLLM_CPU_HEAD_SIZES))})"
-            )
+        for model_id, served in self.serve.models.items():
+            if served.source is not None:
+                continue  # a given directory: only the trained model has this recipe's train.model shape
+            if served.engine.max_model_len > model.max_position_embeddings:
+                problems.append(
+                    f"serve.models.{model_id}.engine.max_model_len ({served.engine.max_model_len}) exceeds "
+                    f"train.model.max_position_embeddings ({model.max_position_embeddings})"
+                )
+            if served.accelerator == "cpu" and head_dim not in VLLM_CPU_HEAD_SIZES:
+                problems.append(
+                    f"train.model: head size hidden_size/num_heads = {head_dim} cannot be served by vLLM on CPU "
+                    f"(supported: {', '.join(map(str, VLLM_CPU_HEAD_SIZES))})"
+                )
         if problems:
             raise ValueError("; ".join(problems))
         return self

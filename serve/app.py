@@ -1,55 +1,84 @@
-"""The application builder: a recipe's ``serve`` section -> ``ray.serve.llm`` OpenAI app.
+"""The application builder: a recipe's ``serve`` section -> one OpenAI endpoint over ``ray.serve.llm``.
 
 Works three ways, all through ``build_app``:
 - Python: ``serve.run(build_app(ServeAppArgs(...).model_dump()))``;
-- ``serve run serve.app:build_app serve_config=... model_source=...``;
+- ``serve run serve.app:build_app serve_config=... model_sources=...``;
 - a Serve YAML with ``import_path: serve.app:build_app`` and ``args`` (``loom serve`` writes one).
+
+It composes ``ray.serve.llm``'s public parts the way ``build_openai_app`` does (one ``LLMServer``
+deployment per model, one ingress), with Loom's ingress in place of the stock one.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipelines.schema import StrictModel
-from serve.config import ServeConfig
+from serve.config import ModelConfig, ServeConfig
+
+
+class ModelLineage(StrictModel):
+    """Where a served model came from, shown in ``/v1/models``."""
+
+    source: str = Field(description="Directory the model was loaded from.")
+    run_name: str | None = Field(default=None, description="Loom run that trained it (unset: an outside model).")
+    data_config_hash: str | None = Field(default=None, description="Config hash of that run's data stage.")
+    train_config_hash: str | None = Field(default=None, description="Config hash of that run's train stage.")
+    eval: dict[str, float] = Field(default_factory=dict, description="Held-out metrics the train stage recorded.")
 
 
 class ServeAppArgs(StrictModel):
     serve_config: ServeConfig = Field(description="The recipe's serve section.")
-    model_source: str = Field(description="Local Hugging Face directory of the model to serve.")
+    model_sources: dict[str, str] = Field(description="Model id -> local Hugging Face directory it is served from.")
+    lineage: dict[str, ModelLineage] = Field(default_factory=dict, description="Model id -> its lineage.")
+
+    @model_validator(mode="after")
+    def _every_model_has_a_source(self) -> ServeAppArgs:
+        missing = sorted(set(self.serve_config.models) - set(self.model_sources))
+        if missing:
+            raise ValueError(f"model_sources lacks a directory for: {', '.join(missing)}")
+        return self
 
 
-def llm_config(config: ServeConfig, model_source: str):
+def llm_config(model_id: str, model: ModelConfig, source: str):
     """One ``LLMConfig`` for the real vLLM engine on CPU or GPU."""
     from ray.serve.llm import LLMConfig
 
+    engine = model.engine
     engine_kwargs: dict[str, Any] = {
-        "max_model_len": config.max_model_len,
-        "dtype": config.dtype,
-        "tensor_parallel_size": config.tensor_parallel_size,
+        "max_model_len": engine.max_model_len,
+        "dtype": engine.dtype,
+        "tensor_parallel_size": engine.tensor_parallel_size,
+        "max_num_seqs": engine.max_num_seqs,
     }
     env_vars: dict[str, str] = {}
-    if config.accelerator == "gpu":
-        engine_kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
-        bundles = [{"CPU": config.cpus_per_replica, "GPU": 1}] * config.tensor_parallel_size
+    if model.accelerator == "gpu":
+        engine_kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
+        bundles = [{"CPU": model.cpus_per_replica, "GPU": 1}] * engine.tensor_parallel_size
     else:
-        env_vars["VLLM_CPU_KVCACHE_SPACE"] = str(config.kv_cache_space_gib)
-        bundles = [{"CPU": config.cpus_per_replica}]
-    initial = config.initial_replicas if config.initial_replicas is not None else config.min_replicas
+        env_vars["VLLM_CPU_KVCACHE_SPACE"] = str(engine.kv_cache_space_gib)
+        bundles = [{"CPU": model.cpus_per_replica}]
+    scaling = model.autoscaling
     return LLMConfig(
-        model_loading_config={"model_id": config.model_id, "model_source": model_source},
+        model_loading_config={"model_id": model_id, "model_source": source},
         engine_kwargs=engine_kwargs,
         placement_group_config={"bundles": bundles},
         runtime_env={"env_vars": env_vars} if env_vars else None,
         deployment_config={
             "autoscaling_config": {
-                "min_replicas": config.min_replicas,
-                "initial_replicas": initial,
-                "max_replicas": config.max_replicas,
-                "target_ongoing_requests": config.target_ongoing_requests,
-            }
+                "min_replicas": scaling.min_replicas,
+                "initial_replicas": scaling.initial,
+                "max_replicas": scaling.max_replicas,
+                "target_ongoing_requests": scaling.target_ongoing_requests,
+                "upscale_delay_s": scaling.upscale_delay_s,
+                "downscale_delay_s": scaling.downscale_delay_s,
+                "metrics_interval_s": scaling.metrics_interval_s,
+                "look_back_period_s": scaling.look_back_period_s,
+            },
+            "max_ongoing_requests": model.max_ongoing_requests,
+            "max_queued_requests": model.max_queued_requests,
         },
         log_engine_metrics=True,
     )
@@ -57,7 +86,28 @@ def llm_config(config: ServeConfig, model_source: str):
 
 def build_app(args: dict[str, Any]):
     """Serve application builder (``import_path: serve.app:build_app``)."""
-    from ray.serve.llm import build_openai_app
+    from ray import serve
+
+    # to_model_metadata is what build_openai_app uses for model cards (and what ray.serve.llm.ingress's docs show).
+    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+    from ray.serve.llm import build_llm_deployment
+    from ray.serve.llm.ingress import make_fastapi_ingress
+
+    from serve.ingress import ENDPOINTS, LoomIngress
 
     parsed = ServeAppArgs.model_validate(args)
-    return build_openai_app({"llm_configs": [llm_config(parsed.serve_config, parsed.model_source)]})
+    configs = {
+        model_id: llm_config(model_id, model, parsed.model_sources[model_id])
+        for model_id, model in parsed.serve_config.models.items()
+    }
+    cards = {}
+    for model_id, config in configs.items():
+        lineage = parsed.lineage.get(model_id) or ModelLineage(source=parsed.model_sources[model_id])
+        cards[model_id] = to_model_metadata(model_id, config, overrides={"lineage": lineage.model_dump()})
+    ingress = make_fastapi_ingress(LoomIngress, endpoint_map=ENDPOINTS)
+    options = LoomIngress.get_deployment_options(list(configs.values()))
+    return serve.deployment(ingress, **options).bind(
+        llm_deployments={model_id: build_llm_deployment(config) for model_id, config in configs.items()},
+        model_cards=cards,
+        protection=parsed.serve_config.protection.model_dump(mode="json"),
+    )

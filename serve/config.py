@@ -1,27 +1,21 @@
-"""The ``serve`` section of a recipe."""
+"""The ``serve`` section of a recipe: the models on the endpoint, their engines and scaling, and the
+ingress's protection (keys, limits, guard)."""
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from pipelines.schema import StrictModel
+from pipelines.schema import StrictModel, field_problems
 
 
-class ServeConfig(StrictModel):
-    model_id: str = Field(
-        default="loom-tiny",
-        pattern=r"^[A-Za-z0-9._/-]+$",
-        description="Name clients use in the 'model' field of OpenAI requests.",
-    )
-    model_source: str | None = Field(
-        default=None,
-        description="Local Hugging Face directory to serve. Unset: the model the train stage exported.",
-    )
-    accelerator: Literal["cpu", "gpu"] = Field(default="cpu", description="Where each vLLM replica runs.")
+class EngineConfig(StrictModel):
+    """vLLM engine arguments Loom validates; everything vLLM accepts beyond these stays vLLM's default."""
+
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(default="auto", description="vLLM weight dtype.")
-    max_model_len: int = Field(default=256, ge=8, description="Longest prompt + completion vLLM accepts.")
+    max_model_len: int = Field(default=256, ge=8, description="Longest prompt + completion vLLM accepts, in tokens.")
     kv_cache_space_gib: int = Field(
         default=1, ge=1, description="KV cache size in GiB per CPU replica (VLLM_CPU_KVCACHE_SPACE)."
     )
@@ -29,14 +23,126 @@ class ServeConfig(StrictModel):
         default=0.85, gt=0, le=1, description="Share of GPU memory vLLM may use (GPU only)."
     )
     tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs per replica (GPU only).")
-    cpus_per_replica: float = Field(default=1, gt=0, description="Logical CPUs in each replica's placement bundle.")
-    min_replicas: int = Field(default=1, ge=0, description="Autoscaling lower bound.")
+    max_num_seqs: int = Field(default=32, ge=1, description="Sequences one engine batches at once.")
+
+
+class AutoscalingConfig(StrictModel):
+    """Ray Serve autoscaling of one model's replicas."""
+
+    min_replicas: int = Field(default=1, ge=0, description="Lower bound on replicas.")
     initial_replicas: int | None = Field(default=None, ge=0, description="Replicas at start (unset: min_replicas).")
-    max_replicas: int = Field(default=1, ge=1, description="Autoscaling upper bound.")
+    max_replicas: int = Field(default=1, ge=1, description="Upper bound on replicas.")
     target_ongoing_requests: float = Field(
         default=16, gt=0, description="Ongoing requests per replica the autoscaler aims for."
     )
-    host: str = Field(default="127.0.0.1", description="Address the HTTP proxy binds.")
+    upscale_delay_s: float = Field(default=30, ge=0, description="Load must stay high this long before adding.")
+    downscale_delay_s: float = Field(default=600, ge=0, description="Load must stay low this long before removing.")
+    metrics_interval_s: float = Field(default=10, gt=0, description="How often replicas report their load.")
+    look_back_period_s: float = Field(default=30, gt=0, description="Window the load is averaged over.")
+
+    @property
+    def initial(self) -> int:
+        return self.initial_replicas if self.initial_replicas is not None else self.min_replicas
+
+
+class ModelConfig(StrictModel):
+    """One model on the endpoint; clients pick it by its key in ``serve.models``."""
+
+    source: str | None = Field(
+        default=None,
+        description="Local Hugging Face directory to serve. Unset: the model the run's train stage exported.",
+    )
+    accelerator: Literal["cpu", "gpu"] = Field(default="cpu", description="Where each vLLM replica runs.")
+    cpus_per_replica: float = Field(default=1, gt=0, description="Logical CPUs in each replica's placement bundle.")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine arguments.")
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Replica autoscaling.")
+    max_ongoing_requests: int = Field(
+        default=64, ge=1, description="Requests one replica works on at once; more wait in the queue."
+    )
+    max_queued_requests: int = Field(
+        default=256, ge=-1, description="Requests waiting for a replica before new ones get 503 (-1: no bound)."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        problems = []
+        scaling = self.autoscaling
+        if not scaling.min_replicas <= scaling.initial <= scaling.max_replicas:
+            problems.append(
+                (
+                    "autoscaling",
+                    f"need min_replicas ({scaling.min_replicas}) <= initial_replicas ({scaling.initial}) "
+                    f"<= max_replicas ({scaling.max_replicas})",
+                )
+            )
+        if self.engine.tensor_parallel_size > 1 and self.accelerator != "gpu":
+            problems.append(("engine.tensor_parallel_size", "> 1 needs accelerator 'gpu'"))
+        if problems:
+            raise field_problems(problems)
+        return self
+
+
+class GuardConfig(StrictModel):
+    """Rejects prompts that match known prompt-injection phrasings, before they reach an engine."""
+
+    enabled: bool = Field(default=True, description="Check prompts against the patterns.")
+    patterns: dict[str, str] = Field(
+        default_factory=lambda: {
+            "ignore-instructions": r"\b(ignore|disregard|forget)\b.{0,40}\b(previous|prior|above|earlier)\b.{0,20}"
+            r"\b(instructions?|prompts?|rules?)\b",
+            "reveal-system-prompt": r"\b(reveal|print|show|repeat)\b.{0,40}\bsystem\s+prompt\b",
+            "role-override": r"\byou\s+are\s+now\s+(in\s+)?(developer|dan|jailbreak|unrestricted)\b",
+        },
+        description="Reason code -> case-insensitive regular expression; a match rejects the request with that reason.",
+    )
+
+    @field_validator("patterns")
+    @classmethod
+    def _compiles(cls, patterns: dict[str, str]) -> dict[str, str]:
+        problems = []
+        for reason, pattern in patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                problems.append((reason, f"not a regular expression: {err}"))
+        if problems:
+            raise field_problems(problems)
+        return patterns
+
+
+class ProtectionConfig(StrictModel):
+    """What the ingress checks before a request reaches a model."""
+
+    api_keys_env: str | None = Field(
+        default="LOOM_API_KEYS",
+        description="Environment variable (of the Serve replicas) holding comma-separated API keys.",
+    )
+    api_keys_file: str | None = Field(
+        default=None,
+        description="File read at ingress start (on every node): one 'KEY [REQUESTS_PER_MINUTE [BURST]]' per line.",
+    )
+    requests_per_minute: float = Field(
+        default=600, gt=0, description="Sustained request rate allowed per API key (unless its file line sets one)."
+    )
+    burst: int = Field(
+        default=60, ge=1, description="Requests a key may send at once above its rate (unless its file line sets one)."
+    )
+    max_body_bytes: int = Field(default=1 << 20, ge=256, description="Largest request body accepted (413 above).")
+    max_prompt_chars: int = Field(default=32_768, ge=1, description="Longest prompt (all messages) in characters.")
+    max_tokens: int = Field(default=1024, ge=1, description="Largest max_tokens a request may ask for.")
+    guard: GuardConfig = Field(default_factory=GuardConfig, description="Prompt-injection guard.")
+
+
+class ServeConfig(StrictModel):
+    models: dict[str, ModelConfig] = Field(
+        default_factory=lambda: {"loom-tiny": ModelConfig()},
+        min_length=1,
+        description="Model id (the 'model' of OpenAI requests) -> how it is served.",
+    )
+    protection: ProtectionConfig = Field(default_factory=ProtectionConfig, description="Ingress checks.")
+    host: str = Field(
+        default="127.0.0.1", description="Address the HTTP proxy binds; without API keys always 127.0.0.1."
+    )
     port: int = Field(default=8000, ge=1, le=65535, description="Port of the OpenAI-compatible endpoint.")
     demo_prompts: list[str] = Field(
         default_factory=lambda: ["def fibonacci(n):", "import os\nimport sys\n", "The standard library"],
@@ -45,13 +151,14 @@ class ServeConfig(StrictModel):
     demo_max_tokens: int = Field(default=24, ge=1, description="max_tokens of each demo request.")
 
     @model_validator(mode="after")
-    def _replicas(self) -> ServeConfig:
-        initial = self.initial_replicas if self.initial_replicas is not None else self.min_replicas
-        if not self.min_replicas <= initial <= self.max_replicas:
-            raise ValueError(
-                f"need min_replicas ({self.min_replicas}) <= initial_replicas ({initial}) "
-                f"<= max_replicas ({self.max_replicas})"
+    def _ids(self) -> ServeConfig:
+        bad = [model_id for model_id in self.models if not re.fullmatch(r"[A-Za-z0-9._/-]+", model_id)]
+        if bad:
+            raise field_problems(
+                [(f"models.{model_id}", "model ids use letters, digits and ._/- only") for model_id in bad]
             )
-        if self.tensor_parallel_size > 1 and self.accelerator != "gpu":
-            raise ValueError("tensor_parallel_size > 1 needs accelerator 'gpu'")
         return self
+
+    @property
+    def demo_model(self) -> str:
+        return next(iter(self.models))

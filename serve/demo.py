@@ -12,11 +12,13 @@ class DemoAnswer:
     text: str
 
 
-def query_endpoint(base_url: str, model_id: str, prompts: list[str], max_tokens: int) -> list[DemoAnswer]:
+def query_endpoint(
+    base_url: str, model_id: str, prompts: list[str], max_tokens: int, api_key: str | None = None
+) -> list[DemoAnswer]:
     import openai
 
-    # No API key is configured in the skeleton; the client requires a non-empty one.
-    client = openai.OpenAI(base_url=base_url, api_key="unused", timeout=120, max_retries=2)
+    # Without configured keys the endpoint ignores the key, but the client requires a non-empty one.
+    client = openai.OpenAI(base_url=base_url, api_key=api_key or "unused", timeout=120, max_retries=2)
     answers = []
     for prompt in prompts:
         completion = client.completions.create(model=model_id, prompt=prompt, max_tokens=max_tokens, temperature=0)

@@ -14,28 +14,69 @@ from typing import Any
 import yaml
 
 from pipelines.runs import RunDir, StageResult, hash_dir
-from serve.app import ServeAppArgs, build_app
+from serve.app import ModelLineage, ServeAppArgs, build_app
 from serve.config import ServeConfig
 from serve.demo import query_endpoint
+from serve.protection import load_api_keys
 
 log = logging.getLogger(__name__)
 APP_NAME = "loom"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def model_source(config: ServeConfig, run: RunDir) -> Path:
-    if config.model_source:
-        return Path(config.model_source).resolve()
-    if not run.is_complete("train"):
-        raise RuntimeError(
-            f"the train stage has not completed in {run.root}; run `loom train` or set serve.model_source"
-        )
-    return run.stage_dir("train") / "model"
+def model_sources(config: ServeConfig, run: RunDir) -> dict[str, Path]:
+    """Model id -> the directory it is served from; a model without ``source`` is the run's trained model."""
+    sources = {}
+    for model_id, model in config.models.items():
+        if model.source:
+            source = Path(model.source).expanduser().resolve()
+        elif run.is_complete("train"):
+            source = run.stage_dir("train") / "model"
+        else:
+            raise RuntimeError(
+                f"serve.models.{model_id} serves the trained model, but the train stage has not completed in "
+                f"{run.root}; run `loom train` or set serve.models.{model_id}.source"
+            )
+        if not (source / "config.json").is_file():
+            raise RuntimeError(
+                f"serve.models.{model_id}: {source} is not a Hugging Face model directory (no config.json)"
+            )
+        sources[model_id] = source
+    return sources
 
 
-def serve_deploy_config(args: ServeAppArgs, config: ServeConfig) -> dict[str, Any]:
+def lineage(source: Path, run: RunDir) -> ModelLineage:
+    """The run, data and train config hashes behind a model this run trained; just the path otherwise."""
+    stages = run.manifest()["stages"]
+    train = stages.get("train", {})
+    if Path(train.get("outputs", {}).get("model", "")) != source:
+        return ModelLineage(source=str(source))
+    return ModelLineage(
+        source=str(source),
+        run_name=run.root.name,
+        data_config_hash=stages.get("data", {}).get("config_hash"),
+        train_config_hash=train.get("config_hash"),
+        eval={k: v for k, v in train.get("metrics", {}).items() if k.startswith("val_")},
+    )
+
+
+def bind_host(config: ServeConfig, keys: list[str]) -> str:
+    """Without API keys the endpoint is for this machine only, whatever the recipe asks."""
+    if keys or config.host in LOOPBACK:
+        return config.host
+    log.warning(
+        "\n" + "!" * 78 + "\n!! serve.host is %s but no API key is configured (%s): binding 127.0.0.1 only.\n"
+        "!! Set the keys to expose the endpoint.\n" + "!" * 78,
+        config.host,
+        config.protection.api_keys_file or f"${config.protection.api_keys_env}",
+    )
+    return "127.0.0.1"
+
+
+def serve_deploy_config(args: ServeAppArgs, host: str, port: int) -> dict[str, Any]:
     """A Serve config file (``serve deploy``) for the same application."""
     return {
-        "http_options": {"host": config.host, "port": config.port},
+        "http_options": {"host": host, "port": port},
         "applications": [
             {
                 "name": APP_NAME,
@@ -56,23 +97,29 @@ def run_serve(config: ServeConfig, run: RunDir) -> StageResult:
     """Deploy (leaving the app running) and send the demo queries."""
     from ray import serve
 
-    source = model_source(config, run)
-    if not (source / "config.json").is_file():
-        raise RuntimeError(f"{source} is not a Hugging Face model directory (no config.json)")
-    args = ServeAppArgs(serve_config=config, model_source=str(source))
+    sources = model_sources(config, run)
+    keys = load_api_keys(config.protection)
+    host = bind_host(config, keys)
+    args = ServeAppArgs(
+        serve_config=config,
+        model_sources={model_id: str(source) for model_id, source in sources.items()},
+        lineage={model_id: lineage(source, run) for model_id, source in sources.items()},
+    )
     out = run.begin("serve")
     config_path = out / "serve_config.yaml"
-    config_path.write_text(yaml.safe_dump(serve_deploy_config(args, config), sort_keys=False))
+    config_path.write_text(yaml.safe_dump(serve_deploy_config(args, host, config.port), sort_keys=False))
 
-    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.start(http_options={"host": host, "port": config.port})
     serve.run(build_app(args.model_dump(mode="json")), name=APP_NAME, route_prefix="/", blocking=False)
     url = base_url(config)
-    answers = query_endpoint(url, config.model_id, config.demo_prompts, config.demo_max_tokens)
+    answers = query_endpoint(
+        url, config.demo_model, config.demo_prompts, config.demo_max_tokens, api_key=keys[0].key if keys else None
+    )
     for answer in answers:
         print(f"\n[{answer.kind}] {answer.prompt!r}\n  -> {answer.text!r}", flush=True)
     return StageResult(
-        inputs={"model": hash_dir(source)},
-        outputs={"endpoint": url, "model_id": config.model_id, "serve_config": str(config_path)},
+        inputs={f"model:{model_id}": hash_dir(source) for model_id, source in sources.items()},
+        outputs={"endpoint": url, "models": list(sources), "serve_config": str(config_path)},
         metrics={"demo_answers": len(answers), "demo_nonempty": sum(bool(a.text) for a in answers)},
     )
 

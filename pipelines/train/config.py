@@ -10,12 +10,50 @@ from pipelines.model.config import ModelConfig
 from pipelines.schema import StrictModel, field_problems
 
 
+class LoraConfig(StrictModel):
+    """Low-rank adapters (peft) on the named linear layers; everything else stays frozen."""
+
+    rank: int = Field(default=8, ge=1, description="Rank r of each adapter (A: r x in, B: out x r).")
+    alpha: float = Field(default=16, gt=0, description="Scale: the update is (alpha / rank) * B @ A.")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        min_length=1,
+        description="Names of the linear layers that get adapters (Llama: q/k/v/o_proj, gate/up/down_proj).",
+    )
+
+
+class SftConfig(StrictModel):
+    """Supervised fine-tuning on prompt/response pairs; the loss counts response tokens only."""
+
+    path: str = Field(description="JSON-lines file (or folder of them) with one prompt/response object per line.")
+    prompt_field: str = Field(default="prompt", description="Field holding the prompt.")
+    response_field: str = Field(default="response", description="Field holding the response to learn.")
+    seq_len: int = Field(default=256, ge=8, description="Tokens per example; longer examples are cut at the end.")
+    val_fraction: float = Field(
+        default=0.1, ge=0, lt=1, description="Share of pairs (chosen by a hash of the prompt) held out for evaluation."
+    )
+    use_chat_template: bool = Field(
+        default=True,
+        description="Wrap the prompt in the tokenizer's chat template (as /v1/chat/completions will), if it has one.",
+    )
+
+
 class TrainConfig(StrictModel):
     num_workers: int = Field(default=2, ge=1, description="Ray Train workers (one DeepSpeed rank each).")
     use_gpu: bool = Field(default=False, description="Give each worker a GPU (NCCL) instead of CPU (gloo).")
     cpus_per_worker: float = Field(default=1, gt=0, description="Logical CPUs reserved per worker.")
     model: ModelConfig = Field(
         default_factory=ModelConfig, description="Architecture of the model trained from scratch."
+    )
+    init_from: str | None = Field(
+        default=None,
+        description="Local Hugging Face model directory to continue from (weights and tokenizer). "
+        "Unset: a randomly initialised model built from `model`.",
+    )
+    lora: LoraConfig | None = Field(default=None, description="Train LoRA adapters only (needs init_from).")
+    sft: SftConfig | None = Field(
+        default=None, description="Fine-tune on prompt/response pairs instead of the data stage's packed shards."
     )
     zero_stage: Literal[0, 1, 2, 3] = Field(default=2, description="DeepSpeed ZeRO stage.")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
@@ -75,6 +113,12 @@ class TrainConfig(StrictModel):
             problems.append(("offload_optimizer", "needs zero_stage >= 1 (ZeRO partitions what it offloads)"))
         if self.offload_params and self.zero_stage != 3:
             problems.append(("offload_params", f"needs zero_stage 3 (got {self.zero_stage})"))
+        if self.lora is not None and self.init_from is None:
+            problems.append(("lora", "adapters fine-tune an existing model: set init_from"))
+        if self.lora is not None and self.zero_stage == 3:
+            problems.append(("lora", "LoRA with ZeRO-3 is not supported here (adapters are merged on one rank)"))
+        if self.sft is not None and self.init_from is None:
+            problems.append(("sft", "fine-tuning needs a model and its tokenizer: set init_from"))
         if problems:
             raise field_problems(problems)
         return self

@@ -44,8 +44,11 @@ def _batches(shard, micro_batch_size: int, skip: int, rank: int = 0, world: int 
     import numpy as np
     import torch
 
-    def collate(batch: dict[str, Any]):
-        return torch.from_numpy(np.stack(batch["input_ids"]).astype(np.int64))
+    def collate(batch: dict[str, Any]) -> dict[str, Any]:
+        input_ids = torch.from_numpy(np.stack(batch["input_ids"]).astype(np.int64))
+        # Packed pretraining data learns every token; SFT examples carry labels masked to the response.
+        labels = torch.from_numpy(np.stack(batch["labels"]).astype(np.int64)) if "labels" in batch else input_ids
+        return {"input_ids": input_ids, "labels": labels}
 
     held = None
     for index, batch in enumerate(
@@ -59,6 +62,56 @@ def _batches(shard, micro_batch_size: int, skip: int, rank: int = 0, world: int 
         if owner == world - 1 and held is not None:  # the round is complete: every rank has its batch
             yield held
             held = None
+
+
+def _on(batch: dict[str, Any], device) -> dict[str, Any]:
+    return {key: tensor.to(device) for key, tensor in batch.items()}
+
+
+def build_model(config, tokenizer_dir: str, seed: int):
+    """The model to train: a fresh Llama from ``config.model``, or ``config.init_from``'s weights;
+    with ``config.lora``, wrapped in peft adapters so that only they train."""
+    import torch
+
+    from pipelines.model.llama import build_llama
+
+    if config.init_from:
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(seed)  # adapters start identical on every rank
+        model = AutoModelForCausalLM.from_pretrained(config.init_from, dtype=torch.float32)
+    else:
+        model = build_llama(config.model, tokenizer_dir, seed)
+    if config.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lora = config.lora
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lora.rank,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=lora.target_modules,
+                task_type="CAUSAL_LM",
+            ),
+        )
+        if config.activation_checkpointing:
+            model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
+    return model
+
+
+def export_model(engine, config, state_dict, tokenizer_dir: str, directory: str) -> None:
+    """Rank 0 writes the Hugging Face directory; a LoRA run also writes its adapter (``adapter/``)
+    and exports the base model with the adapters merged in, which vLLM loads like any model."""
+    from pipelines.model.llama import export_hf
+
+    module = engine.module
+    if config.lora is not None:
+        module.save_pretrained(str(Path(directory) / "adapter"))
+        module = module.merge_and_unload()
+        state_dict = None
+    export_hf(module, module.state_dict() if state_dict is None else state_dict, tokenizer_dir, directory)
 
 
 def _memory_mib(device) -> float:
@@ -93,8 +146,7 @@ def evaluate(engine, shard, micro_batch_size: int, rank: int, world: int, max_ba
         for index, batch in enumerate(_batches(shard, micro_batch_size, 0, rank, world)):
             if index >= max_batches:
                 break
-            batch = batch.to(engine.device)
-            losses.append(float(engine(input_ids=batch, labels=batch).loss))
+            losses.append(float(engine(**_on(batch, engine.device)).loss))
     engine.train()
     local = sum(losses) / len(losses) if losses else float("nan")
     return _mean_across_ranks(local)
@@ -105,7 +157,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from pipelines.model.llama import build_llama, count_parameters, export_hf
+    from pipelines.model.llama import count_parameters
     from pipelines.train.config import TrainConfig
     from pipelines.train.deepspeed_config import deepspeed_config
 
@@ -128,10 +180,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 "or start a new run_name."
             )
 
-    model = build_llama(config.model, tokenizer_dir, seed)
+    model = build_model(config, tokenizer_dir, seed)
     if config.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, config.max_steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config)
@@ -155,8 +208,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     while engine.global_steps < config.max_steps:
         epoch_start_position = position
         for batch in _batches(train_shard, config.micro_batch_size, position, rank, world):
-            batch = batch.to(engine.device)
-            loss = engine(input_ids=batch, labels=batch).loss
+            loss = engine(**_on(batch, engine.device)).loss
             engine.backward(loss)
             steps_before = engine.global_steps
             engine.step()
@@ -179,6 +231,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 "step_time_s": elapsed / window_steps,
                 "tokens_per_s": tokens_per_step * window_steps / elapsed,
                 "parameters": count_parameters(engine.module),
+                "trainable_parameters": sum(p.numel() for p in trainable),
                 "memory_mib": _memory_mib(engine.device),
             }
             grad_norm = engine.get_global_grad_norm()
@@ -223,8 +276,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as directory:
         export = None
         if rank == 0:
-            source = engine.module.state_dict() if state_dict is None else state_dict
-            export_hf(engine.module, source, tokenizer_dir, directory)
+            export_model(engine, config, state_dict, tokenizer_dir, directory)
             (Path(directory) / FINAL_EXPORT_MARKER).write_text(f"pid {os.getpid()}\n")
             export = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(final, checkpoint=export)

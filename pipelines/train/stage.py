@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipelines.runs import RunDir, StageResult, hash_dir
+from pipelines.runs import RunDir, StageResult, hash_dir, hash_files
 from pipelines.train.config import TrainConfig
 from pipelines.train.loop import FINAL_EXPORT_MARKER, train_loop_per_worker
 
@@ -45,12 +45,26 @@ def build_trainer(
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    inputs = data_outputs(run)
-    stats = json.loads(inputs["stats"].read_text())
-    has_val = inputs["val"].is_dir()
-    datasets = {"train": ray.data.read_parquet(str(inputs["train"]))}
-    if has_val:
-        datasets["val"] = ray.data.read_parquet(str(inputs["val"]))
+    if config.sft is not None:
+        from pipelines.train.sft import sft_datasets
+
+        tokenizer_dir, seq_len = str(config.init_from), config.sft.seq_len
+        train, val, rejects = sft_datasets(config.sft, tokenizer_dir)
+        datasets = {"train": train, **({"val": val} if val is not None else {})}
+        if rejects.count():
+            log.warning(
+                "train.sft: %d lines rejected, kept with reasons in %s", rejects.count(), storage_path / "sft_rejects"
+            )
+            rejects.write_parquet(str(storage_path / "sft_rejects"))
+    else:
+        inputs = data_outputs(run)
+        # Continuing from a model: its tokenizer must be the one the shards were packed with.
+        tokenizer_dir = str(config.init_from or inputs["tokenizer"])
+        seq_len = json.loads(inputs["stats"].read_text())["seq_len"]
+        datasets = {"train": ray.data.read_parquet(str(inputs["train"]))}
+        if inputs["val"].is_dir():
+            datasets["val"] = ray.data.read_parquet(str(inputs["val"]))
+    has_val = "val" in datasets
     execution = ray.train.DataConfig.default_ingest_options()
     execution.preserve_order = True  # the same order after a restart, so the data position means something
     # Not split by Ray: every worker streams all rows in order and keeps its own micro-batches
@@ -61,8 +75,8 @@ def build_trainer(
         train_loop_config={
             "train": config.model_dump(mode="json"),
             "seed": seed,
-            "tokenizer_dir": str(inputs["tokenizer"]),
-            "seq_len": stats["seq_len"],
+            "tokenizer_dir": tokenizer_dir,
+            "seq_len": seq_len,
             "has_val": has_val,
         },
         scaling_config=ray.train.ScalingConfig(
@@ -139,9 +153,23 @@ def plot_loss(curve: list[dict[str, float]], path: Path, title: str, final_val_l
     return path
 
 
+def train_inputs(config: TrainConfig, run: RunDir) -> dict[str, str]:
+    """Content hashes of what the stage reads: the packed shards and tokenizer, or the SFT pairs; the start model."""
+    hashes = {}
+    if config.sft is not None:
+        path = Path(config.sft.path).expanduser()
+        hashes["sft_pairs"] = hash_dir(path) if path.is_dir() else hash_files([path], root=path.parent)
+    else:
+        inputs = data_outputs(run)
+        hashes.update(train_shards=hash_dir(inputs["train"]), tokenizer=hash_dir(inputs["tokenizer"]))
+    if config.init_from is not None:
+        hashes["init_from"] = hash_dir(Path(config.init_from))
+    return hashes
+
+
 def run_train(config: TrainConfig, run: RunDir, seed: int) -> StageResult:
     out = run.begin("train")
-    inputs = data_outputs(run)
+    inputs = train_inputs(config, run)
     # Rerunning with the same storage path and name resumes from Ray Train's latest checkpoint.
     history = out / "metrics.jsonl"
     trainer = build_trainer(config, run, seed, storage_path=out, name="ray", callbacks=[metrics_log_callback(history)])
@@ -162,13 +190,12 @@ def run_train(config: TrainConfig, run: RunDir, seed: int) -> StageResult:
     metrics = {k: v for k, v in result.metrics.items() if k in ("step", "val_loss", "val_perplexity")}
     if curve:
         metrics["first_loss"], metrics["last_loss"] = curve[0]["loss"], curve[-1]["loss"]
-    return StageResult(
-        inputs={"train_shards": hash_dir(inputs["train"]), "tokenizer": hash_dir(inputs["tokenizer"])},
-        outputs={
-            "model": str(model_dir),
-            "checkpoints": str(out / "ray"),
-            "metrics": str(history),
-            "loss_plot": str(plot),
-        },
-        metrics=metrics,
-    )
+    outputs = {
+        "model": str(model_dir),
+        "checkpoints": str(out / "ray"),
+        "metrics": str(history),
+        "loss_plot": str(plot),
+    }
+    if (model_dir / "adapter").is_dir():
+        outputs["adapter"] = str(model_dir / "adapter")
+    return StageResult(inputs=inputs, outputs=outputs, metrics=metrics)

@@ -95,3 +95,44 @@ def train_done(data_done, tiny_config):
     from pipelines.chain import run_stage
 
     return run_stage("train", tiny_config)
+
+
+def write_sft_pairs(path, pairs: int = 96) -> None:
+    """Prompt/response pairs a tiny model can learn (the response restates the prompt's word), plus two bad lines."""
+    words = ["alpha", "bravo", "delta", "kilo", "lima", "oscar", "romeo", "tango", "victor", "zulu", "echo", "hotel"]
+    lines = [
+        json.dumps(
+            {
+                "prompt": f"Spell the word {words[i % len(words)]} number {i}.",
+                "response": " ".join(words[i % len(words)]),
+            }
+        )
+        for i in range(pairs)
+    ]
+    lines += ['{"prompt": "a line cut short', json.dumps({"prompt": "no response here"})]
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="package")
+def lora_done(train_done, tiny_config, tmp_path_factory):
+    """LoRA SFT of the run's trained model on planted prompt/response pairs (its own run directory)."""
+    from pipelines.chain import run_stage
+
+    pairs = tmp_path_factory.mktemp("sft") / "pairs.jsonl"
+    write_sft_pairs(pairs)
+    config = load_config(
+        TINY,
+        [
+            f"storage={tiny_config.storage}",
+            "run_name=ray-tests-lora",
+            f"train.init_from={train_done['outputs']['model']}",
+            f"train.sft={{path: '{pairs}', seq_len: 64, val_fraction: 0.1}}",
+            "train.lora={rank: 4, alpha: 8, target_modules: [q_proj, v_proj]}",
+            "train.lr=1e-2",
+            "train.max_steps=12",
+            "train.checkpoint_every=6",
+            "train.eval_every=6",
+            "train.log_every=2",
+        ],
+    )
+    return config, run_stage("train", config)

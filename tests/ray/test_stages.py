@@ -97,27 +97,3 @@ def test_tune_stage_runs_optuna_trials(train_done, tiny_config):
     assert all(tiny_config.tune.lr_min <= lr <= tiny_config.tune.lr_max for lr in lrs)
     assert len(set(lrs)) == len(lrs)
     assert best["best"]["lr"] == record["metrics"]["best_lr"]
-
-
-def test_serve_stage_answers_completions_and_chat(train_done, tiny_config, capsys):
-    import openai
-
-    from serve.stage import base_url, shutdown
-
-    try:
-        record = run_stage("serve", tiny_config)
-        printed = capsys.readouterr().out
-        assert "[completion]" in printed and "[chat]" in printed
-        assert record["metrics"]["demo_answers"] == len(tiny_config.serve.demo_prompts) + 1
-        client = openai.OpenAI(base_url=base_url(tiny_config.serve), api_key="unused")
-        models = [m.id for m in client.models.list().data]
-        assert models == [tiny_config.serve.model_id]
-        completion = client.completions.create(
-            model=models[0], prompt="import os", max_tokens=5, temperature=0, extra_body={"ignore_eos": True}
-        )
-        assert completion.usage.completion_tokens == 5
-        with pytest.raises(openai.BadRequestError):
-            client.completions.create(model=models[0], prompt="import os", max_tokens=-5)
-        assert Path(record["outputs"]["serve_config"]).read_text().count("serve.app:build_app") == 1
-    finally:
-        shutdown()

@@ -29,7 +29,7 @@ def test_gpu_recipe_is_realistic():
     total = m.num_layers * per_layer + config.data.vocab_size * m.hidden_size
     assert 100e6 < total < 160e6
     assert (config.train.zero_stage, config.train.precision, config.train.use_gpu) == (2, "bf16", True)
-    assert config.serve.accelerator == "gpu"
+    assert config.serve.models["loom-125m"].accelerator == "gpu"
 
 
 def test_three_mistakes_are_all_reported(tmp_path):
@@ -63,7 +63,7 @@ def test_parse_overrides_nests_and_parses_yaml_scalars():
     [
         (["train.precision=fp16"], "train.precision"),  # fp16 needs a GPU
         (["tune.lr_min=0.1", "tune.lr_max=0.01"], "tune"),
-        (["serve.min_replicas=3", "serve.max_replicas=2"], "serve"),
+        (["serve.models.loom-tiny.autoscaling.min_replicas=3"], "serve.models.loom-tiny.autoscaling"),
         (["data.seq_len=512"], ""),  # longer than max_position_embeddings
         (["train.model.num_heads=4", "train.model.num_kv_heads=4"], ""),  # head size 16: vLLM CPU cannot serve it
         (["train.model.num_heads=3"], "train.model"),

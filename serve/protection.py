@@ -1,0 +1,231 @@
+"""The ingress's checks, without HTTP: API keys, per-key rate limits, request limits and the prompt guard.
+
+Every check raises ``Rejection`` with the HTTP status, a reason code (the ``reason`` label of the
+rejects metric) and a message naming the limit, so the HTTP layer only maps it to a response.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from serve.config import ProtectionConfig
+
+log = logging.getLogger(__name__)
+
+
+class Rejection(Exception):
+    """A request refused before it reaches a model."""
+
+    def __init__(self, status: int, reason: str, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A key and its own rate limit (unset: the configured defaults)."""
+
+    key: str = field(repr=False)
+    requests_per_minute: float | None = None
+    burst: int | None = None
+
+
+def _parse_key_line(line: str, path: Path, number: int) -> ApiKey:
+    """``KEY [REQUESTS_PER_MINUTE [BURST]]``"""
+    key, *limits = line.split()
+    try:
+        per_minute = float(limits[0]) if limits else None
+        burst = int(limits[1]) if len(limits) > 1 else None
+    except ValueError:
+        raise RuntimeError(f"{path}:{number}: expected 'KEY [REQUESTS_PER_MINUTE [BURST]]'") from None
+    if len(limits) > 2 or (per_minute is not None and per_minute <= 0) or (burst is not None and burst < 1):
+        raise RuntimeError(f"{path}:{number}: expected 'KEY [REQUESTS_PER_MINUTE [BURST]]' with positive limits")
+    return ApiKey(key, per_minute, burst)
+
+
+def load_api_keys(config: ProtectionConfig, environ: Mapping[str, str] | None = None) -> list[ApiKey]:
+    """Keys from the environment variable and the secrets file; an unreadable file is an error, not 'no keys'.
+
+    The file holds one key per line, optionally followed by that key's own requests per minute and burst.
+    """
+    environ = os.environ if environ is None else environ
+    keys: list[ApiKey] = []
+    if config.api_keys_env:
+        keys += [ApiKey(key.strip()) for key in environ.get(config.api_keys_env, "").split(",") if key.strip()]
+    if config.api_keys_file:
+        path = Path(config.api_keys_file).expanduser()
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise RuntimeError(f"serve.protection.api_keys_file {path}: cannot read it ({err.strerror})") from err
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip() and not line.lstrip().startswith("#"):
+                keys.append(_parse_key_line(line, path, number))
+    return keys
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request: a key's digest prefix (never the key) and that key's limits."""
+
+    id: str
+    requests_per_minute: float
+    burst: int
+
+
+class KeyRing:
+    """Bearer-token check. Only SHA-256 digests are kept, so a key never sits in memory dumps or logs."""
+
+    def __init__(self, keys: list[ApiKey], requests_per_minute: float, burst: int):
+        self._callers = {
+            _digest(k.key): Caller(_digest(k.key)[:12], k.requests_per_minute or requests_per_minute, k.burst or burst)
+            for k in keys
+        }
+        self._anonymous = Caller("anonymous", requests_per_minute, burst)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._callers)
+
+    def identify(self, authorization: str | None) -> Caller:
+        """The caller behind a valid ``Authorization: Bearer KEY`` header; anyone when no keys are set."""
+        if not self._callers:
+            return self._anonymous
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Rejection(401, "missing-key", "missing API key: send 'Authorization: Bearer <key>'")
+        digest = _digest(token.strip())
+        # Constant-time comparison against every digest: no timing hint about how much matched.
+        found = [caller for known, caller in self._callers.items() if hmac.compare_digest(digest, known)]
+        if not found:
+            raise Rejection(401, "invalid-key", "invalid API key")
+        return found[0]
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+@dataclass
+class RateLimiter:
+    """Token bucket per caller (per ingress replica: with N ingress replicas a key gets up to N x its rate)."""
+
+    clock: Any = time.monotonic
+    _buckets: dict[str, _Bucket] = field(default_factory=dict)
+
+    def take(self, caller: Caller) -> None:
+        now = self.clock()
+        bucket = self._buckets.setdefault(caller.id, _Bucket(tokens=float(caller.burst), updated=now))
+        rate = caller.requests_per_minute / 60.0
+        bucket.tokens = min(float(caller.burst), bucket.tokens + (now - bucket.updated) * rate)
+        bucket.updated = now
+        if bucket.tokens < 1.0:
+            wait = (1.0 - bucket.tokens) / rate
+            raise Rejection(
+                429,
+                "rate-limit",
+                f"rate limit of {caller.requests_per_minute:g} requests/minute (burst {caller.burst}) exceeded; "
+                f"retry in {wait:.1f} s",
+                retry_after_s=wait,
+            )
+        bucket.tokens -= 1.0
+
+
+def prompt_text(payload: Mapping[str, Any]) -> str:
+    """All prompt text of a completions or chat payload (token-id prompts contribute nothing)."""
+    parts: list[str] = []
+    prompt = payload.get("prompt")
+    if isinstance(prompt, str):
+        parts.append(prompt)
+    elif isinstance(prompt, list):
+        parts += [item for item in prompt if isinstance(item, str)]
+    for message in payload.get("messages") or []:
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts += [p.get("text", "") for p in content if isinstance(p, Mapping) and isinstance(p.get("text"), str)]
+    return "\n".join(parts)
+
+
+def requested_tokens(payload: Mapping[str, Any]) -> Any:
+    """The output-token bound a payload asks for (chat's max_completion_tokens wins over max_tokens)."""
+    if payload.get("max_completion_tokens") is not None:
+        return payload["max_completion_tokens"]
+    return payload.get("max_tokens")
+
+
+class Protection:
+    """The ingress's checks, in the order a request meets them."""
+
+    def __init__(self, config: ProtectionConfig, keys: list[ApiKey]):
+        self.config = config
+        self.keys = KeyRing(keys, config.requests_per_minute, config.burst)
+        self.limiter = RateLimiter()
+        self._patterns = (
+            {
+                reason: re.compile(pattern, re.IGNORECASE | re.DOTALL)
+                for reason, pattern in config.guard.patterns.items()
+            }
+            if config.guard.enabled
+            else {}
+        )
+
+    def admit(self, authorization: str | None, content_length: str | None) -> Caller:
+        """Key, rate and declared size, before the body is read."""
+        caller = self.keys.identify(authorization)
+        self.limiter.take(caller)
+        if content_length is not None and content_length.isdigit():
+            self.check_size(int(content_length))
+        return caller
+
+    def check_size(self, size: int) -> None:
+        if size > self.config.max_body_bytes:
+            raise Rejection(
+                413, "body-too-large", f"request body of {size} bytes exceeds the limit of {self.config.max_body_bytes}"
+            )
+
+    def check_payload(self, payload: Any) -> None:
+        """Limits and guard on a decoded JSON body."""
+        if not isinstance(payload, Mapping):
+            raise Rejection(400, "malformed", "request body must be a JSON object")
+        max_tokens = requested_tokens(payload)
+        if max_tokens is not None:
+            if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+                raise Rejection(400, "max-tokens", f"max_tokens must be an integer, got {max_tokens!r}")
+            if max_tokens < 1:
+                raise Rejection(400, "max-tokens", f"max_tokens must be at least 1, got {max_tokens}")
+            if max_tokens > self.config.max_tokens:
+                raise Rejection(
+                    400,
+                    "max-tokens",
+                    f"max_tokens {max_tokens} exceeds this endpoint's limit of {self.config.max_tokens}",
+                )
+        text = prompt_text(payload)
+        if len(text) > self.config.max_prompt_chars:
+            raise Rejection(
+                400,
+                "prompt-too-long",
+                f"prompt of {len(text)} characters exceeds the limit of {self.config.max_prompt_chars}",
+            )
+        for reason, pattern in self._patterns.items():
+            if pattern.search(text):
+                raise Rejection(400, f"guard:{reason}", f"prompt rejected by the input guard ({reason})")

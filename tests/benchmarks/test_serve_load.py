@@ -1,0 +1,167 @@
+"""Serving under a fixed-concurrency load: Loom's Ray Serve endpoint vs the same vLLM engine behind its own
+OpenAI server vs Hugging Face ``generate``, on the same model and prompts, in one run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import TINY, free_port
+
+pytestmark = pytest.mark.benchmark
+CONCURRENCY, REQUESTS, MAX_TOKENS, MAX_MODEL_LEN = 8, 96, 64, 512
+#: Bigger than the tiny recipe's model, so that engine work, not per-request plumbing, is what is timed.
+BENCH_MODEL = [
+    "train.model.hidden_size=256",
+    "train.model.num_layers=4",
+    "train.model.num_heads=4",
+    "train.model.num_kv_heads=4",
+    "train.model.intermediate_size=1024",
+    f"train.model.max_position_embeddings={MAX_MODEL_LEN}",
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A randomly initialised Llama with a BPE tokenizer trained on stdlib sources (no Ray, no download)."""
+    from pipelines.config import load_config
+    from pipelines.data.readers import stdlib_files
+    from pipelines.model.llama import build_llama, export_hf
+    from pipelines.model.tokenizer import train_bpe
+
+    root = tmp_path_factory.mktemp("bench-model")
+    cfg = load_config(TINY, BENCH_MODEL)
+    texts = (Path(path).read_text(errors="replace") for path in stdlib_files()[:200])
+    tokenizer = train_bpe(texts, cfg.data.vocab_size, root / "tokenizer")
+    model = build_llama(cfg.train.model, tokenizer, seed=0)
+    return export_hf(model, model.state_dict(), tokenizer, root / "model")
+
+
+def prompts(count: int) -> list[str]:
+    from pipelines.data.readers import stdlib_files
+
+    files = stdlib_files()[200 : 200 + count]
+    return [Path(path).read_text(errors="replace")[:400] for path in files]
+
+
+def wait_healthy(url: str, process: subprocess.Popen | None = None, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} not healthy after {timeout_s} s")
+
+
+def load(base_url: str, model: str, texts: list[str]):
+    from serve.loadtest import run_load
+
+    run_load(base_url, model, texts[:CONCURRENCY], concurrency=CONCURRENCY, requests=CONCURRENCY, max_tokens=8)
+    return run_load(
+        base_url, model, texts, concurrency=CONCURRENCY, requests=REQUESTS, max_tokens=MAX_TOKENS, time_limit_s=300
+    )
+
+
+def serve_endpoint(model_dir: Path, texts: list[str]):
+    import ray
+    from ray import serve
+
+    from cluster.config import ClusterConfig
+    from cluster.connect import connect
+    from serve.app import ServeAppArgs, build_app
+    from serve.config import ServeConfig
+
+    port = free_port()
+    config = ServeConfig.model_validate(
+        {
+            "models": {
+                "bench": {
+                    "source": str(model_dir),
+                    "cpus_per_replica": os.cpu_count(),
+                    "engine": {"dtype": "float32", "max_model_len": MAX_MODEL_LEN, "max_num_seqs": CONCURRENCY},
+                }
+            },
+            "protection": {"api_keys_env": None, "max_tokens": MAX_TOKENS},
+            "port": port,
+        }
+    )
+    connect(ClusterConfig(num_cpus=2 * (os.cpu_count() or 2)))
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        args = ServeAppArgs(serve_config=config, model_sources={"bench": str(model_dir)})
+        serve.run(build_app(args.model_dump(mode="json")), name="bench", route_prefix="/")
+        return load(f"http://127.0.0.1:{port}/v1", "bench", texts)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def plain_vllm(model_dir: Path, texts: list[str]):
+    port = free_port()
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+        "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+        "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(CONCURRENCY),
+    ]  # fmt: skip
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/health", process)
+        return load(f"http://127.0.0.1:{port}/v1", "bench", texts)
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def hf_generate(model_dir: Path, texts: list[str], batches: int = 3) -> dict[str, float]:
+    """Batches of CONCURRENCY prompts through ``generate`` (left padding), each to exactly MAX_TOKENS tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    latencies, tokens = [], 0
+    started = time.perf_counter()
+    for b in range(batches):
+        batch = tokenizer(texts[b * CONCURRENCY : (b + 1) * CONCURRENCY], return_tensors="pt", padding=True)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False)
+        latencies.append(time.perf_counter() - t0)
+        tokens += (out.shape[1] - batch["input_ids"].shape[1]) * out.shape[0]
+    seconds = time.perf_counter() - started
+    return {"requests": batches * CONCURRENCY, "tokens_per_s": tokens / seconds, "latency_p50_s": sorted(latencies)[1]}
+
+
+def test_serve_throughput_against_plain_vllm_and_hf_generate(model_dir, record_benchmark):
+    texts = prompts(REQUESTS)
+    served = serve_endpoint(model_dir, texts)
+    plain = plain_vllm(model_dir, texts)
+    hf = hf_generate(model_dir, texts)
+    assert served.failed == 0 and plain.failed == 0
+    assert served.output_tokens == plain.output_tokens == REQUESTS * MAX_TOKENS
+    rows = [
+        {"server": "Ray Serve + vLLM", **served.as_row()},
+        {"server": "vLLM OpenAI server", **plain.as_row()},
+        {"server": "HF generate", "requests": hf["requests"], "tokens_per_s": round(hf["tokens_per_s"], 1)},
+    ]
+    record_benchmark(
+        "serve_load",
+        rows,
+        serve_vs_plain_throughput=round(served.tokens_per_s / plain.tokens_per_s, 3),
+        vllm_vs_hf_throughput=round(plain.tokens_per_s / hf["tokens_per_s"], 2),
+        concurrency=CONCURRENCY,
+        max_tokens=MAX_TOKENS,
+        hf_batch_latency_p50_s=round(hf["latency_p50_s"], 3),
+    )

@@ -1,0 +1,48 @@
+"""LoRA supervised fine-tuning of the trained model: only the adapters change, the loss counts the
+response, and the merged export is a plain Hugging Face model (tests/ray/test_serve.py serves it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.ray
+
+
+def test_lora_sft_changes_only_low_rank_adapters_of_the_target_layers(lora_done, train_done):
+    import torch
+    from safetensors.torch import load_file
+
+    config, record = lora_done
+    assert record["metrics"]["last_loss"] < record["metrics"]["first_loss"]
+    assert record["inputs"]["init_from"] and record["inputs"]["sft_pairs"]
+    adapter = json.loads((Path(record["outputs"]["adapter"]) / "adapter_config.json").read_text())
+    assert (adapter["r"], sorted(adapter["target_modules"])) == (4, ["q_proj", "v_proj"])
+
+    base = load_file(Path(train_done["outputs"]["model"]) / "model.safetensors")
+    merged = load_file(Path(record["outputs"]["model"]) / "model.safetensors")
+    assert set(base) == set(merged)  # a plain model: no adapter tensors left after merging
+    changed = 0
+    for name, weight in base.items():
+        delta = merged[name] - weight
+        if name.endswith(("q_proj.weight", "v_proj.weight")):
+            assert delta.abs().max() > 0, f"{name} did not train"
+            assert torch.linalg.matrix_rank(delta, atol=1e-6) <= 4, f"{name}: update of rank > r"
+            changed += 1
+        else:
+            assert torch.equal(delta, torch.zeros_like(delta)), f"{name} changed but has no adapter"
+    assert changed == 2 * config.train.model.num_layers
+
+    trainable = [json.loads(line) for line in Path(record["outputs"]["metrics"]).read_text().splitlines()]
+    row = next(r for r in trainable if "trainable_parameters" in r)
+    assert 0 < row["trainable_parameters"] < row["parameters"] / 10
+
+
+def test_sft_rejects_bad_lines_with_reasons(lora_done):
+    config, _ = lora_done
+    rejects = pq.read_table(config.run_dir() / "train" / "sft_rejects").to_pylist()
+    reasons = sorted(r["reason"] for r in rejects)
+    assert len(reasons) == 2 and reasons[0].startswith("malformed JSON") and reasons[1] == "no text in 'response'"
