@@ -42,7 +42,7 @@ demo: setup
 	$(VENV)/bin/loom run $(RECIPE)
 
 test: setup
-	$(VENV)/bin/pytest tests -m "not benchmark" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest tests -m "not benchmark" --durations=15 $(PYTEST_ARGS)
 
 bench: setup
 	$(VENV)/bin/pytest tests/benchmarks -m benchmark -s $(PYTEST_ARGS)

@@ -160,6 +160,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from pipelines.model.llama import count_parameters
     from pipelines.train.config import TrainConfig
     from pipelines.train.deepspeed_config import deepspeed_config
+    from pipelines.train.metrics import PrometheusGauges, flops_per_token, mfu, peak_flops
 
     config = TrainConfig.model_validate(loop_config["train"])
     seed: int = loop_config["seed"]
@@ -198,6 +199,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             _, client_state = engine.load_checkpoint(directory, tag=DS_TAG)
         epoch, position = client_state["epoch"], client_state["data_position"]
 
+    model_config = engine.module.config
+    parameters = count_parameters(engine.module)
+    token_flops = flops_per_token(
+        parameters, model_config.num_hidden_layers, model_config.hidden_size, loop_config["seq_len"]
+    )
+    peak = peak_flops(engine.device)
+    gauges = PrometheusGauges(context.get_experiment_name()) if rank == 0 else None
+
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if loop_config["has_val"] else None
     tokens_per_step = config.effective_global_batch_size * loop_config["seq_len"]
@@ -230,10 +239,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 "lr": scheduler.get_last_lr()[0],
                 "step_time_s": elapsed / window_steps,
                 "tokens_per_s": tokens_per_step * window_steps / elapsed,
-                "parameters": count_parameters(engine.module),
+                "parameters": parameters,
                 "trainable_parameters": sum(p.numel() for p in trainable),
                 "memory_mib": _memory_mib(engine.device),
             }
+            utilisation = mfu(metrics["tokens_per_s"] / world, token_flops, peak)
+            if utilisation is not None:
+                metrics["mfu"] = utilisation
             grad_norm = engine.get_global_grad_norm()
             if grad_norm is not None:
                 metrics["grad_norm"] = float(grad_norm)
@@ -241,6 +253,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 val_loss = evaluate(engine, val_shard, config.micro_batch_size, rank, world, config.eval_batches)
                 metrics.update(val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 50.0)))
                 window_start = time.perf_counter()  # evaluation time is not training time
+            if gauges is not None:
+                gauges.set(metrics)
             last_loss = metrics["loss"]
             window_start = window_start if evaluate_now else time.perf_counter()
             window_steps, loss_sum, loss_count = 0, 0.0, 0

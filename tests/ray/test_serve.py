@@ -21,6 +21,7 @@ import pytest
 
 from pipelines.chain import run_stage
 from tests.conftest import REPO_ROOT, free_port
+from tests.metrics import scrape, total
 
 pytestmark = pytest.mark.ray
 
@@ -255,24 +256,7 @@ def test_a_killed_replica_is_replaced_while_requests_keep_succeeding(endpoint):
     wait_for(lambda: running_replicas(SECOND) == 1, 180, "the replacement replica")
 
 
-def scrape() -> dict[str, list]:
-    """Ray's Prometheus endpoint on this node, parsed by prometheus_client: name -> samples."""
-    import ray
-    from prometheus_client.parser import text_string_to_metric_families
-
-    port = ray._private.worker.global_worker.node.metrics_export_port
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
-    samples: dict[str, list] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples.setdefault(sample.name, []).append(sample)
-    return samples
-
-
 def test_requests_rejects_latency_engine_and_scaling_metrics_reach_prometheus(endpoint):
-    def total(samples, name, **labels):
-        return sum(s.value for s in samples.get(name, []) if all(s.labels.get(k) == v for k, v in labels.items()))
-
     def complete() -> bool:
         samples = scrape()
         return (

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
-from pipelines.runs import RunDir
 from pipelines.train.config import TrainConfig
+from tests.metrics import scrape, total
+from tests.training import fit
 
 pytestmark = pytest.mark.ray
 
@@ -17,9 +21,20 @@ CASES = {
 }
 
 
+def watch_train_gauges(run_name: str, seen: list[float], timeout_s: float = 120) -> None:
+    """Scrape until rank 0's step gauge for this run shows up (Ray exports metrics every few seconds)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not seen:
+        samples = scrape()
+        steps = [s.value for s in samples.get("ray_loom_train_step", []) if s.labels.get("run") == run_name]
+        if steps and total(samples, "ray_loom_train_loss", run=run_name) > 0:
+            seen.extend(steps)
+        time.sleep(1)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_zero_stage_trains_with_falling_loss(case, data_done, tiny_config, tmp_path):
-    from pipelines.train.stage import build_trainer, metrics_log_callback, read_loss_curve
+    from pipelines.train.stage import read_loss_curve
 
     steps = 10
     config = TrainConfig.model_validate(
@@ -32,11 +47,15 @@ def test_zero_stage_trains_with_falling_loss(case, data_done, tiny_config, tmp_p
             "checkpoint_every": steps,
         }
     )
-    history = tmp_path / "metrics.jsonl"
-    trainer = build_trainer(
-        config, RunDir(tiny_config.run_dir()), tiny_config.seed, tmp_path, case, [metrics_log_callback(history)]
-    )
-    result = trainer.fit()
+    watch = case == "zero0"  # one case also checks the live Prometheus export of rank 0's reports
+    seen: list[float] = []
+    watcher = threading.Thread(target=watch_train_gauges, args=(case, seen), daemon=True) if watch else None
+    if watcher:
+        watcher.start()
+    result, history = fit(config, tiny_config, tmp_path, case)
+    if watcher:
+        watcher.join(timeout=60)
+        assert seen and max(seen) >= 1, "ray_loom_train_step never reached Prometheus during training"
     curve = read_loss_curve(history)
     assert result.error is None and result.metrics["step"] == steps
     assert [point["step"] for point in curve] == list(range(1, steps + 1))

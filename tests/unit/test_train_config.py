@@ -62,3 +62,13 @@ def test_bad_deepspeed_combinations_are_all_reported_with_their_keys():
         "train.offload_optimizer": "needs zero_stage >= 1 (ZeRO partitions what it offloads)",
         "train.offload_params": "needs zero_stage 3 (got 0)",
     }
+
+
+def test_flops_per_token_and_mfu():
+    from pipelines.train.metrics import flops_per_token, mfu
+
+    # 125M parameters, 12 layers x 768, 2048 tokens: 6N dominates, attention adds 12*12*768*2048.
+    flops = flops_per_token(125_000_000, 12, 768, 2048)
+    assert flops == 6 * 125e6 + 12 * 12 * 768 * 2048
+    assert mfu(400_000, flops, 989e12) == pytest.approx(400_000 * flops / 989e12)
+    assert mfu(400_000, flops, None) is None  # CPU: no peak, no MFU
