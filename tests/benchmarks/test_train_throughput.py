@@ -3,6 +3,7 @@ on the same model, micro-batch and packed shards, in one run."""
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -55,6 +56,8 @@ def ray_deepspeed(cfg, tmp_path, workers: int) -> float:
         {
             **cfg.train.model_dump(),
             "num_workers": workers,
+            # The machine's cores split among the workers: Ray sizes each worker's torch threads by its CPUs.
+            "cpus_per_worker": max(1, (os.cpu_count() or 2) // workers),
             "zero_stage": 2 if workers > 1 else 0,
             "micro_batch_size": MICRO_BATCH,
             "max_steps": STEPS,
