@@ -40,8 +40,20 @@ class ClusterConfig(StrictModel):
         description="Paths left out of the working_dir that `loom submit` uploads "
         "(Ray caps the upload at about 500 MB).",
     )
+    train_report_poll_s: float = Field(
+        default=0.2,
+        gt=0,
+        le=10,
+        description="How often Ray Train's controller collects workers' reports (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S; "
+        "Ray's default 2 s). A worker's report waits until the previous one is collected, so the default "
+        "throttles a run that reports more often than every 2 s.",
+    )
     pip: list[str] = Field(
         default_factory=list,
         description="Extra pip packages for the job's runtime_env. Cluster nodes should already "
         "have Loom's dependencies (cluster.yaml setup_commands); this is for small additions.",
     )
+
+    def ray_env_vars(self) -> dict[str, str]:
+        """Environment every Ray process of a Loom job gets (embedded Ray, `ray.init`, `loom submit`)."""
+        return {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(self.train_report_poll_s)}

@@ -28,10 +28,17 @@ def connect(config: ClusterConfig, address: str | None = None) -> str:
         return "already connected"
     target = address or config.address or os.environ.get("RAY_ADDRESS")
     if target:
-        ray.init(address=target, log_to_driver=True)
+        # Inside `ray job submit` the job's runtime_env already carries these (loom submit sets them).
+        in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+        ray.init(
+            address=target, log_to_driver=True, runtime_env=None if in_job else {"env_vars": config.ray_env_vars()}
+        )
         return f"Ray cluster at {target}"
     num_cpus = embedded_num_cpus(config)
     memory = config.object_store_memory_gib
+    # The embedded cluster's processes inherit this process's environment.
+    for name, value in config.ray_env_vars().items():
+        os.environ.setdefault(name, value)
     ray.init(
         num_cpus=num_cpus,
         object_store_memory=int(memory * 2**30) if memory else None,

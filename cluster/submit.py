@@ -41,7 +41,11 @@ def entrypoint(stage: str, recipe: Path, overrides: list[str]) -> str:
 
 
 def runtime_env(config: LoomConfig) -> dict:
-    env: dict = {"working_dir": str(REPO_ROOT), "excludes": list(config.cluster.runtime_env_excludes)}
+    env: dict = {
+        "working_dir": str(REPO_ROOT),
+        "excludes": list(config.cluster.runtime_env_excludes),
+        "env_vars": config.cluster.ray_env_vars(),
+    }
     if config.cluster.pip:
         env["pip"] = list(config.cluster.pip)
     return env

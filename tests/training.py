@@ -48,6 +48,10 @@ def fit(config, tiny_config, tmp_path, name, during=None):
             thread.join(timeout=30)
 
 
+#: The kill/resume test's run: long enough to checkpoint, be killed after step 6 and resume from step 4.
+RESUME_STEPS, RESUME_CHECKPOINT_EVERY = 12, 4
+
+
 def resume_config(train, steps: int, checkpoint_every: int):
     """The recipe's training setup, reporting every step and checkpointing every ``checkpoint_every``."""
     from pipelines.train.config import TrainConfig

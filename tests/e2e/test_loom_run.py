@@ -26,7 +26,7 @@ def test_loom_run_whole_chain_then_query_the_endpoint(tmp_path):
         sys.executable, "-m", "cluster", "run", str(TINY),
         f"storage={tmp_path}", "run_name=e2e", f"serve.port={port}",
         "data.max_documents=150", "train.max_steps=12", "train.checkpoint_every=6",
-        "tune.num_trials=2", "tune.max_steps_per_trial=3",
+        "tune.num_trials=1", "tune.max_steps_per_trial=2",  # the sweep itself: tests/ray/test_stages.py
         "--keep-serving",
     ]  # fmt: skip
     with open(log_path, "w") as log:
@@ -53,7 +53,7 @@ def test_loom_run_whole_chain_then_query_the_endpoint(tmp_path):
         assert set(manifest["stages"]) == {"data", "train", "tune", "serve"}
         for stage in ("data", "train", "tune"):
             assert (run_dir / stage / "_COMPLETE").is_file()
-        assert manifest["stages"]["serve"]["inputs"]["model"]
+        assert manifest["stages"]["serve"]["inputs"]["model:loom-tiny"]
 
         client = openai.OpenAI(base_url=url, api_key="unused")
         # A tiny random-ish model may emit EOS at any point: ignore_eos (a vLLM extension) makes the

@@ -97,6 +97,17 @@ def train_done(data_done, tiny_config):
     return run_stage("train", tiny_config)
 
 
+@pytest.fixture(scope="package")
+def uninterrupted(data_done, tiny_config, tmp_path_factory):
+    """The recipe's ZeRO-2 training, reporting every step: the matrix's ZeRO-2 case and the reference
+    every resumed run must match."""
+    from tests.training import RESUME_CHECKPOINT_EVERY, RESUME_STEPS, fit, resume_config
+
+    config = resume_config(tiny_config.train, RESUME_STEPS, RESUME_CHECKPOINT_EVERY)
+    result, history = fit(config, tiny_config, tmp_path_factory.mktemp("uninterrupted"), "uninterrupted")
+    return config, result, history
+
+
 def write_sft_pairs(path, pairs: int = 96) -> None:
     """Prompt/response pairs a tiny model can learn (the response restates the prompt's word), plus two bad lines."""
     words = ["alpha", "bravo", "delta", "kilo", "lima", "oscar", "romeo", "tango", "victor", "zulu", "echo", "hotel"]

@@ -13,10 +13,16 @@ from tests.training import fit
 
 pytestmark = pytest.mark.ray
 
+#: ZeRO-2 without offload is the recipe's own setup: test_zero2_... below checks it on the run
+#: test_train_resume.py also uses as its uninterrupted reference (one training run fewer).
 CASES = {
     "zero0": {"zero_stage": 0},
-    "zero1-activation-checkpointing": {"zero_stage": 1, "activation_checkpointing": True},
-    "zero2-offload-optimizer": {"zero_stage": 2, "offload_optimizer": True, "gradient_accumulation_steps": 2},
+    "zero1-checkpointing-offload-accumulation": {
+        "zero_stage": 1,
+        "activation_checkpointing": True,
+        "offload_optimizer": True,
+        "gradient_accumulation_steps": 2,
+    },
     "zero3-offload-params-and-optimizer": {"zero_stage": 3, "offload_params": True, "offload_optimizer": True},
 }
 
@@ -63,3 +69,13 @@ def test_zero_stage_trains_with_falling_loss(case, data_done, tiny_config, tmp_p
     assert last < first - 0.5, curve  # a real drop, not noise (the loss starts near ln(vocab) ~ 6.9)
     assert (result.checkpoint.path and result.checkpoint.to_directory(str(tmp_path / "export"))) is not None
     assert (tmp_path / "export" / "model.safetensors").is_file()
+
+
+def test_zero2_the_recipes_setup_trains_with_falling_loss(uninterrupted, tiny_config):
+    from pipelines.train.stage import read_loss_curve
+
+    config, result, history = uninterrupted
+    assert config.zero_stage == tiny_config.train.zero_stage == 2
+    curve = read_loss_curve(history)
+    assert result.error is None and [point["step"] for point in curve] == list(range(1, config.max_steps + 1))
+    assert curve[-1]["loss"] < curve[0]["loss"] - 0.5, curve

@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import pytest
 
-from tests.training import fit, killer, reported_steps, resume_config
+from tests.training import RESUME_CHECKPOINT_EVERY, RESUME_STEPS, fit, killer, reported_steps
 
 pytestmark = pytest.mark.ray
-STEPS, CHECKPOINT_EVERY, KILL_AFTER = 12, 4, 6
+STEPS, CHECKPOINT_EVERY, KILL_AFTER = RESUME_STEPS, RESUME_CHECKPOINT_EVERY, 6
 
 
-def test_killed_worker_resumes_exactly(data_done, tiny_config, tmp_path):
+def test_killed_worker_resumes_exactly(uninterrupted, tiny_config, tmp_path):
     from pipelines.train.stage import read_loss_curve
 
-    config = resume_config(tiny_config.train, STEPS, CHECKPOINT_EVERY)
-    reference, reference_history = fit(config, tiny_config, tmp_path, "uninterrupted")
-    assert reference.error is None
+    config, reference, reference_history = uninterrupted
+    assert reference.error is None and config.max_steps == STEPS
 
     killed: dict[str, float] = {}
     result, history = fit(config, tiny_config, tmp_path, "killed", during=killer(KILL_AFTER, killed))
