@@ -73,7 +73,9 @@ def load(base_url: str, model: str, texts: list[str]):
     )
 
 
-def serve_endpoint(model_dir: Path, texts: list[str]):
+def serve_endpoint(model_dir: Path, texts: list[str], stock_ingress: bool = False):
+    """Loom's application; with ``stock_ingress``, ``ray.serve.llm.build_openai_app`` on the same LLMConfig
+    (no keys, limits or Loom metrics), to tell the ingress's share of the cost from Serve's."""
     import ray
     from ray import serve
 
@@ -100,7 +102,15 @@ def serve_endpoint(model_dir: Path, texts: list[str]):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         args = ServeAppArgs(serve_config=config, model_sources={"bench": str(model_dir)})
-        serve.run(build_app(args.model_dump(mode="json")), name="bench", route_prefix="/")
+        if stock_ingress:
+            from ray.serve.llm import build_openai_app
+
+            from serve.app import llm_config
+
+            app = build_openai_app({"llm_configs": [llm_config("bench", config.models["bench"], str(model_dir))]})
+        else:
+            app = build_app(args.model_dump(mode="json"))
+        serve.run(app, name="bench", route_prefix="/")
         return load(f"http://127.0.0.1:{port}/v1", "bench", texts)
     finally:
         serve.shutdown()
@@ -147,12 +157,14 @@ def hf_generate(model_dir: Path, texts: list[str], batches: int = 3) -> dict[str
 def test_serve_throughput_against_plain_vllm_and_hf_generate(model_dir, record_benchmark):
     texts = prompts(REQUESTS)
     served = serve_endpoint(model_dir, texts)
+    stock = serve_endpoint(model_dir, texts, stock_ingress=True)
     plain = plain_vllm(model_dir, texts)
     hf = hf_generate(model_dir, texts)
-    assert served.failed == 0 and plain.failed == 0
+    assert served.failed == 0 and stock.failed == 0 and plain.failed == 0
     assert served.output_tokens == plain.output_tokens == REQUESTS * MAX_TOKENS
     rows = [
         {"server": "Ray Serve + vLLM", **served.as_row()},
+        {"server": "Ray Serve stock OpenAI app + vLLM", **stock.as_row()},
         {"server": "vLLM OpenAI server", **plain.as_row()},
         # generate() answers a whole batch at once: no per-request latency or first token to report.
         {
@@ -166,6 +178,7 @@ def test_serve_throughput_against_plain_vllm_and_hf_generate(model_dir, record_b
         "serve_load",
         rows,
         serve_vs_plain_throughput=round(served.tokens_per_s / plain.tokens_per_s, 3),
+        stock_serve_vs_plain_throughput=round(stock.tokens_per_s / plain.tokens_per_s, 3),
         vllm_vs_hf_throughput=round(plain.tokens_per_s / hf["tokens_per_s"], 2),
         concurrency=CONCURRENCY,
         max_tokens=MAX_TOKENS,

@@ -30,6 +30,8 @@ def test_runtime_env_uploads_repo_without_venv_or_runs():
     env = runtime_env(load_config(TINY))
     assert env["working_dir"] == str(REPO_ROOT)
     assert ".venv/" in env["excludes"] and "runs/" in env["excludes"]
+    # Ray Train's controller collects reports every 0.2 s instead of 2 s in the job's processes too.
+    assert env["env_vars"] == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 
 
 def test_submit_refuses_a_bad_recipe_before_contacting_anything():
