@@ -32,6 +32,17 @@ def data_outputs(run: RunDir) -> dict[str, Path]:
     return {"train": data / "train", "val": data / "val", "tokenizer": data / "tokenizer", "stats": data / "stats.json"}
 
 
+def check_same_tokenizer(model_dir: Path, tokenizer_dir: Path) -> None:
+    """Packed shards are token ids: a model continuing on them must have the tokenizer that made them."""
+    from pipelines.model.tokenizer import load_tokenizer
+
+    if load_tokenizer(model_dir).get_vocab() != load_tokenizer(tokenizer_dir).get_vocab():
+        raise ValueError(
+            f"train.init_from {model_dir} has another tokenizer than the one that packed the data ({tokenizer_dir}); "
+            f"set data.tokenizer_path={model_dir} and rerun the data stage (--force), or fine-tune with train.sft"
+        )
+
+
 def build_trainer(
     config: TrainConfig,
     run: RunDir,
@@ -58,7 +69,8 @@ def build_trainer(
             rejects.write_parquet(str(storage_path / "sft_rejects"))
     else:
         inputs = data_outputs(run)
-        # Continuing from a model: its tokenizer must be the one the shards were packed with.
+        if config.init_from is not None:
+            check_same_tokenizer(Path(config.init_from), inputs["tokenizer"])
         tokenizer_dir = str(config.init_from or inputs["tokenizer"])
         seq_len = json.loads(inputs["stats"].read_text())["seq_len"]
         datasets = {"train": ray.data.read_parquet(str(inputs["train"]))}

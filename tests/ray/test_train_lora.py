@@ -46,3 +46,29 @@ def test_sft_rejects_bad_lines_with_reasons(lora_done):
     rejects = pq.read_table(config.run_dir() / "train" / "sft_rejects").to_pylist()
     reasons = sorted(r["reason"] for r in rejects)
     assert len(reasons) == 2 and reasons[0].startswith("malformed JSON") and reasons[1] == "no text in 'response'"
+
+
+def test_continued_pretraining_starts_from_the_given_model(train_done, tiny_config, tmp_path):
+    """train.init_from on the packed shards (tokenized with that model's tokenizer): the first loss is the
+    trained model's, far below a fresh model's, and training goes on from there."""
+    from pipelines.train.config import TrainConfig
+    from pipelines.train.stage import read_loss_curve
+    from tests.training import fit
+
+    fresh = read_loss_curve(Path(train_done["outputs"]["metrics"]))
+    config = TrainConfig.model_validate(
+        {
+            **tiny_config.train.model_dump(),
+            "init_from": train_done["outputs"]["model"],
+            "max_steps": 4,
+            "log_every": 1,
+            "checkpoint_every": 4,
+            "eval_every": 0,
+        }
+    )
+    result, history = fit(config, tiny_config, tmp_path, "continued")
+    curve = read_loss_curve(history)
+    assert result.error is None and [p["step"] for p in curve] == [1, 2, 3, 4]
+    # A fresh model starts near ln(vocab); this one starts where the first run ended (other batches: ± noise).
+    assert curve[0]["loss"] < fresh[0]["loss"] - 0.5, (curve[0], fresh[0])
+    assert abs(curve[0]["loss"] - fresh[-1]["loss"]) < 0.3, (curve[0], fresh[-1])

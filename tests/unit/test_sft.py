@@ -62,3 +62,12 @@ def test_lora_and_sft_need_a_model_to_start_from():
     keys = {key for key, _ in caught.value.problems}
     assert keys == {"train.lora", "train.sft"}, caught.value.problems
     assert "init_from" in str(caught.value) and "ZeRO-3" in str(caught.value)
+
+
+def test_continuing_on_shards_of_another_tokenizer_is_refused(tokenizer_dir, tmp_path):
+    from pipelines.train.stage import check_same_tokenizer
+
+    check_same_tokenizer(tokenizer_dir, tokenizer_dir)
+    other = train_bpe(["completely different text, other merges"] * 40, 280, tmp_path / "other")
+    with pytest.raises(ValueError, match="data.tokenizer_path"):
+        check_same_tokenizer(tokenizer_dir, other)
