@@ -10,6 +10,15 @@ import pytest
 from tests.conftest import REPO_ROOT
 
 RESULTS = REPO_ROOT / "bench-results"
+#: The benchmarks' model: bigger than the tiny recipe's, so that compute, not per-step or per-request
+#: plumbing, is what is timed (a 4-layer, 256-wide Llama, ~3.7M parameters).
+BENCH_MODEL = [
+    "train.model.hidden_size=256",
+    "train.model.num_layers=4",
+    "train.model.num_heads=4",
+    "train.model.num_kv_heads=4",
+    "train.model.intermediate_size=1024",
+]
 
 
 @pytest.fixture

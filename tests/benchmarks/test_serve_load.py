@@ -12,19 +12,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.benchmarks.conftest import BENCH_MODEL
 from tests.conftest import TINY, free_port
 
 pytestmark = pytest.mark.benchmark
 CONCURRENCY, REQUESTS, MAX_TOKENS, MAX_MODEL_LEN = 8, 96, 64, 512
-#: Bigger than the tiny recipe's model, so that engine work, not per-request plumbing, is what is timed.
-BENCH_MODEL = [
-    "train.model.hidden_size=256",
-    "train.model.num_layers=4",
-    "train.model.num_heads=4",
-    "train.model.num_kv_heads=4",
-    "train.model.intermediate_size=1024",
-    f"train.model.max_position_embeddings={MAX_MODEL_LEN}",
-]
+SERVE_MODEL = [*BENCH_MODEL, f"train.model.max_position_embeddings={MAX_MODEL_LEN}"]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +29,7 @@ def model_dir(tmp_path_factory) -> Path:
     from pipelines.model.tokenizer import train_bpe
 
     root = tmp_path_factory.mktemp("bench-model")
-    cfg = load_config(TINY, BENCH_MODEL)
+    cfg = load_config(TINY, SERVE_MODEL)
     texts = (Path(path).read_text(errors="replace") for path in stdlib_files()[:200])
     tokenizer = train_bpe(texts, cfg.data.vocab_size, root / "tokenizer")
     model = build_llama(cfg.train.model, tokenizer, seed=0)

@@ -10,19 +10,12 @@ import time
 import numpy as np
 import pytest
 
+from tests.benchmarks.conftest import BENCH_MODEL
 from tests.conftest import TINY
 from tests.training import fit
 
 pytestmark = pytest.mark.benchmark
 STEPS, WARMUP_STEPS, MICRO_BATCH = 30, 5, 8
-#: Bigger than the tiny recipe's model, so that the step's compute is what is timed.
-BENCH_MODEL = [
-    "train.model.hidden_size=256",
-    "train.model.num_layers=4",
-    "train.model.num_heads=4",
-    "train.model.num_kv_heads=4",
-    "train.model.intermediate_size=1024",
-]
 
 
 def plain_torch_loop(cfg, shards: list[np.ndarray]) -> float:
