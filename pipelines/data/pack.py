@@ -9,8 +9,8 @@ import pyarrow as pa
 class Tokenize:
     """Ray Data actor: loads the tokenizer once, appends EOS after every document.
 
-    It calls the Rust ``tokenizers`` ``encode_batch`` directly and builds the Arrow list
-    column from one flat buffer, without the transformers wrapper or per-document arrays.
+    It calls the Rust ``tokenizers`` batch encoder directly (no transformers wrapper) and
+    builds the Arrow list column from one flat buffer.
     """
 
     def __init__(self, tokenizer_dir: str):
@@ -30,11 +30,13 @@ class Tokenize:
         self.eos_id = self.backend.token_to_id(EOS_TOKEN)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        encoded = self.backend.encode_batch(batch.column("text").to_pylist(), add_special_tokens=False)
-        lengths = np.fromiter((len(e.ids) + 1 for e in encoded), dtype=np.int64, count=len(encoded))
-        flat = np.fromiter(
-            (t for e in encoded for t in (*e.ids, self.eos_id)), dtype=np.int32, count=int(lengths.sum())
-        )
+        # encode_batch_fast: the same ids without character offsets, which nothing here reads.
+        encoded = self.backend.encode_batch_fast(batch.column("text").to_pylist(), add_special_tokens=False)
+        eos = np.array([self.eos_id], dtype=np.int32)
+        # One numpy conversion per document, then one concatenate: a per-token Python loop was a second per 10M tokens.
+        documents = [np.array(e.ids, dtype=np.int32) for e in encoded]
+        flat = np.concatenate([part for ids in documents for part in (ids, eos)] or [eos[:0]])
+        lengths = np.fromiter((len(ids) + 1 for ids in documents), dtype=np.int64, count=len(documents))
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
         return pa.table(
             {
@@ -63,10 +65,11 @@ def pack(batch: pa.Table, seq_len: int) -> pa.Table:
     starts[document_starts[document_starts < rows * seq_len]] = True
     starts[::seq_len] = True
     positions = index - np.maximum.accumulate(np.where(starts, index, 0))
+    row_offsets = pa.array(np.arange(0, rows * seq_len + 1, seq_len, dtype=np.int32))
     return pa.table(
         {
-            "input_ids": pa.array(list(flat[: rows * seq_len].reshape(rows, seq_len)), pa.list_(pa.int32())),
-            "position_ids": pa.array(list(positions.astype(np.int32).reshape(rows, seq_len)), pa.list_(pa.int32())),
+            "input_ids": pa.ListArray.from_arrays(row_offsets, pa.array(flat[: rows * seq_len])),
+            "position_ids": pa.ListArray.from_arrays(row_offsets, pa.array(positions.astype(np.int32))),
         }
     )
 
