@@ -43,5 +43,6 @@ def connect(config: ClusterConfig, address: str | None = None) -> str:
         num_cpus=num_cpus,
         object_store_memory=int(memory * 2**30) if memory else None,
         include_dashboard=False,
+        _system_config={"idle_worker_killing_time_threshold_ms": int(config.idle_worker_keep_s * 1000)},
     )
     return f"embedded local Ray ({num_cpus} logical CPUs)"

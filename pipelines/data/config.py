@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
+from pipelines.data.components import LOCAL_EDGES
 from pipelines.schema import StrictModel
 
 
@@ -140,6 +141,26 @@ class CharsetStep(StrictModel):
         return CharsetFilter(self.scripts, self.min_script_fraction, self.max_bad_char_fraction)
 
 
+LocalComponentsEdges = Annotated[
+    int,
+    Field(
+        ge=0,
+        description="Candidate graphs with at most this many edges (16 bytes each) get their connected components "
+        "in one process; larger ones are shrunk by distributed large-star/small-star rounds first. 0: all distributed.",
+    ),
+]
+
+
+LocalComponentsEdges = Annotated[
+    int,
+    Field(
+        ge=0,
+        description="Candidate graphs with at most this many edges (16 bytes each) get their connected components "
+        "in one process; larger ones are shrunk by distributed large-star/small-star rounds first. 0: all distributed.",
+    ),
+]
+
+
 class ExactDedupStep(StrictModel):
     type: Literal["exact_dedup"] = Field(description="Keep one document per normalised content hash.")
     num_partitions: int = Field(default=8, ge=1, description="Hash partitions of the dedup shuffle.")
@@ -166,6 +187,7 @@ class MinHashDedupStep(StrictModel):
         default=False, description="Check every candidate pair's true Jaccard similarity before merging it."
     )
     num_partitions: int = Field(default=8, ge=1, description="Hash partitions of each shuffle (buckets, components).")
+    local_components_edges: LocalComponentsEdges = LOCAL_EDGES
 
     def build(self):
         from pipelines.data.dedup import MinHashDedup
@@ -209,11 +231,12 @@ class SimHashDedupStep(StrictModel):
     )
     ngram: int = Field(default=3, ge=1, le=32, description="Words per shingle (feature).")
     num_partitions: int = Field(default=8, ge=1, description="Hash partitions of each shuffle (buckets, components).")
+    local_components_edges: LocalComponentsEdges = LOCAL_EDGES
 
     def build(self):
         from pipelines.data.dedup import SimHashDedup
 
-        return SimHashDedup(self.max_hamming, self.ngram, self.num_partitions)
+        return SimHashDedup(**self.model_dump(exclude={"type"}))
 
 
 StepConfig = Annotated[

@@ -13,7 +13,7 @@ import re
 import numpy as np
 import pyarrow as pa
 
-from pipelines.data.components import connected_components
+from pipelines.data.components import LOCAL_EDGES, connected_components
 from pipelines.data.minhash import EMPTY, LSHParams, band_keys, permutations, signatures
 from pipelines.data.steps import Step, split_kept, with_columns
 
@@ -154,8 +154,8 @@ class NearDedup(Step):
     """Near-duplicate removal: candidate pairs from a subclass, connected components of the
     candidate graph computed across the cluster, one survivor (smallest doc_id) per component."""
 
-    def __init__(self, num_partitions: int):
-        self.num_partitions = num_partitions
+    def __init__(self, num_partitions: int, local_components_edges: int = LOCAL_EDGES):
+        self.num_partitions, self.local_components_edges = num_partitions, local_components_edges
         #: Filled by ``apply``: sizes of the duplicate clusters found (members, survivor included).
         self.cluster_sizes: list[int] = []
 
@@ -193,7 +193,9 @@ class NearDedup(Step):
     def apply(self, ds):
         kept, rejected = split_kept(ds, materialize=False)
         kept = kept.materialize()
-        roots = connected_components(self.candidate_edges(kept), num_partitions=self.num_partitions).materialize()
+        roots = connected_components(
+            self.candidate_edges(kept), self.num_partitions, local_edges=self.local_components_edges
+        ).materialize()
         self.cluster_sizes = _cluster_sizes(roots)
         if not self.cluster_sizes:
             return kept.union(rejected)
@@ -220,8 +222,9 @@ class MinHashDedup(NearDedup):
         false_positive_weight: float = 0.5,
         verify: bool = False,
         num_partitions: int = 8,
+        local_components_edges: int = LOCAL_EDGES,
     ):
-        super().__init__(num_partitions)
+        super().__init__(num_partitions, local_components_edges)
         self.threshold, self.ngram, self.verify = threshold, ngram, verify
         self.params = LSHParams.for_threshold(threshold, num_perm, seed, false_positive_weight)
 
@@ -299,8 +302,10 @@ class SimHashDedup(NearDedup):
 
     name = "simhash_dedup"
 
-    def __init__(self, max_hamming: int = 6, ngram: int = 3, num_partitions: int = 8):
-        super().__init__(num_partitions)
+    def __init__(
+        self, max_hamming: int = 6, ngram: int = 3, num_partitions: int = 8, local_components_edges: int = LOCAL_EDGES
+    ):
+        super().__init__(num_partitions, local_components_edges)
         self.max_hamming, self.ngram = max_hamming, ngram
 
     def parameters(self) -> dict:

@@ -64,9 +64,10 @@ def test_near_duplicates_are_found_with_high_precision_and_recall(first_run, cor
     assert step.stats()["cluster_size_histogram"] == {"3": len(corpus.clusters)}
 
 
-def test_survivors_are_the_same_across_partitions_blocks_and_verification(first_run, corpus):
+def test_survivors_are_the_same_across_partitions_blocks_components_and_verification(first_run, corpus):
     _, dropped = first_run
-    other = MinHashDedup(threshold=0.8, num_perm=128, num_partitions=3, verify=True)
+    # Components distributed to the end here (the first run finished its small graph in one process).
+    other = MinHashDedup(threshold=0.8, num_perm=128, num_partitions=3, verify=True, local_components_edges=0)
     assert dropped_ids(other.apply(as_dataset(corpus.documents, blocks=5))) == dropped
 
 
@@ -111,8 +112,11 @@ def test_connected_components_match_union_find(ray_cluster):
     table = pa.table(
         {"u": pa.array([u for u, _ in edges], pa.uint64()), "v": pa.array([v for _, v in edges], pa.uint64())}
     )
-    result = connected_components(ray.data.from_arrow(table).repartition(3), num_partitions=2)
-    assert {row["u"]: row["v"] for row in result.take_all()} == expected
+    edges = ray.data.from_arrow(table).repartition(3)
+    # Distributed rounds to the end; rounds until 100 edges are left, then one process; one process from the start.
+    for local_edges in (0, 240, 10_000):
+        result = connected_components(edges, num_partitions=2, local_edges=local_edges)
+        assert {row["u"]: row["v"] for row in result.take_all()} == expected, local_edges
 
 
 def test_curation_resumes_after_the_last_finished_step(ray_cluster, corpus, tmp_path):
