@@ -12,6 +12,7 @@ import re
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines.data.components import LOCAL_EDGES, connected_components
 from pipelines.data.minhash import EMPTY, LSHParams, band_keys, permutations, signatures
@@ -104,13 +105,19 @@ class ExactDedup(Step):
         return marked.drop_columns(["content_hash"]).union(rejected)
 
 
+def _live(table: pa.Table) -> pa.Table:
+    """The rows no earlier step dropped: only they take part in near-dedup."""
+    return table.filter(pc.is_null(table.column("reject_reason")))
+
+
 def minhash_buckets(table: pa.Table, params: LSHParams, ngram: int) -> pa.Table:
-    """Ray Data batch function: every document's LSH bucket keys, one row per (band, document).
+    """Ray Data batch function: every live document's LSH bucket keys, one row per (band, document).
 
     Plain tasks, not an actor pool: the permutation table is cached per worker process, and
     tasks reuse Ray's warm workers where a new actor pool pays process start-up each time.
     """
     a, b = permutations(params.num_perm, params.seed)
+    table = _live(table)
     signature = signatures(table.column("text"), ngram, a, b)
     nodes = doc_node(table.column("doc_id"))
     has_shingles = ~(signature == EMPTY).all(axis=1)
@@ -131,9 +138,10 @@ def _bucket_edges(table: pa.Table) -> pa.Table:
 
 
 def shingle_sets(table: pa.Table, ngram: int) -> pa.Table:
-    """Ray Data batch function: each document's sorted distinct shingle hashes (for verification)."""
+    """Ray Data batch function: each live document's sorted distinct shingle hashes (for verification)."""
     from pipelines.data.minhash import shingle_hashes, word_hashes
 
+    table = _live(table)
     hashes, doc_of = shingle_hashes(*word_hashes(table.column("text")), ngram)
     sets = [np.unique(hashes[doc_of == i]) for i in range(table.num_rows)]
     nodes = pa.array(doc_node(table.column("doc_id")), pa.uint64())
@@ -159,8 +167,8 @@ class NearDedup(Step):
         #: Filled by ``apply``: sizes of the duplicate clusters found (members, survivor included).
         self.cluster_sizes: list[int] = []
 
-    def candidate_edges(self, kept):
-        """Dataset of (u, v) uint64 node pairs judged near-duplicates."""
+    def candidate_edges(self, ds):
+        """Dataset of (u, v) uint64 node pairs judged near-duplicates among ``ds``'s live rows."""
         raise NotImplementedError
 
     def parameters(self) -> dict:
@@ -191,20 +199,19 @@ class NearDedup(Step):
         return small_side_join(buckets, shared.materialize(), "bucket", "inner", self.num_partitions)
 
     def apply(self, ds):
-        kept, rejected = split_kept(ds, materialize=False)
-        kept = kept.materialize()
+        # Read twice (candidate pairs, then marking), so computed once. Rows dropped upstream stay in
+        # place: the batch functions skip them and marking keeps their first reason.
+        ds = ds.materialize()
         roots = connected_components(
-            self.candidate_edges(kept), self.num_partitions, local_edges=self.local_components_edges
+            self.candidate_edges(ds), self.num_partitions, local_edges=self.local_components_edges
         ).materialize()
         self.cluster_sizes = _cluster_sizes(roots)
         if not self.cluster_sizes:
-            return kept.union(rejected)
+            return ds
         assignment = roots.rename_columns({"u": "node", "v": "root"})
-        with_node = kept.map_batches(_add_node, batch_format="pyarrow")
+        with_node = ds.map_batches(_add_node, batch_format="pyarrow")
         marked = small_side_join(with_node, assignment, "node", "left_outer", self.num_partitions)
-        return marked.map_batches(_mark_near_duplicates, fn_kwargs={"step": self.name}, batch_format="pyarrow").union(
-            rejected
-        )
+        return marked.map_batches(_mark_near_duplicates, fn_kwargs={"step": self.name}, batch_format="pyarrow")
 
 
 class MinHashDedup(NearDedup):
@@ -231,14 +238,14 @@ class MinHashDedup(NearDedup):
     def parameters(self) -> dict:
         return {"bands": self.params.bands, "rows_per_band": self.params.rows}
 
-    def candidate_edges(self, kept):
-        buckets = kept.map_batches(
+    def candidate_edges(self, ds):
+        buckets = ds.map_batches(
             minhash_buckets, fn_kwargs={"params": self.params, "ngram": self.ngram}, batch_format="pyarrow"
         ).materialize()
         edges = self._shared_buckets(buckets).map_batches(_bucket_edges, batch_format="pyarrow")
         if not self.verify:
             return edges
-        sets = kept.map_batches(shingle_sets, fn_kwargs={"ngram": self.ngram}, batch_format="pyarrow")
+        sets = ds.map_batches(shingle_sets, fn_kwargs={"ngram": self.ngram}, batch_format="pyarrow")
         sets = sets.materialize()
         with_u = edges.join(
             sets.rename_columns({"node": "u", "shingles": "shingles_u"}), "inner", self.num_partitions, on=("u",)
@@ -268,10 +275,11 @@ def simhash_fingerprints(texts: pa.Array | pa.ChunkedArray, ngram: int) -> tuple
 
 
 def simhash_buckets(table: pa.Table, ngram: int, max_hamming: int) -> pa.Table:
-    """Ray Data batch function: one row per (block, document); documents within ``max_hamming``
+    """Ray Data batch function: one row per (block, live document); documents within ``max_hamming``
     bits share at least one of the ``max_hamming + 1`` blocks of their fingerprints (pigeonhole)."""
     from pipelines.data.minhash import fmix64
 
+    table = _live(table)
     bounds = np.linspace(0, 64, max_hamming + 2).astype(int)
     fingerprints, has_shingles = simhash_fingerprints(table.column("text"), ngram)
     fingerprints, nodes = fingerprints[has_shingles], doc_node(table.column("doc_id"))[has_shingles]
@@ -311,8 +319,8 @@ class SimHashDedup(NearDedup):
     def parameters(self) -> dict:
         return {"max_hamming": self.max_hamming, "blocks": self.max_hamming + 1}
 
-    def candidate_edges(self, kept):
-        buckets = kept.map_batches(
+    def candidate_edges(self, ds):
+        buckets = ds.map_batches(
             simhash_buckets, fn_kwargs={"ngram": self.ngram, "max_hamming": self.max_hamming}, batch_format="pyarrow"
         ).materialize()
         shared = self._shared_buckets(buckets)
