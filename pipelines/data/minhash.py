@@ -71,7 +71,10 @@ def word_hashes(texts: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarr
 
     # Trimmed first: utf8_split_whitespace can read a byte past a trailing whitespace run at the end of
     # the buffer and mis-split the last document (apache/arrow#37757; seen once in CI as a changed signature).
-    words = pc.utf8_split_whitespace(pc.utf8_trim_whitespace(pc.utf8_lower(texts)))
+    lowered = pc.utf8_trim_whitespace(pc.utf8_lower(texts))
+    # The ASCII kernel splits twice as fast and, on ASCII-only text, identically.
+    ascii_only = len(lowered) == 0 or pc.all(pc.string_is_ascii(lowered)).as_py() is not False
+    words = pc.ascii_split_whitespace(lowered) if ascii_only else pc.utf8_split_whitespace(lowered)
     if isinstance(words, pa.ChunkedArray):
         words = words.combine_chunks()
     offsets = words.offsets.to_numpy().astype(np.int64) - int(words.offsets[0].as_py())
