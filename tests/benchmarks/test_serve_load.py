@@ -17,6 +17,8 @@ from tests.conftest import TINY, free_port
 
 pytestmark = pytest.mark.benchmark
 CONCURRENCY, REQUESTS, MAX_TOKENS, MAX_MODEL_LEN = 8, 96, 64, 512
+#: Load rounds per server, the fastest kept: one 4-second round swung by ±30 % between runs on 2 cores.
+ROUNDS = 3
 SERVE_MODEL = [*BENCH_MODEL, f"train.model.max_position_embeddings={MAX_MODEL_LEN}"]
 
 
@@ -61,9 +63,14 @@ def load(base_url: str, model: str, texts: list[str]):
     from serve.loadtest import run_load
 
     run_load(base_url, model, texts[:CONCURRENCY], concurrency=CONCURRENCY, requests=CONCURRENCY, max_tokens=8)
-    return run_load(
-        base_url, model, texts, concurrency=CONCURRENCY, requests=REQUESTS, max_tokens=MAX_TOKENS, time_limit_s=300
-    )
+    rounds = [
+        run_load(
+            base_url, model, texts, concurrency=CONCURRENCY, requests=REQUESTS, max_tokens=MAX_TOKENS, time_limit_s=300
+        )
+        for _ in range(ROUNDS)
+    ]
+    assert all(result.failed == 0 for result in rounds), [result.failed for result in rounds]
+    return max(rounds, key=lambda result: result.tokens_per_s)
 
 
 def serve_endpoint(model_dir: Path, texts: list[str], stock_ingress: bool = False):
@@ -87,7 +94,13 @@ def serve_endpoint(model_dir: Path, texts: list[str], stock_ingress: bool = Fals
                     "engine": {"dtype": "float32", "max_model_len": MAX_MODEL_LEN, "max_num_seqs": CONCURRENCY},
                 }
             },
-            "protection": {"api_keys_env": None, "max_tokens": MAX_TOKENS},
+            # Limits high enough that every round passes: the checks still run, none refuses.
+            "protection": {
+                "api_keys_env": None,
+                "max_tokens": MAX_TOKENS,
+                "requests_per_minute": 60_000,
+                "burst": 1000,
+            },
             "port": port,
         }
     )
@@ -176,4 +189,5 @@ def test_serve_throughput_against_plain_vllm_and_hf_generate(model_dir, record_b
         concurrency=CONCURRENCY,
         max_tokens=MAX_TOKENS,
         hf_batch_latency_p50_s=round(hf["latency_p50_s"], 3),
+        rounds_per_server=ROUNDS,
     )
