@@ -151,16 +151,6 @@ LocalComponentsEdges = Annotated[
 ]
 
 
-LocalComponentsEdges = Annotated[
-    int,
-    Field(
-        ge=0,
-        description="Candidate graphs with at most this many edges (16 bytes each) get their connected components "
-        "in one process; larger ones are shrunk by distributed large-star/small-star rounds first. 0: all distributed.",
-    ),
-]
-
-
 class ExactDedupStep(StrictModel):
     type: Literal["exact_dedup"] = Field(description="Keep one document per normalised content hash.")
     num_partitions: int = Field(default=8, ge=1, description="Hash partitions of the dedup shuffle.")

@@ -215,7 +215,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if loop_config["has_val"] else None
-    val_batches = None
+    val_batches: list | None = None
+
+    def held_out_loss() -> float:
+        nonlocal val_batches
+        if val_batches is None:
+            val_batches = held_out_batches(val_shard, config.micro_batch_size, rank, world, config.eval_batches)
+        return evaluate(engine, val_batches)
+
     tokens_per_step = config.effective_global_batch_size * loop_config["seq_len"]
     window_start, window_steps = time.perf_counter(), 0
     loss_sum, loss_count = 0.0, 0
@@ -257,9 +264,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if grad_norm is not None:
                 metrics["grad_norm"] = float(grad_norm)
             if evaluate_now:
-                if val_batches is None:
-                    val_batches = held_out_batches(val_shard, config.micro_batch_size, rank, world, config.eval_batches)
-                val_loss = evaluate(engine, val_batches)
+                val_loss = held_out_loss()
                 metrics.update(val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 50.0)))
                 window_start = time.perf_counter()  # evaluation time is not training time
             if gauges is not None:
@@ -291,9 +296,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # "loss" repeats the last training loss so that every report carries it (Tune's searchers require that).
     final: dict[str, Any] = {"step": engine.global_steps, "final": True, "loss": last_loss}
     if val_shard is not None:
-        if val_batches is None:
-            val_batches = held_out_batches(val_shard, config.micro_batch_size, rank, world, config.eval_batches)
-        val_loss = evaluate(engine, val_batches)
+        val_loss = held_out_loss()
         final.update(val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 50.0)))
 
     # ZeRO-3 shards parameters across ranks: gathering them is a collective every rank joins.
