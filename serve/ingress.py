@@ -115,11 +115,18 @@ class LoomIngress(OpenAiIngress):
         return JSONResponse(listed.model_dump())
 
     async def model_data(self, model: str, request: Request) -> Response:
+        started = time.monotonic()
         try:
             await self._admit(request)
         except Rejection as rejection:
-            return self._refused(rejection, "models", "", time.monotonic())
-        return JSONResponse((await super().model_data(model)).model_dump())
+            return self._refused(rejection, "models", "", started)
+        try:
+            card = await super().model_data(model)
+        except Exception as err:  # an unknown model is the stock ingress's 404, raised as an exception
+            self.metrics.answered(model, "models", getattr(err, "status_code", 500), started)
+            raise
+        self.metrics.answered(model, "models", 200, started)
+        return JSONResponse(card.model_dump())
 
     async def completions(self, request: Request) -> Response:
         return await self._generate(request, "completions", CompletionRequest, "completions")

@@ -60,9 +60,14 @@ def lineage(source: Path, run: RunDir) -> ModelLineage:
     )
 
 
-def bind_host(config: ServeConfig, keys: list[str]) -> str:
+def bound_host(config: ServeConfig, keys: list) -> str:
     """Without API keys the endpoint is for this machine only, whatever the recipe asks."""
-    if keys or config.host in LOOPBACK:
+    return config.host if keys or config.host in LOOPBACK else "127.0.0.1"
+
+
+def bind_host(config: ServeConfig, keys: list) -> str:
+    """``bound_host``, warning loudly when it overrides the recipe's host."""
+    if bound_host(config, keys) == config.host:
         return config.host
     log.warning(
         "\n" + "!" * 78 + "\n!! serve.host is %s but no API key is configured (%s): binding 127.0.0.1 only.\n"
@@ -89,7 +94,9 @@ def serve_deploy_config(args: ServeAppArgs, host: str, port: int) -> dict[str, A
 
 
 def base_url(config: ServeConfig) -> str:
-    host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
+    """Where clients on this machine reach the endpoint: the host actually bound, as a connectable address."""
+    host = bound_host(config, load_api_keys(config.protection))
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return f"http://{host}:{config.port}/v1"
 
 

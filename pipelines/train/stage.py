@@ -62,10 +62,9 @@ def build_trainer(
         tokenizer_dir, seq_len = str(config.init_from), config.sft.seq_len
         train, val, rejects = sft_datasets(config.sft, tokenizer_dir)
         datasets = {"train": train, **({"val": val} if val is not None else {})}
-        if rejects.count():
-            log.warning(
-                "train.sft: %d lines rejected, kept with reasons in %s", rejects.count(), storage_path / "sft_rejects"
-            )
+        rejected = rejects.count()
+        if rejected:
+            log.warning("train.sft: %d lines rejected, kept with reasons in %s", rejected, storage_path / "sft_rejects")
             rejects.write_parquet(str(storage_path / "sft_rejects"))
     else:
         inputs = data_outputs(run)

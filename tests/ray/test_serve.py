@@ -103,6 +103,7 @@ def test_every_endpoint_answers_both_models_with_lineage(endpoint, tiny_config):
     assert lineage["train_config_hash"] == manifest["stages"]["train"]["config_hash"]
     assert lineage["data_config_hash"] == manifest["stages"]["data"]["config_hash"]
     assert "val_loss" in lineage["eval"]
+    assert api.models.retrieve(SECOND).id == SECOND
 
     for model in (MAIN, SECOND):
         done = api.completions.create(model=model, prompt="import os", max_tokens=5, temperature=0, extra_body=FULL)
@@ -131,6 +132,7 @@ def test_bad_requests_get_a_4xx_that_names_the_problem(endpoint):
             "invalid API key",
         ),
         (lambda: api.completions.create(model="nope", prompt="x", max_tokens=2), openai.NotFoundError, "nope"),
+        (lambda: api.models.retrieve("nope"), openai.NotFoundError, "nope"),
         (lambda: api.completions.create(model=MAIN, prompt="x", max_tokens=-3), openai.BadRequestError, "at least 1"),
         (lambda: api.completions.create(model=MAIN, prompt="x", max_tokens=65), openai.BadRequestError, "limit of 64"),
         (
@@ -277,6 +279,7 @@ def test_requests_rejects_latency_engine_and_scaling_metrics_reach_prometheus(en
     ):
         assert total(samples, "ray_loom_serve_rejects_total", reason=reason) >= 1, reason
     assert total(samples, "ray_loom_serve_requests_total", status="401") >= 2
+    assert total(samples, "ray_loom_serve_requests_total", model=SECOND, route="models", status="200") >= 1
     assert total(samples, "ray_loom_serve_request_latency_s_count", model=MAIN, route="completions") >= 12
     assert any("generation_tokens" in name for name in samples), "no vLLM engine metrics"
     # Every series the shipped Grafana dashboard plots is one the endpoint really exports. The engine

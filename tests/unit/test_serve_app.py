@@ -9,7 +9,7 @@ from pipelines.config import ConfigError, load_config
 from serve.app import ServeAppArgs, llm_config
 from serve.config import ProtectionConfig
 from serve.protection import ApiKey, Caller, KeyRing, Protection, RateLimiter, Rejection, load_api_keys
-from serve.stage import bind_host, serve_deploy_config
+from serve.stage import base_url, bind_host, serve_deploy_config
 from tests.conftest import TINY
 
 
@@ -68,6 +68,14 @@ def test_without_keys_the_endpoint_binds_loopback_only(caplog):
     assert bind_host(serve, ["k"]) == "0.0.0.0"
     assert bind_host(serve, []) == "127.0.0.1"
     assert "no API key is configured" in caplog.text
+
+
+def test_the_endpoint_url_names_the_host_actually_bound(monkeypatch):
+    serve = load_config(TINY, ["serve.host=10.1.2.3", "serve.port=8123"]).serve
+    monkeypatch.delenv(serve.protection.api_keys_env, raising=False)
+    assert base_url(serve) == "http://127.0.0.1:8123/v1"  # no key: loopback, whatever the recipe asked
+    monkeypatch.setenv(serve.protection.api_keys_env, "k")
+    assert base_url(serve) == "http://10.1.2.3:8123/v1"
 
 
 def test_keys_come_from_the_environment_and_the_secrets_file(tmp_path):
