@@ -22,12 +22,11 @@ import logging
 import numpy as np
 import pyarrow as pa
 
+from pipelines.data.config import LOCAL_EDGES
 from pipelines.data.minhash import fmix64
 
 log = logging.getLogger(__name__)
 EDGE_SCHEMA = pa.schema([("u", pa.uint64()), ("v", pa.uint64())])
-#: Graphs up to this many edges are finished in one process (see the module docstring).
-LOCAL_EDGES = 2_000_000
 
 
 class ComponentsDidNotConvergeError(RuntimeError):

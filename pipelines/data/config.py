@@ -6,7 +6,6 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from pipelines.data.components import LOCAL_EDGES
 from pipelines.schema import StrictModel
 
 
@@ -141,6 +140,9 @@ class CharsetStep(StrictModel):
         return CharsetFilter(self.scripts, self.min_script_fraction, self.max_bad_char_fraction)
 
 
+#: Graphs up to this many edges (32 MB) are finished in one process (see pipelines/data/components.py);
+#: defined here so that reading a recipe needs neither numpy nor pyarrow.
+LOCAL_EDGES = 2_000_000
 LocalComponentsEdges = Annotated[
     int,
     Field(
