@@ -46,6 +46,8 @@ def llm_config(model_id: str, model: ModelConfig, source: str):
     """One ``LLMConfig`` for the real vLLM engine on CPU or GPU."""
     from ray.serve.llm import LLMConfig
 
+    from serve.engine import LoomLLMServer
+
     engine = model.engine
     engine_kwargs: dict[str, Any] = {
         "max_model_len": engine.max_model_len,
@@ -81,6 +83,8 @@ def llm_config(model_id: str, model: ModelConfig, source: str):
             "max_queued_requests": model.max_queued_requests,
         },
         log_engine_metrics=True,
+        server_cls=LoomLLMServer,
+        experimental_configs={"stream_batching_interval_ms": model.stream_batching_ms},
     )
 
 

@@ -237,7 +237,7 @@ def test_a_killed_replica_is_replaced_while_requests_keep_succeeding(endpoint):
 
     config, _ = endpoint
     named = ray.util.list_named_actors(all_namespaces=True)
-    replicas = [a for a in named if f"#LLMServer:{SECOND}#" in a["name"]]
+    replicas = [a for a in named if f"#LoomLLMServer:{SECOND}#" in a["name"]]
     assert len(replicas) == 1, named
     victim = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
     api = client(config, max_retries=0)  # no client retries: the ingress alone must keep requests alive

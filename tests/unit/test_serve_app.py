@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import yaml
 
@@ -162,3 +164,48 @@ def test_ordinary_payloads_pass_and_size_is_checked_before_reading():
     with pytest.raises(Rejection) as caught:
         protection.admit("Bearer k", "1001")
     assert caught.value.status == 413 and "1000" in caught.value.message
+
+
+async def _collect(batches, timeout_s: float) -> list[list]:
+    """Every gathering, each of which must come within ``timeout_s`` of the one before."""
+    out = []
+    while True:
+        try:
+            out.append(await asyncio.wait_for(batches.__anext__(), timeout_s))
+        except StopAsyncIteration:
+            return out
+
+
+async def _chunks(count: int, fail: bool = False):
+    for i in range(count):
+        yield i
+        await asyncio.sleep(0.001)
+    if fail:
+        raise RuntimeError("engine died")
+
+
+def test_stream_batcher_sends_the_first_chunk_at_once_and_the_rest_gathered():
+    from serve.engine import first_then_batched
+
+    # An interval far longer than the test's patience: neither the first chunk nor the end may wait it out.
+    batches = asyncio.run(_collect(first_then_batched(_chunks(20), interval_s=60), timeout_s=5))
+    assert batches[0] == [0]
+    assert [i for batch in batches for i in batch] == list(range(20))
+    assert len(batches) == 2  # everything after the first arrived within one interval: one message
+
+    alone = asyncio.run(_collect(first_then_batched(_chunks(5), interval_s=0), timeout_s=5))
+    assert alone == [[0], [1], [2], [3], [4]]
+
+
+def test_stream_batcher_passes_the_streams_error_on_after_its_chunks():
+    from serve.engine import first_then_batched
+
+    seen = []
+
+    async def consume():
+        async for batch in first_then_batched(_chunks(3, fail=True), interval_s=0.01):
+            seen.extend(batch)
+
+    with pytest.raises(RuntimeError, match="engine died"):
+        asyncio.run(consume())
+    assert seen == [0, 1, 2]
