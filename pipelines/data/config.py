@@ -137,7 +137,7 @@ class CharsetStep(StrictModel):
     def build(self):
         from pipelines.data.filters import CharsetFilter
 
-        return CharsetFilter(self.scripts, self.min_script_fraction, self.max_bad_char_fraction)
+        return CharsetFilter(**self.model_dump(exclude={"type"}))
 
 
 #: Graphs up to this many edges (32 MB) are finished in one process (see pipelines/data/components.py);

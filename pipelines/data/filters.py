@@ -63,15 +63,16 @@ class GopherQualityFilter(Filter):
 
     name = "gopher_quality"
 
-    def __init__(
+    def __init__(  # the documented defaults live in pipelines.data.config.GopherQualityStep
         self,
-        min_mean_word_length: float | None = 3,
-        max_mean_word_length: float | None = 10,
-        max_symbol_word_ratio: float | None = 0.1,
-        max_ellipsis_line_fraction: float | None = 0.3,
-        max_bullet_line_fraction: float | None = 0.9,
-        min_alpha_word_fraction: float | None = 0.8,
-        min_stop_words: int | None = 2,
+        *,
+        min_mean_word_length: float | None,
+        max_mean_word_length: float | None,
+        max_symbol_word_ratio: float | None,
+        max_ellipsis_line_fraction: float | None,
+        max_bullet_line_fraction: float | None,
+        min_alpha_word_fraction: float | None,
+        min_stop_words: int | None,
     ):
         self.min_mean_word_length = min_mean_word_length
         self.max_mean_word_length = max_mean_word_length
@@ -133,19 +134,20 @@ class RepetitionFilter(Filter):
 
     name = "repetition"
 
-    def __init__(
+    def __init__(  # the documented defaults live in pipelines.data.config.RepetitionStep
         self,
-        max_duplicate_line_fraction: float | None = 0.3,
-        max_duplicate_line_char_fraction: float | None = 0.2,
-        max_duplicate_paragraph_fraction: float | None = 0.3,
-        max_duplicate_paragraph_char_fraction: float | None = 0.2,
-        max_top_ngram_char_fraction: dict[int, float] | None = None,
-        max_duplicate_ngram_char_fraction: dict[int, float] | None = None,
+        *,
+        max_duplicate_line_fraction: float | None,
+        max_duplicate_line_char_fraction: float | None,
+        max_duplicate_paragraph_fraction: float | None,
+        max_duplicate_paragraph_char_fraction: float | None,
+        max_top_ngram_char_fraction: dict[int, float],
+        max_duplicate_ngram_char_fraction: dict[int, float],
     ):
         self.line_limits = (max_duplicate_line_fraction, max_duplicate_line_char_fraction)
         self.paragraph_limits = (max_duplicate_paragraph_fraction, max_duplicate_paragraph_char_fraction)
-        self.top_ngram = max_top_ngram_char_fraction or {}
-        self.duplicate_ngram = max_duplicate_ngram_char_fraction or {}
+        self.top_ngram = max_top_ngram_char_fraction
+        self.duplicate_ngram = max_duplicate_ngram_char_fraction
 
     def _check_units(self, code: str, units: list[str], limits: tuple[float | None, float | None]) -> Verdict:
         share, char_share = _duplicate_fraction(units)
@@ -231,8 +233,9 @@ class CharsetFilter(Filter):
 
     name = "charset"
 
-    def __init__(self, scripts: list[str] | None = None, min_script_fraction: float = 0.9, max_bad_char_fraction=0.01):
-        self.scripts = {s.lower() for s in (scripts or ["latin"])}
+    # The documented defaults live in pipelines.data.config.CharsetStep.
+    def __init__(self, *, scripts: list[str], min_script_fraction: float, max_bad_char_fraction: float):
+        self.scripts = {s.lower() for s in scripts}
         self.min_script_fraction = min_script_fraction
         self.max_bad_char_fraction = max_bad_char_fraction
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from pipelines.data.filters import BlocklistFilter, CharsetFilter, GopherQualityFilter, LengthFilter, RepetitionFilter
+from pipelines.data.config import CharsetStep, GopherQualityStep, RepetitionStep
+from pipelines.data.filters import BlocklistFilter, LengthFilter
 from pipelines.data.steps import reason_key
 
 PROSE = [
@@ -69,7 +70,7 @@ def test_gopher_quality_drops_each_planted_violation():
         "numbers": "the and " + " ".join(["12345 67890 3.1415"] * 20),
         "no_stop_words": "Quick brown foxes jump over lazy dogs while cats sleep quietly inside warm houses nearby today",
     }
-    result = run(GopherQualityFilter(), planted)
+    result = run(GopherQualityStep(type="gopher_quality").build(), planted)
     assert dropped(result) == {
         "short_words": "gopher_quality: mean_word_length",
         "long_words": "gopher_quality: mean_word_length",
@@ -82,7 +83,10 @@ def test_gopher_quality_drops_each_planted_violation():
 
 
 def test_a_threshold_set_to_none_is_not_checked():
-    result = run(GopherQualityFilter(min_stop_words=None), {"no_stop_words": "Quick brown foxes jump over lazy dogs"})
+    result = run(
+        GopherQualityStep(type="gopher_quality", min_stop_words=None).build(),
+        {"no_stop_words": "Quick brown foxes jump over lazy dogs"},
+    )
     assert dropped(result) == {}
 
 
@@ -96,12 +100,13 @@ def test_repetition_drops_repeated_lines_paragraphs_and_ngrams():
         ),
     }
     result = run(
-        RepetitionFilter(
+        RepetitionStep(
+            type="repetition",
             max_duplicate_line_char_fraction=None,
             max_duplicate_paragraph_char_fraction=None,
             max_top_ngram_char_fraction={2: 0.2},
             max_duplicate_ngram_char_fraction={5: 0.15},
-        ),
+        ).build(),
         planted,
     )
     assert dropped(result) == {
@@ -123,7 +128,7 @@ def test_blocklist_matches_whole_words_in_any_case():
 
 def test_charset_drops_other_scripts_and_control_characters():
     result = run(
-        CharsetFilter(scripts=["latin"]),
+        CharsetStep(type="charset", scripts=["latin"]).build(),
         {
             "cyrillic": "Съешь же ещё этих мягких французских булок, да выпей чаю",
             "control": "text with many \x00\x01\x02\x03 control \x04\x05 characters \ufffd\ufffd",
@@ -147,4 +152,6 @@ def test_a_filter_keeps_the_first_reason_of_an_already_dropped_row():
 
 @pytest.mark.parametrize("text", ["", "   "])
 def test_empty_documents_are_dropped_not_crashing(text):
-    assert dropped(run(GopherQualityFilter(), {"empty": text})) == {"empty": "gopher_quality: no_words"}
+    assert dropped(run(GopherQualityStep(type="gopher_quality").build(), {"empty": text})) == {
+        "empty": "gopher_quality: no_words"
+    }
