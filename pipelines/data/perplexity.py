@@ -11,6 +11,7 @@ Ray Data's approximate quantiles. Scores stay in the output (column
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -76,23 +77,20 @@ class PerplexityFilter(Step):
         self.max_percentile = max_percentile
         self.summary: dict = {}
 
-    def _threshold(self, scored) -> tuple[float, str, float]:
-        """(threshold, rule, median) from the kept documents' scores."""
-        from ray.data.aggregate import ApproximateQuantile
-        from ray.data.expressions import col
-
-        percentile = self.max_percentile if self.max_percentile is not None else 50.0
-        quantiles = [0.5, percentile / 100]
-        result = (
-            scored.filter(expr=col("perplexity").is_not_null())
-            .aggregate(ApproximateQuantile(on="perplexity", quantiles=quantiles, alias_name="q"))
-        )  # fmt: skip
-        median, at_percentile = result["q"] if result and result.get("q") else (math.nan, math.nan)
+    def _threshold(self, scores: ScoreSummary) -> tuple[float, str]:
+        """(threshold, rule) from the kept documents' score summary."""
         if self.max_perplexity is not None:
-            return self.max_perplexity, "absolute", median
+            return self.max_perplexity, "absolute"
         if self.max_relative_to_median is not None:
-            return median * self.max_relative_to_median, f"{self.max_relative_to_median}x median {median:.1f}", median
-        return at_percentile, f"p{percentile:g}", median
+            return (
+                scores.median * self.max_relative_to_median,
+                f"{self.max_relative_to_median}x median {scores.median:.1f}",
+            )
+        return scores.at_percentile, f"p{self._percentile:g}"
+
+    @property
+    def _percentile(self) -> float:
+        return self.max_percentile if self.max_percentile is not None else 50.0
 
     def apply(self, ds):
         import ray.data
@@ -104,12 +102,13 @@ class PerplexityFilter(Step):
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=self.actors),
         ).materialize()
-        threshold, rule, median = self._threshold(scored)
+        scores = summarize_scores(scored, self._percentile)
+        threshold, rule = self._threshold(scores)
         self.summary = {
             "threshold": threshold,
             "rule": rule,
-            "median": median,
-            "histogram": perplexity_histogram(scored),
+            "median": scores.median,
+            "histogram": perplexity_histogram(scored, scores.low, scores.high),
         }
         return scored.map_batches(_mark_above, fn_kwargs={"threshold": threshold, "rule": rule}, batch_format="pyarrow")
 
@@ -117,18 +116,35 @@ class PerplexityFilter(Step):
         return self.summary
 
 
-def perplexity_histogram(scored, bins: int = 30) -> dict[str, list[float]]:
-    """Counts of scores in log-spaced bins, accumulated batch by batch (no full column on the driver)."""
-    lows, highs = [], []
-    for batch in scored.select_columns(["perplexity"]).iter_batches(batch_format="numpy"):
-        values = batch["perplexity"].astype(np.float64)
-        values = values[np.isfinite(values)]
-        if len(values):
-            lows.append(values.min())
-            highs.append(values.max())
-    if not lows:
+class ScoreSummary(NamedTuple):
+    median: float
+    at_percentile: float
+    low: float
+    high: float
+
+
+def summarize_scores(scored, percentile: float) -> ScoreSummary:
+    """Median, the given percentile, lowest and highest of the scores, in one pass (NaN when none was scored)."""
+    from ray.data.aggregate import ApproximateQuantile, Max, Min
+    from ray.data.expressions import col
+
+    result = scored.filter(expr=col("perplexity").is_not_null()).aggregate(
+        ApproximateQuantile(on="perplexity", quantiles=[0.5, percentile / 100], alias_name="q"),
+        Min(on="perplexity", alias_name="low"),
+        Max(on="perplexity", alias_name="high"),
+    )
+    if not result or not result.get("q"):
+        return ScoreSummary(math.nan, math.nan, math.nan, math.nan)
+    (median, at_percentile), low, high = result["q"], result["low"], result["high"]
+    return ScoreSummary(median, at_percentile, low, high)
+
+
+def perplexity_histogram(scored, low: float, high: float, bins: int = 30) -> dict[str, list[float]]:
+    """Counts of scores in ``bins`` log-spaced bins over [low, high], accumulated batch by batch (no full
+    column on the driver). Scores are finite: the scorer caps the loss."""
+    if not math.isfinite(low) or not math.isfinite(high):
         return {"edges": [], "counts": []}
-    edges = np.geomspace(max(min(lows), 1e-3), max(max(highs), min(lows) * 1.0001), bins + 1)
+    edges = np.geomspace(max(low, 1e-3), max(high, low * 1.0001), bins + 1)
     counts = np.zeros(bins, dtype=np.int64)
     for batch in scored.select_columns(["perplexity"]).iter_batches(batch_format="numpy"):
         values = batch["perplexity"].astype(np.float64)
