@@ -93,11 +93,15 @@ def serve_deploy_config(args: ServeAppArgs, host: str, port: int) -> dict[str, A
     }
 
 
-def base_url(config: ServeConfig) -> str:
-    """Where clients on this machine reach the endpoint: the host actually bound, as a connectable address."""
-    host = bound_host(config, load_api_keys(config.protection))
+def endpoint_url(host: str, port: int) -> str:
+    """Where clients on this machine reach an endpoint bound to ``host`` (a wildcard is reached on loopback)."""
     host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    return f"http://{host}:{config.port}/v1"
+    return f"http://{host}:{port}/v1"
+
+
+def base_url(config: ServeConfig) -> str:
+    """``endpoint_url`` of the host the serve stage binds for ``config`` (it reads the API keys to know)."""
+    return endpoint_url(bound_host(config, load_api_keys(config.protection)), config.port)
 
 
 def run_serve(config: ServeConfig, run: RunDir) -> StageResult:
@@ -118,7 +122,7 @@ def run_serve(config: ServeConfig, run: RunDir) -> StageResult:
 
     serve.start(http_options={"host": host, "port": config.port})
     serve.run(build_app(args.model_dump(mode="json")), name=APP_NAME, route_prefix="/", blocking=False)
-    url = base_url(config)
+    url = endpoint_url(host, config.port)
     answers = query_endpoint(
         url, config.demo_model, config.demo_prompts, config.demo_max_tokens, api_key=keys[0].key if keys else None
     )

@@ -75,9 +75,12 @@ def load(base_url: str, model: str, texts: list[str]):
     return max(rounds, key=lambda result: result.tokens_per_s)
 
 
-def serve_endpoint(model_dir: Path, texts: list[str], stock_ingress: bool = False, stream_batching_ms: float = 50):
-    """Loom's application; with ``stock_ingress``, ``ray.serve.llm.build_openai_app`` on the same LLMConfig
-    (no keys, limits or Loom metrics), to tell the ingress's share of the cost from Serve's."""
+def serve_endpoint(
+    model_dir: Path, texts: list[str], stock_ingress: bool = False, stream_batching_ms: float | None = None
+):
+    """Loom's application (``stream_batching_ms`` unset: the config's default); with ``stock_ingress``,
+    ``ray.serve.llm.build_openai_app`` on the same LLMConfig (no keys, limits or Loom metrics), to tell
+    the ingress's share of the cost from Serve's."""
     import ray
     from ray import serve
 
@@ -94,7 +97,7 @@ def serve_endpoint(model_dir: Path, texts: list[str], stock_ingress: bool = Fals
                     "source": str(model_dir),
                     "cpus_per_replica": os.cpu_count(),
                     "engine": {"dtype": "float32", "max_model_len": MAX_MODEL_LEN, "max_num_seqs": CONCURRENCY},
-                    "stream_batching_ms": stream_batching_ms,
+                    **({"stream_batching_ms": stream_batching_ms} if stream_batching_ms is not None else {}),
                 }
             },
             # Limits high enough that every round passes: the checks still run, none refuses.
