@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from pipelines.config import DEFAULT_RECIPE, ConfigError, LoomConfig, load_config
+from cluster.recipe import DEFAULT_RECIPE, ConfigError, LoomConfig, load_config
 
 EXIT_CONFIG = 2
 
@@ -39,8 +39,8 @@ def _wait_for_interrupt(url: str) -> None:
 
 def _stage_command(name: str) -> Callable[[LoomConfig, argparse.Namespace], int]:
     def command(cfg: LoomConfig, args: argparse.Namespace) -> int:
+        from cluster.chain import run_stage
         from cluster.connect import connect
-        from pipelines.chain import run_stage
 
         print(f"[loom] Ray: {connect(cfg.cluster, args.address)}", flush=True)
         record = run_stage(name, cfg, force=args.force)
@@ -74,8 +74,8 @@ def _hold_or_stop(cfg: LoomConfig, args: argparse.Namespace, url: str, shutdown:
 
 
 def cmd_run(cfg: LoomConfig, args: argparse.Namespace) -> int:
+    from cluster.chain import run_chain
     from cluster.connect import connect
-    from pipelines.chain import run_chain
     from serve.stage import base_url, shutdown
 
     print(f"[loom] Ray: {connect(cfg.cluster, args.address)}", flush=True)

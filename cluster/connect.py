@@ -41,6 +41,28 @@ def refresh_data_limits_sooner() -> None:
         log.warning("Ray Data's GLOBAL_LIMITS_UPDATE_INTERVAL_S is gone; its start-up limit refresh is left as is")
 
 
+class ConnectError(RuntimeError):
+    pass
+
+
+def _host_port(address: str) -> str:
+    """``ray://h:1``, ``h:1`` and ``http://h:1`` name the same endpoint; compare them by host and port."""
+    return address.split("://", 1)[-1].rstrip("/")
+
+
+def _already_connected(target: str | None) -> str:
+    """What this process is connected to; an error naming both when ``target`` is another cluster."""
+    import ray
+
+    current = ray.get_runtime_context().gcs_address
+    if target and target != "auto" and _host_port(target) != _host_port(current):
+        raise ConnectError(
+            f"asked for the Ray cluster at {target}, but this process is already connected to the one at "
+            f"{current}; a process talks to one cluster: call ray.shutdown() first, or drop the address"
+        )
+    return f"Ray cluster at {current} (already connected)"
+
+
 def connect(config: ClusterConfig, address: str | None = None) -> str:
     """Initialise Ray once per process and return a description of where it runs.
 
@@ -50,9 +72,9 @@ def connect(config: ClusterConfig, address: str | None = None) -> str:
     import ray
 
     refresh_data_limits_sooner()
-    if ray.is_initialized():
-        return "already connected"
     target = address or config.address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return _already_connected(target)
     if target:
         # Inside `ray job submit` the job's runtime_env already carries these (loom submit sets them).
         in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ

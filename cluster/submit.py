@@ -6,7 +6,7 @@ import shlex
 import time
 from pathlib import Path
 
-from pipelines.config import LoomConfig
+from cluster.recipe import LoomConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -111,9 +111,20 @@ class RunDir:
         directory.mkdir(parents=True, exist_ok=True)
         return directory
 
-    def complete(self, stage: str, config_hash: str, result: StageResult) -> dict[str, Any]:
+    def complete(
+        self,
+        stage: str,
+        key: str,
+        result: StageResult,
+        config_hash: str | None = None,
+        upstream: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Record a finished stage. ``key`` (written to the marker) chains ``config_hash``, the hash of
+        the stage's own config, with the keys of the ``upstream`` stages it read."""
         record = {
-            "config_hash": config_hash,
+            "key": key,
+            "config_hash": config_hash or key,
+            "upstream": upstream or {},
             "inputs": result.inputs,
             "outputs": result.outputs,
             "metrics": result.metrics,
@@ -124,7 +135,8 @@ class RunDir:
         manifest["run_dir"] = str(self.root)
         manifest["stages"][stage] = record
         _write_json_atomic(self.manifest_path, manifest)
-        (self.stage_dir(stage) / MARKER).write_text(config_hash + "\n")
+        self.stage_dir(stage).mkdir(parents=True, exist_ok=True)
+        (self.stage_dir(stage) / MARKER).write_text(key + "\n")
         return record
 
     def completed_hash(self, stage: str) -> str | None:

@@ -30,7 +30,8 @@ def reported_steps(history) -> list[int]:
 
 
 def fit(config, tiny_config, tmp_path, name, during=None):
-    from pipelines.train.stage import build_trainer, metrics_log_callback
+    from pipelines.train.stage import metrics_log_callback
+    from pipelines.train.trainer import build_trainer
 
     history = tmp_path / f"{name}.jsonl"
     trainer = build_trainer(

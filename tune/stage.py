@@ -37,7 +37,7 @@ def run_trial(params: dict[str, Any], *, train: dict[str, Any], tune_config: dic
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipelines.train.stage import build_trainer
+    from pipelines.train.trainer import build_trainer
 
     run = RunDir(run_root)
     config = trial_train_config(TrainConfig.model_validate(train), TuneConfig.model_validate(tune_config), params["lr"])
@@ -61,7 +61,7 @@ def run_tune(config: TuneConfig, train: TrainConfig, run: RunDir, seed: int) -> 
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    from pipelines.train.stage import data_outputs
+    from pipelines.train.trainer import data_outputs
 
     inputs = data_outputs(run)
     out = run.begin("tune")

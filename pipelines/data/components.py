@@ -22,8 +22,8 @@ import logging
 import numpy as np
 import pyarrow as pa
 
-from pipelines.data.config import LOCAL_EDGES
 from pipelines.data.minhash import fmix64
+from pipelines.data.utils import LOCAL_EDGES, small_side_join
 
 log = logging.getLogger(__name__)
 EDGE_SCHEMA = pa.schema([("u", pa.uint64()), ("v", pa.uint64())])
@@ -77,8 +77,6 @@ def _fingerprint(table: pa.Table) -> pa.Table:
 
 def _star(edges, orient, emit, num_partitions: int):
     from ray.data.aggregate import Min
-
-    from pipelines.data.dedup import small_side_join
 
     directed = edges.map_batches(orient, batch_format="pyarrow").materialize()
     minima = directed.groupby("u", num_partitions=num_partitions).aggregate(Min("v", alias_name="m"))

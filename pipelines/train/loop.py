@@ -65,7 +65,8 @@ def _batches(shard, micro_batch_size: int, skip: int, rank: int = 0, world: int 
 
 
 def _on(batch: dict[str, Any], device) -> dict[str, Any]:
-    return {key: tensor.to(device) for key, tensor in batch.items()}
+    # Integer token ids stay integers: DeepSpeed's bf16/fp16 engine casts the model, not its inputs.
+    return {key: tensor.to(device, non_blocking=device.type == "cuda") for key, tensor in batch.items()}
 
 
 def build_model(config, tokenizer_dir: str, seed: int):
@@ -125,11 +126,13 @@ def _memory_mib(device) -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def _mean_across_ranks(value: float) -> float:
+def _mean_across_ranks(value: float, device) -> float:
+    """Mean of a per-rank scalar. The tensor lives on the engine's device: NCCL (GPU runs) refuses
+    CPU tensors, gloo (CPU runs) takes them."""
     import torch
     import torch.distributed as dist
 
-    tensor = torch.tensor([value], dtype=torch.float64)
+    tensor = torch.tensor([value], dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor)
         tensor /= dist.get_world_size()
@@ -155,7 +158,7 @@ def evaluate(engine, batches: list) -> float:
             losses.append(float(engine(**_on(batch, engine.device)).loss))
     engine.train()
     local = sum(losses) / len(losses) if losses else float("nan")
-    return _mean_across_ranks(local)
+    return _mean_across_ranks(local, engine.device)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -249,7 +252,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics = {
                 "step": step,
                 "epoch": epoch,
-                "loss": _mean_across_ranks(loss_sum / loss_count),
+                "loss": _mean_across_ranks(loss_sum / loss_count, engine.device),
                 "lr": scheduler.get_last_lr()[0],
                 "step_time_s": elapsed / window_steps,
                 "tokens_per_s": tokens_per_step * window_steps / elapsed,

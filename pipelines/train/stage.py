@@ -12,100 +12,13 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 from pipelines.runs import RunDir, StageResult, hash_dir, hash_files
 from pipelines.train.config import TrainConfig
-from pipelines.train.loop import FINAL_EXPORT_MARKER, train_loop_per_worker
+from pipelines.train.loop import FINAL_EXPORT_MARKER
+from pipelines.train.trainer import build_trainer, data_outputs
 
 log = logging.getLogger(__name__)
-
-
-class MissingInputError(RuntimeError):
-    pass
-
-
-def data_outputs(run: RunDir) -> dict[str, Path]:
-    data = run.stage_dir("data")
-    if not run.is_complete("data"):
-        raise MissingInputError(f"the data stage has not completed in {run.root}; run `loom data` first")
-    return {"train": data / "train", "val": data / "val", "tokenizer": data / "tokenizer", "stats": data / "stats.json"}
-
-
-def check_same_tokenizer(model_dir: Path, tokenizer_dir: Path) -> None:
-    """Packed shards are token ids: a model continuing on them must have the tokenizer that made them."""
-    from pipelines.model.tokenizer import load_tokenizer
-
-    if load_tokenizer(model_dir).get_vocab() != load_tokenizer(tokenizer_dir).get_vocab():
-        raise ValueError(
-            f"train.init_from {model_dir} has another tokenizer than the one that packed the data ({tokenizer_dir}); "
-            f"set data.tokenizer_path={model_dir} and rerun the data stage (--force), or fine-tune with train.sft"
-        )
-
-
-def build_trainer(
-    config: TrainConfig,
-    run: RunDir,
-    seed: int,
-    storage_path: Path,
-    name: str,
-    callbacks: list[Any] | None = None,
-):
-    """A TorchTrainer over the run's packed shards (shared by the train and tune stages)."""
-    import ray.data
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    if config.sft is not None:
-        from pipelines.train.sft import sft_datasets
-
-        tokenizer_dir, seq_len = str(config.init_from), config.sft.seq_len
-        train, val, rejects = sft_datasets(config.sft, tokenizer_dir)
-        datasets = {"train": train, **({"val": val} if val is not None else {})}
-        rejected = rejects.count()
-        if rejected:
-            log.warning("train.sft: %d lines rejected, kept with reasons in %s", rejected, storage_path / "sft_rejects")
-            rejects.write_parquet(str(storage_path / "sft_rejects"))
-    else:
-        inputs = data_outputs(run)
-        if config.init_from is not None:
-            check_same_tokenizer(Path(config.init_from), inputs["tokenizer"])
-        tokenizer_dir = str(config.init_from or inputs["tokenizer"])
-        seq_len = json.loads(inputs["stats"].read_text())["seq_len"]
-        datasets = {"train": ray.data.read_parquet(str(inputs["train"]))}
-        if inputs["val"].is_dir():
-            datasets["val"] = ray.data.read_parquet(str(inputs["val"]))
-    has_val = "val" in datasets
-    execution = ray.train.DataConfig.default_ingest_options()
-    execution.preserve_order = True  # the same order after a restart, so the data position means something
-    # Not split by Ray: every worker streams all rows in order and keeps its own micro-batches
-    # (see loop._batches), which makes the data position exact across restarts.
-    data_config = ray.train.DataConfig(datasets_to_split=[], execution_options=execution)
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "train": config.model_dump(mode="json"),
-            "seed": seed,
-            "tokenizer_dir": tokenizer_dir,
-            "seq_len": seq_len,
-            "has_val": has_val,
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=config.num_workers,
-            use_gpu=config.use_gpu,
-            resources_per_worker={"CPU": config.cpus_per_worker},
-        ),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=str(storage_path),
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.num_checkpoints_to_keep),
-            callbacks=callbacks,
-        ),
-        datasets=datasets,
-        dataset_config=data_config,
-        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
-    )
 
 
 def metrics_log_callback(path: Path):

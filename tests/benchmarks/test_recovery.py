@@ -16,9 +16,9 @@ CHECKPOINT_EVERY, KILL_AFTER, STEPS = 4, 6, 12
 def test_recovery_after_a_killed_worker(tmp_path, record_benchmark):
     import ray
 
+    from cluster.chain import run_stage
     from cluster.connect import connect
-    from pipelines.chain import run_stage
-    from pipelines.config import load_config
+    from cluster.recipe import load_config
 
     cfg = load_config(
         TINY, [f"storage={tmp_path}", "run_name=recovery", "data.max_documents=120", "data.vocab_size=1024"]

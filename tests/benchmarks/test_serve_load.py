@@ -27,7 +27,7 @@ SERVE_MODEL = [*BENCH_MODEL, f"train.model.max_position_embeddings={MAX_MODEL_LE
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A randomly initialised Llama with a BPE tokenizer trained on stdlib sources (no Ray, no download)."""
-    from pipelines.config import load_config
+    from cluster.recipe import load_config
     from pipelines.data.readers import stdlib_files
     from pipelines.model.llama import build_llama, export_hf
     from pipelines.model.tokenizer import train_bpe

@@ -69,9 +69,9 @@ def test_ray_train_deepspeed_against_a_plain_torch_loop(tmp_path, record_benchma
     import pyarrow.parquet as pq
     import ray
 
+    from cluster.chain import run_stage
     from cluster.connect import connect
-    from pipelines.chain import run_stage
-    from pipelines.config import load_config
+    from cluster.recipe import load_config
 
     cfg = load_config(
         TINY,

@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from pipelines.config import LoomConfig, load_config
+from cluster.recipe import LoomConfig, load_config
 from tests.conftest import TINY, free_port
 
 PLANTED_TEXT = "A planted document that appears twice with identical content, so exact dedup drops one copy."
@@ -85,14 +85,14 @@ def tiny_config(tmp_path_factory, planted_sources) -> LoomConfig:
 
 @pytest.fixture(scope="package")
 def data_done(ray_cluster, tiny_config):
-    from pipelines.chain import run_stage
+    from cluster.chain import run_stage
 
     return run_stage("data", tiny_config)
 
 
 @pytest.fixture(scope="package")
 def train_done(data_done, tiny_config):
-    from pipelines.chain import run_stage
+    from cluster.chain import run_stage
 
     return run_stage("train", tiny_config)
 
@@ -127,7 +127,7 @@ def write_sft_pairs(path, pairs: int = 96) -> None:
 @pytest.fixture(scope="package")
 def lora_done(train_done, tiny_config, tmp_path_factory):
     """LoRA SFT of the run's trained model on planted prompt/response pairs (its own run directory)."""
-    from pipelines.chain import run_stage
+    from cluster.chain import run_stage
 
     pairs = tmp_path_factory.mktemp("sft") / "pairs.jsonl"
     write_sft_pairs(pairs)

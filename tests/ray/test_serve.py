@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pipelines.chain import run_stage
+from cluster.chain import run_stage
 from tests.conftest import REPO_ROOT, free_port
 from tests.metrics import scrape, total
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.chain import StageConfigChangedError, run_stage
+from cluster.chain import StageConfigChangedError, run_stage
 from pipelines.runs import RunDir
 
 pytestmark = pytest.mark.ray

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cluster.cli import main
-from pipelines.config import ConfigError, LoomConfig, config_hash, load_config, parse_overrides
+from cluster.recipe import ConfigError, LoomConfig, config_hash, load_config, parse_overrides
 from tests.conftest import RECIPES, TINY
 
 

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import yaml
 
-from pipelines.config import ConfigError, load_config
+from cluster.recipe import ConfigError, load_config
 from serve.app import ServeAppArgs, llm_config
 from serve.config import ProtectionConfig
 from serve.protection import ApiKey, Caller, KeyRing, Protection, RateLimiter, Rejection, load_api_keys

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.config import ConfigError, load_config
+from cluster.recipe import ConfigError, load_config
 from pipelines.model.tokenizer import load_tokenizer, train_bpe
 from pipelines.train.config import SftConfig
 from pipelines.train.sft import IGNORE_INDEX, EncodePairs, encode_pair
@@ -65,7 +65,7 @@ def test_lora_and_sft_need_a_model_to_start_from():
 
 
 def test_continuing_on_shards_of_another_tokenizer_is_refused(tokenizer_dir, tmp_path):
-    from pipelines.train.stage import check_same_tokenizer
+    from pipelines.train.trainer import check_same_tokenizer
 
     check_same_tokenizer(tokenizer_dir, tokenizer_dir)
     other = train_bpe(["completely different text, other merges"] * 40, 280, tmp_path / "other")

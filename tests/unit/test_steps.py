@@ -79,7 +79,7 @@ def test_mix_rank_order_is_deterministic_and_keeps_up_to_the_cutoff():
 def test_mix_must_name_known_sources():
     import pytest
 
-    from pipelines.config import ConfigError, load_config
+    from cluster.recipe import ConfigError, load_config
     from tests.conftest import TINY
 
     with pytest.raises(ConfigError, match="mix names unknown source 'prose'"):

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
+from cluster.recipe import load_config
 from cluster.submit import REPO_ROOT, SubmitError, entrypoint, runtime_env
-from pipelines.config import load_config
 from tests.conftest import REPO_ROOT as ROOT
 from tests.conftest import TINY
 

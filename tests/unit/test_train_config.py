@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.config import load_config
+from cluster.recipe import load_config
 from pipelines.train.deepspeed_config import deepspeed_config
 from pipelines.train.loop import warmup_cosine
 from tests.conftest import TINY
@@ -41,7 +41,7 @@ def test_offload_and_checkpointing_reach_the_deepspeed_config():
 
 
 def test_bad_deepspeed_combinations_are_all_reported_with_their_keys():
-    from pipelines.config import ConfigError
+    from cluster.recipe import ConfigError
 
     with pytest.raises(ConfigError) as caught:
         load_config(

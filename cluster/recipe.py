@@ -22,7 +22,7 @@ from pipelines.train.config import TrainConfig
 from serve.config import ServeConfig
 from tune.config import TuneConfig
 
-RECIPES_DIR = Path(__file__).parent / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "recipes"
 # vLLM's CPU attention kernels exist for these head sizes only (vllm/v1/attention/backends/cpu_attn.py).
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 DEFAULT_RECIPE = RECIPES_DIR / "tiny.yaml"

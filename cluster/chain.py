@@ -1,0 +1,156 @@
+"""The stages in order, and how one runs: skip when complete, else run and record it.
+
+One dispatch table names each stage's function, the config it is hashed by and the stages
+it reads from. A stage's key chains its own config hash with its upstream stages' keys, so
+a change anywhere upstream changes every key below it: a completed downstream stage is
+then refused, naming what changed, until ``--force`` redoes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cluster.recipe import LoomConfig, config_hash
+from pipelines.runs import RunDir, StageResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    run: Callable[[LoomConfig, RunDir], StageResult]
+    hashed: Callable[[LoomConfig], dict[str, Any]]
+    #: Stages whose outputs this one reads: their keys are part of its key.
+    upstream: tuple[str, ...] = ()
+    #: Services (serve) run every time; artifacts (data, train, tune) are skipped once complete.
+    always_runs: bool = False
+
+
+def _data(cfg: LoomConfig, run: RunDir) -> StageResult:
+    from pipelines.data.stage import run_data
+
+    return run_data(cfg.data, run, cfg.seed)
+
+
+def _train(cfg: LoomConfig, run: RunDir) -> StageResult:
+    from pipelines.train.stage import run_train
+
+    return run_train(cfg.train, run, cfg.seed)
+
+
+def _tune(cfg: LoomConfig, run: RunDir) -> StageResult:
+    from tune.stage import run_tune
+
+    return run_tune(cfg.tune, cfg.train, run, cfg.seed)
+
+
+def _serve(cfg: LoomConfig, run: RunDir) -> StageResult:
+    from serve.stage import run_serve
+
+    return run_serve(cfg.serve, run)
+
+
+def _dump(*parts: Any) -> dict[str, Any]:
+    return {
+        str(i): part.model_dump(mode="json") if hasattr(part, "model_dump") else part for i, part in enumerate(parts)
+    }
+
+
+STAGES: dict[str, StageSpec] = {
+    "data": StageSpec(_data, lambda c: _dump(c.data, c.seed)),
+    "train": StageSpec(_train, lambda c: _dump(c.train, c.seed), upstream=("data",)),
+    "tune": StageSpec(_tune, lambda c: _dump(c.tune, c.train, c.seed), upstream=("data",)),
+    "serve": StageSpec(_serve, lambda c: _dump(c.serve), upstream=("train",), always_runs=True),
+}
+
+
+class StageConfigChangedError(RuntimeError):
+    pass
+
+
+def own_hash(name: str, cfg: LoomConfig) -> str:
+    """Hash of the config sections this stage reads itself."""
+    return config_hash(STAGES[name].hashed(cfg))
+
+
+def stage_key(name: str, cfg: LoomConfig) -> str:
+    """The stage's own hash chained with its upstream stages' keys (recursively)."""
+    spec = STAGES[name]
+    return config_hash({"own": own_hash(name, cfg), "upstream": {u: stage_key(u, cfg) for u in spec.upstream}})
+
+
+def upstream_keys(name: str, cfg: LoomConfig) -> dict[str, str]:
+    return {upstream: stage_key(upstream, cfg) for upstream in STAGES[name].upstream}
+
+
+def _what_changed(name: str, cfg: LoomConfig, run: RunDir) -> str:
+    """Which part of a completed stage's key differs now: its own config, or which upstream stage."""
+    record = run.manifest()["stages"].get(name, {})
+    changes = []
+    if record.get("config_hash") not in (None, own_hash(name, cfg)):
+        changes.append(f"its own config changed ({record['config_hash']} -> {own_hash(name, cfg)})")
+    recorded = record.get("upstream", {})
+    for upstream, key in upstream_keys(name, cfg).items():
+        if recorded.get(upstream) != key:
+            changes.append(f"upstream stage '{upstream}' changed ({recorded.get(upstream)} -> {key})")
+    return "; ".join(changes) or "its key changed"
+
+
+def ancestors(name: str) -> list[str]:
+    """Every stage ``name`` builds on, directly or through another, nearest first."""
+    found: list[str] = []
+    for upstream in STAGES[name].upstream:
+        for stage in (upstream, *ancestors(upstream)):
+            if stage not in found:
+                found.append(stage)
+    return found
+
+
+def _check_upstream(name: str, cfg: LoomConfig, run: RunDir) -> None:
+    """Refuse to build on a stage (direct or further up) that completed under another config than this recipe's."""
+    for upstream in ancestors(name):
+        done = run.completed_hash(upstream)
+        if done is not None and done != stage_key(upstream, cfg) and not STAGES[upstream].always_runs:
+            raise StageConfigChangedError(
+                f"stage '{name}' of run '{cfg.run_name}' depends on stage '{upstream}', which completed under another "
+                f"config ({_what_changed(upstream, cfg, run)}). Redo '{upstream}' with --force first, or pick "
+                "another run_name."
+            )
+
+
+def run_stage(name: str, cfg: LoomConfig, force: bool = False) -> dict[str, Any] | None:
+    """Run one stage unless it already completed; return its manifest record (None if skipped)."""
+    spec = STAGES[name]
+    run = RunDir(cfg.run_dir())
+    key = stage_key(name, cfg)
+    if force:
+        run.reset(name)
+    done = run.completed_hash(name)
+    if done is not None and not spec.always_runs:
+        if done != key:
+            raise StageConfigChangedError(
+                f"stage '{name}' of run '{cfg.run_name}' completed with key {done}, but the current config gives "
+                f"{key}: {_what_changed(name, cfg, run)}. Rerun with --force, or pick another run_name."
+            )
+        print(f"[loom] {name}: already complete in {run.stage_dir(name)} (skipped; --force redoes it)", flush=True)
+        return None
+    _check_upstream(name, cfg, run)
+    print(f"[loom] {name}: running -> {run.stage_dir(name)}", flush=True)
+    result = spec.run(cfg, run)
+    record = run.complete(name, key, result, config_hash=own_hash(name, cfg), upstream=upstream_keys(name, cfg))
+    print(f"[loom] {name}: done. metrics: {record['metrics']}", flush=True)
+    return record
+
+
+def chain_stages(cfg: LoomConfig) -> list[str]:
+    return [name for name in STAGES if name != "tune" or cfg.tune.enabled]
+
+
+def run_chain(cfg: LoomConfig, force: bool = False) -> RunDir:
+    """data -> train -> tune -> serve. Serve is left running; the caller decides when to stop it."""
+    for name in chain_stages(cfg):
+        run_stage(name, cfg, force=force)
+    return RunDir(cfg.run_dir())

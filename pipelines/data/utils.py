@@ -1,0 +1,62 @@
+"""Helpers several data steps share: the broadcast-or-shuffle join and the local-components bound.
+
+A leaf module: it imports no other Loom module, and numpy, pyarrow and Ray only where they are
+used, so the steps, the components algorithm and the step configs (read with every recipe,
+which should not pay for numpy) all import it without importing each other.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+
+#: Candidate graphs of at most this many edges finish connected components in one process (32 MB).
+LOCAL_EDGES = 2_000_000
+
+#: Right-hand sides of joins up to this many rows are sent to every task instead of shuffled.
+BROADCAST_ROWS = 5_000_000
+
+
+def _lookup(table: pa.Table, on: str, keys: np.ndarray, values: dict[str, np.ndarray], how: str) -> pa.Table:
+    import numpy as np
+    import pyarrow as pa
+
+    left = table.column(on).to_numpy()
+    index = np.searchsorted(keys, left).clip(0, max(len(keys) - 1, 0))
+    found = (keys[index] == left) if len(keys) else np.zeros(len(left), dtype=bool)
+    if how == "inner":
+        table, index = table.filter(pa.array(found)), index[found]
+        for name, column in values.items():
+            table = table.append_column(name, pa.array(column[index]))
+        return table
+    for name, column in values.items():
+        table = table.append_column(name, pa.array(column[index], mask=~found))
+    return table
+
+
+def small_side_join(left, right, on: str, how: str, num_partitions: int, limit: int = BROADCAST_ROWS):
+    """``left`` joined with ``right`` on one unsigned integer key (``how``: "inner" or "left_outer").
+
+    A broadcast join when ``right`` is small (duplicate clusters and shared buckets usually
+    are): the big side, which carries the document texts, is not shuffled. Ray Data's
+    hash-shuffle join otherwise, as Spark picks between the two.
+    """
+    import pyarrow as pa
+    import ray
+
+    rows = right.count()
+    if rows > limit:
+        return left.join(right, join_type=how, num_partitions=num_partitions, on=(on,))
+    if rows == 0 and how == "inner":
+        return left.limit(0)
+    if rows == 0:
+        raise ValueError("small_side_join: an empty right side has no columns to add; skip the join instead")
+    table = pa.concat_tables([t for t in ray.get(right.to_arrow_refs()) if t.num_rows]).sort_by(on)
+    keys = table.column(on).to_numpy()
+    values = {name: table.column(name).to_numpy() for name in table.column_names if name != on}
+    return left.map_batches(
+        _lookup, fn_kwargs={"on": on, "keys": keys, "values": values, "how": how}, batch_format="pyarrow"
+    )
