@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
+from pipelines.data.utils import LOCAL_EDGES
 from pipelines.schema import StrictModel
 
 
@@ -23,11 +24,28 @@ class SourceConfig(StrictModel):
         default="file", description="For 'text': one document per file or one per line."
     )
     name: str = Field(default="default", description="Name of the source, kept in every row as 'source'.")
+    id_field: str | None = Field(
+        default=None,
+        description="jsonl / parquet: the record's own id, kept in every row (and reject) as 'source_id'. "
+        "Unset: 'source_id' is the record's location (path, and line number or row index).",
+    )
+    metadata_fields: list[str] = Field(
+        default_factory=list,
+        description="jsonl / parquet: record fields kept with the document, as a JSON object in column "
+        "'metadata', through every step, the rejects and the dedup decisions.",
+    )
 
     @model_validator(mode="after")
     def _path_needed(self) -> SourceConfig:
+        problems = []
         if self.format != "stdlib" and not self.path:
-            raise ValueError(f"format '{self.format}' needs a 'path'")
+            problems.append(f"format '{self.format}' needs a 'path'")
+        if self.format not in ("jsonl", "parquet") and (self.id_field or self.metadata_fields):
+            problems.append(f"id_field and metadata_fields need records (jsonl or parquet), not '{self.format}'")
+        if self.text_field in self.metadata_fields or (self.id_field and self.id_field == self.text_field):
+            problems.append(f"the text field '{self.text_field}' cannot also be the id or a metadata field")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 
@@ -140,9 +158,6 @@ class CharsetStep(StrictModel):
         return CharsetFilter(**self.model_dump(exclude={"type"}))
 
 
-#: Graphs up to this many edges (32 MB) are finished in one process (see pipelines/data/components.py);
-#: defined here so that reading a recipe needs neither numpy nor pyarrow.
-LOCAL_EDGES = 2_000_000
 LocalComponentsEdges = Annotated[
     int,
     Field(

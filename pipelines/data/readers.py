@@ -1,15 +1,23 @@
-"""Readers: every source becomes rows of {doc_id, source, text, reject_reason}.
+"""Readers: every source becomes rows of DOCUMENT_SCHEMA
+{doc_id, source, source_id, metadata, text, reject_reason}.
 
 A row that cannot become a document (invalid UTF-8, missing text field) is kept
 with ``reject_reason`` set, so it is counted and written to ``rejects/``.
+``source_id`` is the record's own id (``id_field``) or its location (path, and line
+number or row index), and ``metadata`` the chosen fields as a JSON object: both ride
+along through every step, so any kept or dropped document leads back to the corpus.
+``doc_id`` is a hash of the location, never of the text: identical records are
+distinct documents (and distinct nodes of the dedup graph).
 """
 
 from __future__ import annotations
 
 import ast
+import glob
 import hashlib
 import json
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,74 +50,147 @@ def _stdlib_documents(row: dict[str, Any]) -> list[dict[str, Any]]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        return [
-            {
-                "doc_id": _doc_id(path),
-                "source": source,
-                "text": "",
-                "reject_reason": f"read: invalid utf-8 ({err.reason} at byte {err.start})",
-            }
-        ]
-    docs = [{"doc_id": _doc_id(path), "source": source, "text": text, "reject_reason": None}]
+        reason = f"read: invalid utf-8 ({err.reason} at byte {err.start})"
+        return [{"doc_id": _doc_id(path), "source": source, "source_id": path, "text": "", "reject_reason": reason}]
+    docs = [{"doc_id": _doc_id(path), "source": source, "source_id": path, "text": text, "reject_reason": None}]
     try:
         docstring = ast.get_docstring(ast.parse(text))
     except (SyntaxError, ValueError):
         docstring = None  # Some stdlib files are deliberately invalid (test fixtures).
     if docstring:
-        docs.append({"doc_id": _doc_id(path, "docstring"), "source": source, "text": docstring, "reject_reason": None})
+        docs.append(
+            {
+                "doc_id": _doc_id(path, "docstring"),
+                "source": source,
+                "source_id": f"{path}#docstring",
+                "text": docstring,
+                "reject_reason": None,
+            }
+        )
     return docs
 
 
-def _decode_binary(batch: dict[str, np.ndarray], source: str) -> dict[str, list]:
-    out: dict[str, list] = {"doc_id": [], "source": [], "text": [], "reject_reason": []}
+def _decode_binary(batch: dict[str, np.ndarray], source: str) -> pa.Table:
+    """Whole files -> one document each; a file that is not UTF-8 text is one reject."""
+    rows = []
     for path, payload in zip(batch["path"], batch["bytes"], strict=True):
-        out["doc_id"].append(_doc_id(str(path)))
-        out["source"].append(source)
+        doc_id, location = _doc_id(str(path)), str(path)
         try:
-            out["text"].append(bytes(payload).decode("utf-8"))
-            out["reject_reason"].append(None)
+            rows.append(_document(doc_id, location, bytes(payload).decode("utf-8")))
         except UnicodeDecodeError as err:
-            out["text"].append("")
-            out["reject_reason"].append(f"read: invalid utf-8 ({err.reason} at byte {err.start})")
-    return out
+            rows.append(Record(doc_id, location, "", f"read: invalid utf-8 ({err.reason} at byte {err.start})"))
+    return _documents(rows, source)
 
 
 DOCUMENT_SCHEMA = pa.schema(
-    [("doc_id", pa.string()), ("source", pa.string()), ("text", pa.string()), ("reject_reason", pa.string())]
+    [
+        ("doc_id", pa.string()),
+        ("source", pa.string()),
+        ("source_id", pa.string()),
+        ("metadata", pa.string()),
+        ("text", pa.string()),
+        ("reject_reason", pa.string()),
+    ]
 )
 
 
-def _documents(rows: list[tuple[str, str, str | None]], source: str) -> pa.Table:
-    """Rows of (doc_id, text, reject_reason) as a table of DOCUMENT_SCHEMA."""
+@dataclass(frozen=True)
+class Record:
+    """One input record on its way to becoming a document row."""
+
+    doc_id: str
+    source_id: str
+    text: str
+    reject_reason: str | None = None
+    metadata: str | None = None
+
+
+def _documents(rows: list[Record], source: str) -> pa.Table:
     return pa.table(
         {
-            "doc_id": [r[0] for r in rows],
+            "doc_id": [r.doc_id for r in rows],
             "source": [source] * len(rows),
-            "text": [r[1] for r in rows],
-            "reject_reason": [r[2] for r in rows],
+            "source_id": [r.source_id for r in rows],
+            "metadata": [r.metadata for r in rows],
+            "text": [r.text for r in rows],
+            "reject_reason": [r.reject_reason for r in rows],
         },
         schema=DOCUMENT_SCHEMA,
     )
 
 
-def _parse_line(raw: bytes, spec: SourceConfig) -> tuple[str, str | None]:
-    """(text, reject_reason) of one line of a jsonl or line-per-document text file."""
+def _storable(text: str) -> str | None:
+    """Why ``text`` cannot be a document, or None. Arrow strings are UTF-8, and a JSON escape such
+    as \\ud800 decodes to a lone surrogate that UTF-8 cannot hold: one such record must become one
+    reject, not fail the whole write."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"read: text is not valid Unicode ({err.reason} at character {err.start})"
+    if "\x00" in text:
+        return f"read: text holds NUL characters (binary data?) at character {text.index(chr(0))}"
+    return None
+
+
+def _printable(value: Any) -> str:
+    """Any value as a string Arrow can store (lone surrogates escaped)."""
+    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _document(doc_id: str, source_id: str, text: str, metadata: str | None = None) -> Record:
+    """A record that reads as text; rejected with the reason when Arrow could not store that text."""
+    reason = _storable(text)
+    if reason is not None:
+        return Record(doc_id, source_id, _printable(text)[:1000], reason, metadata)
+    return Record(doc_id, source_id, text, None, metadata)
+
+
+def _identity(record: dict[str, Any], spec: SourceConfig, location: str) -> tuple[str, str | None]:
+    """(source_id, metadata JSON) of a record: its own id where it has one, else where it was read."""
+    own = record.get(spec.id_field) if spec.id_field else None
+    source_id = location if own is None else _printable(own)
+    if not spec.metadata_fields:
+        return source_id, None
+    # ASCII escapes: any value (lone surrogates included) survives as an Arrow string.
+    return source_id, json.dumps({f: record.get(f) for f in spec.metadata_fields}, default=str, sort_keys=True)
+
+
+def _parse_record(record: Any, spec: SourceConfig, doc_id: str, location: str, raw: str) -> Record:
+    if not isinstance(record, dict):
+        return Record(doc_id, location, raw[:1000], f"read: a json line must be an object, got {type(record).__name__}")
+    source_id, metadata = _identity(record, spec, location)
+    text = record.get(spec.text_field)
+    if text is None:
+        return Record(
+            doc_id, source_id, _printable(raw[:1000]), f"read: missing text field '{spec.text_field}'", metadata
+        )
+    if isinstance(text, bytes):  # a parquet binary column
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as err:
+            return Record(doc_id, source_id, "", f"read: invalid utf-8 ({err.reason} at byte {err.start})", metadata)
+    if not isinstance(text, str):
+        reason = f"read: text field '{spec.text_field}' holds {type(text).__name__}, not a string"
+        return Record(doc_id, source_id, _printable(text)[:1000], reason, metadata)
+    return _document(doc_id, source_id, text, metadata)
+
+
+def _parse_line(raw: bytes, spec: SourceConfig, path: str, number: int) -> Record:
+    """One line of a jsonl or line-per-document text file."""
+    doc_id, location = _doc_id(path, str(number)), f"{path}:{number}"
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        return "", f"read: invalid utf-8 ({err.reason} at byte {err.start})"
+        return Record(doc_id, location, "", f"read: invalid utf-8 ({err.reason} at byte {err.start})")
     if spec.format == "text":
-        return line, None
+        return _document(doc_id, location, line)
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
-        return line[:1000], f"read: malformed json ({err.msg} at column {err.colno})"
-    if not isinstance(record, dict):
-        return line[:1000], f"read: a json line must be an object, got {type(record).__name__}"
-    text = record.get(spec.text_field)
-    if not isinstance(text, str):
-        return line[:1000], f"read: missing text field '{spec.text_field}'"
-    return text, None
+        return Record(
+            doc_id, location, _printable(line[:1000]), f"read: malformed json ({err.msg} at column {err.colno})"
+        )
+    return _parse_record(record, spec, doc_id, location, line)
 
 
 def _lines_to_documents(batch: dict[str, np.ndarray], spec: SourceConfig) -> pa.Table:
@@ -122,27 +203,46 @@ def _lines_to_documents(batch: dict[str, np.ndarray], spec: SourceConfig) -> pa.
     rows = []
     for path, payload in zip(batch["path"], batch["bytes"], strict=True):
         for number, raw in enumerate(bytes(payload).split(b"\n"), start=1):
-            if not raw.strip():
-                continue
-            text, reason = _parse_line(raw.rstrip(b"\r"), spec)
-            rows.append((_doc_id(str(path), str(number)), text, reason))
+            if raw.strip():
+                rows.append(_parse_line(raw.rstrip(b"\r"), spec, str(path), number))
     return _documents(rows, spec.name)
 
 
-def _records_to_documents(table: pa.Table, spec: SourceConfig) -> pa.Table:
-    n = table.num_rows
-    paths = table.column("path").to_pylist() if "path" in table.column_names else [spec.path] * n
-    texts = table.column(spec.text_field).to_pylist() if spec.text_field in table.column_names else [None] * n
-    rows = []
-    for path, text in zip(paths, texts, strict=True):
-        if isinstance(text, str):
-            rows.append((_doc_id(str(path), text), text, None))
-        else:
-            rows.append((_doc_id(str(path), repr(text)), "", f"read: missing text field '{spec.text_field}'"))
-    return _documents(rows, spec.name)
+def _parquet_documents(batch: dict[str, np.ndarray], spec: SourceConfig):
+    """Parquet files -> one document per row, ``doc_id`` from (path, row index).
+
+    Read here rather than by ``ray.data.read_parquet``, whose rows carry their file but not their
+    index in it: two identical records of one file would otherwise get one identity. One task per
+    file, streaming one record batch at a time.
+    """
+    import fsspec
+    import pyarrow.parquet as pq
+
+    wanted = {spec.text_field, *(spec.metadata_fields), *([spec.id_field] if spec.id_field else [])}
+    for path in batch["path"]:
+        path = str(path)
+        with fsspec.open(path, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            columns = [name for name in parquet.schema_arrow.names if name in wanted]
+            row = 0
+            for records in parquet.iter_batches(columns=columns, batch_size=4096):
+                if spec.text_field in records.schema.names and pa.types.is_string(
+                    records.schema.field(spec.text_field).type
+                ):
+                    # As bytes: a writer may have stored invalid UTF-8, which would fail the whole batch.
+                    index = records.schema.get_field_index(spec.text_field)
+                    records = records.set_column(index, spec.text_field, records.column(index).cast(pa.binary()))
+                rows = []
+                for record in records.to_pylist():
+                    rows.append(_parse_record(record, spec, _doc_id(path, str(row)), f"{path}#{row}", ""))
+                    row += 1
+                yield _documents(rows, spec.name)
 
 
 def _as_documents(table: pa.Table) -> pa.Table:
+    for name in DOCUMENT_SCHEMA.names:  # readers without ids or metadata leave those columns out
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
     return table.select(DOCUMENT_SCHEMA.names).cast(DOCUMENT_SCHEMA)
 
 
@@ -161,14 +261,95 @@ def _read_source(spec: SourceConfig, max_documents: int | None):
             files = files[:max_documents]
         items = [{"path": path, "source": spec.name} for path in files]
         return ray.data.from_items(items).flat_map(_stdlib_documents)
+    paths = [entry.path for entry in list_source(spec)]
+    if spec.format == "parquet":
+        files = ray.data.from_items([{"path": path} for path in paths])
+        return files.map_batches(_parquet_documents, fn_kwargs={"spec": spec}, batch_size=1, batch_format="numpy")
+    ds = ray.data.read_binary_files(paths, include_paths=True)
     if spec.format == "text" and spec.text_unit == "file":
-        ds = ray.data.read_binary_files(spec.path, include_paths=True)
         return ds.map_batches(_decode_binary, fn_kwargs={"source": spec.name}, batch_format="numpy")
-    if spec.format in ("jsonl", "text"):
-        ds = ray.data.read_binary_files(spec.path, include_paths=True)
-        return ds.map_batches(_lines_to_documents, fn_kwargs={"spec": spec}, batch_format="numpy")
-    ds = ray.data.read_parquet(spec.path, include_paths=True)
-    return ds.map_batches(_records_to_documents, fn_kwargs={"spec": spec}, batch_format="pyarrow")
+    return ds.map_batches(_lines_to_documents, fn_kwargs={"spec": spec}, batch_format="numpy")
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One file of a source as listed: what Ray reads, and what says whether it changed."""
+
+    path: str  # local path, or URI with its scheme (s3://, gs://, ...)
+    size: int
+    version: str  # ETag, generation or modification time, whichever the filesystem reports
+    local: bool
+
+
+class SourceNotFoundError(FileNotFoundError):
+    pass
+
+
+def _is_hidden(path: str) -> bool:
+    # Markers and checksums that writers leave beside data files (_SUCCESS, .part-0.crc).
+    return Path(path).name.startswith((".", "_"))
+
+
+def list_source(spec: SourceConfig) -> list[SourceFile]:
+    """The files a source names: a file, a folder (recursively) or a glob, local or any fsspec URI."""
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, root = fsspec.core.url_to_fs(spec.path)
+    if glob.has_magic(root):
+        paths = [p for p in fs.glob(root) if fs.isfile(p)]
+    elif fs.isdir(root):
+        paths = fs.find(root)
+    elif fs.exists(root):
+        paths = [root]
+    else:
+        paths = []
+    paths = sorted(p for p in paths if not _is_hidden(p))
+    if not paths:
+        raise SourceNotFoundError(f"data source '{spec.name}': {spec.path} matches no file")
+    local = isinstance(fs, LocalFileSystem)
+    files = []
+    for path in paths:
+        info = fs.info(path)
+        version = next(
+            (
+                str(info[k])
+                for k in ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified", "updated", "created")
+                if info.get(k)
+            ),
+            "",
+        )
+        files.append(
+            SourceFile(path if local else fs.unstrip_protocol(path), int(info.get("size") or 0), version, local)
+        )
+    return files
+
+
+def source_fingerprint(config: DataConfig) -> str:
+    """What the data stage read, as one hash: local files by content, remote ones by their listing
+    (path, size, ETag or modification time), the stdlib by the files it takes."""
+    digest = hashlib.sha256()
+    for spec in config.sources:
+        digest.update(f"{spec.format}:{spec.name}\0".encode())
+        if spec.format == "stdlib":
+            chosen = stdlib_files()
+            chosen = chosen[: config.max_documents] if config.max_documents else chosen
+            entries = [SourceFile(path, 0, "", True) for path in chosen]
+        else:
+            entries = list_source(spec)
+        for entry in entries:
+            # Local files by content (a touched file is the same input); remote ones by what the store reports.
+            identity = _file_digest(entry.path).hex() if entry.local else f"{entry.size}\0{entry.version}"
+            digest.update(f"{entry.path}\0{identity}\0".encode())
+    return digest.hexdigest()[:16]
+
+
+def _file_digest(path: str) -> bytes:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.digest()
 
 
 def read_documents(config: DataConfig):

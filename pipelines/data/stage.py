@@ -17,9 +17,9 @@ from pathlib import Path
 from pipelines.data.config import DataConfig
 from pipelines.data.pack import Tokenize, keep_until_cutoff, mix_cutoffs, mix_token_targets, pack
 from pipelines.data.perplexity import plot_histogram
-from pipelines.data.readers import read_documents, stdlib_files
+from pipelines.data.readers import read_documents, source_fingerprint
 from pipelines.data.steps import reason_key, split_kept
-from pipelines.runs import MARKER, RunDir, StageResult, hash_files
+from pipelines.runs import MARKER, RunDir, StageResult
 
 log = logging.getLogger(__name__)
 
@@ -139,19 +139,6 @@ def plot_funnel(funnel: list[dict], path: Path, title: str) -> Path:
     return path
 
 
-def input_hash(config: DataConfig) -> str:
-    """Content hash of local inputs (the stdlib files read); remote sources are hashed by path."""
-    files: list[Path] = []
-    for spec in config.sources:
-        if spec.format == "stdlib":
-            chosen = stdlib_files()
-            files += [Path(p) for p in (chosen[: config.max_documents] if config.max_documents else chosen)]
-        elif spec.path and Path(spec.path).exists():
-            root = Path(spec.path)
-            files += [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else [root]
-    return hash_files(files)
-
-
 def run_data(config: DataConfig, run: RunDir, seed: int) -> StageResult:
     import ray.data
 
@@ -251,7 +238,7 @@ def run_data(config: DataConfig, run: RunDir, seed: int) -> StageResult:
         if found.get("histogram", {}).get("counts"):
             plot_histogram(found["histogram"], found["threshold"], run.root / "report" / f"data_{name}.png", name)
     return StageResult(
-        inputs={"sources": input_hash(config)},
+        inputs={"sources": source_fingerprint(config)},
         outputs={
             "train": str(out / "train"),
             "val": str(out / "val") if sequences["val"] else "",

@@ -199,3 +199,59 @@ def test_perplexity_filter_drops_the_planted_gibberish(train_done, tmp_path):
     assert all(reason.startswith("perplexity: too_high (") for reason in dropped.values())
     stats = step.stats()
     assert stats["rule"].startswith("2.0x median") and sum(stats["histogram"]["counts"]) == len(documents)
+
+
+def test_documents_keep_their_identity_through_steps_rejects_and_dedup(ray_cluster, corpus, tmp_path):
+    """Two identical parquet records stay two documents; a source's own ids and chosen metadata ride
+    through every step into the rejects, and a near-duplicate's reason leads back to its survivor."""
+    import pyarrow.parquet as pq
+
+    from pipelines.data.stage import curate
+    from pipelines.data.steps import split_kept
+
+    twin = "An identical record, written twice into one parquet file, long enough to pass the filter."
+    base, variant = sorted(corpus.clusters[0])[:2]  # two members of a planted near-duplicate cluster
+    texts = dict(corpus.documents)
+    records = [
+        {"uid": "rec-1", "lang": "en", "text": twin},
+        {"uid": "rec-2", "lang": "en", "text": twin},
+        {"uid": "rec-3", "lang": "de", "text": "short"},
+        {"uid": "rec-4", "lang": "fr", "text": texts[base]},
+        {"uid": "rec-5", "lang": "fr", "text": texts[variant]},
+    ]
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "records.parquet")
+    (tmp_path / "lines.jsonl").write_text(json.dumps({"id": 7, "text": "tiny", "lang": "it"}) + "\n")
+    config = DataConfig.model_validate(
+        {
+            "sources": [
+                {"format": "parquet", "path": str(tmp_path / "records.parquet"), "name": "p", "id_field": "uid",
+                 "metadata_fields": ["lang"]},
+                {"format": "jsonl", "path": str(tmp_path / "lines.jsonl"), "name": "j", "id_field": "id",
+                 "metadata_fields": ["lang"]},
+            ],
+            "steps": [
+                {"type": "normalize"},
+                {"type": "length", "min_chars": 10},
+                {"type": "exact_dedup", "num_partitions": 2},
+                {"type": "minhash_dedup", "threshold": 0.8, "num_perm": 128, "num_partitions": 2},
+            ],
+        }
+    )  # fmt: skip
+    marked, _, _ = curate(config, tmp_path / "data")
+    rows = {row["source_id"]: row for row in marked.take_all()}
+    assert set(rows) == {"rec-1", "rec-2", "rec-3", "rec-4", "rec-5", "7"}
+    assert rows["rec-1"]["doc_id"] != rows["rec-2"]["doc_id"]  # from path + row index, not text
+    assert {json.loads(row["metadata"])["lang"] for row in rows.values()} == {"en", "de", "fr", "it"}
+
+    kept, rejects = split_kept(marked)
+    rejected = {row["source_id"]: row for row in rejects.take_all()}
+    # Of each duplicate pair the smaller doc_id survives, and the other's reason names it.
+    twins = sorted(["rec-1", "rec-2"], key=lambda uid: rows[uid]["doc_id"])
+    near = sorted(["rec-4", "rec-5"], key=lambda uid: rows[uid]["doc_id"])
+    assert set(rejected) == {twins[1], near[1], "rec-3", "7"}
+    assert rejected[twins[1]]["reject_reason"] == f"exact_dedup: duplicate (of {rows[twins[0]]['doc_id']})"
+    assert rejected[near[1]]["reject_reason"].startswith("minhash_dedup:")
+    assert rows[near[0]]["doc_id"] in rejected[near[1]]["reject_reason"]
+    assert rejected["rec-3"]["reject_reason"].startswith("length: too_short")
+    assert json.loads(rejected["7"]["metadata"]) == {"lang": "it"}
+    assert {row["source_id"] for row in kept.take_all()} == {twins[0], near[0]}
