@@ -5,8 +5,8 @@ Works three ways, all through ``build_app``:
 - ``serve run serve.app:build_app serve_config=... model_sources=...``;
 - a Serve YAML with ``import_path: serve.app:build_app`` and ``args`` (``loom serve`` writes one).
 
-It composes ``ray.serve.llm``'s public parts the way ``build_openai_app`` does (one ``LLMServer``
-deployment per model, one ingress), with Loom's ingress in place of the stock one.
+It is Ray's public ``build_openai_app`` (one ``LLMServer`` deployment per model, one ingress) with
+Loom's ingress in place of the stock one, through ``ingress_cls_config``.
 """
 
 from __future__ import annotations
@@ -90,28 +90,26 @@ def llm_config(model_id: str, model: ModelConfig, source: str):
 
 def build_app(args: dict[str, Any]):
     """Serve application builder (``import_path: serve.app:build_app``)."""
-    from ray import serve
+    from ray.serve.llm import LLMServingArgs, build_openai_app
 
-    # to_model_metadata is what build_openai_app uses for model cards (and what ray.serve.llm.ingress's docs show).
-    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
-    from ray.serve.llm import build_llm_deployment
-    from ray.serve.llm.ingress import make_fastapi_ingress
-
-    from serve.ingress import ENDPOINTS, LoomIngress
+    from serve.ingress import LoomIngress
 
     parsed = ServeAppArgs.model_validate(args)
-    configs = {
-        model_id: llm_config(model_id, model, parsed.model_sources[model_id])
-        for model_id, model in parsed.serve_config.models.items()
+    sources = parsed.model_sources
+    models = parsed.serve_config.models
+    lineage = {
+        model_id: (parsed.lineage.get(model_id) or ModelLineage(source=sources[model_id])).model_dump()
+        for model_id in models
     }
-    cards = {}
-    for model_id, config in configs.items():
-        lineage = parsed.lineage.get(model_id) or ModelLineage(source=parsed.model_sources[model_id])
-        cards[model_id] = to_model_metadata(model_id, config, overrides={"lineage": lineage.model_dump()})
-    ingress = make_fastapi_ingress(LoomIngress, endpoint_map=ENDPOINTS)
-    options = LoomIngress.get_deployment_options(list(configs.values()))
-    return serve.deployment(ingress, **options).bind(
-        llm_deployments={model_id: build_llm_deployment(config) for model_id, config in configs.items()},
-        model_cards=cards,
-        protection=parsed.serve_config.protection.model_dump(mode="json"),
+    return build_openai_app(
+        LLMServingArgs(
+            llm_configs=[llm_config(model_id, model, sources[model_id]) for model_id, model in models.items()],
+            ingress_cls_config={
+                "ingress_cls": LoomIngress,
+                "ingress_extra_kwargs": {
+                    "protection": parsed.serve_config.protection.model_dump(mode="json"),
+                    "lineage": lineage,
+                },
+            },
+        )
     )

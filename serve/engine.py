@@ -12,12 +12,16 @@ charging it to time to first token.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 from ray.serve.llm.deployment import LLMServer
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+#: The private LLMServer methods LoomLLMServer relies on (ray 2.60); tests/unit/test_private_hooks.py checks them.
+BATCHER_HOOKS = ("_batch_output_stream", "_get_batch_interval_ms")
 
 
 async def first_then_batched(stream: AsyncIterator[T], interval_s: float) -> AsyncIterator[list[T]]:
@@ -61,6 +65,14 @@ async def first_then_batched(stream: AsyncIterator[T], interval_s: float) -> Asy
     finally:
         if not reader.done():
             reader.cancel()
+
+
+if not all(hasattr(LLMServer, hook) for hook in BATCHER_HOOKS):
+    log.warning(
+        "ray.serve.llm's LLMServer no longer has %s: Loom's first-chunk stream batcher is inactive and streams "
+        "are gathered by Ray's own batcher (time to first token grows by stream_batching_ms)",
+        " / ".join(BATCHER_HOOKS),
+    )
 
 
 class LoomLLMServer(LLMServer):

@@ -1,18 +1,22 @@
 """HTTP mapping of the endpoint: ``ray.serve.llm``'s OpenAI ingress behind Loom's checks and metrics.
 
-The routes read the raw request, so the key, rate and size checks run before the body is read or
-parsed; then the payload limits and guard (``serve.protection``), then the stock ingress logic.
-Every refusal is an OpenAI-style error body with a 4xx status and the reason; nothing reaches a
-model unchecked.
+``serve.app`` hands ``LoomIngress`` to Ray's public ``build_openai_app`` (``ingress_cls_config``),
+which routes every OpenAI path to the method of the same name. Each route only admits (key, rate
+and size checks before the body is read; then the payload limits and guard of ``serve.protection``)
+and delegates to the stock ingress. ``answered`` is the one place where a route's outcome becomes
+metrics and any exception becomes a response: a ``Rejection`` its 4xx, the engine's own 4xx itself,
+a lost replica a 503, anything else a 500 without internal text. ``error_response`` is the one
+error constructor, its OpenAI ``type`` derived from the status.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import Request
@@ -27,22 +31,46 @@ from serve.protection import Protection, Rejection, load_api_keys
 
 log = logging.getLogger(__name__)
 
-#: Route of each ingress method; handed to ``make_fastapi_ingress``.
-ENDPOINTS = {
-    "models": lambda app: app.get("/v1/models"),
-    "model_data": lambda app: app.get("/v1/models/{model:path}"),
-    "completions": lambda app: app.post("/v1/completions"),
-    "chat": lambda app: app.post("/v1/chat/completions"),
-}
 #: How long a request whose replica died is resent before the client gets a 503.
 FAILOVER_S = 60.0
 LATENCY_BOUNDARIES = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
+#: OpenAI's error ``type`` for each status (its API reference, "Error codes").
+ERROR_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+}
+#: What the endpoint serves; the stock ingress's other routes answer 404 (after the key check).
+SERVED_ROUTES = "/v1/models, /v1/completions and /v1/chat/completions"
+
+
+def error_type(status: int) -> str:
+    if status >= 500:
+        return "server_error"
+    return ERROR_TYPES.get(status, "invalid_request_error")
 
 
 def error_response(status: int, reason: str, message: str, retry_after_s: float | None = None) -> JSONResponse:
+    """The one error constructor: an OpenAI-style error body."""
     headers = {"Retry-After": str(max(1, round(retry_after_s)))} if retry_after_s is not None else None
-    body = {"error": {"message": message, "type": "invalid_request_error", "code": reason, "param": None}}
+    body = {"error": {"message": message, "type": error_type(status), "code": reason, "param": None}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def as_rejection(err: Exception) -> Rejection:
+    """Any exception a route raised, as the refusal the client gets (no internal exception text)."""
+    if isinstance(err, Rejection):
+        return err
+    if isinstance(err, RayActorError):
+        return Rejection(503, "replica-lost", "the model's replica was lost; retry shortly", 1.0)
+    status = getattr(err, "status_code", None)
+    if isinstance(status, int) and 400 <= status < 500:
+        # The stock ingress's and the engine's own refusals (unknown model, prompt over the context).
+        message = getattr(err, "message", None)
+        return Rejection(status, "engine", message if isinstance(message, str) else str(err))
+    log.error("request failed", exc_info=err)
+    return Rejection(500, "internal", "the server could not answer this request; it has been logged")
 
 
 class IngressMetrics:
@@ -75,10 +103,54 @@ class IngressMetrics:
         self.latency.observe(time.monotonic() - started, tags={"model": model, "route": route})
 
 
+def answered(route: str):
+    """Route decorator: times the route, records its outcome, and turns an exception into its response.
+
+    The model is what the route put in ``request.state.model`` (or the ``model`` path parameter);
+    a streamed answer is recorded when its last chunk has gone, its first chunk as time to first token.
+    """
+
+    def decorate(method: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
+        @functools.wraps(method)  # FastAPI reads the route's parameters through __wrapped__
+        async def route_method(self: LoomIngress, *args: Any, **kwargs: Any) -> Response:
+            request: Request = kwargs["request"]
+            started = time.monotonic()
+            try:
+                response = await method(self, *args, **kwargs)
+            except Exception as err:
+                refusal = as_rejection(err)
+                model = getattr(request.state, "model", kwargs.get("model", ""))
+                if refusal.status < 500:
+                    self.metrics.rejects.inc(tags={"reason": refusal.reason})
+                self.metrics.answered(model, route, refusal.status, started)
+                return error_response(refusal.status, refusal.reason, refusal.message, refusal.retry_after_s)
+            model = getattr(request.state, "model", kwargs.get("model", ""))
+            if isinstance(response, StreamingResponse):
+                response.body_iterator = self._measured_stream(response.body_iterator, model, route, started)
+            else:
+                self.metrics.answered(model, route, response.status_code, started)
+            return response
+
+        return route_method
+
+    return decorate
+
+
 class LoomIngress(OpenAiIngress):
     """``OpenAiIngress`` with API keys, limits, the prompt guard, lineage in ``/v1/models`` and metrics."""
 
-    def __init__(self, llm_deployments, model_cards, *, protection: dict[str, Any], lora_paths=None):
+    def __init__(
+        self,
+        llm_deployments,
+        model_cards,
+        *,
+        protection: dict[str, Any],
+        lineage: dict[str, dict[str, Any]] | None = None,
+        lora_paths=None,
+    ):
+        for model_id, card in model_cards.items():
+            if lineage and model_id in lineage:
+                card.metadata["lineage"] = lineage[model_id]
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
         config = ProtectionConfig.model_validate(protection)
         self.protection = Protection(config, load_api_keys(config))
@@ -99,78 +171,61 @@ class LoomIngress(OpenAiIngress):
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise Rejection(400, "malformed", f"request body is not valid JSON: {err}") from err
 
-    def _refused(self, rejection: Rejection, route: str, model: str, started: float) -> JSONResponse:
-        self.metrics.rejects.inc(tags={"reason": rejection.reason})
-        self.metrics.answered(model, route, rejection.status, started)
-        return error_response(rejection.status, rejection.reason, rejection.message, rejection.retry_after_s)
+    async def _request_body(self, request: Request, request_type: type) -> Any:
+        """The admitted, checked and parsed body; its model is noted for the metrics."""
+        await self._admit(request)
+        payload = await self._read_json(request)
+        self.protection.check_payload(payload)
+        model = str(payload.get("model", ""))
+        if model not in self._model_cards:
+            known = ", ".join(sorted(self._model_cards))
+            raise Rejection(404, "unknown-model", f"model {model!r} is not served here (served: {known})")
+        request.state.model = model
+        try:
+            return request_type.model_validate(payload)
+        except ValidationError as err:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors(include_url=False)
+            )
+            raise Rejection(400, "invalid-request", problems) from err
 
+    @answered("models")
     async def models(self, request: Request) -> Response:
-        started = time.monotonic()
-        try:
-            await self._admit(request)
-        except Rejection as rejection:
-            return self._refused(rejection, "models", "", started)
-        listed = await super().models()
-        self.metrics.answered("", "models", 200, started)
-        return JSONResponse(listed.model_dump())
+        await self._admit(request)
+        return JSONResponse((await super().models()).model_dump())
 
+    @answered("models")
     async def model_data(self, model: str, request: Request) -> Response:
-        started = time.monotonic()
-        try:
-            await self._admit(request)
-        except Rejection as rejection:
-            return self._refused(rejection, "models", "", started)
-        try:
-            card = await super().model_data(model)
-        except Exception as err:  # an unknown model is the stock ingress's 404, raised as an exception
-            self.metrics.answered(model, "models", getattr(err, "status_code", 500), started)
-            raise
-        self.metrics.answered(model, "models", 200, started)
-        return JSONResponse(card.model_dump())
+        await self._admit(request)
+        if model not in self._model_cards:
+            known = ", ".join(sorted(self._model_cards))
+            raise Rejection(404, "unknown-model", f"model {model!r} is not served here (served: {known})")
+        return JSONResponse((await super().model_data(model)).model_dump())
 
+    @answered("completions")
     async def completions(self, request: Request) -> Response:
-        return await self._generate(request, "completions", CompletionRequest, "completions")
+        return await self._process_with_failover(
+            await self._request_body(request, CompletionRequest), "completions", request
+        )
 
+    @answered("chat")
     async def chat(self, request: Request) -> Response:
-        return await self._generate(request, "chat", ChatCompletionRequest, "chat")
+        return await self._process_with_failover(
+            await self._request_body(request, ChatCompletionRequest), "chat", request
+        )
 
-    async def _generate(self, request: Request, route: str, request_type: type, call_method: str) -> Response:
-        started = time.monotonic()
-        model = ""
-        try:
-            await self._admit(request)
-            payload = await self._read_json(request)
-            self.protection.check_payload(payload)
-            model = str(payload.get("model", ""))
-            if model not in self._model_cards:
-                known = ", ".join(sorted(self._model_cards))
-                raise Rejection(404, "unknown-model", f"model {model!r} is not served here (served: {known})")
-            try:
-                body = request_type.model_validate(payload)
-            except ValidationError as err:
-                problems = "; ".join(
-                    f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors(include_url=False)
-                )
-                raise Rejection(400, "invalid-request", problems) from err
-        except Rejection as rejection:
-            return self._refused(rejection, route, model, started)
+    async def _not_served(self, request: Request) -> Response:
+        await self._admit(request)
+        raise Rejection(
+            404, "not-served", f"{request.url.path} is not served here; this endpoint serves {SERVED_ROUTES}"
+        )
 
-        try:
-            response = await self._process_with_failover(body, call_method, request)
-        except RayActorError:
-            self.metrics.answered(model, route, 503, started)
-            return error_response(503, "replica-lost", "the model's replica was lost; retry shortly", 1.0)
-        except Exception as err:  # the engine's own 4xx (e.g. prompt longer than the context) arrive as exceptions
-            status = getattr(err, "status_code", 500)
-            self.metrics.answered(model, route, status, started)
-            if status < 500:
-                self.metrics.rejects.inc(tags={"reason": "engine"})
-            raise
-        if isinstance(response, StreamingResponse):
-            response.body_iterator = self._measured_stream(response.body_iterator, model, route, started)
-            return response
-        self.metrics.answered(model, route, response.status_code, started)
-        return response
+    # The stock ingress's other routes (build_openai_app maps all of them): behind the key, then a 404.
+    embeddings = answered("other")(_not_served)
+    transcriptions = answered("other")(_not_served)
+    score = answered("other")(_not_served)
+    tokenize = answered("other")(_not_served)
+    detokenize = answered("other")(_not_served)
 
     async def _process_with_failover(self, body: Any, call_method: str, request: Request) -> Response:
         """The stock request path, sent again when the replica it went to died before answering.

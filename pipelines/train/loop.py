@@ -115,6 +115,22 @@ def export_model(engine, config, state_dict, tokenizer_dir: str, directory: str)
     export_hf(module, module.state_dict() if state_dict is None else state_dict, tokenizer_dir, directory)
 
 
+#: DeepSpeed's (private) gather of ZeRO-3's sharded parameters into one state dict (deepspeed 0.19);
+#: tests/unit/test_private_hooks.py checks it still exists.
+ZERO3_GATHER = "_zero3_consolidated_16bit_state_dict"
+
+
+def consolidated_state_dict(engine) -> dict:
+    """The full parameters of a ZeRO-3 engine (a collective: every rank calls it)."""
+    gather = getattr(engine, ZERO3_GATHER, None)
+    if gather is None:
+        raise RuntimeError(
+            f"this DeepSpeed ({type(engine).__module__}) has no {ZERO3_GATHER}: a ZeRO-3 run cannot export its model; "
+            "use the pinned deepspeed==0.19.8"
+        )
+    return gather()
+
+
 def _memory_mib(device) -> float:
     """Peak accelerator memory on GPU; the worker's resident memory on CPU."""
     import torch
@@ -303,7 +319,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         final.update(val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 50.0)))
 
     # ZeRO-3 shards parameters across ranks: gathering them is a collective every rank joins.
-    state_dict = engine._zero3_consolidated_16bit_state_dict() if config.zero_stage == 3 else None
+    state_dict = consolidated_state_dict(engine) if config.zero_stage == 3 else None
     with tempfile.TemporaryDirectory() as directory:
         export = None
         if rank == 0:

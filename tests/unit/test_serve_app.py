@@ -209,3 +209,34 @@ def test_stream_batcher_passes_the_streams_error_on_after_its_chunks():
     with pytest.raises(RuntimeError, match="engine died"):
         asyncio.run(consume())
     assert seen == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [(400, "invalid_request_error"), (401, "authentication_error"), (403, "permission_error"),
+     (404, "not_found_error"), (413, "invalid_request_error"), (429, "rate_limit_error"), (503, "server_error")],
+)  # fmt: skip
+def test_error_type_follows_the_status(status, kind):
+    import json
+
+    from serve.ingress import error_response
+
+    body = json.loads(error_response(status, "reason", "message").body)
+    assert body["error"] == {"message": "message", "type": kind, "code": "reason", "param": None}
+
+
+def test_exceptions_become_refusals_without_internal_text():
+    from ray.exceptions import RayActorError
+
+    from serve.ingress import as_rejection
+
+    engine_refusal = type("EngineError", (Exception,), {"status_code": 400, "message": "prompt exceeds the context"})
+    assert (as_rejection(engine_refusal("x")).status, as_rejection(engine_refusal("x")).message) == (
+        400,
+        "prompt exceeds the context",
+    )
+    lost = as_rejection(RayActorError())
+    assert lost.status == 503 and lost.retry_after_s == 1.0
+    crash = as_rejection(KeyError("internal detail: /srv/secret/path"))
+    assert crash.status == 500 and "secret" not in crash.message and "KeyError" not in crash.message
+    assert as_rejection(Rejection(429, "rate-limit", "slow down")).reason == "rate-limit"

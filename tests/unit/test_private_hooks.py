@@ -1,0 +1,45 @@
+"""The private parts of Ray and DeepSpeed that Loom leans on still exist in the pinned versions.
+
+Each is guarded where it is used (a warning or a clear error); this test makes an upgrade that
+removes one fail in `make test`, not at deploy time.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+
+def test_llm_server_still_routes_streams_through_the_batcher_hooks():
+    from ray.serve.llm.deployment import LLMServer
+
+    from serve.engine import BATCHER_HOOKS, LoomLLMServer
+
+    for hook in BATCHER_HOOKS:
+        assert callable(getattr(LLMServer, hook, None)), hook
+    assert list(inspect.signature(LLMServer._batch_output_stream).parameters) == ["self", "generator"]
+    assert LoomLLMServer._batch_output_stream is not LLMServer._batch_output_stream
+
+
+def test_every_route_the_stock_builder_maps_is_a_loom_route():
+    # build_openai_app routes each of these paths to the ingress method of that name: a method Loom did
+    # not write would answer without the key check.
+    from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS
+
+    from serve.ingress import LoomIngress
+
+    for name in DEFAULT_ENDPOINTS:
+        assert getattr(LoomIngress, name).__qualname__.startswith("LoomIngress."), name
+
+
+def test_deepspeed_still_gathers_zero3_parameters():
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from pipelines.train.loop import ZERO3_GATHER
+
+    assert callable(getattr(DeepSpeedEngine, ZERO3_GATHER, None))
+
+
+def test_ray_data_start_up_limit_refresh_is_still_an_attribute():
+    from ray.data._internal.execution.resource_manager import ResourceManager
+
+    assert isinstance(ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S, (int, float))
