@@ -19,7 +19,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from cluster.recipe import DEFAULT_RECIPE, ConfigError, LoomConfig, load_config
+from cluster.output import LOG_FORMAT, Output
+from cluster.recipe import ALL_STAGES, DEFAULT_RECIPE, ConfigError, LoomConfig, load_config
 
 EXIT_CONFIG = 2
 
@@ -37,12 +38,23 @@ def _wait_for_interrupt(url: str) -> None:
     stop.wait()
 
 
+def _start(cfg: LoomConfig, args: argparse.Namespace) -> Output:
+    """Logging to the run's log file (the terminal gets Loom's lines and errors), then Ray."""
+    from cluster.connect import connect
+
+    output = Output(cfg.run_dir(), args.verbose)
+    output.configure()
+    where = connect(cfg.cluster, args.address, log_to_driver=args.verbose)
+    output.after_connect(embedded=where.startswith("embedded"))
+    print(f"[loom] Ray: {where}", flush=True)
+    return output
+
+
 def _stage_command(name: str) -> Callable[[LoomConfig, argparse.Namespace], int]:
     def command(cfg: LoomConfig, args: argparse.Namespace) -> int:
         from cluster.chain import run_stage
-        from cluster.connect import connect
 
-        print(f"[loom] Ray: {connect(cfg.cluster, args.address)}", flush=True)
+        output = _start(cfg, args)
         record = run_stage(name, cfg, force=args.force)
         if name == "serve":
             from serve.stage import base_url, shutdown
@@ -50,6 +62,7 @@ def _stage_command(name: str) -> Callable[[LoomConfig, argparse.Namespace], int]
             _hold_or_stop(cfg, args, base_url(cfg.serve), shutdown)
         if record is not None:
             print(f"[loom] manifest: {cfg.run_dir() / 'manifest.json'}")
+        print(output.where(), flush=True)
         return 0
 
     command.__name__ = f"cmd_{name}"
@@ -75,12 +88,23 @@ def _hold_or_stop(cfg: LoomConfig, args: argparse.Namespace, url: str, shutdown:
 
 def cmd_run(cfg: LoomConfig, args: argparse.Namespace) -> int:
     from cluster.chain import run_chain
-    from cluster.connect import connect
     from serve.stage import base_url, shutdown
 
-    print(f"[loom] Ray: {connect(cfg.cluster, args.address)}", flush=True)
+    output = _start(cfg, args)
     run = run_chain(cfg, force=args.force)
+    trained = run.manifest()["stages"].get("train", {}).get("metrics", {})
+    if "initial_val_perplexity" in trained and "val_perplexity" in trained:
+        print(
+            f"\n[loom] held-out perplexity: {trained['initial_val_perplexity']:,.1f} before training -> "
+            f"{trained['val_perplexity']:,.1f} after {trained.get('step', '?')} steps "
+            f"({trained['initial_val_perplexity'] / trained['val_perplexity']:.1f}x lower)",
+            flush=True,
+        )
     print(f"\n[loom] run directory: {run.root}\n[loom] manifest: {run.manifest_path}", flush=True)
+    report = run.root / "report"
+    if report.is_dir():
+        print(f"[loom] report: {report}/ ({', '.join(sorted(p.name for p in report.glob('*.png')))})", flush=True)
+    print(output.where(), flush=True)
     _hold_or_stop(cfg, args, base_url(cfg.serve), shutdown)
     return 0
 
@@ -127,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--force", action="store_true", help="redo stages even if complete")
         if name in ("serve", "run"):
             sub.add_argument("--keep-serving", action="store_true", help="keep the endpoint up until Ctrl+C")
+        if name in ("data", "train", "tune", "serve", "run"):
+            sub.add_argument(
+                "--verbose",
+                action="store_true",
+                help="show Ray's, vLLM's and DeepSpeed's logs live (else: <run>/logs/)",
+            )
         if name == "submit":
             sub.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
     return parser
@@ -144,13 +174,20 @@ def _split_recipe(args: argparse.Namespace) -> None:
     args.recipe = args.config_flag or args.recipe or str(DEFAULT_RECIPE)
 
 
+def stages_used(args: argparse.Namespace) -> tuple[str, ...]:
+    """The stages a command runs: a recipe is checked for what they use (``loom data`` on a data-only
+    recipe is not refused for a model shape only serving would trip on)."""
+    command = args.stage if args.command == "submit" else args.command
+    return (command,) if command in ("data", "train", "tune", "serve") else ALL_STAGES
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)  # stage commands send it to the run's log file
     args = build_parser().parse_args(argv)
     handler, _ = COMMANDS[args.command]
     try:
         _split_recipe(args)
-        cfg = load_config(args.recipe, args.overrides)
+        cfg = load_config(args.recipe, args.overrides, stages=stages_used(args))
     except ConfigError as err:
         print(f"loom {args.command}: invalid configuration, nothing was started.\n{err}", file=sys.stderr)
         return EXIT_CONFIG

@@ -63,11 +63,12 @@ def _already_connected(target: str | None) -> str:
     return f"Ray cluster at {current} (already connected)"
 
 
-def connect(config: ClusterConfig, address: str | None = None) -> str:
+def connect(config: ClusterConfig, address: str | None = None, log_to_driver: bool = True) -> str:
     """Initialise Ray once per process and return a description of where it runs.
 
     Order: the explicit ``address``, then ``cluster.address``, then ``RAY_ADDRESS``
     (set by ``ray job submit``); with none, an embedded local Ray sized for this machine.
+    ``log_to_driver=False`` leaves Ray workers' output in Ray's log files instead of this terminal.
     """
     import ray
 
@@ -79,7 +80,9 @@ def connect(config: ClusterConfig, address: str | None = None) -> str:
         # Inside `ray job submit` the job's runtime_env already carries these (loom submit sets them).
         in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
         ray.init(
-            address=target, log_to_driver=True, runtime_env=None if in_job else {"env_vars": config.ray_env_vars()}
+            address=target,
+            log_to_driver=log_to_driver,
+            runtime_env=None if in_job else {"env_vars": config.ray_env_vars()},
         )
         return f"Ray cluster at {target}"
     num_cpus = embedded_num_cpus(config)
@@ -91,6 +94,7 @@ def connect(config: ClusterConfig, address: str | None = None) -> str:
         num_cpus=num_cpus,
         object_store_memory=int(memory * 2**30) if memory else None,
         include_dashboard=False,
+        log_to_driver=log_to_driver,
         _system_config={"idle_worker_killing_time_threshold_ms": int(config.idle_worker_keep_s * 1000)},
     )
     return f"embedded local Ray ({num_cpus} logical CPUs)"

@@ -45,33 +45,46 @@ class LoomConfig(StrictModel):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Ray cluster and job submission.")
 
     @model_validator(mode="after")
-    def _across_sections(self) -> LoomConfig:
-        problems = []
+    def _storage_is_a_path(self) -> LoomConfig:
         if "://" in self.storage:
-            problems.append(f"storage '{self.storage}': only local (or shared-filesystem) paths are supported")
-        if self.train.model.max_position_embeddings < self.data.seq_len:
-            problems.append(
-                f"train.model.max_position_embeddings ({self.train.model.max_position_embeddings}) "
-                f"is shorter than data.seq_len ({self.data.seq_len})"
-            )
+            raise ValueError(f"storage '{self.storage}': only local (or shared-filesystem) paths are supported")
+        return self
+
+    def stage_problems(self, stages: list[str]) -> list[tuple[str, str]]:
+        """Problems across sections that only the given stages care about: ``loom data`` does not
+        refuse a model shape only the serve stage would trip on."""
+        problems = []
         model = self.train.model
+        if {"train", "tune"} & set(stages) and model.max_position_embeddings < self.data.seq_len:
+            problems.append(
+                (
+                    "train.model.max_position_embeddings",
+                    f"{model.max_position_embeddings} is shorter than data.seq_len ({self.data.seq_len})",
+                )
+            )
+        if "serve" not in stages:
+            return problems
         head_dim = model.hidden_size // model.num_heads
         for model_id, served in self.serve.models.items():
             if served.source is not None:
                 continue  # a given directory: only the trained model has this recipe's train.model shape
             if served.engine.max_model_len > model.max_position_embeddings:
                 problems.append(
-                    f"serve.models.{model_id}.engine.max_model_len ({served.engine.max_model_len}) exceeds "
-                    f"train.model.max_position_embeddings ({model.max_position_embeddings})"
+                    (
+                        f"serve.models.{model_id}.engine.max_model_len",
+                        f"{served.engine.max_model_len} exceeds train.model.max_position_embeddings "
+                        f"({model.max_position_embeddings})",
+                    )
                 )
             if served.accelerator == "cpu" and head_dim not in VLLM_CPU_HEAD_SIZES:
                 problems.append(
-                    f"train.model: head size hidden_size/num_heads = {head_dim} cannot be served by vLLM on CPU "
-                    f"(supported: {', '.join(map(str, VLLM_CPU_HEAD_SIZES))})"
+                    (
+                        "train.model",
+                        f"head size hidden_size/num_heads = {head_dim} cannot be served by vLLM on CPU "
+                        f"(supported: {', '.join(map(str, VLLM_CPU_HEAD_SIZES))}); serve.models.{model_id} serves it",
+                    )
                 )
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
+        return problems
 
     def run_dir(self) -> Path:
         return (Path(self.storage) / self.run_name).resolve()
@@ -152,8 +165,14 @@ def validate_dict(raw: dict[str, Any], source: str = "<config>") -> LoomConfig:
         raise ConfigError(source, _pydantic_problems(err)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> LoomConfig:
-    """Read a YAML recipe, apply dotted overrides, validate; raise ConfigError listing every problem."""
+#: Every stage a whole run uses (``loom run``, ``loom validate``).
+ALL_STAGES = ("data", "tune", "train", "serve")
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, stages: tuple[str, ...] | list[str] = ALL_STAGES
+) -> LoomConfig:
+    """Read a YAML recipe, apply dotted overrides, validate for ``stages``; raise ConfigError listing every problem."""
     path = Path(path) if path is not None else DEFAULT_RECIPE
     source = str(path)
     if not path.is_file():
@@ -165,13 +184,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if not isinstance(raw, dict):
         raise ConfigError(source, [("", f"a recipe is a mapping of sections, got {type(raw).__name__}")])
     nested, problems = parse_overrides(overrides or [])
+    try:
+        config = validate_dict(_merge(raw, nested), source)
+    except ConfigError as err:
+        raise ConfigError(source, problems + err.problems) from None
+    problems += config.stage_problems(list(stages))
     if problems:
-        try:
-            validate_dict(_merge(raw, nested), source)
-        except ConfigError as err:
-            problems += err.problems
         raise ConfigError(source, problems)
-    return validate_dict(_merge(raw, nested), source)
+    return config
 
 
 def config_hash(section: StrictModel | dict[str, Any]) -> str:

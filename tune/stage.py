@@ -11,6 +11,7 @@ import math
 import shutil
 from typing import Any
 
+from pipelines.progress import progress
 from pipelines.runs import RunDir, StageResult, hash_dir
 from pipelines.train.config import TrainConfig
 from tune.config import TuneConfig
@@ -57,12 +58,31 @@ def run_trial(params: dict[str, Any], *, train: dict[str, Any], tune_config: dic
 OBJECTIVE = "loss"
 
 
+def _trial_progress_callback():
+    from ray import tune
+
+    class TrialProgress(tune.Callback):
+        """Moves the stage's progress line as trials finish (Tune runs callbacks in the driver)."""
+
+        def __init__(self, bar):
+            self.bar = bar
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.bar.update()
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.bar.update()
+
+    return TrialProgress
+
+
 def run_tune(config: TuneConfig, train: TrainConfig, run: RunDir, seed: int) -> StageResult:
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
     from pipelines.train.trainer import data_outputs
 
+    TrialProgress = _trial_progress_callback()
     inputs = data_outputs(run)
     out = run.begin("tune")
     for name in ("sweep", "trials"):
@@ -75,6 +95,7 @@ def run_tune(config: TuneConfig, train: TrainConfig, run: RunDir, seed: int) -> 
         run_root=str(run.root),
         seed=seed,
     )
+    bar = progress(config.num_trials, "tune", "trials")
     tuner = tune.Tuner(
         trainable,
         param_space={"lr": tune.loguniform(config.lr_min, config.lr_max)},
@@ -83,9 +104,13 @@ def run_tune(config: TuneConfig, train: TrainConfig, run: RunDir, seed: int) -> 
             num_samples=config.num_trials,
             max_concurrent_trials=config.max_concurrent_trials,
         ),
-        run_config=tune.RunConfig(name="sweep", storage_path=str(out)),
+        # Tune's own status table off: the stage's progress line says how many trials are done.
+        run_config=tune.RunConfig(name="sweep", storage_path=str(out), verbose=0, callbacks=[TrialProgress(bar)]),
     )
-    results = tuner.fit()
+    try:
+        results = tuner.fit()
+    finally:
+        bar.close()
     trials = []
     for result in results:
         value = (result.metrics or {}).get(metric)

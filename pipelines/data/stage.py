@@ -19,6 +19,7 @@ from pipelines.data.pack import Tokenize, keep_until_cutoff, mix_cutoffs, mix_to
 from pipelines.data.perplexity import plot_histogram
 from pipelines.data.readers import read_documents, source_fingerprint
 from pipelines.data.steps import reason_key, split_kept
+from pipelines.progress import progress
 from pipelines.runs import MARKER, RunDir, StageResult
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def _counts(directory: Path) -> tuple[int, int]:
     return files.count_rows(), files.count_rows(filter=pads.field("reject_reason").is_null())
 
 
-def curate(config: DataConfig, out: Path) -> tuple[object, list[dict], dict[str, dict]]:
+def curate(config: DataConfig, out: Path, bar=None) -> tuple[object, list[dict], dict[str, dict]]:
     """Read, then run every configured step; each step's output is materialised under
     ``steps/NN-name/`` with a completion marker, so a rerun after a crash resumes after the
     last finished step. Returns (marked dataset, funnel, per-step stats)."""
@@ -79,6 +80,9 @@ def curate(config: DataConfig, out: Path) -> tuple[object, list[dict], dict[str,
         _mark_done(steps_dir / "00-read", key, {})
     documents_in, kept = _counts(steps_dir / "00-read")
     funnel = [{"step": "read", "documents": documents_in, "kept": kept}]
+    if bar is not None:
+        bar.set_postfix_str(f"read {documents_in:,} documents", refresh=False)
+        bar.update()
     step_stats: dict[str, dict] = {}
     for index, step_config in enumerate(config.steps, start=1):
         step = step_config.build()
@@ -88,9 +92,9 @@ def curate(config: DataConfig, out: Path) -> tuple[object, list[dict], dict[str,
         ds, produced = _cached(directory, key, lambda step=step, upstream=upstream: step.apply(upstream))
         if produced:
             _mark_done(directory, key, step.stats())
-            print(f"[loom] data: step {index} {step.name} done", flush=True)
-        else:
-            print(f"[loom] data: step {index} {step.name} already done (skipped)", flush=True)
+        if bar is not None:
+            bar.set_postfix_str(f"{step.name}{'' if produced else ' (resumed)'}", refresh=False)
+            bar.update()
         step_stats[f"{index:02d}-{step.name}"] = json.loads((directory / "step_stats.json").read_text())
         rows, kept = _counts(directory)
         if rows != documents_in:
@@ -139,22 +143,8 @@ def plot_funnel(funnel: list[dict], path: Path, title: str) -> Path:
     return path
 
 
-def run_data(config: DataConfig, run: RunDir, seed: int) -> StageResult:
-    import ray.data
-
-    # Deterministic output for the same input and seed (limits, shuffles and splits see rows in order).
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    out = run.begin("data")
-    for name in ("train", "val", "rejects", "tokenizer"):  # steps/ is kept: it is how a rerun resumes
-        shutil.rmtree(out / name, ignore_errors=True)  # half-written outputs of an earlier attempt
-
-    marked, funnel, step_stats = curate(config, out)
-    documents_in = funnel[0]["documents"]
-    kept, rejects = split_kept(marked)
-    rejects.write_parquet(str(out / "rejects"))
-    documents_out = kept.count()
-    log.info("data: %d documents in, %d kept", documents_in, documents_out)
-
+def write_tokenizer(config: DataConfig, kept, out: Path) -> Path:
+    """The run's tokenizer: the configured one copied, or a byte-level BPE trained on the kept text."""
     tokenizer_dir = out / "tokenizer"
     if config.tokenizer_path:
         shutil.copytree(config.tokenizer_path, tokenizer_dir)
@@ -164,6 +154,13 @@ def run_data(config: DataConfig, run: RunDir, seed: int) -> StageResult:
         train_bpe(
             iter_texts(kept.select_columns(["text"]).iter_batches(batch_size=256)), config.vocab_size, tokenizer_dir
         )
+    return tokenizer_dir
+
+
+def tokenize_and_mix(config: DataConfig, kept, tokenizer_dir: Path, seed: int):
+    """Token ids per document (an actor pool, one tokenizer load per actor), downsampled by document
+    to the configured source mix. Returns (tokenized, tokens per source, mix stats or None)."""
+    import ray.data
 
     tokenized = kept.map_batches(
         Tokenize,
@@ -173,28 +170,32 @@ def run_data(config: DataConfig, run: RunDir, seed: int) -> StageResult:
         compute=ray.data.ActorPoolStrategy(size=config.tokenize_actors),
     ).materialize()
     tokens_per_source = _tokens_by_source(tokenized)
-    mix_stats = None
-    if config.mix:
-        targets = mix_token_targets(tokens_per_source, config.mix)
-        to_cut = {source: target for source, target in targets.items() if target < tokens_per_source[source]}
-        cutoffs = mix_cutoffs(tokenized, to_cut, seed)
-        tokenized = tokenized.map_batches(
-            keep_until_cutoff, fn_kwargs={"cutoffs": cutoffs, "seed": seed}, batch_format="pyarrow"
-        ).materialize()
-        mixed = _tokens_by_source(tokenized)
-        total = sum(mixed.values()) or 1
-        weight_sum = sum(config.mix.values())
-        mix_stats = {
-            source: {
-                "target_share": config.mix[source] / weight_sum,
-                "share": mixed.get(source, 0) / total,
-                "target_tokens": targets[source],
-                "tokens_before": tokens_per_source.get(source, 0),
-                "tokens_after": mixed.get(source, 0),
-            }
-            for source in config.mix
+    if not config.mix:
+        return tokenized, tokens_per_source, None
+    targets = mix_token_targets(tokens_per_source, config.mix)
+    to_cut = {source: target for source, target in targets.items() if target < tokens_per_source[source]}
+    cutoffs = mix_cutoffs(tokenized, to_cut, seed)
+    tokenized = tokenized.map_batches(
+        keep_until_cutoff, fn_kwargs={"cutoffs": cutoffs, "seed": seed}, batch_format="pyarrow"
+    ).materialize()
+    mixed = _tokens_by_source(tokenized)
+    total = sum(mixed.values()) or 1
+    weight_sum = sum(config.mix.values())
+    mix_stats = {
+        source: {
+            "target_share": config.mix[source] / weight_sum,
+            "share": mixed.get(source, 0) / total,
+            "target_tokens": targets[source],
+            "tokens_before": tokens_per_source.get(source, 0),
+            "tokens_after": mixed.get(source, 0),
         }
-        tokens_per_source = mixed
+        for source in config.mix
+    }
+    return tokenized, mixed, mix_stats
+
+
+def pack_and_split(config: DataConfig, tokenized, out: Path, seed: int) -> dict[str, int]:
+    """Pack into ``seq_len`` sequences, shuffle, hold out ``val_fraction``, write the shards; the counts."""
     packed = tokenized.map_batches(
         pack, fn_kwargs={"seq_len": config.seq_len}, batch_size=config.batch_size, batch_format="pyarrow"
     ).random_shuffle(seed=seed)
@@ -206,12 +207,54 @@ def run_data(config: DataConfig, run: RunDir, seed: int) -> StageResult:
     sequences = {"train": train.count(), "val": val.count() if val is not None else 0}
     if sequences["train"] == 0:
         raise RuntimeError(
-            f"data: no training sequence of {config.seq_len} tokens could be packed from "
-            f"{documents_out} documents; add text or lower data.seq_len"
+            f"data: no training sequence of {config.seq_len} tokens could be packed from the curated "
+            "documents; add text or lower data.seq_len"
         )
     train.write_parquet(str(out / "train"), min_rows_per_file=config.rows_per_shard)
     if sequences["val"]:
         val.write_parquet(str(out / "val"), min_rows_per_file=config.rows_per_shard)
+    return sequences
+
+
+def write_report(run: RunDir, stats: dict, step_stats: dict[str, dict]) -> Path:
+    """``stats.json`` and the plots: the funnel, and each perplexity step's histogram."""
+    (run.stage_dir("data") / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    plot = plot_funnel(stats["funnel"], run.root / "report" / "data_funnel.png", f"{run.root.name}: data funnel")
+    for name, found in step_stats.items():
+        if found.get("histogram", {}).get("counts"):
+            plot_histogram(found["histogram"], found["threshold"], run.root / "report" / f"data_{name}.png", name)
+    return plot
+
+
+def run_data(config: DataConfig, run: RunDir, seed: int) -> StageResult:
+    """curate -> tokenize + mix -> pack + split -> report."""
+    import ray.data
+
+    # Deterministic output for the same input and seed (limits, shuffles and splits see rows in order).
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    out = run.begin("data")
+    for name in ("train", "val", "rejects", "tokenizer"):  # steps/ is kept: it is how a rerun resumes
+        shutil.rmtree(out / name, ignore_errors=True)  # half-written outputs of an earlier attempt
+
+    # read, each curation step, then the tokenizer, tokenize + mix, pack + split
+    with progress(len(config.steps) + 4, "data", "steps") as bar:
+        marked, funnel, step_stats = curate(config, out, bar)
+        documents_in = funnel[0]["documents"]
+        kept, rejects = split_kept(marked)
+        rejects.write_parquet(str(out / "rejects"))
+        documents_out = kept.count()
+        log.info("data: %d documents in, %d kept", documents_in, documents_out)
+
+        bar.set_postfix_str(f"{documents_out:,} documents kept; tokenizer", refresh=False)
+        tokenizer_dir = write_tokenizer(config, kept, out)
+        bar.update()
+        bar.set_postfix_str("tokenize", refresh=False)
+        tokenized, tokens_per_source, mix_stats = tokenize_and_mix(config, kept, tokenizer_dir, seed)
+        bar.update()
+        bar.set_postfix_str(f"{sum(tokens_per_source.values()):,} tokens; pack", refresh=False)
+        sequences = pack_and_split(config, tokenized, out, seed)
+        bar.set_postfix_str(f"{sequences['train']:,} + {sequences['val']:,} sequences", refresh=False)
+        bar.update()
 
     drops_by_step, drops_by_reason = _drop_counts(rejects)
     tokens_in = sum(tokens_per_source.values())
@@ -232,11 +275,7 @@ def run_data(config: DataConfig, run: RunDir, seed: int) -> StageResult:
         "sequences": sequences,
         "seq_len": config.seq_len,
     }
-    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    plot = plot_funnel(funnel, run.root / "report" / "data_funnel.png", f"{run.root.name}: data funnel")
-    for name, found in step_stats.items():
-        if found.get("histogram", {}).get("counts"):
-            plot_histogram(found["histogram"], found["threshold"], run.root / "report" / f"data_{name}.png", name)
+    plot = write_report(run, stats, step_stats)
     return StageResult(
         inputs={"sources": source_fingerprint(config)},
         outputs={

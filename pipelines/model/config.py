@@ -10,9 +10,10 @@ from pipelines.schema import StrictModel
 class ModelConfig(StrictModel):
     hidden_size: int = Field(default=64, ge=8, description="Width of the residual stream.")
     num_layers: int = Field(default=2, ge=1, description="Decoder layers.")
-    num_heads: int = Field(default=4, ge=1, description="Attention heads.")
+    # Head size 64 / 2 = 32: the smallest vLLM's CPU attention serves.
+    num_heads: int = Field(default=2, ge=1, description="Attention heads.")
     num_kv_heads: int = Field(
-        default=4, ge=1, description="Key/value heads (grouped-query attention when fewer than num_heads)."
+        default=2, ge=1, description="Key/value heads (grouped-query attention when fewer than num_heads)."
     )
     intermediate_size: int = Field(default=256, ge=8, description="Width of the MLP.")
     max_position_embeddings: int = Field(default=256, ge=8, description="Longest context the model supports.")

@@ -177,34 +177,30 @@ def evaluate(engine, batches: list) -> float:
     return _mean_across_ranks(local, engine.device)
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+def restore_point(checkpoint, world: int) -> dict[str, Any] | None:
+    """What the latest checkpoint says about the run: None to start fresh, ``{"finished": True}`` when
+    the final export is the latest checkpoint, else the saved state (refused for another worker count)."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        if (Path(directory) / FINAL_EXPORT_MARKER).exists():
+            return {"finished": True}
+        saved = json.loads((Path(directory) / RUN_STATE).read_text())
+    if saved["world_size"] != world:
+        raise RuntimeError(
+            f"the checkpoint at step {saved['step']} was written by {saved['world_size']} workers; ZeRO shards "
+            f"and the data position are per worker count. Resume with train.num_workers={saved['world_size']}, "
+            "or start a new run_name."
+        )
+    return saved
+
+
+def build_engine(config, tokenizer_dir: str, seed: int):
+    """The DeepSpeed engine (model, AdamW, warmup + cosine schedule) and the trainable parameters."""
     import deepspeed
-    import ray.train
     import torch
 
-    from pipelines.model.llama import count_parameters
-    from pipelines.train.config import TrainConfig
     from pipelines.train.deepspeed_config import deepspeed_config
-    from pipelines.train.metrics import PrometheusGauges, flops_per_token, mfu, peak_flops
-
-    config = TrainConfig.model_validate(loop_config["train"])
-    seed: int = loop_config["seed"]
-    tokenizer_dir: str = loop_config["tokenizer_dir"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            if (Path(directory) / FINAL_EXPORT_MARKER).exists():
-                return  # Training already finished; the export is the latest checkpoint.
-            saved = json.loads((Path(directory) / RUN_STATE).read_text())
-        if saved["world_size"] != world:
-            raise RuntimeError(
-                f"the checkpoint at step {saved['step']} was written by {saved['world_size']} workers; ZeRO shards "
-                f"and the data position are per worker count. Resume with train.num_workers={saved['world_size']}, "
-                "or start a new run_name."
-            )
 
     model = build_model(config, tokenizer_dir, seed)
     if config.activation_checkpointing:
@@ -212,118 +208,208 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, config.max_steps))
-    engine, optimizer, _, scheduler = deepspeed.initialize(
+    engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config)
     )
+    return engine, scheduler, trainable
 
-    # Data position: rounds of micro-batches (one per rank) consumed in the current epoch,
-    # saved with every checkpoint; the same on every rank, so rank 0's client state serves all.
-    epoch, position = 0, 0
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            _, client_state = engine.load_checkpoint(directory, tag=DS_TAG)
-        epoch, position = client_state["epoch"], client_state["data_position"]
 
-    model_config = engine.module.config
-    parameters = count_parameters(engine.module)
-    token_flops = flops_per_token(
-        parameters, model_config.num_hidden_layers, model_config.hidden_size, loop_config["seq_len"]
-    )
-    peak = peak_flops(engine.device)
-    gauges = PrometheusGauges(context.get_experiment_name()) if rank == 0 else None
+class RankRun:
+    """One rank's training run, in the order it happens: restore, step through micro-batches, report
+    (and checkpoint) at the configured steps, export at the end.
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val") if loop_config["has_val"] else None
-    val_batches: list | None = None
+    The data position counts rounds of micro-batches (one per rank) consumed in the current epoch;
+    it is saved with every checkpoint and is the same on every rank, so rank 0's client state
+    serves all.
+    """
 
-    def held_out_loss() -> float:
-        nonlocal val_batches
-        if val_batches is None:
-            val_batches = held_out_batches(val_shard, config.micro_batch_size, rank, world, config.eval_batches)
-        return evaluate(engine, val_batches)
+    def __init__(self, loop_config: dict[str, Any]):
+        import ray.train
 
-    tokens_per_step = config.effective_global_batch_size * loop_config["seq_len"]
-    window_start, window_steps = time.perf_counter(), 0
-    loss_sum, loss_count = 0.0, 0
-    last_loss = float("nan")
+        from pipelines.model.llama import count_parameters
+        from pipelines.train.config import TrainConfig
+        from pipelines.train.metrics import PrometheusGauges, flops_per_token, peak_flops
 
-    while engine.global_steps < config.max_steps:
-        epoch_start_position = position
-        for batch in _batches(train_shard, config.micro_batch_size, position, rank, world):
-            loss = engine(**_on(batch, engine.device)).loss
-            engine.backward(loss)
-            steps_before = engine.global_steps
-            engine.step()
-            position += 1
-            loss_sum, loss_count = loss_sum + float(loss), loss_count + 1
-            if engine.global_steps == steps_before:
-                continue  # inside a gradient accumulation window
-            step = engine.global_steps
-            window_steps += 1
-            last = step >= config.max_steps
-            evaluate_now = bool(val_shard is not None and config.eval_every and step % config.eval_every == 0)
-            if step % config.log_every and step % config.checkpoint_every and not last and not evaluate_now:
-                continue
-            elapsed = time.perf_counter() - window_start
-            metrics = {
-                "step": step,
-                "epoch": epoch,
-                "loss": _mean_across_ranks(loss_sum / loss_count, engine.device),
-                "lr": scheduler.get_last_lr()[0],
-                "step_time_s": elapsed / window_steps,
-                "tokens_per_s": tokens_per_step * window_steps / elapsed,
-                "parameters": parameters,
-                "trainable_parameters": sum(p.numel() for p in trainable),
-                "memory_mib": _memory_mib(engine.device),
-            }
-            utilisation = mfu(metrics["tokens_per_s"] / world, token_flops, peak)
-            if utilisation is not None:
-                metrics["mfu"] = utilisation
-            grad_norm = engine.get_global_grad_norm()
-            if grad_norm is not None:
-                metrics["grad_norm"] = float(grad_norm)
-            if evaluate_now:
-                val_loss = held_out_loss()
-                metrics.update(val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 50.0)))
-                window_start = time.perf_counter()  # evaluation time is not training time
-            if gauges is not None:
-                gauges.set(metrics)
-            last_loss = metrics["loss"]
-            window_start = window_start if evaluate_now else time.perf_counter()
-            window_steps, loss_sum, loss_count = 0, 0.0, 0
-            if step % config.checkpoint_every == 0 or last:
-                with tempfile.TemporaryDirectory() as directory:
-                    state = {"epoch": epoch, "data_position": position, "step": step, "world_size": world}
-                    engine.save_checkpoint(directory, tag=DS_TAG, client_state=state)
-                    if rank == 0:
-                        (Path(directory) / RUN_STATE).write_text(json.dumps(state))
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-            else:
-                ray.train.report(metrics)
-            if last:
-                break
-        else:
-            if position == epoch_start_position == 0:
+        self.config = config = TrainConfig.model_validate(loop_config["train"])
+        self.tokenizer_dir: str = loop_config["tokenizer_dir"]
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.checkpoint = ray.train.get_checkpoint()
+        self.saved = restore_point(self.checkpoint, self.world)
+        if self.finished_before:
+            return
+        self.engine, self.scheduler, self.trainable = build_engine(config, self.tokenizer_dir, loop_config["seed"])
+        self.epoch, self.position = 0, 0
+        #: Held-out loss of the model before its first step: the "before" of the run's before/after.
+        self.initial_val_loss: float | None = None
+        if self.checkpoint is not None:
+            with self.checkpoint.as_directory() as directory:
+                _, client_state = self.engine.load_checkpoint(directory, tag=DS_TAG)
+            self.epoch, self.position = client_state["epoch"], client_state["data_position"]
+            self.initial_val_loss = client_state.get("initial_val_loss")
+
+        module = self.engine.module
+        self.parameters = count_parameters(module)
+        self.token_flops = flops_per_token(
+            self.parameters, module.config.num_hidden_layers, module.config.hidden_size, loop_config["seq_len"]
+        )
+        self.peak = peak_flops(self.engine.device)
+        self.gauges = PrometheusGauges(context.get_experiment_name()) if self.rank == 0 else None
+        self.train_shard = ray.train.get_dataset_shard("train")
+        self.val_shard = ray.train.get_dataset_shard("val") if loop_config["has_val"] else None
+        self.val_batches: list | None = None
+        self.tokens_per_step = config.effective_global_batch_size * loop_config["seq_len"]
+        self.window_start, self.window_steps = time.perf_counter(), 0
+        self.loss_sum, self.loss_count = 0.0, 0
+        self.last_loss = float("nan")
+        if self.val_shard is not None and self.checkpoint is None:
+            self.initial_val_loss = self.held_out_loss()
+
+    @property
+    def finished_before(self) -> bool:
+        return bool(self.saved and self.saved.get("finished"))
+
+    def micro_batches(self):
+        """This rank's micro-batches from the data position on, epoch after epoch."""
+        while True:
+            start = self.position
+            yield from _batches(self.train_shard, self.config.micro_batch_size, self.position, self.rank, self.world)
+            if self.position == start == 0:
                 raise RuntimeError(
-                    f"rank {rank}: the training shard holds fewer than micro_batch_size="
-                    f"{config.micro_batch_size} sequences; add data or lower train.micro_batch_size"
+                    f"rank {self.rank}: the training shard holds fewer than micro_batch_size="
+                    f"{self.config.micro_batch_size} sequences; add data or lower train.micro_batch_size"
                 )
-            epoch, position = epoch + 1, 0
-            continue
-        break
+            self.epoch, self.position = self.epoch + 1, 0
 
-    # "loss" repeats the last training loss so that every report carries it (Tune's searchers require that).
-    final: dict[str, Any] = {"step": engine.global_steps, "final": True, "loss": last_loss}
-    if val_shard is not None:
-        val_loss = held_out_loss()
-        final.update(val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 50.0)))
+    def step(self, batch: dict[str, Any]) -> bool:
+        """Forward, backward and DeepSpeed's step on one micro-batch; True when the optimizer stepped
+        (False inside a gradient accumulation window)."""
+        loss = self.engine(**_on(batch, self.engine.device)).loss
+        self.engine.backward(loss)
+        steps_before = self.engine.global_steps
+        self.engine.step()
+        self.position += 1
+        self.loss_sum, self.loss_count = self.loss_sum + float(loss), self.loss_count + 1
+        if self.engine.global_steps == steps_before:
+            return False
+        self.window_steps += 1
+        return True
 
-    # ZeRO-3 shards parameters across ranks: gathering them is a collective every rank joins.
-    state_dict = consolidated_state_dict(engine) if config.zero_stage == 3 else None
-    with tempfile.TemporaryDirectory() as directory:
-        export = None
-        if rank == 0:
-            export_model(engine, config, state_dict, tokenizer_dir, directory)
-            (Path(directory) / FINAL_EXPORT_MARKER).write_text(f"pid {os.getpid()}\n")
-            export = ray.train.Checkpoint.from_directory(directory)
-        ray.train.report(final, checkpoint=export)
+    def held_out_loss(self) -> float:
+        if self.val_batches is None:
+            self.val_batches = held_out_batches(
+                self.val_shard, self.config.micro_batch_size, self.rank, self.world, self.config.eval_batches
+            )
+        return evaluate(self.engine, self.val_batches)
+
+    @property
+    def done(self) -> bool:
+        return self.engine.global_steps >= self.config.max_steps
+
+    def report_due(self) -> tuple[bool, bool]:
+        """(report now, evaluate now) after the optimizer step just taken."""
+        config, step = self.config, self.engine.global_steps
+        evaluate_now = bool(self.val_shard is not None and config.eval_every and step % config.eval_every == 0)
+        due = step % config.log_every == 0 or step % config.checkpoint_every == 0 or self.done or evaluate_now
+        return due, evaluate_now
+
+    def metrics(self, evaluate_now: bool) -> dict[str, Any]:
+        """The report of this step: losses, speed and memory over the window since the last report."""
+        from pipelines.train.metrics import mfu
+
+        engine = self.engine
+        elapsed = time.perf_counter() - self.window_start
+        metrics = {
+            "step": engine.global_steps,
+            "epoch": self.epoch,
+            "loss": _mean_across_ranks(self.loss_sum / self.loss_count, engine.device),
+            "lr": self.scheduler.get_last_lr()[0],
+            "step_time_s": elapsed / self.window_steps,
+            "tokens_per_s": self.tokens_per_step * self.window_steps / elapsed,
+            "parameters": self.parameters,
+            "trainable_parameters": sum(p.numel() for p in self.trainable),
+            "memory_mib": _memory_mib(engine.device),
+        }
+        utilisation = mfu(metrics["tokens_per_s"] / self.world, self.token_flops, self.peak)
+        if utilisation is not None:
+            metrics["mfu"] = utilisation
+        grad_norm = engine.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        if evaluate_now:
+            val_loss = self.held_out_loss()
+            metrics.update(val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 50.0)))
+        return metrics
+
+    def report(self, evaluate_now: bool) -> None:
+        """Report this step to Ray Train, with a checkpoint when one is due; start a new window."""
+        import ray.train
+
+        metrics = self.metrics(evaluate_now)
+        if self.gauges is not None:
+            self.gauges.set(metrics)
+        self.last_loss = metrics["loss"]
+        self.window_start = time.perf_counter()  # evaluation and reporting are not training time
+        self.window_steps, self.loss_sum, self.loss_count = 0, 0.0, 0
+        if self.engine.global_steps % self.config.checkpoint_every == 0 or self.done:
+            self.checkpoint_and_report(metrics)
+        else:
+            ray.train.report(metrics)
+
+    def checkpoint_and_report(self, metrics: dict[str, Any]) -> None:
+        import ray.train
+
+        step = self.engine.global_steps
+        with tempfile.TemporaryDirectory() as directory:
+            state = {
+                "epoch": self.epoch,
+                "data_position": self.position,
+                "step": step,
+                "world_size": self.world,
+                "initial_val_loss": self.initial_val_loss,
+            }
+            self.engine.save_checkpoint(directory, tag=DS_TAG, client_state=state)
+            if self.rank == 0:
+                (Path(directory) / RUN_STATE).write_text(json.dumps(state))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    def export(self) -> None:
+        """The final report (held-out loss) with rank 0's Hugging Face export as its checkpoint."""
+        import ray.train
+
+        # "loss" repeats the last training loss so that every report carries it (Tune's searchers require that).
+        final: dict[str, Any] = {"step": self.engine.global_steps, "final": True, "loss": self.last_loss}
+        if self.val_shard is not None:
+            val_loss = self.held_out_loss()
+            final.update(val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 50.0)))
+        if self.initial_val_loss is not None:
+            final.update(
+                initial_val_loss=self.initial_val_loss,
+                initial_val_perplexity=math.exp(min(self.initial_val_loss, 50.0)),
+            )
+        # ZeRO-3 shards parameters across ranks: gathering them is a collective every rank joins.
+        state_dict = consolidated_state_dict(self.engine) if self.config.zero_stage == 3 else None
+        with tempfile.TemporaryDirectory() as directory:
+            export = None
+            if self.rank == 0:
+                export_model(self.engine, self.config, state_dict, self.tokenizer_dir, directory)
+                (Path(directory) / FINAL_EXPORT_MARKER).write_text(f"pid {os.getpid()}\n")
+                export = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report(final, checkpoint=export)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """restore -> step through the micro-batches, reporting at the configured steps -> export."""
+    run = RankRun(loop_config)
+    if run.finished_before:
+        return  # training already finished; the export is the latest checkpoint
+    if not run.done:
+        for batch in run.micro_batches():
+            if not run.step(batch):
+                continue  # inside a gradient accumulation window
+            due, evaluate_now = run.report_due()
+            if due:
+                run.report(evaluate_now)
+            if run.done:
+                break
+    run.export()

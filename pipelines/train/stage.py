@@ -13,6 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
+from pipelines.progress import follow_steps
 from pipelines.runs import RunDir, StageResult, hash_dir, hash_files
 from pipelines.train.config import TrainConfig
 from pipelines.train.loop import FINAL_EXPORT_MARKER
@@ -97,7 +98,8 @@ def run_train(config: TrainConfig, run: RunDir, seed: int) -> StageResult:
     # Rerunning with the same storage path and name resumes from Ray Train's latest checkpoint.
     history = out / "metrics.jsonl"
     trainer = build_trainer(config, run, seed, storage_path=out, name="ray", callbacks=[metrics_log_callback(history)])
-    result = trainer.fit()
+    with follow_steps(history, config.max_steps, "train"):
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint; see the worker logs above")
     model_dir = out / "model"
@@ -111,7 +113,8 @@ def run_train(config: TrainConfig, run: RunDir, seed: int) -> StageResult:
     plot = plot_loss(
         curve, run.root / "report" / "train_loss.png", f"{run.root.name}: loss", result.metrics.get("val_loss")
     )
-    metrics = {k: v for k, v in result.metrics.items() if k in ("step", "val_loss", "val_perplexity")}
+    kept = ("step", "val_loss", "val_perplexity", "initial_val_loss", "initial_val_perplexity")
+    metrics = {k: v for k, v in result.metrics.items() if k in kept}
     if curve:
         metrics["first_loss"], metrics["last_loss"] = curve[0]["loss"], curve[-1]["loss"]
     outputs = {

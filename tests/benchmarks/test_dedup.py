@@ -16,6 +16,7 @@ from functools import partial
 import pytest
 
 from tests.benchmarks.conftest import best_time
+from tests.helpers import document_table, union_find_roots
 from tests.planted_corpus import planted_corpus
 
 pytestmark = pytest.mark.benchmark
@@ -35,35 +36,16 @@ def datasketch_drops(documents: list[tuple[str, str]]) -> set[str]:
         minhash.update_batch(shingles)
         signatures[doc_id] = minhash
         lsh.insert(doc_id, minhash)
-    parent = {doc_id: doc_id for doc_id, _ in documents}
-
-    def find(node: str) -> str:
-        while parent[node] != node:
-            parent[node] = parent[parent[node]]
-            node = parent[node]
-        return node
-
-    for doc_id, minhash in signatures.items():
-        for other in lsh.query(minhash):
-            a, b = find(doc_id), find(other)
-            if a != b:
-                parent[max(a, b)] = min(a, b)
-    return {doc_id for doc_id in parent if find(doc_id) != doc_id}
+    pairs = [(doc_id, other) for doc_id, minhash in signatures.items() for other in lsh.query(minhash)]
+    roots = union_find_roots((doc_id for doc_id, _ in documents), pairs)
+    return {doc_id for doc_id, root in roots.items() if root != doc_id}
 
 
 def as_dataset(documents: list[tuple[str, str]]):
     """The corpus as the data stage hands it to a step: a materialised Ray Dataset (16 blocks)."""
-    import pyarrow as pa
     import ray.data
 
-    table = pa.table(
-        {
-            "doc_id": [d for d, _ in documents],
-            "source": ["bench"] * len(documents),
-            "text": [t for _, t in documents],
-            "reject_reason": pa.array([None] * len(documents), pa.string()),
-        }
-    )
+    table = document_table([t for _, t in documents], [d for d, _ in documents], source="bench")
     return ray.data.from_arrow(table).repartition(16).materialize()
 
 

@@ -49,6 +49,12 @@ def test_loom_run_whole_chain_then_query_the_endpoint(tmp_path):
         assert "[completion] 'def fibonacci(n):'" in output and "[chat]" in output
         run_dir = tmp_path / "e2e"
         assert f"[loom] run directory: {run_dir}" in output
+        # Loom's lines on the terminal; Ray's, vLLM's and DeepSpeed's logs in the run directory.
+        assert "[loom] held-out perplexity: " in output and "before training -> " in output
+        assert output.count("\n") < 200, f"{output.count(chr(10))} lines on the terminal"
+        assert "INFO" not in output and "Started Serve" not in output, output[-3000:]
+        assert (run_dir / "logs" / "loom.log").stat().st_size > 0
+        assert (run_dir / "logs" / "ray").is_dir() and any((run_dir / "logs" / "ray").glob("worker-*.out"))
         manifest = json.loads((run_dir / "manifest.json").read_text())
         assert set(manifest["stages"]) == {"data", "train", "tune", "serve"}
         for stage in ("data", "train", "tune"):

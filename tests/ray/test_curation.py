@@ -10,6 +10,7 @@ import pytest
 
 from pipelines.data.config import DataConfig
 from pipelines.data.dedup import MinHashDedup
+from tests.helpers import document_table, union_find_roots
 from tests.planted_corpus import planted_corpus
 
 pytestmark = pytest.mark.ray
@@ -18,14 +19,7 @@ pytestmark = pytest.mark.ray
 def as_dataset(documents: list[tuple[str, str]], blocks: int):
     import ray.data
 
-    table = pa.table(
-        {
-            "doc_id": [doc_id for doc_id, _ in documents],
-            "source": ["planted"] * len(documents),
-            "text": [text for _, text in documents],
-            "reject_reason": pa.array([None] * len(documents), pa.string()),
-        }
-    )
+    table = document_table([text for _, text in documents], [doc_id for doc_id, _ in documents], source="planted")
     return ray.data.from_arrow(table).repartition(blocks)
 
 
@@ -93,21 +87,8 @@ def test_connected_components_match_union_find(ray_cluster):
     # A long path: the worst case for label propagation, a few rounds for large/small-star.
     edges += list(zip(nodes[:40], nodes[1:41], strict=True))
 
-    parent = {n: n for n in nodes}
-
-    def find(n):
-        while parent[n] != n:
-            parent[n] = parent[parent[n]]
-            n = parent[n]
-        return n
-
-    for u, v in edges:
-        ru, rv = find(u), find(v)
-        parent[max(ru, rv)] = min(ru, rv)
-    components: dict[int, list[int]] = {}
-    for n in nodes:
-        components.setdefault(find(n), []).append(n)
-    expected = {n: min(members) for members in components.values() for n in members if n != min(members)}
+    roots = union_find_roots(nodes, edges)
+    expected = {n: root for n, root in roots.items() if n != root}
 
     table = pa.table(
         {"u": pa.array([u for u, _ in edges], pa.uint64()), "v": pa.array([v for _, v in edges], pa.uint64())}

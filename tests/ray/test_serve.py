@@ -21,6 +21,7 @@ import pytest
 
 from cluster.chain import run_stage
 from tests.conftest import REPO_ROOT, free_port
+from tests.helpers import wait_for
 from tests.metrics import scrape, total
 
 pytestmark = pytest.mark.ray
@@ -183,15 +184,6 @@ def running_replicas(model_id: str) -> int:
         if name.endswith(f":{model_id}"):
             return deployment.replica_states.get("RUNNING", 0)
     raise AssertionError(f"no deployment for {model_id}")
-
-
-def wait_for(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 def autoscaler_target(model_id: str) -> float:

@@ -64,8 +64,8 @@ def test_parse_overrides_nests_and_parses_yaml_scalars():
         (["train.precision=fp16"], "train.precision"),  # fp16 needs a GPU
         (["tune.lr_min=0.1", "tune.lr_max=0.01"], "tune"),
         (["serve.models.loom-tiny.autoscaling.min_replicas=3"], "serve.models.loom-tiny.autoscaling"),
-        (["data.seq_len=512"], ""),  # longer than max_position_embeddings
-        (["train.model.num_heads=4", "train.model.num_kv_heads=4"], ""),  # head size 16: vLLM CPU cannot serve it
+        (["data.seq_len=512"], "train.model.max_position_embeddings"),
+        (["train.model.num_heads=4", "train.model.num_kv_heads=4"], "train.model"),  # head size 16: not on vLLM CPU
         (["train.model.num_heads=3"], "train.model"),
         (["storage=s3://bucket/runs"], ""),
     ],
@@ -111,3 +111,24 @@ def test_every_field_has_a_description():
                     walk(candidate, f"{prefix}{name}.")
 
     walk(LoomConfig)
+
+
+def test_defaults_validate_and_an_empty_recipe_needs_only_a_source(tmp_path):
+    from cluster.recipe import validate_dict
+
+    defaults = validate_dict({})
+    assert defaults.stage_problems(["data", "tune", "train", "serve"]) == []
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("data:\n  sources:\n    - {format: jsonl, path: corpus.jsonl, name: mine}\n")
+    config = load_config(recipe)
+    assert config.data.sources[0].path == "corpus.jsonl" and config.train.model.hidden_size // 2 == 32
+
+
+def test_a_stage_is_checked_for_what_it_uses(tmp_path):
+    # A model vLLM on CPU cannot serve does not stop the data stage, nor training; serving refuses it.
+    unservable = ["train.model.num_heads=4", "train.model.num_kv_heads=4"]
+    load_config(TINY, unservable, stages=["data"])
+    load_config(TINY, unservable, stages=["train"])
+    with pytest.raises(ConfigError, match="cannot be served by vLLM on CPU"):
+        load_config(TINY, unservable, stages=["serve"])
+    assert main(["validate", str(TINY), *unservable]) == 2

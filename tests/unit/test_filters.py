@@ -8,6 +8,7 @@ import pytest
 from pipelines.data.config import CharsetStep, GopherQualityStep, RepetitionStep
 from pipelines.data.filters import BlocklistFilter, LengthFilter
 from pipelines.data.steps import reason_key
+from tests.helpers import document_table
 
 PROSE = [
     "The committee met on Tuesday to review the budget and the plans that have been made for the new library. "
@@ -23,14 +24,7 @@ def run(step, planted: dict[str, str]) -> dict[str, str | None]:
     """Apply a filter to the prose documents plus planted ones; map every document to its reason."""
     names = [f"good{i}" for i in range(len(PROSE))] + list(planted)
     texts = PROSE + list(planted.values())
-    table = pa.table(
-        {
-            "doc_id": names,
-            "source": ["test"] * len(names),
-            "text": texts,
-            "reject_reason": pa.array([None] * len(names), pa.string()),
-        }
-    )
+    table = document_table(texts, names)
     out = step._batch(table)
     return dict(zip(out.column("doc_id").to_pylist(), out.column("reject_reason").to_pylist(), strict=True))
 

@@ -9,18 +9,11 @@ from pipelines.data.dedup import ExactDedup, content_hash
 from pipelines.data.filters import LengthFilter
 from pipelines.data.pack import pack
 from pipelines.data.steps import Normalize, reason_key
+from tests.helpers import document_table
 
 
 def docs(*texts, reasons=None):
-    n = len(texts)
-    return pa.table(
-        {
-            "doc_id": [f"d{i}" for i in range(n)],
-            "source": ["s"] * n,
-            "text": list(texts),
-            "reject_reason": pa.array(reasons or [None] * n, pa.string()),
-        }
-    )
+    return document_table(texts, source="s", reasons=reasons)
 
 
 def test_normalize_folds_newlines_trailing_space_and_unicode():

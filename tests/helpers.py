@@ -1,0 +1,49 @@
+"""What tests build again and again: document tables, union-find components, and waits."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable, Iterable, Sequence
+
+import pyarrow as pa
+
+
+def document_table(texts: Sequence[str], doc_ids: Sequence[str] | None = None, *, source: str = "test",
+                   reasons: Sequence[str | None] | None = None) -> pa.Table:  # fmt: skip
+    """Documents as the readers hand them to a step (doc_id, source, text, reject_reason)."""
+    n = len(texts)
+    return pa.table(
+        {
+            "doc_id": list(doc_ids) if doc_ids is not None else [f"d{i}" for i in range(n)],
+            "source": [source] * n,
+            "text": list(texts),
+            "reject_reason": pa.array(list(reasons) if reasons is not None else [None] * n, pa.string()),
+        }
+    )
+
+
+def union_find_roots(nodes: Iterable[Hashable], edges: Iterable[tuple[Hashable, Hashable]]) -> dict:
+    """Every node's component root, the smallest node of its component (the reference for dedup)."""
+    parent = {node: node for node in nodes}
+
+    def find(node):
+        while parent[node] != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    for u, v in edges:
+        ru, rv = find(u), find(v)
+        if ru != rv:
+            parent[max(ru, rv)] = min(ru, rv)
+    return {node: find(node) for node in parent}
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.5) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
