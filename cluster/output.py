@@ -8,6 +8,7 @@ session log folder, linked as ``logs/ray``. ``--verbose`` shows all of it live, 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -32,12 +33,28 @@ class Output:
         to_terminal = logging.StreamHandler(sys.stderr)
         to_terminal.setFormatter(logging.Formatter(LOG_FORMAT))
         to_terminal.setLevel(logging.INFO if self.verbose else logging.ERROR)
+        # Ray Serve LLM replaces the root logger's handlers with its own JSON one when this module is first
+        # imported (ray 2.60; at `import ray.serve.llm`, mid-run): imported first, it cannot undo the set-up.
+        try:
+            import ray.llm._internal.serve.observability  # noqa: F401
+        except ImportError:
+            pass
         root = logging.getLogger()
         for handler in list(root.handlers):
             root.removeHandler(handler)
         root.setLevel(logging.INFO)
         root.addHandler(to_file)
         root.addHandler(to_terminal)
+        self.to_file = to_file
+        logging.captureWarnings(not self.verbose)  # libraries' warnings to the log file, through the root
+        if not self.verbose:
+            # Libraries that add terminal handlers or print on their own, switched off the documented way
+            # (read when Serve is imported / when a sweep starts; the embedded Ray's processes inherit them).
+            os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")  # Serve: its log files only
+            os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # vLLM: no handlers of its own
+            os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune: the legacy reporter, silent at verbose=0
+        import ray  # noqa: F401  -- Ray sets up its loggers' own terminal handlers on import
+
         self.quiet_libraries()
 
     def quiet_libraries(self) -> None:
@@ -50,8 +67,14 @@ class Output:
                 continue
             logger = logging.getLogger(name)
             for handler in list(logger.handlers):
-                logger.removeHandler(handler)
+                if handler is not self.to_file:
+                    logger.removeHandler(handler)
             logger.propagate = True
+        # Ray Serve LLM gives each of its loggers a terminal handler unless "ray.serve" has one already.
+        serve_logger = logging.getLogger("ray.serve")
+        if self.to_file not in serve_logger.handlers:
+            serve_logger.addHandler(self.to_file)
+        serve_logger.propagate = False
 
     def after_connect(self, embedded: bool) -> None:
         """Ray is up: no Ray Data progress bars, library loggers quiet, the embedded Ray's session logs linked."""
