@@ -34,7 +34,7 @@ def test_gpu_recipe_is_realistic():
 
 def test_three_mistakes_are_all_reported(tmp_path):
     recipe = tmp_path / "bad.yaml"
-    recipe.write_text(TINY.read_text().replace("num_workers: 2", "num_workers: -2").replace("lr: 3.0e-3", "lr: fast"))
+    recipe.write_text(TINY.read_text().replace("num_workers: 2", "num_workers: -2").replace("lr: 1.0e-2", "lr: fast"))
     recipe.write_text(recipe.read_text() + "\nextra_section: {}\n")
     with pytest.raises(ConfigError) as err:
         load_config(recipe)
@@ -65,7 +65,7 @@ def test_parse_overrides_nests_and_parses_yaml_scalars():
         (["tune.lr_min=0.1", "tune.lr_max=0.01"], "tune"),
         (["serve.models.loom-tiny.autoscaling.min_replicas=3"], "serve.models.loom-tiny.autoscaling"),
         (["data.seq_len=512"], "train.model.max_position_embeddings"),
-        (["train.model.num_heads=4", "train.model.num_kv_heads=4"], "train.model"),  # head size 16: not on vLLM CPU
+        (["train.model.num_heads=8", "train.model.num_kv_heads=8"], "train.model"),  # head size 16: not on vLLM CPU
         (["train.model.num_heads=3"], "train.model"),
         (["storage=s3://bucket/runs"], ""),
     ],
@@ -126,7 +126,7 @@ def test_defaults_validate_and_an_empty_recipe_needs_only_a_source(tmp_path):
 
 def test_a_stage_is_checked_for_what_it_uses(tmp_path):
     # A model vLLM on CPU cannot serve does not stop the data stage, nor training; serving refuses it.
-    unservable = ["train.model.num_heads=4", "train.model.num_kv_heads=4"]
+    unservable = ["train.model.num_heads=8", "train.model.num_kv_heads=8"]
     load_config(TINY, unservable, stages=["data"])
     load_config(TINY, unservable, stages=["train"])
     with pytest.raises(ConfigError, match="cannot be served by vLLM on CPU"):

@@ -57,8 +57,8 @@ def test_bad_deepspeed_combinations_are_all_reported_with_their_keys():
     problems = dict(caught.value.problems)
     assert problems == {
         "train.precision": "'fp16' needs use_gpu: true (CPU has no fp16 kernels for training)",
-        "train.global_batch_size": "7 must equal micro_batch_size (8) x gradient_accumulation_steps (1) "
-        "x num_workers (2) = 16",
+        "train.global_batch_size": "7 must equal micro_batch_size (16) x gradient_accumulation_steps (1) "
+        "x num_workers (2) = 32",
         "train.offload_optimizer": "needs zero_stage >= 1 (ZeRO partitions what it offloads)",
         "train.offload_params": "needs zero_stage 3 (got 0)",
     }
