@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -74,8 +75,6 @@ def _hold_or_stop(cfg: LoomConfig, args: argparse.Namespace, url: str, shutdown:
 
     On a cluster (an address given, or inside `ray job submit`) the app stays deployed.
     """
-    import os
-
     on_cluster = bool(args.address or cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
     if args.keep_serving:
         _wait_for_interrupt(url)
@@ -174,6 +173,26 @@ def _split_recipe(args: argparse.Namespace) -> None:
     args.recipe = args.config_flag or args.recipe or str(DEFAULT_RECIPE)
 
 
+def refuse_storage_inside_a_job(cfg: LoomConfig, source: str) -> None:
+    """Inside `ray job submit`, the job runs in Ray's temporary unpacked copy of its working_dir: a relative
+    storage would put the run there, and it would vanish with the Ray session (and the next stage's job,
+    in another copy, would not find it)."""
+    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+    if in_job and not Path(cfg.storage).is_absolute():
+        raise ConfigError(
+            source,
+            [
+                (
+                    "storage",
+                    f"'{cfg.storage}' is relative, and this Ray job runs in Ray's temporary copy of the working "
+                    f"directory ({Path.cwd()}): the run would vanish with the Ray session. Give an absolute path "
+                    "on a filesystem every node mounts (e.g. storage=/mnt/shared/loom-runs), or submit with "
+                    "`loom submit`, which anchors it where you stand",
+                )
+            ],
+        )
+
+
 def stages_used(args: argparse.Namespace) -> tuple[str, ...]:
     """The stages a command runs: a recipe is checked for what they use (``loom data`` on a data-only
     recipe is not refused for a model shape only serving would trip on)."""
@@ -188,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _split_recipe(args)
         cfg = load_config(args.recipe, args.overrides, stages=stages_used(args))
+        if args.command != "validate":
+            refuse_storage_inside_a_job(cfg, args.recipe)
     except ConfigError as err:
         print(f"loom {args.command}: invalid configuration, nothing was started.\n{err}", file=sys.stderr)
         return EXIT_CONFIG

@@ -55,6 +55,12 @@ class Output:
             os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune: the legacy reporter, silent at verbose=0
         import ray  # noqa: F401  -- Ray sets up its loggers' own terminal handlers on import
 
+        if not self.verbose:
+            import optuna  # its handler appears with the first study, mid-run: switched off its own way
+
+            optuna.logging.disable_default_handler()
+            optuna.logging.enable_propagation()
+
         self.quiet_libraries()
 
     def quiet_libraries(self) -> None:

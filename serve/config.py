@@ -137,7 +137,34 @@ class ProtectionConfig(StrictModel):
     max_body_bytes: int = Field(default=1 << 20, ge=256, description="Largest request body accepted (413 above).")
     max_prompt_chars: int = Field(default=32_768, ge=1, description="Longest prompt (all messages) in characters.")
     max_tokens: int = Field(default=1024, ge=1, description="Largest max_tokens a request may ask for.")
+    max_choices: int = Field(
+        default=4, ge=1, description="Largest n (completions per request) and best_of a request may ask for."
+    )
+    max_total_tokens: int = Field(
+        default=4096,
+        ge=1,
+        description="Largest output a request may ask for in all: max(n, best_of) x max_tokens (an unset "
+        "max_tokens counts as the max_tokens limit), so n cannot multiply one request's cost beyond this.",
+    )
+    max_logprobs: int = Field(
+        default=5, ge=0, description="Largest logprobs (completions) or top_logprobs (chat) a request may ask for."
+    )
+    max_stop_sequences: int = Field(default=4, ge=0, description="Most stop sequences in one request.")
+    max_messages: int = Field(default=64, ge=1, description="Most messages in one chat request.")
     guard: GuardConfig = Field(default_factory=GuardConfig, description="Prompt-injection guard.")
+
+    @model_validator(mode="after")
+    def _total_holds_one_answer(self) -> ProtectionConfig:
+        if self.max_total_tokens < self.max_tokens:
+            raise field_problems(
+                [
+                    (
+                        "max_total_tokens",
+                        f"{self.max_total_tokens} is below max_tokens ({self.max_tokens}): no request fits",
+                    )
+                ]
+            )
+        return self
 
 
 class ServeConfig(StrictModel):

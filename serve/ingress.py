@@ -103,6 +103,18 @@ class IngressMetrics:
         self.latency.observe(time.monotonic() - started, tags={"model": model, "route": route})
 
 
+def _no_constant(name: str) -> float:
+    # Python's json reads NaN and Infinity, which JSON does not have and no sampling parameter means.
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
 def answered(route: str):
     """Route decorator: times the route, records its outcome, and turns an exception into its response.
 
@@ -167,9 +179,11 @@ class LoomIngress(OpenAiIngress):
             body += chunk
             self.protection.check_size(len(body))
         try:
-            return json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise Rejection(400, "malformed", f"request body is not valid JSON: {err}") from err
+            return json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
+        except RecursionError as err:
+            raise Rejection(400, "malformed", "request body is nested too deeply") from err
+        except ValueError as err:  # also invalid UTF-8, and integers longer than Python converts (4,300 digits)
+            raise Rejection(400, "malformed", f"request body is not valid JSON: {str(err)[:200]}") from err
 
     async def _request_body(self, request: Request, request_type: type) -> Any:
         """The admitted, checked and parsed body; its model is noted for the metrics."""

@@ -166,6 +166,16 @@ def prompt_text(payload: Mapping[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _whole_number(payload: Mapping[str, Any], name: str) -> int | None:
+    """An optional integer field; anything else (a float, a string, true) is refused naming the field."""
+    value = payload.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Rejection(400, name, f"{name} must be an integer, got {value!r}"[:200])
+    return value
+
+
 def requested_tokens(payload: Mapping[str, Any]) -> Any:
     """The output-token bound a payload asks for (chat's max_completion_tokens wins over max_tokens)."""
     if payload.get("max_completion_tokens") is not None:
@@ -203,6 +213,40 @@ class Protection:
                 413, "body-too-large", f"request body of {size} bytes exceeds the limit of {self.config.max_body_bytes}"
             )
 
+    def _check_amplification(self, payload: Mapping[str, Any], max_tokens: int | None) -> None:
+        """Fields that multiply one request's work: each bounded, each refusal naming its field."""
+        config = self.config
+        choices = 1
+        for name in ("n", "best_of"):
+            value = _whole_number(payload, name)
+            if value is not None and not 1 <= value <= config.max_choices:
+                raise Rejection(400, name, f"{name} must be between 1 and {config.max_choices}, got {value}")
+            choices = max(choices, value or 1)
+        total = choices * (max_tokens if max_tokens is not None else config.max_tokens)
+        if total > config.max_total_tokens:
+            raise Rejection(
+                400,
+                "total-tokens",
+                f"max(n, best_of) x max_tokens = {total} exceeds this endpoint's limit of {config.max_total_tokens} "
+                "tokens per request",
+            )
+        for name in ("logprobs", "top_logprobs"):
+            if isinstance(payload.get(name), bool):
+                continue  # chat's logprobs is a switch; its count is top_logprobs
+            value = _whole_number(payload, name)
+            if value is not None and not 0 <= value <= config.max_logprobs:
+                raise Rejection(400, name, f"{name} must be between 0 and {config.max_logprobs}, got {value}")
+        stop = payload.get("stop")
+        if isinstance(stop, list) and len(stop) > config.max_stop_sequences:
+            raise Rejection(
+                400, "stop", f"{len(stop)} stop sequences exceed this endpoint's limit of {config.max_stop_sequences}"
+            )
+        messages = payload.get("messages")
+        if isinstance(messages, list) and len(messages) > config.max_messages:
+            raise Rejection(
+                400, "messages", f"{len(messages)} messages exceed this endpoint's limit of {config.max_messages}"
+            )
+
     def check_payload(self, payload: Any) -> None:
         """Limits and guard on a decoded JSON body."""
         if not isinstance(payload, Mapping):
@@ -219,6 +263,7 @@ class Protection:
                     "max-tokens",
                     f"max_tokens {max_tokens} exceeds this endpoint's limit of {self.config.max_tokens}",
                 )
+        self._check_amplification(payload, max_tokens)
         text = prompt_text(payload)
         if len(text) > self.config.max_prompt_chars:
             raise Rejection(

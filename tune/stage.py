@@ -67,11 +67,17 @@ def _trial_progress_callback():
         def __init__(self, bar):
             self.bar = bar
 
+        def __getstate__(self):
+            # Tune saves its callbacks with the sweep's state; the bar (and its terminal) stay in this process.
+            return {"bar": None}
+
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self.bar.update()
+            if self.bar is not None:
+                self.bar.update()
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self.bar.update()
+            if self.bar is not None:
+                self.bar.update()
 
     return TrialProgress
 

@@ -143,6 +143,8 @@ def test_bad_requests_get_a_4xx_that_names_the_problem(endpoint):
             openai.BadRequestError,
             "ignore-instructions",
         ),
+        # One request may not multiply the engine's work.
+        (lambda: api.completions.create(model=MAIN, prompt="x", max_tokens=2, n=500), openai.BadRequestError, "n must"),
         # Longer than the 256-token context: vLLM's own check, still a 4xx.
         (
             lambda: api.completions.create(model=MAIN, prompt="word " * 600, max_tokens=4),
@@ -159,6 +161,8 @@ def test_bad_requests_get_a_4xx_that_names_the_problem(endpoint):
     assert no_key.status_code == 401 and "missing API key" in no_key.json()["error"]["message"]
     malformed = post(config, "/completions", b'{"model": "loom-tiny", "prompt": ')
     assert malformed.status_code == 400 and "not valid JSON" in malformed.json()["error"]["message"]
+    nested = post(config, "/completions", b"[" * 10_000 + b"]" * 10_000)
+    assert nested.status_code == 400 and "nested too deeply" in nested.json()["error"]["message"]
     oversized = post(config, "/completions", json.dumps({"model": MAIN, "prompt": "x" * 40_000}).encode())
     assert oversized.status_code == 413 and "32768" in oversized.json()["error"]["message"]
     # Still serving after all of that.

@@ -27,10 +27,14 @@ CASES = {
 }
 
 
-def watch_train_gauges(run_name: str, seen: list[float], timeout_s: float = 120) -> None:
-    """Scrape until rank 0's step gauge for this run shows up (Ray exports metrics every few seconds)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and not seen:
+def watch_train_gauges(run_name: str, seen: list[float], done: threading.Event, grace_s: float = 30) -> None:
+    """Scrape until rank 0's step gauge for this run shows up (Ray exports metrics every few seconds), for as
+    long as training runs (worker start-up and the held-out read come first: no fixed deadline fits) and a
+    grace period after it."""
+    deadline = None
+    while not seen and (deadline is None or time.monotonic() < deadline):
+        if deadline is None and done.is_set():
+            deadline = time.monotonic() + grace_s
         samples = scrape()
         steps = [s.value for s in samples.get("ray_loom_train_step", []) if s.labels.get("run") == run_name]
         if steps and total(samples, "ray_loom_train_loss", run=run_name) > 0:
@@ -55,12 +59,16 @@ def test_zero_stage_trains_with_falling_loss(case, data_done, tiny_config, tmp_p
     )
     watch = case == "zero0"  # one case also checks the live Prometheus export of rank 0's reports
     seen: list[float] = []
-    watcher = threading.Thread(target=watch_train_gauges, args=(case, seen), daemon=True) if watch else None
+    done = threading.Event()
+    watcher = threading.Thread(target=watch_train_gauges, args=(case, seen, done), daemon=True) if watch else None
     if watcher:
         watcher.start()
-    result, history = fit(config, tiny_config, tmp_path, case)
+    try:
+        result, history = fit(config, tiny_config, tmp_path, case)
+    finally:
+        done.set()
     if watcher:
-        watcher.join(timeout=60)
+        watcher.join(timeout=120)
         assert seen and max(seen) >= 1, "ray_loom_train_step never reached Prometheus during training"
     curve = read_loss_curve(history)
     assert result.error is None and result.metrics["step"] == steps

@@ -240,3 +240,65 @@ def test_exceptions_become_refusals_without_internal_text():
     crash = as_rejection(KeyError("internal detail: /srv/secret/path"))
     assert crash.status == 500 and "secret" not in crash.message and "KeyError" not in crash.message
     assert as_rejection(Rejection(429, "rate-limit", "slow down")).reason == "rate-limit"
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason", "named"),
+    [
+        ({"model": "m", "prompt": "x", "max_tokens": 8, "n": 5000}, "n", "n must be between 1 and 4"),
+        ({"model": "m", "prompt": "x", "max_tokens": 8, "best_of": 9}, "best_of", "best_of must be between 1 and 4"),
+        ({"model": "m", "prompt": "x", "n": 2.0}, "n", "n must be an integer"),
+        ({"model": "m", "prompt": "x", "n": True}, "n", "n must be an integer"),
+        ({"model": "m", "prompt": "x", "max_tokens": 100, "n": 3}, "total-tokens", "= 300 exceeds"),
+        ({"model": "m", "prompt": "x", "n": 2}, "total-tokens", "= 200 exceeds"),  # unset max_tokens: the limit
+        ({"model": "m", "prompt": "x", "max_tokens": 8, "logprobs": 20}, "logprobs", "between 0 and 5"),
+        (
+            {"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 50},
+            "top_logprobs",
+            "between 0 and 5",
+        ),
+        ({"model": "m", "prompt": "x", "max_tokens": 8, "stop": ["a", "b", "c", "d", "e"]}, "stop", "5 stop sequences"),
+        (
+            {"model": "m", "messages": [{"role": "user", "content": "x"}] * 65, "max_tokens": 8},
+            "messages",
+            "65 messages",
+        ),
+    ],
+)
+def test_amplification_limits_name_the_field(payload, reason, named):
+    protection = Protection(ProtectionConfig(max_tokens=100, max_total_tokens=150), keys=[])
+    with pytest.raises(Rejection) as caught:
+        protection.check_payload(payload)
+    assert (caught.value.status, caught.value.reason) == (400, reason)
+    assert named in caught.value.message
+
+
+def test_requests_within_the_amplification_limits_pass():
+    protection = Protection(ProtectionConfig(max_tokens=100, max_total_tokens=400), keys=[])
+    protection.check_payload({"model": "m", "prompt": "x", "max_tokens": 100, "n": 4, "logprobs": 5, "stop": ["\n"]})
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}] * 64, "logprobs": True, "top_logprobs": 5}
+    protection.check_payload({**chat, "max_tokens": 50})
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        (b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+        (b'{"temperature": NaN}', "NaN is not a JSON number"),
+        (b'{"temperature": 1e999}', "out of range"),
+        (b'{"max_tokens": ' + b"9" * 5000 + b"}", "not valid JSON"),
+        (b'{"prompt": "\xff"}', "not valid JSON"),
+    ],
+)
+def test_bodies_json_cannot_hold_are_400s(body, named):
+    from serve.ingress import LoomIngress
+
+    class Stream:
+        async def stream(self):
+            yield body
+
+    ingress = LoomIngress.__new__(LoomIngress)  # only the body reader, no Serve replica
+    ingress.protection = Protection(ProtectionConfig(max_body_bytes=1 << 20), keys=[])
+    with pytest.raises(Rejection) as caught:
+        asyncio.run(ingress._read_json(Stream()))
+    assert (caught.value.status, caught.value.reason) == (400, "malformed") and named in caught.value.message

@@ -80,3 +80,14 @@ def test_submit_does_not_retry_other_errors():
     with pytest.raises(RuntimeError, match="runtime_env is invalid"):
         _submit_with_retry(head, "python -m x", {}, wait_s=60, poll_s=0)
     assert head.calls == 1
+
+
+def test_a_relative_storage_inside_a_ray_job_is_refused_before_any_work(monkeypatch, capsys):
+    from cluster.cli import main
+
+    # What `ray job submit --working-dir . -- python -m pipelines.data --config ...` gives the entrypoint.
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    assert main(["data", str(TINY)]) == 2
+    err = capsys.readouterr().err
+    assert "storage: 'runs' is relative" in err and "loom submit" in err and "nothing was started" in err
+    assert main(["validate", str(TINY)]) == 0  # validating a recipe does no work
