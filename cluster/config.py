@@ -58,6 +58,15 @@ class ClusterConfig(StrictModel):
         "workers between operations (the 50k-document dedup took 12 s instead of 4 s on 2 cores). "
         "cluster.yaml sets the same on every node.",
     )
+    metrics_report_interval_s: float = Field(
+        default=2,
+        ge=1,
+        le=60,
+        description="How often the embedded local Ray's processes push their metrics to its Prometheus endpoint "
+        "(Ray's metrics_report_interval_ms; Ray's default 10 s). A short-lived worker, such as a training "
+        "worker on a small run, can exit between two pushes of Ray's default and its last gauges never reach "
+        "Prometheus.",
+    )
     pip: list[str] = Field(
         default_factory=list,
         description="Extra pip packages for the job's runtime_env. Cluster nodes should already "

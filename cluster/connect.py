@@ -95,6 +95,9 @@ def connect(config: ClusterConfig, address: str | None = None, log_to_driver: bo
         object_store_memory=int(memory * 2**30) if memory else None,
         include_dashboard=False,
         log_to_driver=log_to_driver,
-        _system_config={"idle_worker_killing_time_threshold_ms": int(config.idle_worker_keep_s * 1000)},
+        _system_config={
+            "idle_worker_killing_time_threshold_ms": int(config.idle_worker_keep_s * 1000),
+            "metrics_report_interval_ms": int(config.metrics_report_interval_s * 1000),
+        },
     )
     return f"embedded local Ray ({num_cpus} logical CPUs)"

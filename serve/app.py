@@ -54,6 +54,7 @@ def llm_config(model_id: str, model: ModelConfig, source: str):
         "dtype": engine.dtype,
         "tensor_parallel_size": engine.tensor_parallel_size,
         "max_num_seqs": engine.max_num_seqs,
+        "enforce_eager": engine.enforce_eager,
     }
     env_vars: dict[str, str] = {}
     if model.accelerator == "gpu":

@@ -11,6 +11,13 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((REPO_ROOT / "pipelines" / "recipes").glob("*.yaml"))
 TINY = REPO_ROOT / "pipelines" / "recipes" / "tiny.yaml"
+#: The tests' model and schedule: smaller than the demo's, so each training run in the tests stays quick.
+SMALL_MODEL = [
+    "train.model={hidden_size: 64, num_layers: 2, num_heads: 2, num_kv_heads: 2, intermediate_size: 256}",
+    "train.micro_batch_size=8",
+    "train.lr=3e-3",
+    "train.warmup_steps=5",
+]
 
 # vLLM's CPU engine sizes its KV cache from this; keep tests small.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -19,6 +19,7 @@ from pipelines.data.pack import Tokenize, keep_until_cutoff, mix_cutoffs, mix_to
 from pipelines.data.perplexity import plot_histogram
 from pipelines.data.readers import read_documents, source_fingerprint
 from pipelines.data.steps import reason_key, split_kept
+from pipelines.datasets import read_parquet
 from pipelines.progress import progress
 from pipelines.runs import MARKER, RunDir, StageResult
 
@@ -38,17 +39,15 @@ def _cached(directory: Path, key: str, produce):
 
     Returns (dataset, produced) so the caller knows whether the step ran.
     """
-    import ray.data
-
     marker = directory / MARKER
     if marker.is_file() and marker.read_text().strip() == key:
-        return ray.data.read_parquet(str(directory), file_extensions=["parquet"]), False
+        return read_parquet(str(directory), file_extensions=["parquet"]), False
     shutil.rmtree(directory, ignore_errors=True)
     partial = directory.with_name(directory.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     produce().write_parquet(str(partial))
     partial.rename(directory)
-    return ray.data.read_parquet(str(directory), file_extensions=["parquet"]), True
+    return read_parquet(str(directory), file_extensions=["parquet"]), True
 
 
 def _mark_done(directory: Path, key: str, stats: dict) -> None:

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from pipelines.datasets import read_parquet
 from pipelines.runs import RunDir
 from pipelines.train.config import TrainConfig
 from pipelines.train.loop import train_loop_per_worker
@@ -49,7 +50,6 @@ def build_trainer(
     callbacks: list[Any] | None = None,
 ):
     """A TorchTrainer over the run's packed shards (shared by the train and tune stages)."""
-    import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -69,9 +69,9 @@ def build_trainer(
             check_same_tokenizer(Path(config.init_from), inputs["tokenizer"])
         tokenizer_dir = str(config.init_from or inputs["tokenizer"])
         seq_len = json.loads(inputs["stats"].read_text())["seq_len"]
-        datasets = {"train": ray.data.read_parquet(str(inputs["train"]))}
+        datasets = {"train": read_parquet(str(inputs["train"]))}
         if inputs["val"].is_dir():
-            datasets["val"] = ray.data.read_parquet(str(inputs["val"]))
+            datasets["val"] = read_parquet(str(inputs["val"]))
     has_val = "val" in datasets
     execution = ray.train.DataConfig.default_ingest_options()
     execution.preserve_order = True  # the same order after a restart, so the data position means something

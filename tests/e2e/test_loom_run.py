@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO_ROOT, TINY, free_port
+from tests.conftest import REPO_ROOT, SMALL_MODEL, TINY, free_port
 
 pytestmark = pytest.mark.e2e
 READY = "[loom] serving at "
@@ -25,8 +25,8 @@ def test_loom_run_whole_chain_then_query_the_endpoint(tmp_path):
     command = [
         sys.executable, "-m", "cluster", "run", str(TINY),
         f"storage={tmp_path}", "run_name=e2e", f"serve.port={port}",
-        "data.max_documents=150", "train.max_steps=12", "train.checkpoint_every=6", "train.eval_every=6",
-        "train.micro_batch_size=8",
+        "data.max_documents=150", *SMALL_MODEL, "train.max_steps=12", "train.checkpoint_every=6",
+        "train.eval_every=6",
         "tune.num_trials=1", "tune.max_steps_per_trial=2",  # the sweep itself: tests/ray/test_stages.py
         "--keep-serving",
     ]  # fmt: skip

@@ -14,7 +14,7 @@ import json
 import pytest
 
 from cluster.recipe import LoomConfig, load_config
-from tests.conftest import TINY, free_port
+from tests.conftest import SMALL_MODEL, TINY, free_port
 
 PLANTED_TEXT = "A planted document that appears twice with identical content, so exact dedup drops one copy."
 
@@ -71,11 +71,7 @@ def tiny_config(tmp_path_factory, planted_sources) -> LoomConfig:
             f"{{format: jsonl, path: '{planted_sources / 'planted.jsonl'}', name: planted}},"
             f"{{format: jsonl, path: '{planted_sources / 'compressed.jsonl.gz'}', name: gz}},"
             f"{{format: text, path: '{planted_sources / 'texts'}', name: texts}}]",
-            # The tests' model: smaller than the demo's, so the ZeRO matrix and resume runs stay quick.
-            "train.model={hidden_size: 64, num_layers: 2, num_heads: 2, num_kv_heads: 2, intermediate_size: 256}",
-            "train.micro_batch_size=8",
-            "train.lr=3e-3",
-            "train.warmup_steps=5",
+            *SMALL_MODEL,
             "train.max_steps=16",
             "train.checkpoint_every=8",
             "train.log_every=2",

@@ -21,6 +21,7 @@ def test_cpu_llm_config():
     assert config.model_loading_config.model_id == "loom-tiny"
     assert config.model_loading_config.model_source == "/models/m"
     assert config.engine_kwargs["max_model_len"] == serve.models["loom-tiny"].engine.max_model_len
+    assert config.engine_kwargs["enforce_eager"] is True  # the tiny recipe's replicas skip torch.compile
     assert config.placement_group_config == {"bundles": [{"CPU": 1}]}
     assert config.runtime_env["env_vars"]["VLLM_CPU_KVCACHE_SPACE"] == "1"
     scaling = config.deployment_config["autoscaling_config"]
