@@ -1,4 +1,5 @@
-"""The tune stage: Optuna proposes learning rates, each trial is a short Ray Train run.
+"""The tune stage: Optuna proposes learning rates, each trial is a short Ray Train run judged by its
+held-out loss.
 
 Outputs under ``<run>/tune/``: ``sweep/`` (Ray Tune's experiment), ``trials/``
 (each trial's Ray Train run) and ``best.json``.
@@ -18,8 +19,10 @@ from tune.config import TuneConfig
 
 
 def trial_train_config(train: TrainConfig, tune_config: TuneConfig, lr: float) -> TrainConfig:
-    """The recipe's training setup, shortened to a trial."""
+    """The recipe's training setup, shortened to a trial that evaluates at every report (the objective
+    is in every result Tune sees, so a scheduler can act on any of them)."""
     steps = tune_config.max_steps_per_trial
+    report_every = max(1, min(train.log_every, steps))
     return TrainConfig.model_validate(
         {
             **train.model_dump(),
@@ -28,7 +31,8 @@ def trial_train_config(train: TrainConfig, tune_config: TuneConfig, lr: float) -
             "num_workers": tune_config.workers_per_trial,
             "warmup_steps": min(train.warmup_steps, steps // 4),
             "checkpoint_every": steps,
-            "log_every": max(1, min(train.log_every, steps)),
+            "log_every": report_every,
+            "eval_every": report_every,
         }
     )
 
@@ -53,9 +57,9 @@ def run_trial(params: dict[str, Any], *, train: dict[str, Any], tune_config: dic
     trainer.fit()
 
 
-#: Every report of a training run carries the training loss (mean over workers); Tune's
-#: searchers need the metric in each result, so held-out loss is recorded, not optimised.
-OBJECTIVE = "loss"
+def objective(has_val: bool) -> str:
+    """Held-out loss at the trial's budget; the training loss only when the data has no held-out split."""
+    return "val_loss" if has_val else "loss"
 
 
 def _trial_progress_callback():
@@ -93,7 +97,7 @@ def run_tune(config: TuneConfig, train: TrainConfig, run: RunDir, seed: int) -> 
     out = run.begin("tune")
     for name in ("sweep", "trials"):
         shutil.rmtree(out / name, ignore_errors=True)  # an interrupted sweep starts over: trials are short
-    metric = OBJECTIVE
+    metric = objective(inputs["val"].is_dir())
     trainable = tune.with_parameters(
         run_trial,
         train=train.model_dump(mode="json"),
@@ -119,12 +123,12 @@ def run_tune(config: TuneConfig, train: TrainConfig, run: RunDir, seed: int) -> 
         bar.close()
     trials = []
     for result in results:
-        value = (result.metrics or {}).get(metric)
+        reported = result.metrics or {}
         trials.append(
             {
                 "lr": result.config["lr"],
-                metric: value,
-                "val_loss": (result.metrics or {}).get("val_loss"),
+                "loss": reported.get("loss"),
+                "val_loss": reported.get("val_loss"),
                 "error": str(result.error) if result.error else None,
             }
         )

@@ -97,6 +97,11 @@ def test_tune_stage_runs_optuna_trials(train_done, tiny_config):
     assert all(tiny_config.tune.lr_min <= lr <= tiny_config.tune.lr_max for lr in lrs)
     assert len(set(lrs)) == len(lrs)
     assert best["best"]["lr"] == record["metrics"]["best_lr"]
+    # Judged by held-out loss, which every trial reported.
+    assert best["metric"] == "val_loss"
+    assert all(isinstance(t["val_loss"], float) and t["val_loss"] > 0 for t in best["trials"])
+    assert best["best"]["val_loss"] == min(t["val_loss"] for t in best["trials"])
+    assert record["metrics"]["best_val_loss"] == best["best"]["val_loss"]
 
 
 def test_loom_data_runs_a_data_only_recipe(ray_cluster, tmp_path):
