@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster.recipe import LoomConfig, config_hash
-from pipelines.runs import RunDir, StageResult
+from pipelines.runs import RunDir, StageResult, hash_files
+from pipelines.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,28 @@ def _data(cfg: LoomConfig, run: RunDir) -> StageResult:
     return run_data(cfg.data, run, cfg.seed)
 
 
+def tuned_train_config(cfg: LoomConfig, run: RunDir) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """The training config the train stage runs: the recipe's, with the best trial's values when the
+    sweep is on (and the record of where they came from)."""
+    if not cfg.tune.enabled:
+        return cfg.train, None
+    from tune.config import apply_params
+    from tune.stage import best_trial
+
+    best = best_trial(run)
+    train = TrainConfig.model_validate(apply_params(cfg.train.model_dump(), best["params"]))
+    return train, {"params": best["params"], "trial_id": best["trial_id"], "val_loss": best["val_loss"]}
+
+
 def _train(cfg: LoomConfig, run: RunDir) -> StageResult:
     from pipelines.train.stage import run_train
 
-    return run_train(cfg.train, run, cfg.seed)
+    train, tuned = tuned_train_config(cfg, run)
+    result = run_train(train, run, cfg.seed)
+    if tuned is not None:
+        result.metrics["tuned"] = tuned
+        result.inputs["tune_best"] = hash_files([run.stage_dir("tune") / "best.json"], root=run.stage_dir("tune"))
+    return result
 
 
 def _tune(cfg: LoomConfig, run: RunDir) -> StageResult:
@@ -59,10 +78,12 @@ def _dump(*parts: Any) -> dict[str, Any]:
     }
 
 
+#: In chain order: the sweep decides the training run, so tune comes before train.
 STAGES: dict[str, StageSpec] = {
     "data": StageSpec(_data, lambda c: _dump(c.data, c.seed)),
-    "train": StageSpec(_train, lambda c: _dump(c.train, c.seed), upstream=("data",)),
     "tune": StageSpec(_tune, lambda c: _dump(c.tune, c.train, c.seed), upstream=("data",)),
+    # train reads tune's best trial while the sweep is on (upstream_of drops a disabled tune).
+    "train": StageSpec(_train, lambda c: _dump(c.train, c.seed), upstream=("data", "tune")),
     "serve": StageSpec(_serve, lambda c: _dump(c.serve), upstream=("train",), always_runs=True),
 }
 
@@ -76,14 +97,20 @@ def own_hash(name: str, cfg: LoomConfig) -> str:
     return config_hash(STAGES[name].hashed(cfg))
 
 
+def upstream_of(name: str, cfg: LoomConfig) -> tuple[str, ...]:
+    """The stages ``name`` reads from under this recipe (a disabled sweep is no input)."""
+    enabled = chain_stages(cfg)
+    return tuple(upstream for upstream in STAGES[name].upstream if upstream in enabled)
+
+
 def stage_key(name: str, cfg: LoomConfig) -> str:
     """The stage's own hash chained with its upstream stages' keys (recursively)."""
-    spec = STAGES[name]
-    return config_hash({"own": own_hash(name, cfg), "upstream": {u: stage_key(u, cfg) for u in spec.upstream}})
+    upstream = {u: stage_key(u, cfg) for u in upstream_of(name, cfg)}
+    return config_hash({"own": own_hash(name, cfg), "upstream": upstream})
 
 
 def upstream_keys(name: str, cfg: LoomConfig) -> dict[str, str]:
-    return {upstream: stage_key(upstream, cfg) for upstream in STAGES[name].upstream}
+    return {upstream: stage_key(upstream, cfg) for upstream in upstream_of(name, cfg)}
 
 
 def _what_changed(name: str, cfg: LoomConfig, run: RunDir) -> str:
@@ -99,11 +126,11 @@ def _what_changed(name: str, cfg: LoomConfig, run: RunDir) -> str:
     return "; ".join(changes) or "its key changed"
 
 
-def ancestors(name: str) -> list[str]:
-    """Every stage ``name`` builds on, directly or through another, nearest first."""
+def ancestors(name: str, cfg: LoomConfig) -> list[str]:
+    """Every stage ``name`` builds on under this recipe, directly or through another, nearest first."""
     found: list[str] = []
-    for upstream in STAGES[name].upstream:
-        for stage in (upstream, *ancestors(upstream)):
+    for upstream in upstream_of(name, cfg):
+        for stage in (upstream, *ancestors(upstream, cfg)):
             if stage not in found:
                 found.append(stage)
     return found
@@ -111,7 +138,7 @@ def ancestors(name: str) -> list[str]:
 
 def _check_upstream(name: str, cfg: LoomConfig, run: RunDir) -> None:
     """Refuse to build on a stage (direct or further up) that completed under another config than this recipe's."""
-    for upstream in ancestors(name):
+    for upstream in ancestors(name, cfg):
         done = run.completed_hash(upstream)
         if done is not None and done != stage_key(upstream, cfg) and not STAGES[upstream].always_runs:
             raise StageConfigChangedError(
@@ -150,7 +177,7 @@ def chain_stages(cfg: LoomConfig) -> list[str]:
 
 
 def run_chain(cfg: LoomConfig, force: bool = False) -> RunDir:
-    """data -> train -> tune -> serve. Serve is left running; the caller decides when to stop it."""
+    """data -> tune -> train -> serve. Serve is left running; the caller decides when to stop it."""
     for name in chain_stages(cfg):
         run_stage(name, cfg, force=force)
     return RunDir(cfg.run_dir())

@@ -27,7 +27,14 @@ EXIT_CONFIG = 2
 
 
 def cmd_validate(cfg: LoomConfig, args: argparse.Namespace) -> int:
+    from cluster.chain import stage_key, tuned_train_config
+    from pipelines.runs import RunDir
+
     print(f"{args.recipe}: valid. run directory: {cfg.run_dir()}")
+    run = RunDir(cfg.run_dir())
+    if cfg.tune.enabled and run.completed_hash("tune") == stage_key("tune", cfg):  # this recipe's finished sweep
+        _, tuned = tuned_train_config(cfg, run)
+        print(f"train will use the sweep's best trial {tuned['trial_id']}: {tuned['params']}")
     return 0
 
 
@@ -124,7 +131,7 @@ COMMANDS: dict[str, tuple[Callable[[LoomConfig, argparse.Namespace], int], str]]
     "train": (_stage_command("train"), "train with DeepSpeed on Ray Train"),
     "tune": (_stage_command("tune"), "sweep hyperparameters with Ray Tune + Optuna"),
     "serve": (_stage_command("serve"), "serve the model with Ray Serve + vLLM"),
-    "run": (cmd_run, "the whole chain: data, train, tune, serve"),
+    "run": (cmd_run, "the whole chain: data, tune, train, serve"),
     "submit": (cmd_submit, "validate locally, then run a stage as a Ray job"),
 }
 

@@ -20,7 +20,7 @@ from pipelines.data.config import DataConfig
 from pipelines.schema import FIELD_PROBLEMS, StrictModel
 from pipelines.train.config import TrainConfig
 from serve.config import ServeConfig
-from tune.config import TuneConfig
+from tune.config import TuneConfig, space_problems
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "recipes"
 # vLLM's CPU attention kernels exist for these head sizes only (vllm/v1/attention/backends/cpu_attn.py).
@@ -55,6 +55,8 @@ class LoomConfig(StrictModel):
         refuse a model shape only the serve stage would trip on."""
         problems = []
         model = self.train.model
+        if "tune" in stages:
+            problems += space_problems(self.tune, self.train)
         if {"train", "tune"} & set(stages) and model.max_position_embeddings < self.data.seq_len:
             problems.append(
                 (

@@ -1,23 +1,154 @@
-"""The ``tune`` section of a recipe."""
+"""The ``tune`` section of a recipe: the sweep's search space over ``train.*`` keys and its budget."""
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pipelines.schema import StrictModel
+from pipelines.train.config import TrainConfig
+
+
+class Distribution(StrictModel):
+    """One dimension of the search space: where Optuna may draw a ``train.*`` value from."""
+
+    kind: Literal["loguniform", "uniform", "int", "choice"] = Field(
+        description="loguniform / uniform: a float in [low, high]; int: an integer in [low, high]; "
+        "choice: one of values."
+    )
+    low: float | None = Field(default=None, description="Lower bound (loguniform, uniform, int).")
+    high: float | None = Field(default=None, description="Upper bound, inclusive (loguniform, uniform, int).")
+    values: list[bool | int | float | str] | None = Field(default=None, description="The candidates (choice).")
+
+    @model_validator(mode="after")
+    def _shape(self) -> Distribution:
+        if self.kind == "choice":
+            if not self.values or self.low is not None or self.high is not None:
+                raise ValueError("choice takes a non-empty values list and no low/high")
+            return self
+        if self.low is None or self.high is None or self.values is not None:
+            raise ValueError(f"{self.kind} takes low and high, and no values")
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.kind == "loguniform" and self.low <= 0:
+            raise ValueError(f"loguniform needs low > 0 (got {self.low})")
+        if self.kind == "int" and not (float(self.low).is_integer() and float(self.high).is_integer()):
+            raise ValueError(f"int needs whole bounds (got {self.low}, {self.high})")
+        return self
+
+    def extremes(self) -> list[Any]:
+        """The values that bound what a trial can be given: both ends, or every choice."""
+        if self.kind == "choice":
+            return list(self.values or [])
+        if self.kind == "int":
+            return [int(self.low), int(self.high)]
+        return [self.low, self.high]
+
+    def sampler(self):
+        """The Ray Tune search-space object (Optuna's TPE reads it through ``OptunaSearch``)."""
+        from ray import tune
+
+        if self.kind == "choice":
+            return tune.choice(list(self.values or []))
+        if self.kind == "int":
+            return tune.randint(int(self.low), int(self.high) + 1)  # randint's upper bound is exclusive
+        return (tune.loguniform if self.kind == "loguniform" else tune.uniform)(self.low, self.high)
+
+
+def _default_space() -> dict[str, Distribution]:
+    return {"train.lr": Distribution(kind="loguniform", low=1e-4, high=1e-2)}
 
 
 class TuneConfig(StrictModel):
     enabled: bool = Field(default=True, description="Run the sweep as part of `loom run`.")
+    space: dict[str, Distribution] = Field(
+        default_factory=_default_space,
+        description="Search space: a dotted train key (e.g. train.lr, train.warmup_steps, train.model.num_layers) "
+        "to the distribution its trials draw from. Every other train value is the recipe's.",
+    )
     num_trials: int = Field(default=2, ge=1, description="Trials Optuna proposes.")
-    lr_min: float = Field(default=1e-4, gt=0, description="Lower bound of the log-uniform learning-rate search.")
-    lr_max: float = Field(default=1e-2, gt=0, description="Upper bound of the log-uniform learning-rate search.")
     max_steps_per_trial: int = Field(default=10, ge=1, description="Optimizer steps each trial trains.")
-    workers_per_trial: int = Field(default=1, ge=1, description="Ray Train workers per trial.")
+    workers_per_trial: int = Field(
+        default=1,
+        ge=1,
+        description="Ray Train workers per trial. Gradient accumulation is rescaled so that a trial keeps the "
+        "recipe's global batch size.",
+    )
     max_concurrent_trials: int = Field(default=1, ge=1, description="Trials running at once.")
 
-    @model_validator(mode="after")
-    def _bounds(self) -> TuneConfig:
-        if self.lr_min >= self.lr_max:
-            raise ValueError(f"lr_min ({self.lr_min}) must be below lr_max ({self.lr_max})")
-        return self
+    @field_validator("space")
+    @classmethod
+    def _train_keys(cls, space: dict[str, Distribution]) -> dict[str, Distribution]:
+        if not space:
+            raise ValueError("needs at least one dimension, e.g. {train.lr: {kind: loguniform, low: 1e-4, high: 1e-2}}")
+        outside = [key for key in space if not key.startswith("train.")]
+        if outside:
+            raise ValueError(f"searches train.* keys only; not: {', '.join(outside)}")
+        return space
+
+
+def apply_params(train: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """``train`` (a TrainConfig dump) with each dotted ``train.*`` key of ``params`` set; a copy."""
+    result = {**train}
+    for key, value in params.items():
+        *parents, leaf = key.split(".")[1:]
+        node = result
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise KeyError(f"train has no section {part!r}")
+            node[part] = {**node[part]}
+            node = node[part]
+        if leaf not in node:
+            raise KeyError(f"train has no field {leaf!r}")
+        node[leaf] = value
+    return result
+
+
+def trial_train_config(train: TrainConfig, tune: TuneConfig, params: dict[str, Any]) -> TrainConfig:
+    """The recipe's training setup with a trial's values, shortened to the trial's budget.
+
+    A trial keeps the recipe's global batch size (accumulation absorbs a different worker count or
+    micro-batch) and evaluates at every report, so the objective is in every result Tune sees.
+    """
+    values = apply_params(train.model_dump(), params)
+    steps = tune.max_steps_per_trial
+    report_every = max(1, min(train.log_every, steps))
+    per_pass = values["micro_batch_size"] * tune.workers_per_trial
+    if train.effective_global_batch_size % per_pass:
+        raise ValueError(
+            f"the global batch of {train.effective_global_batch_size} sequences is not a whole number of "
+            f"micro_batch_size ({values['micro_batch_size']}) x tune.workers_per_trial ({tune.workers_per_trial})"
+        )
+    values.update(
+        max_steps=steps,
+        num_workers=tune.workers_per_trial,
+        gradient_accumulation_steps=train.effective_global_batch_size // per_pass,
+        global_batch_size=None,
+        warmup_steps=min(values["warmup_steps"], steps // 4),
+        checkpoint_every=steps,
+        log_every=report_every,
+        eval_every=report_every,
+    )
+    return TrainConfig.model_validate(values)
+
+
+def space_problems(tune: TuneConfig, train: TrainConfig) -> list[tuple[str, str]]:
+    """Every way a trial could be refused, named by its space key, before any trial starts: a key
+    train does not have, or an extreme of its distribution that train (or the trial shape) refuses."""
+    problems = []
+    for key, distribution in tune.space.items():
+        for value in distribution.extremes():
+            try:
+                trial_train_config(train, tune, {key: value})
+            except KeyError as error:
+                problems.append((f"tune.space.{key}", error.args[0]))
+                break
+            except (ValidationError, ValueError) as error:
+                reasons = (
+                    "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+                    if isinstance(error, ValidationError)
+                    else str(error)
+                )
+                problems.append((f"tune.space.{key}", f"a trial with {key}={value!r} would be refused: {reasons}"))
+    return problems

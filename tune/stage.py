@@ -1,5 +1,5 @@
-"""The tune stage: Optuna proposes learning rates, each trial is a short Ray Train run judged by its
-held-out loss.
+"""The tune stage: Optuna proposes values for the recipe's search space (``tune.space``), each trial is
+a short Ray Train run judged by its held-out loss.
 
 Outputs under ``<run>/tune/``: ``sweep/`` (Ray Tune's experiment), ``trials/``
 (each trial's Ray Train run) and ``best.json``.
@@ -15,26 +15,7 @@ from typing import Any
 from pipelines.progress import progress
 from pipelines.runs import RunDir, StageResult, hash_dir
 from pipelines.train.config import TrainConfig
-from tune.config import TuneConfig
-
-
-def trial_train_config(train: TrainConfig, tune_config: TuneConfig, lr: float) -> TrainConfig:
-    """The recipe's training setup, shortened to a trial that evaluates at every report (the objective
-    is in every result Tune sees, so a scheduler can act on any of them)."""
-    steps = tune_config.max_steps_per_trial
-    report_every = max(1, min(train.log_every, steps))
-    return TrainConfig.model_validate(
-        {
-            **train.model_dump(),
-            "lr": lr,
-            "max_steps": steps,
-            "num_workers": tune_config.workers_per_trial,
-            "warmup_steps": min(train.warmup_steps, steps // 4),
-            "checkpoint_every": steps,
-            "log_every": report_every,
-            "eval_every": report_every,
-        }
-    )
+from tune.config import TuneConfig, trial_train_config
 
 
 def run_trial(params: dict[str, Any], *, train: dict[str, Any], tune_config: dict[str, Any], run_root: str, seed: int):
@@ -45,7 +26,7 @@ def run_trial(params: dict[str, Any], *, train: dict[str, Any], tune_config: dic
     from pipelines.train.trainer import build_trainer
 
     run = RunDir(run_root)
-    config = trial_train_config(TrainConfig.model_validate(train), TuneConfig.model_validate(tune_config), params["lr"])
+    config = trial_train_config(TrainConfig.model_validate(train), TuneConfig.model_validate(tune_config), params)
     trainer = build_trainer(
         config,
         run,
@@ -108,7 +89,7 @@ def run_tune(config: TuneConfig, train: TrainConfig, run: RunDir, seed: int) -> 
     bar = progress(config.num_trials, "tune", "trials")
     tuner = tune.Tuner(
         trainable,
-        param_space={"lr": tune.loguniform(config.lr_min, config.lr_max)},
+        param_space={key: distribution.sampler() for key, distribution in config.space.items()},
         tune_config=tune.TuneConfig(
             search_alg=OptunaSearch(metric=metric, mode="min", seed=seed),
             num_samples=config.num_trials,
@@ -126,7 +107,8 @@ def run_tune(config: TuneConfig, train: TrainConfig, run: RunDir, seed: int) -> 
         reported = result.metrics or {}
         trials.append(
             {
-                "lr": result.config["lr"],
+                "trial_id": reported.get("trial_id"),
+                "params": {key: result.config[key] for key in config.space},
                 "loss": reported.get("loss"),
                 "val_loss": reported.get("val_loss"),
                 "error": str(result.error) if result.error else None,
@@ -141,5 +123,23 @@ def run_tune(config: TuneConfig, train: TrainConfig, run: RunDir, seed: int) -> 
     return StageResult(
         inputs={"train_shards": hash_dir(inputs["train"])},
         outputs={"best": str(out / "best.json"), "sweep": str(out / "sweep")},
-        metrics={"best_lr": best["lr"], f"best_{metric}": best[metric], "trials": len(trials)},
+        metrics={"best_params": best["params"], f"best_{metric}": best[metric], "trials": len(trials)},
     )
+
+
+def best_trial(run: RunDir) -> dict[str, Any]:
+    """The finished sweep's best trial (``params``, ``trial_id``, losses), which the train stage trains with."""
+    from pipelines.train.trainer import MissingInputError
+
+    best = run.stage_dir("tune") / "best.json"
+    if not run.is_complete("tune") or not best.is_file():
+        raise MissingInputError(
+            f"tune is enabled and has not completed in {run.root}: run `loom tune` first (the sweep picks the "
+            "training run's values), or set tune.enabled=false to train with the recipe's own"
+        )
+    found = json.loads(best.read_text())["best"]
+    if "params" not in found:
+        raise MissingInputError(
+            f"{best} was written by an earlier Loom (no params): redo the sweep with `loom tune --force`"
+        )
+    return found

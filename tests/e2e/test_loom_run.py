@@ -61,6 +61,11 @@ def test_loom_run_whole_chain_then_query_the_endpoint(tmp_path):
         for stage in ("data", "train", "tune"):
             assert (run_dir / stage / "_COMPLETE").is_file()
         assert manifest["stages"]["serve"]["inputs"]["model:loom-tiny"]
+        # The sweep ran first and decided the training run's learning rate.
+        best = json.loads((run_dir / "tune" / "best.json").read_text())["best"]
+        assert manifest["stages"]["train"]["metrics"]["tuned"]["params"] == best["params"]
+        assert manifest["stages"]["train"]["upstream"].keys() == {"data", "tune"}
+        assert output.index("[loom] tune: running") < output.index("[loom] train: running")
 
         client = openai.OpenAI(base_url=url, api_key="unused")
         # A tiny random-ish model may emit EOS at any point: ignore_eos (a vLLM extension) makes the

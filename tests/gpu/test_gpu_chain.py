@@ -34,6 +34,7 @@ def test_tiny_chain_on_gpu(tmp_path):
         [
             f"storage={tmp_path}",
             "run_name=gpu",
+            "tune.enabled=false",  # the sweep runs the same trainer: the GPU path is the training run's
             "data.max_documents=200",
             f"train.num_workers={workers}",
             "train.use_gpu=true",

@@ -78,6 +78,8 @@ def tiny_config(tmp_path_factory, planted_sources) -> LoomConfig:
             "train.eval_every=8",
             "tune.num_trials=2",
             "tune.max_steps_per_trial=4",
+            # Around the tests' own learning rate: whichever trial wins, the 16-step run below learns.
+            "tune.space={train.lr: {kind: loguniform, low: 2.0e-3, high: 5.0e-3}}",
             f"serve.port={free_port()}",
             "serve.demo_max_tokens=8",
         ],
@@ -92,7 +94,15 @@ def data_done(ray_cluster, tiny_config):
 
 
 @pytest.fixture(scope="package")
-def train_done(data_done, tiny_config):
+def tune_done(data_done, tiny_config):
+    from cluster.chain import run_stage
+
+    return run_stage("tune", tiny_config)
+
+
+@pytest.fixture(scope="package")
+def train_done(tune_done, tiny_config):
+    """The run's training, with the sweep's best learning rate."""
     from cluster.chain import run_stage
 
     return run_stage("train", tiny_config)
@@ -137,6 +147,7 @@ def lora_done(train_done, tiny_config, tmp_path_factory):
         [
             f"storage={tiny_config.storage}",
             "run_name=ray-tests-lora",
+            "tune.enabled=false",  # the fine-tune's own values
             f"train.init_from={train_done['outputs']['model']}",
             f"train.sft={{path: '{pairs}', seq_len: 64, val_fraction: 0.1}}",
             "train.lora={rank: 4, alpha: 8, target_modules: [q_proj, v_proj]}",

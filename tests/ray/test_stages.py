@@ -63,6 +63,12 @@ def test_train_stage_loss_falls_and_exports_a_loadable_model(train_done, tiny_co
 
     metrics = train_done["metrics"]
     assert metrics["step"] == tiny_config.train.max_steps
+    # Trained with the sweep's winner, recorded with the trial it came from.
+    best = json.loads((tiny_config.run_dir() / "tune" / "best.json").read_text())["best"]
+    assert metrics["tuned"] == {"params": best["params"], "trial_id": best["trial_id"], "val_loss": best["val_loss"]}
+    assert best["trial_id"] and train_done["inputs"]["tune_best"]
+    history = [json.loads(line) for line in Path(train_done["outputs"]["metrics"]).read_text().splitlines()]
+    assert max(row["lr"] for row in history if "lr" in row) == pytest.approx(best["params"]["train.lr"], rel=0.05)
     assert metrics["last_loss"] < metrics["first_loss"]
     run = RunDir(tiny_config.run_dir())
     model_dir = Path(train_done["outputs"]["model"])
@@ -89,14 +95,15 @@ def test_train_stage_loss_falls_and_exports_a_loadable_model(train_done, tiny_co
     assert metrics["val_perplexity"] > 1
 
 
-def test_tune_stage_runs_optuna_trials(train_done, tiny_config):
-    record = run_stage("tune", tiny_config)
+def test_tune_stage_runs_optuna_trials(tune_done, tiny_config):
+    record = tune_done
     best = json.loads(Path(record["outputs"]["best"]).read_text())
     assert len(best["trials"]) == tiny_config.tune.num_trials
-    lrs = [t["lr"] for t in best["trials"]]
-    assert all(tiny_config.tune.lr_min <= lr <= tiny_config.tune.lr_max for lr in lrs)
+    space = tiny_config.tune.space["train.lr"]
+    lrs = [t["params"]["train.lr"] for t in best["trials"]]
+    assert all(space.low <= lr <= space.high for lr in lrs)
     assert len(set(lrs)) == len(lrs)
-    assert best["best"]["lr"] == record["metrics"]["best_lr"]
+    assert best["best"]["params"] == record["metrics"]["best_params"]
     # Judged by held-out loss, which every trial reported.
     assert best["metric"] == "val_loss"
     assert all(isinstance(t["val_loss"], float) and t["val_loss"] > 0 for t in best["trials"])

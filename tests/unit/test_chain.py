@@ -61,25 +61,30 @@ def test_train_key_ignores_serve_changes_and_follows_data_changes():
 def test_upstream_change_refuses_downstream_naming_it_and_force_reruns(tmp_path, fake_stages):
     base = [f"storage={tmp_path}", "run_name=chained"]
     config = load_config(TINY, base)
-    for name in ("data", "train", "tune"):
+    for name in ("data", "tune", "train"):
         run_stage(name, config)
-    assert fake_stages == ["data", "train", "tune"]
+    assert fake_stages == ["data", "tune", "train"]
 
     # `loom data --force` with another data config: the shards the model was trained on are gone.
     changed = load_config(TINY, [*base, "data.seq_len=64"])
     run_stage("data", changed, force=True)
-    for downstream in ("train", "tune"):
+    for downstream in ("tune", "train"):
         with pytest.raises(StageConfigChangedError, match="upstream stage 'data' changed.*--force"):
             run_stage(downstream, changed)
     # The recipe the old stages were built from no longer matches the data on disk either.
     with pytest.raises(StageConfigChangedError, match="depends on stage 'data'.*completed under another config"):
         run_stage("serve", config)
 
+    # train builds on the sweep too: the stale sweep is refused before train runs.
+    with pytest.raises(StageConfigChangedError, match="depends on stage 'tune'"):
+        run_stage("train", changed, force=True)
+    assert run_stage("tune", changed, force=True)["metrics"] == {"ran": "tune"}
     assert run_stage("train", changed, force=True)["metrics"] == {"ran": "train"}
     record = RunDir(changed.run_dir()).manifest()["stages"]["train"]
-    assert record["upstream"] == {"data": stage_key("data", changed)} and record["key"] == stage_key("train", changed)
-    assert run_stage("train", changed) is None  # rebuilt on the new data: complete again
-    assert fake_stages == ["data", "train", "tune", "data", "train"]
+    assert record["upstream"] == {"data": stage_key("data", changed), "tune": stage_key("tune", changed)}
+    assert record["key"] == stage_key("train", changed)
+    assert run_stage("train", changed) is None  # rebuilt on the new data and sweep: complete again
+    assert fake_stages == ["data", "tune", "train", "data", "tune", "train"]
 
 
 def test_stage_on_a_stale_upstream_is_refused_before_it_runs(tmp_path, fake_stages):
@@ -91,6 +96,45 @@ def test_stage_on_a_stale_upstream_is_refused_before_it_runs(tmp_path, fake_stag
 
 
 def test_chain_order_and_tune_switch():
-    assert chain_stages(load_config(TINY)) == ["data", "train", "tune", "serve"]
+    assert chain_stages(load_config(TINY)) == ["data", "tune", "train", "serve"]
     assert chain_stages(load_config(TINY, ["tune.enabled=false"])) == ["data", "train", "serve"]
     assert STAGES["serve"].always_runs and not STAGES["data"].always_runs
+
+
+def test_train_key_follows_the_sweep_only_while_it_is_on():
+    swept = load_config(TINY)
+    narrower = load_config(TINY, ["tune.space={train.lr: {kind: loguniform, low: 0.006, high: 0.01}}"])
+    assert upstream_keys("train", swept).keys() == {"data", "tune"}
+    assert own_hash("train", swept) == own_hash("train", narrower)
+    assert stage_key("train", swept) != stage_key("train", narrower)  # another sweep: another training run
+    off = load_config(TINY, ["tune.enabled=false"])
+    assert upstream_keys("train", off).keys() == {"data"}
+    assert stage_key("train", off) == stage_key("train", load_config(TINY, ["tune.enabled=false", "tune.num_trials=9"]))
+
+
+def test_train_takes_the_best_trial_and_needs_the_sweep_first(tmp_path, capsys):
+    import json
+
+    from cluster.chain import tuned_train_config
+    from cluster.cli import main
+    from pipelines.train.trainer import MissingInputError
+
+    config = load_config(TINY, [f"storage={tmp_path}", "run_name=handoff"])
+    run = RunDir(config.run_dir())
+    with pytest.raises(MissingInputError, match="run `loom tune` first.*tune.enabled=false"):
+        tuned_train_config(config, run)
+    complete(config, "tune")
+    (run.stage_dir("tune") / "best.json").write_text(json.dumps({"best": {"lr": 0.01}}))  # an earlier format
+    with pytest.raises(MissingInputError, match="loom tune --force"):
+        tuned_train_config(config, run)
+    best = {"trial_id": "a1b2", "params": {"train.lr": 0.0123, "train.model.num_layers": 3}, "val_loss": 5.0}
+    (run.stage_dir("tune") / "best.json").write_text(json.dumps({"metric": "val_loss", "best": best}))
+    train, tuned = tuned_train_config(config, run)
+    assert main(["validate", str(TINY), f"storage={tmp_path}", "run_name=handoff"]) == 0
+    assert "best trial a1b2: {'train.lr': 0.0123" in capsys.readouterr().out
+    assert (train.lr, train.model.num_layers, train.max_steps) == (0.0123, 3, config.train.max_steps)
+    assert tuned == {"params": best["params"], "trial_id": "a1b2", "val_loss": 5.0}
+    assert tuned_train_config(load_config(TINY, [f"storage={tmp_path}", "tune.enabled=false"]), run) == (
+        load_config(TINY).train,
+        None,
+    )

@@ -62,7 +62,7 @@ def test_parse_overrides_nests_and_parses_yaml_scalars():
     "override, key",
     [
         (["train.precision=fp16"], "train.precision"),  # fp16 needs a GPU
-        (["tune.lr_min=0.1", "tune.lr_max=0.01"], "tune"),
+        (["tune.space={train.lr: {kind: loguniform, low: 0.1, high: 0.01}}"], "tune.space.train.lr"),
         (["serve.models.loom-tiny.autoscaling.min_replicas=3"], "serve.models.loom-tiny.autoscaling"),
         (["data.seq_len=512"], "train.model.max_position_embeddings"),
         (["train.model.num_heads=8", "train.model.num_kv_heads=8"], "train.model"),  # head size 16: not on vLLM CPU
@@ -132,3 +132,56 @@ def test_a_stage_is_checked_for_what_it_uses(tmp_path):
     with pytest.raises(ConfigError, match="cannot be served by vLLM on CPU"):
         load_config(TINY, unservable, stages=["serve"])
     assert main(["validate", str(TINY), *unservable]) == 2
+
+
+def test_a_search_space_is_refused_before_any_trial_names_its_key():
+    def problems(space: str, *more: str) -> dict[str, str]:
+        with pytest.raises(ConfigError) as err:
+            load_config(TINY, [f"tune.space={space}", *more], stages=["tune"])
+        return dict(err.value.problems)
+
+    assert (
+        "no field 'learning_rate'"
+        in problems("{train.learning_rate: {kind: uniform, low: 0.1, high: 0.2}}")["tune.space.train.learning_rate"]
+    )
+    assert (
+        "no section 'optimizer'"
+        in problems("{train.optimizer.beta1: {kind: uniform, low: 0.8, high: 0.99}}")[
+            "tune.space.train.optimizer.beta1"
+        ]
+    )
+    # An end of the range train itself refuses (lr <= 1), or a choice it refuses (fp16 on CPU).
+    assert (
+        "train.lr=2.0 would be refused"
+        in problems("{train.lr: {kind: loguniform, low: 0.001, high: 2.0}}")["tune.space.train.lr"]
+    )
+    assert (
+        "precision" in problems("{train.precision: {kind: choice, values: [fp32, fp16]}}")["tune.space.train.precision"]
+    )
+    # A micro-batch that does not divide the recipe's global batch (16 x 2 workers = 32 sequences).
+    assert (
+        "not a whole number"
+        in problems("{train.micro_batch_size: {kind: choice, values: [16, 24]}}")["tune.space.train.micro_batch_size"]
+    )
+    assert "train.* keys only" in str(problems("{data.seq_len: {kind: int, low: 64, high: 128}}"))
+    assert "low and high" in str(problems("{train.lr: {kind: uniform, values: [0.1]}}"))
+    # The same space is fine for a stage that does not sweep.
+    load_config(TINY, ["tune.space={train.lr: {kind: loguniform, low: 0.001, high: 2.0}}"], stages=["data"])
+
+
+def test_a_trial_keeps_the_global_batch_and_takes_its_values():
+    from tune.config import trial_train_config
+
+    config = load_config(
+        TINY,
+        [
+            "tune.space={train.lr: {kind: loguniform, low: 0.001, high: 0.01}, train.model.num_layers: {kind: int, low: 1, high: 3}}"
+        ],
+    )
+    assert config.train.effective_global_batch_size == 32  # 16 x 1 x 2 workers
+    trial = trial_train_config(config.train, config.tune, {"train.lr": 0.005, "train.model.num_layers": 3})
+    assert (trial.lr, trial.model.num_layers, trial.model.hidden_size) == (0.005, 3, config.train.model.hidden_size)
+    # One worker per trial: accumulation doubles, so the trial steps on the recipe's 32 sequences.
+    assert (trial.num_workers, trial.gradient_accumulation_steps, trial.effective_global_batch_size) == (1, 2, 32)
+    assert trial.max_steps == config.tune.max_steps_per_trial and trial.eval_every == trial.log_every
+    assert config.train.model.num_layers == 2  # the recipe's own config is untouched
