@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 from pathlib import Path
 
@@ -23,10 +24,38 @@ SMALL_MODEL = [
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
+def _ephemeral_ports() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return range(low, high + 1)
+
+
+_HANDED_OUT: set[int] = set()  # a port given to one test is never given to another, bound yet or not
+_CHOOSER = random.Random()  # its own generator: a test seeding `random` cannot make two picks collide
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port that is free now and stays free until the test binds it, minutes later.
+
+    A port the kernel hands out for port 0 comes from the ephemeral range, where every outgoing
+    connection (and every Ray component that binds port 0) takes its local port: a run that binds
+    only after its data, tune and train stages found one taken ("Failed to bind to address"). Ports
+    between Ray's worker range (10002-19999) and the ephemeral range are assigned by nobody.
+    """
+    ephemeral = _ephemeral_ports()
+    candidates = [port for port in range(20000, 32768) if port not in ephemeral and port not in _HANDED_OUT]
+    start = _CHOOSER.randrange(len(candidates))
+    for port in candidates[start:] + candidates[:start]:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free loopback port between 20000 and the ephemeral range")
 
 
 def pytest_collection_modifyitems(config, items):
