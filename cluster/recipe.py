@@ -17,7 +17,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from cluster.config import ClusterConfig
 from pipelines.data.config import DataConfig
-from pipelines.schema import FIELD_PROBLEMS, StrictModel
+from pipelines.schema import StrictModel, pydantic_problems
 from pipelines.train.config import TrainConfig
 from serve.config import ServeConfig
 from tune.config import TuneConfig, space_problems
@@ -140,31 +140,11 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _pydantic_problems(err: ValidationError) -> list[tuple[str, str]]:
-    problems = []
-    for item in err.errors():
-        key = ".".join(str(part) for part in item["loc"])
-        message = item["msg"]
-        if item["type"] == "extra_forbidden":
-            message = "unknown key"
-        elif item["type"] not in ("value_error", "assertion_error") and "input" in item:
-            message = f"{message} (got {item['input']!r})"
-        message = message.removeprefix("Value error, ")
-        if item["type"] == "value_error" and message.startswith(FIELD_PROBLEMS):
-            # A section's cross-field check lists one "field: problem" per line.
-            for line in message.removeprefix(FIELD_PROBLEMS).splitlines():
-                field, _, detail = line.partition(": ")
-                problems.append((f"{key}.{field}" if key else field, detail))
-            continue
-        problems.append((key, message))
-    return problems
-
-
 def validate_dict(raw: dict[str, Any], source: str = "<config>") -> LoomConfig:
     try:
         return LoomConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(source, _pydantic_problems(err)) from None
+        raise ConfigError(source, pydantic_problems(err)) from None
 
 
 #: Every stage a whole run uses (``loom run``, ``loom validate``).

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from pipelines.schema import StrictModel
+from pipelines.schema import StrictModel, pydantic_problems
 from pipelines.train.config import TrainConfig
 
 
@@ -146,7 +146,7 @@ def space_problems(tune: TuneConfig, train: TrainConfig) -> list[tuple[str, str]
                 break
             except (ValidationError, ValueError) as error:
                 reasons = (
-                    "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+                    "; ".join(f"{field}: {message}" for field, message in pydantic_problems(error))
                     if isinstance(error, ValidationError)
                     else str(error)
                 )
