@@ -9,7 +9,7 @@ import pytest
 
 from pipelines.train.config import TrainConfig
 from tests.metrics import scrape, total
-from tests.training import fit
+from tests.training import SHORT_RUN_LR, fit
 
 pytestmark = pytest.mark.ray
 
@@ -53,6 +53,7 @@ def test_zero_stage_trains_with_falling_loss(case, data_done, tiny_config, tmp_p
             **CASES[case],
             "max_steps": steps,
             "warmup_steps": 2,
+            "lr": SHORT_RUN_LR,
             "log_every": 1,
             "checkpoint_every": steps,
         }
