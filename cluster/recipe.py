@@ -131,9 +131,11 @@ def parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[tuple[st
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` laid over it, section by section. A mapping that names its ``kind`` (a search-space
+    distribution) replaces the one it overrides: a choice's values and a range's bounds do not mix."""
     merged = dict(base)
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and "kind" not in value:
             merged[key] = _merge(merged[key], value)
         else:
             merged[key] = value

@@ -55,6 +55,16 @@ class Distribution(StrictModel):
             return tune.randint(int(self.low), int(self.high) + 1)  # randint's upper bound is exclusive
         return (tune.loguniform if self.kind == "loguniform" else tune.uniform)(self.low, self.high)
 
+    def optuna(self):
+        """The same dimension as an Optuna distribution (for Optuna's parameter importances)."""
+        from optuna import distributions
+
+        if self.kind == "choice":
+            return distributions.CategoricalDistribution(list(self.values or []))
+        if self.kind == "int":
+            return distributions.IntDistribution(int(self.low), int(self.high))
+        return distributions.FloatDistribution(self.low, self.high, log=self.kind == "loguniform")
+
 
 def _default_space() -> dict[str, Distribution]:
     return {"train.lr": Distribution(kind="loguniform", low=1e-4, high=1e-2)}
@@ -76,6 +86,18 @@ class TuneConfig(StrictModel):
         "recipe's global batch size.",
     )
     max_concurrent_trials: int = Field(default=1, ge=1, description="Trials running at once.")
+    scheduler: Literal["asha", "fifo"] = Field(
+        default="asha",
+        description="asha: stop a trial at a rung (grace_period_steps x reduction_factor^k steps) when its held-out "
+        "loss is outside the best 1/reduction_factor of the trials that reached that rung before it; "
+        "fifo: every trial trains its whole budget.",
+    )
+    grace_period_steps: int = Field(
+        default=2, ge=1, description="ASHA's first rung: no trial is stopped before this many optimizer steps."
+    )
+    reduction_factor: float = Field(
+        default=2.0, gt=1, description="ASHA keeps the best 1/reduction_factor of the trials at each rung."
+    )
 
     @field_validator("space")
     @classmethod
@@ -86,6 +108,15 @@ class TuneConfig(StrictModel):
         if outside:
             raise ValueError(f"searches train.* keys only; not: {', '.join(outside)}")
         return space
+
+    @model_validator(mode="after")
+    def _rungs_fit_the_budget(self) -> TuneConfig:
+        if self.scheduler == "asha" and self.grace_period_steps > self.max_steps_per_trial:
+            raise ValueError(
+                f"grace_period_steps ({self.grace_period_steps}) must not exceed max_steps_per_trial "
+                f"({self.max_steps_per_trial}): ASHA would never compare trials"
+            )
+        return self
 
 
 def apply_params(train: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:

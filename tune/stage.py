@@ -2,7 +2,8 @@
 a short Ray Train run judged by its held-out loss.
 
 Outputs under ``<run>/tune/``: ``sweep/`` (Ray Tune's experiment), ``trials/``
-(each trial's Ray Train run) and ``best.json``.
+(each trial's Ray Train run), ``best.json`` (the best trial and every trial's values, status and stop
+reason), ``trials.parquet`` (every report of every trial) and ``sweep.png``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pipelines.progress import progress
 from pipelines.runs import RunDir, StageResult, hash_dir
 from pipelines.train.config import TrainConfig
 from tune.config import TuneConfig, trial_train_config
+from tune.trials import TrialRecord, finite, param_importances, plot_sweep, write_trials_table
 
 
 def run_trial(params: dict[str, Any], *, train: dict[str, Any], tune_config: dict[str, Any], run_root: str, seed: int):
@@ -67,6 +69,43 @@ def _trial_progress_callback():
     return TrialProgress
 
 
+def _scheduler(config: TuneConfig, metric: str):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if config.scheduler == "fifo":
+        return FIFOScheduler()
+    # Rungs in optimizer steps (every report carries "step"), so the recipe's numbers mean the same
+    # whatever the report interval is.
+    return ASHAScheduler(
+        time_attr="step",
+        metric=metric,
+        mode="min",
+        max_t=config.max_steps_per_trial,
+        grace_period=config.grace_period_steps,
+        reduction_factor=config.reduction_factor,
+    )
+
+
+def _record(result, keys) -> TrialRecord:
+    """A Tune result as plain data: the values, every report's step and losses, the error."""
+    reports = result.metrics_dataframe
+    rows = [] if reports is None else reports.to_dict("records")
+    rows = [row for row in rows if "step" in row and not row.get("final")]
+
+    def number(row, name):
+        value = row.get(name)
+        return float(value) if value is not None and not (isinstance(value, float) and math.isnan(value)) else None
+
+    return TrialRecord(
+        trial_id=str((result.metrics or {}).get("trial_id") or result.path.rsplit("/", 1)[-1]),
+        params={key: result.config[key] for key in keys},
+        steps=[int(row["step"]) for row in rows],
+        loss=[number(row, "loss") for row in rows],
+        val_loss=[number(row, "val_loss") for row in rows],
+        error=str(result.error) if result.error else None,
+    )
+
+
 def run_tune(config: TuneConfig, train: TrainConfig, run: RunDir, seed: int) -> StageResult:
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
@@ -92,6 +131,7 @@ def run_tune(config: TuneConfig, train: TrainConfig, run: RunDir, seed: int) -> 
         param_space={key: distribution.sampler() for key, distribution in config.space.items()},
         tune_config=tune.TuneConfig(
             search_alg=OptunaSearch(metric=metric, mode="min", seed=seed),
+            scheduler=_scheduler(config, metric),
             num_samples=config.num_trials,
             max_concurrent_trials=config.max_concurrent_trials,
         ),
@@ -102,28 +142,34 @@ def run_tune(config: TuneConfig, train: TrainConfig, run: RunDir, seed: int) -> 
         results = tuner.fit()
     finally:
         bar.close()
-    trials = []
-    for result in results:
-        reported = result.metrics or {}
-        trials.append(
-            {
-                "trial_id": reported.get("trial_id"),
-                "params": {key: result.config[key] for key in config.space},
-                "loss": reported.get("loss"),
-                "val_loss": reported.get("val_loss"),
-                "error": str(result.error) if result.error else None,
-            }
-        )
-    finished = [t for t in trials if isinstance(t[metric], float) and math.isfinite(t[metric])]
+    return _summarise([_record(result, config.space) for result in results], config, metric, inputs, out)
+
+
+def _summarise(records: list[TrialRecord], config: TuneConfig, metric: str, inputs, out) -> StageResult:
+    """best.json, trials.parquet and the sweep's plot. The best trial is the lowest objective among the
+    trials that trained their whole budget: a stopped trial's loss is from fewer steps."""
+    budget = config.max_steps_per_trial
+    trials = [record.summary(budget, metric, config.scheduler) for record in records]
+    finished = [t for t in trials if t["status"] == "completed" and finite(t[metric])]
     if not finished:
-        raise RuntimeError(f"tune: no trial reported {metric}; errors: {[t['error'] for t in trials]}")
+        raise RuntimeError(f"tune: no trial trained its budget and reported {metric}; trials: {trials}")
     best = min(finished, key=lambda t: t[metric])
-    summary = {"metric": metric, "mode": "min", "best": best, "trials": trials}
+    importances = param_importances(records, {k: d.optuna() for k, d in config.space.items()}, metric, budget)
+    summary = {"metric": metric, "mode": "min", "best": best, "importances": importances, "trials": trials}
     (out / "best.json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = write_trials_table(records, out / "trials.parquet", budget, metric, config.scheduler)
+    plot = plot_sweep(records, importances, out / "sweep.png", metric, budget)
     return StageResult(
         inputs={"train_shards": hash_dir(inputs["train"])},
-        outputs={"best": str(out / "best.json"), "sweep": str(out / "sweep")},
-        metrics={"best_params": best["params"], f"best_{metric}": best[metric], "trials": len(trials)},
+        outputs={"best": str(out / "best.json"), "trials": str(table), "plot": str(plot), "sweep": str(out / "sweep")},
+        metrics={
+            "best_params": best["params"],
+            f"best_{metric}": best[metric],
+            "trials": len(trials),
+            "stopped_early": sum(t["status"] == "stopped" for t in trials),
+            "failed": sum(t["status"] == "error" for t in trials),
+            "trial_steps": sum(record.last_step for record in records),
+        },
     )
 
 

@@ -56,6 +56,10 @@ def planted_sources(tmp_path_factory):
     return root
 
 
+#: A learning rate in the tests' search space that makes the loss blow up within two steps.
+DIVERGING_LR = 0.5
+
+
 @pytest.fixture(scope="package")
 def tiny_config(tmp_path_factory, planted_sources) -> LoomConfig:
     storage = tmp_path_factory.mktemp("runs")
@@ -76,10 +80,13 @@ def tiny_config(tmp_path_factory, planted_sources) -> LoomConfig:
             "train.checkpoint_every=8",
             "train.log_every=2",
             "train.eval_every=8",
-            "tune.num_trials=2",
+            "tune.num_trials=3",
             "tune.max_steps_per_trial=4",
-            # Around the tests' own learning rate: whichever trial wins, the 16-step run below learns.
-            "tune.space={train.lr: {kind: loguniform, low: 2.0e-3, high: 5.0e-3}}",
+            # Two rates around the tests' own (whichever wins, the 16-step run below learns) and a planted
+            # diverging one, which ASHA (first rung: step 2, the first report) must stop early.
+            f"tune.space={{train.lr: {{kind: choice, values: [3.0e-3, 4.0e-3, {DIVERGING_LR}]}}}}",
+            "tune.scheduler=asha",
+            "tune.grace_period_steps=2",
             f"serve.port={free_port()}",
             "serve.demo_max_tokens=8",
         ],

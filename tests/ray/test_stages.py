@@ -95,20 +95,42 @@ def test_train_stage_loss_falls_and_exports_a_loadable_model(train_done, tiny_co
     assert metrics["val_perplexity"] > 1
 
 
-def test_tune_stage_runs_optuna_trials(tune_done, tiny_config):
+def test_tune_stage_runs_optuna_trials_and_asha_stops_the_diverging_ones(tune_done, tiny_config):
+    import pyarrow.parquet as pq
+
+    from tests.ray.conftest import DIVERGING_LR
+
     record = tune_done
     best = json.loads(Path(record["outputs"]["best"]).read_text())
-    assert len(best["trials"]) == tiny_config.tune.num_trials
-    space = tiny_config.tune.space["train.lr"]
-    lrs = [t["params"]["train.lr"] for t in best["trials"]]
-    assert all(space.low <= lr <= space.high for lr in lrs)
-    assert len(set(lrs)) == len(lrs)
+    trials = best["trials"]
+    assert len(trials) == tiny_config.tune.num_trials
+    assert all(t["params"]["train.lr"] in tiny_config.tune.space["train.lr"].values for t in trials)
     assert best["best"]["params"] == record["metrics"]["best_params"]
-    # Judged by held-out loss, which every trial reported.
+    # Judged by held-out loss, which every trial reported at every report.
     assert best["metric"] == "val_loss"
-    assert all(isinstance(t["val_loss"], float) and t["val_loss"] > 0 for t in best["trials"])
-    assert best["best"]["val_loss"] == min(t["val_loss"] for t in best["trials"])
+    assert all(isinstance(t["val_loss"], float) and t["val_loss"] > 0 for t in trials)
+    completed = [t for t in trials if t["status"] == "completed"]
+    assert best["best"]["val_loss"] == min(t["val_loss"] for t in completed)
+    assert best["best"]["params"]["train.lr"] != DIVERGING_LR
     assert record["metrics"]["best_val_loss"] == best["best"]["val_loss"]
+    # The planted diverging rate: once a sound trial has reached ASHA's first rung (step 2), a diverging
+    # trial that reaches it later is stopped there, with the reason recorded.
+    budget, rung = tiny_config.tune.max_steps_per_trial, tiny_config.tune.grace_period_steps
+    first_sound = next(i for i, t in enumerate(trials) if t["params"]["train.lr"] != DIVERGING_LR)
+    late_diverging = [t for t in trials[first_sound + 1 :] if t["params"]["train.lr"] == DIVERGING_LR]
+    assert late_diverging, f"the seeded sweep drew no diverging trial after a sound one: {trials}"
+    for trial in late_diverging:
+        assert trial["status"] == "stopped" and trial["last_step"] == rung < budget, trial
+        assert trial["stop_reason"].startswith(f"stopped by ASHA at step {rung} of {budget}"), trial
+    assert record["metrics"]["stopped_early"] == sum(t["status"] == "stopped" for t in trials) >= 1
+    # Every report of every trial, for people: the table and the plot.
+    table = pq.read_table(record["outputs"]["trials"]).to_pylist()
+    assert [(row["trial_id"], row["status"]) for row in table] == [(t["trial_id"], t["status"]) for t in trials]
+    for row, trial in zip(table, trials, strict=True):
+        assert row["steps"][-1] == trial["last_step"] and row["val_loss_curve"][-1] == trial["val_loss"]
+        assert json.loads(row["params"]) == trial["params"]
+    assert record["metrics"]["trial_steps"] == sum(row["steps"][-1] for row in table) < budget * len(trials)
+    assert Path(record["outputs"]["plot"]).stat().st_size > 0
 
 
 def test_loom_data_runs_a_data_only_recipe(ray_cluster, tmp_path):

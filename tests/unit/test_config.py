@@ -52,6 +52,15 @@ def test_dotted_overrides_apply_and_typos_are_named():
     assert {key for key, _ in err.value.problems} == {"nonsense", "train.learning_rate"}
 
 
+def test_an_overriding_distribution_replaces_the_recipes():
+    """tiny.yaml's train.lr is a loguniform range; a choice given over it keeps none of the range's bounds."""
+    config = load_config(TINY, ["tune.space={train.lr: {kind: choice, values: [0.001, 0.002]}}"])
+    lr = config.tune.space["train.lr"]
+    assert (lr.kind, lr.values, lr.low, lr.high) == ("choice", [0.001, 0.002], None, None)
+    widened = load_config(TINY, ["train.model={num_layers: 3}"])  # sections still merge key by key
+    assert widened.train.model.num_layers == 3 and widened.train.model.hidden_size == 128
+
+
 def test_parse_overrides_nests_and_parses_yaml_scalars():
     nested, problems = parse_overrides(["a.b.c=1", "a.d=[1, 2]", "e=true"])
     assert problems == []
@@ -68,6 +77,8 @@ def test_parse_overrides_nests_and_parses_yaml_scalars():
         (["train.model.num_heads=8", "train.model.num_kv_heads=8"], "train.model"),  # head size 16: not on vLLM CPU
         (["train.model.num_heads=3"], "train.model"),
         (["storage=s3://bucket/runs"], ""),
+        (["tune.grace_period_steps=9"], "tune"),  # ASHA's first rung after the trials' last step (8)
+        (["tune.reduction_factor=1"], "tune.reduction_factor"),
     ],
 )
 def test_impossible_combinations_are_rejected(override, key):
