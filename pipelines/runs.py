@@ -106,7 +106,7 @@ class RunDir:
 
     def begin(self, stage: str) -> Path:
         """Create the stage directory. Each stage replaces its own half-written outputs,
-        except Ray Train's checkpoints, which are how an interrupted run resumes."""
+        except Ray Train's checkpoints and Ray Tune's sweep, which are how an interrupted run resumes."""
         directory = self.stage_dir(stage)
         directory.mkdir(parents=True, exist_ok=True)
         return directory

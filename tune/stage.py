@@ -3,11 +3,13 @@ a short Ray Train run judged by its held-out loss.
 
 Outputs under ``<run>/tune/``: ``sweep/`` (Ray Tune's experiment), ``trials/``
 (each trial's Ray Train run), ``best.json`` (the best trial and every trial's values, status and stop
-reason), ``trials.parquet`` (every report of every trial) and ``sweep.png``.
+reason), ``trials.parquet`` (every report of every trial) and ``sweep.png``. A sweep whose driver was
+killed resumes where it stopped when ``loom tune`` runs it again with the same setup.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -90,7 +92,8 @@ def _record(result, keys) -> TrialRecord:
     """A Tune result as plain data: the values, every report's step and losses, the error."""
     reports = result.metrics_dataframe
     rows = [] if reports is None else reports.to_dict("records")
-    rows = [row for row in rows if "step" in row and not row.get("final")]
+    # The final report (the export's) repeats the last step; in the table other rows hold NaN under "final".
+    rows = [row for row in rows if "step" in row and row.get("final") not in (True, 1)]
 
     def number(row, name):
         value = row.get(name)
@@ -112,12 +115,10 @@ def run_tune(config: TuneConfig, train: TrainConfig, run: RunDir, seed: int) -> 
 
     from pipelines.train.trainer import data_outputs
 
-    TrialProgress = _trial_progress_callback()
     inputs = data_outputs(run)
     out = run.begin("tune")
-    for name in ("sweep", "trials"):
-        shutil.rmtree(out / name, ignore_errors=True)  # an interrupted sweep starts over: trials are short
     metric = objective(inputs["val"].is_dir())
+    shards = hash_dir(inputs["train"])
     trainable = tune.with_parameters(
         run_trial,
         train=train.model_dump(mode="json"),
@@ -126,26 +127,53 @@ def run_tune(config: TuneConfig, train: TrainConfig, run: RunDir, seed: int) -> 
         seed=seed,
     )
     bar = progress(config.num_trials, "tune", "trials")
-    tuner = tune.Tuner(
-        trainable,
-        param_space={key: distribution.sampler() for key, distribution in config.space.items()},
-        tune_config=tune.TuneConfig(
-            search_alg=OptunaSearch(metric=metric, mode="min", seed=seed),
-            scheduler=_scheduler(config, metric),
-            num_samples=config.num_trials,
-            max_concurrent_trials=config.max_concurrent_trials,
-        ),
-        # Tune's own status table off: the stage's progress line says how many trials are done.
-        run_config=tune.RunConfig(name="sweep", storage_path=str(out), verbose=0, callbacks=[TrialProgress(bar)]),
-    )
     try:
+        tuner = _resumable_sweep(out, trainable, _sweep_identity(config, train, seed, shards))
+        if tuner is None:
+            tuner = tune.Tuner(
+                trainable,
+                param_space={key: distribution.sampler() for key, distribution in config.space.items()},
+                tune_config=tune.TuneConfig(
+                    search_alg=OptunaSearch(metric=metric, mode="min", seed=seed),
+                    scheduler=_scheduler(config, metric),
+                    num_samples=config.num_trials,
+                    max_concurrent_trials=config.max_concurrent_trials,
+                ),
+                # Tune's own status table off: the stage's progress line says how many trials are done.
+                run_config=tune.RunConfig(
+                    name="sweep", storage_path=str(out), verbose=0, callbacks=[_trial_progress_callback()(bar)]
+                ),
+            )
         results = tuner.fit()
     finally:
         bar.close()
-    return _summarise([_record(result, config.space) for result in results], config, metric, inputs, out)
+    return _summarise([_record(result, config.space) for result in results], config, metric, shards, out)
 
 
-def _summarise(records: list[TrialRecord], config: TuneConfig, metric: str, inputs, out) -> StageResult:
+def _sweep_identity(config: TuneConfig, train: TrainConfig, seed: int, shards: str) -> str:
+    """What a sweep's trials depend on: an interrupted sweep is resumed only when all of it is unchanged."""
+    described = {"tune": config.model_dump(mode="json"), "train": train.model_dump(mode="json"), "seed": seed}
+    return hashlib.sha256(json.dumps({**described, "train_shards": shards}, sort_keys=True).encode()).hexdigest()
+
+
+def _resumable_sweep(out, trainable, identity: str):
+    """The interrupted sweep in ``out/sweep`` restored (Tuner.restore: finished trials are kept, unfinished
+    ones resume), or None after clearing whatever is there when it belongs to another setup or cannot be
+    restored."""
+    from ray import tune
+
+    sweep, stamp = out / "sweep", out / "sweep.identity"
+    if sweep.is_dir() and stamp.is_file() and stamp.read_text() == identity and tune.Tuner.can_restore(str(sweep)):
+        print(f"[loom] tune: resuming the interrupted sweep in {sweep} (its finished trials are kept)", flush=True)
+        # The restored sweep brings back its own callbacks, whose progress bar stayed with the killed driver.
+        return tune.Tuner.restore(str(sweep), trainable, resume_unfinished=True)
+    for name in ("sweep", "trials"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    stamp.write_text(identity)
+    return None
+
+
+def _summarise(records: list[TrialRecord], config: TuneConfig, metric: str, shards: str, out) -> StageResult:
     """best.json, trials.parquet and the sweep's plot. The best trial is the lowest objective among the
     trials that trained their whole budget: a stopped trial's loss is from fewer steps."""
     budget = config.max_steps_per_trial
@@ -160,7 +188,7 @@ def _summarise(records: list[TrialRecord], config: TuneConfig, metric: str, inpu
     table = write_trials_table(records, out / "trials.parquet", budget, metric, config.scheduler)
     plot = plot_sweep(records, importances, out / "sweep.png", metric, budget)
     return StageResult(
-        inputs={"train_shards": hash_dir(inputs["train"])},
+        inputs={"train_shards": shards},
         outputs={"best": str(out / "best.json"), "trials": str(table), "plot": str(plot), "sweep": str(out / "sweep")},
         metrics={
             "best_params": best["params"],

@@ -1,0 +1,85 @@
+"""A sweep whose driver is killed resumes with `loom tune`: the trials it finished are kept, not trained again."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.ray
+
+
+def finished_trials(sweep: Path) -> dict[str, Path]:
+    """The trials Tune's saved sweep state records as finished (what Tuner.restore keeps), by id, with each
+    one's directory. Tune 2.60 saves this state every 10 s or so, and the restore reads no more than that."""
+    finished = {}
+    for state in sweep.glob("experiment_state-*.json"):
+        try:
+            trials = json.loads(state.read_text())["trial_data"]
+        except (ValueError, KeyError):  # being rewritten right now
+            continue
+        for trial_json, _ in trials:
+            trial = json.loads(trial_json)
+            if trial["status"] == "TERMINATED":
+                finished[trial["trial_id"]] = next(sweep.glob(f"*_{trial['trial_id']}_*"))
+    return finished
+
+
+def test_killed_sweep_driver_resumes_without_redoing_finished_trials(data_done, tiny_config, tmp_path):
+    import ray
+
+    from pipelines.runs import RunDir
+
+    raw = tiny_config.model_dump()
+    raw["run_name"] = "tune-resume"
+    raw["tune"].update(
+        num_trials=2,
+        max_steps_per_trial=2,
+        scheduler="fifo",
+        space={"train.lr": {"kind": "choice", "values": [3e-3, 4e-3]}},
+    )
+    config = type(tiny_config).model_validate(raw)
+    # Its own run on the tests' packed data (copied: a sweep reads its own run's data stage).
+    source, run_dir = tiny_config.run_dir(), config.run_dir()
+    shutil.copytree(source / "data", run_dir / "data")
+    manifest = RunDir(source).manifest()
+    manifest["stages"] = {"data": manifest["stages"]["data"]}
+    RunDir(run_dir).manifest_path.write_text(json.dumps(manifest))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_none=True)))
+    # The CLI's drivers join this test's cluster, as `loom tune` joins a running cluster.
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    command = [sys.executable, "-m", "cluster", "tune", str(recipe)]
+    sweep = run_dir / "tune" / "sweep"
+
+    with (tmp_path / "first.log").open("w") as log:
+        driver = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while not finished_trials(sweep) and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(1)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    kept = finished_trials(sweep)
+    assert len(kept) == 1, ((tmp_path / "first.log").read_text()[-3000:], kept)
+    ((kept_id, kept_dir),) = kept.items()
+    reports_before = (kept_dir / "result.json").read_text()
+
+    second = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming the interrupted sweep" in second.stdout
+    best = json.loads((run_dir / "tune" / "best.json").read_text())
+    assert [t["status"] for t in best["trials"]] == ["completed", "completed"]
+    assert kept_id in {t["trial_id"] for t in best["trials"]}
+    # The finished trial was not trained again: Tune appended no report to it.
+    assert (kept_dir / "result.json").read_text() == reports_before
+    assert len(list(sweep.glob("run_trial_*"))) == 2
