@@ -1,4 +1,5 @@
-"""A sweep whose driver is killed resumes with `loom tune`: the trials it finished are kept, not trained again."""
+"""A sweep whose driver is killed resumes with `loom tune`: the trials it finished are kept, not trained again;
+a trial whose training worker is killed is retried by Ray Train and still finishes."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
+from tests.training import train_worker_pids
 
 pytestmark = pytest.mark.ray
 
@@ -35,7 +37,7 @@ def finished_trials(sweep: Path) -> dict[str, Path]:
     return finished
 
 
-def test_killed_sweep_driver_resumes_without_redoing_finished_trials(data_done, tiny_config, tmp_path):
+def test_killed_sweep_driver_resumes_and_a_killed_trial_worker_is_retried(data_done, tiny_config, tmp_path):
     import ray
 
     from pipelines.runs import RunDir
@@ -74,9 +76,28 @@ def test_killed_sweep_driver_resumes_without_redoing_finished_trials(data_done, 
     ((kept_id, kept_dir),) = kept.items()
     reports_before = (kept_dir / "result.json").read_text()
 
-    second = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "resuming the interrupted sweep" in second.stdout
+    # The killed driver's trial goes down with it (Ray fate-shares a driver's actors); wait for that, so the
+    # worker killed below is surely one of the resumed sweep's.
+    deadline = time.monotonic() + 120
+    while train_worker_pids() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not train_worker_pids(), "the killed driver's training workers outlived it"
+
+    with (tmp_path / "second.log").open("w") as log:
+        driver = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        killed, started_after = None, set()
+        while driver.poll() is None:  # the resumed trial's first worker is killed: Ray Train must retry it
+            pids = set(train_worker_pids())
+            if killed is None and pids:
+                killed = min(pids)
+                os.kill(killed, signal.SIGKILL)
+            elif killed is not None:
+                started_after |= pids - {killed}
+            time.sleep(0.2)
+    output = (tmp_path / "second.log").read_text()
+    assert driver.returncode == 0, output[-4000:]
+    assert "resuming the interrupted sweep" in output
+    assert killed is not None and started_after, "no training worker was killed, or none started after the kill"
     best = json.loads((run_dir / "tune" / "best.json").read_text())
     assert [t["status"] for t in best["trials"]] == ["completed", "completed"]
     assert kept_id in {t["trial_id"] for t in best["trials"]}
