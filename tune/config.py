@@ -86,6 +86,12 @@ class TuneConfig(StrictModel):
         "recipe's global batch size.",
     )
     max_concurrent_trials: int = Field(default=1, ge=1, description="Trials running at once.")
+    search: Literal["tpe", "random"] = Field(
+        default="tpe",
+        description="How Optuna proposes each trial's values: tpe (Tree-structured Parzen Estimator, learning from "
+        "the trials so far) or random (independent draws; the baseline TPE is measured against). Seeded by the "
+        "recipe's seed.",
+    )
     scheduler: Literal["asha", "fifo"] = Field(
         default="asha",
         description="asha: stop a trial at a rung (grace_period_steps x reduction_factor^k steps) when its held-out "

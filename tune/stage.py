@@ -51,24 +51,44 @@ def _trial_progress_callback():
     from ray import tune
 
     class TrialProgress(tune.Callback):
-        """Moves the stage's progress line as trials finish (Tune runs callbacks in the driver)."""
+        """The stage's progress line: finished trials out of the sweep's (Tune runs callbacks in the driver).
+        Tune saves its callbacks with the sweep's state, so the bar is opened in ``setup``, which Tune also
+        calls in the driver that resumes a sweep, and counts every finished trial, restored ones included."""
 
-        def __init__(self, bar):
-            self.bar = bar
+        def __init__(self):
+            self.bar = None
 
         def __getstate__(self):
-            # Tune saves its callbacks with the sweep's state; the bar (and its terminal) stay in this process.
-            return {"bar": None}
+            return {"bar": None}  # the bar (and its terminal) stay with this process
+
+        def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
+            self.bar = progress(total_num_samples or num_samples or 0, "tune", "trials")
+
+        def _count(self, trials):
+            if self.bar is not None:
+                self.bar.n = sum(trial.status in ("TERMINATED", "ERROR") for trial in trials)
+                self.bar.refresh()
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            if self.bar is not None:
-                self.bar.update()
+            self._count(trials)
 
         def on_trial_error(self, iteration, trials, trial, **info):
+            self._count(trials)
+
+        def on_experiment_end(self, trials, **info):
+            self._count(trials)
             if self.bar is not None:
-                self.bar.update()
+                self.bar.close()
 
     return TrialProgress
+
+
+def _sampler(config: TuneConfig, seed: int):
+    import optuna
+
+    if config.search == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
 
 
 def _scheduler(config: TuneConfig, metric: str):
@@ -126,27 +146,23 @@ def run_tune(config: TuneConfig, train: TrainConfig, run: RunDir, seed: int) -> 
         run_root=str(run.root),
         seed=seed,
     )
-    bar = progress(config.num_trials, "tune", "trials")
-    try:
-        tuner = _resumable_sweep(out, trainable, _sweep_identity(config, train, seed, shards))
-        if tuner is None:
-            tuner = tune.Tuner(
-                trainable,
-                param_space={key: distribution.sampler() for key, distribution in config.space.items()},
-                tune_config=tune.TuneConfig(
-                    search_alg=OptunaSearch(metric=metric, mode="min", seed=seed),
-                    scheduler=_scheduler(config, metric),
-                    num_samples=config.num_trials,
-                    max_concurrent_trials=config.max_concurrent_trials,
-                ),
-                # Tune's own status table off: the stage's progress line says how many trials are done.
-                run_config=tune.RunConfig(
-                    name="sweep", storage_path=str(out), verbose=0, callbacks=[_trial_progress_callback()(bar)]
-                ),
-            )
-        results = tuner.fit()
-    finally:
-        bar.close()
+    tuner = _resumable_sweep(out, trainable, _sweep_identity(config, train, seed, shards))
+    if tuner is None:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={key: distribution.sampler() for key, distribution in config.space.items()},
+            tune_config=tune.TuneConfig(
+                search_alg=OptunaSearch(metric=metric, mode="min", sampler=_sampler(config, seed)),
+                scheduler=_scheduler(config, metric),
+                num_samples=config.num_trials,
+                max_concurrent_trials=config.max_concurrent_trials,
+            ),
+            # Tune's own status table off: the stage's progress line says how many trials are done.
+            run_config=tune.RunConfig(
+                name="sweep", storage_path=str(out), verbose=0, callbacks=[_trial_progress_callback()()]
+            ),
+        )
+    results = tuner.fit()
     return _summarise([_record(result, config.space) for result in results], config, metric, shards, out)
 
 
@@ -165,7 +181,6 @@ def _resumable_sweep(out, trainable, identity: str):
     sweep, stamp = out / "sweep", out / "sweep.identity"
     if sweep.is_dir() and stamp.is_file() and stamp.read_text() == identity and tune.Tuner.can_restore(str(sweep)):
         print(f"[loom] tune: resuming the interrupted sweep in {sweep} (its finished trials are kept)", flush=True)
-        # The restored sweep brings back its own callbacks, whose progress bar stayed with the killed driver.
         return tune.Tuner.restore(str(sweep), trainable, resume_unfinished=True)
     for name in ("sweep", "trials"):
         shutil.rmtree(out / name, ignore_errors=True)
