@@ -1,10 +1,10 @@
 """The tune stage: Optuna proposes values for the recipe's search space (``tune.space``), each trial is
 a short Ray Train run judged by its held-out loss.
 
-Outputs under ``<run>/tune/``: ``sweep/`` (Ray Tune's experiment), ``trials/``
-(each trial's Ray Train run), ``best.json`` (the best trial and every trial's values, status and stop
-reason), ``trials.parquet`` (every report of every trial) and ``sweep.png``. A sweep whose driver was
-killed resumes where it stopped when ``loom tune`` runs it again with the same setup.
+Outputs under ``<run>/tune/``: ``sweep/`` (Ray Tune's experiment), ``trials/`` (each trial's Ray Train
+run), ``best.json`` (the best trial and every trial's values, status and stop reason) and
+``trials.parquet`` (every report of every trial); the plot is ``<run>/report/tune_sweep.png``. A sweep
+whose driver was killed resumes where it stopped when ``loom tune`` runs it again with the same setup.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def run_tune(config: TuneConfig, train: TrainConfig, run: RunDir, seed: int) -> 
             ),
         )
     results = tuner.fit()
-    return _summarise([_record(result, config.space) for result in results], config, metric, shards, out)
+    return _summarise([_record(result, config.space) for result in results], config, metric, shards, run)
 
 
 def _sweep_identity(config: TuneConfig, train: TrainConfig, seed: int, shards: str) -> str:
@@ -188,9 +188,10 @@ def _resumable_sweep(out, trainable, identity: str):
     return None
 
 
-def _summarise(records: list[TrialRecord], config: TuneConfig, metric: str, shards: str, out) -> StageResult:
-    """best.json, trials.parquet and the sweep's plot. The best trial is the lowest objective among the
-    trials that trained their whole budget: a stopped trial's loss is from fewer steps."""
+def _summarise(records: list[TrialRecord], config: TuneConfig, metric: str, shards: str, run: RunDir) -> StageResult:
+    """best.json, trials.parquet and the sweep's plot in the run's report. The best trial is the lowest
+    objective among the trials that trained their whole budget: a stopped trial's loss is from fewer steps."""
+    out = run.stage_dir("tune")
     budget = config.max_steps_per_trial
     trials = [record.summary(budget, metric, config.scheduler) for record in records]
     finished = [t for t in trials if t["status"] == "completed" and finite(t[metric])]
@@ -201,7 +202,7 @@ def _summarise(records: list[TrialRecord], config: TuneConfig, metric: str, shar
     summary = {"metric": metric, "mode": "min", "best": best, "importances": importances, "trials": trials}
     (out / "best.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = write_trials_table(records, out / "trials.parquet", budget, metric, config.scheduler)
-    plot = plot_sweep(records, importances, out / "sweep.png", metric, budget)
+    plot = plot_sweep(records, importances, run.root / "report" / "tune_sweep.png", metric, budget)
     return StageResult(
         inputs={"train_shards": shards},
         outputs={"best": str(out / "best.json"), "trials": str(table), "plot": str(plot), "sweep": str(out / "sweep")},
