@@ -92,6 +92,12 @@ class TuneConfig(StrictModel):
         "the trials so far) or random (independent draws; the baseline TPE is measured against). Seeded by the "
         "recipe's seed.",
     )
+    startup_trials: int = Field(
+        default=4,
+        ge=1,
+        description="tpe: trials drawn at random before TPE models the results (Optuna's n_startup_trials). "
+        "Optuna's default of 10 would leave a sweep of 10 trials or fewer entirely random.",
+    )
     scheduler: Literal["asha", "fifo"] = Field(
         default="asha",
         description="asha: stop a trial at a rung (grace_period_steps x reduction_factor^k steps) when its held-out "

@@ -88,7 +88,7 @@ def _sampler(config: TuneConfig, seed: int):
 
     if config.search == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=config.startup_trials)
 
 
 def _scheduler(config: TuneConfig, metric: str):
