@@ -93,7 +93,11 @@ def connect(config: ClusterConfig, address: str | None = None, log_to_driver: bo
     ray.init(
         num_cpus=num_cpus,
         object_store_memory=int(memory * 2**30) if memory else None,
-        include_dashboard=False,
+        # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner asks whether a
+        # training controller is still alive: without it a trial that Tune stops (ASHA) keeps its workers'
+        # placement group, and its CPUs, for the cluster's lifetime. Loopback only, like every Loom port.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         log_to_driver=log_to_driver,
         _system_config={
             "idle_worker_killing_time_threshold_ms": int(config.idle_worker_keep_s * 1000),

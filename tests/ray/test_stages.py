@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -95,7 +96,7 @@ def test_train_stage_loss_falls_and_exports_a_loadable_model(train_done, tiny_co
     assert metrics["val_perplexity"] > 1
 
 
-def test_tune_stage_runs_optuna_trials_and_asha_stops_the_diverging_ones(tune_done, tiny_config):
+def test_tune_stage_runs_optuna_trials_and_asha_stops_the_diverging_ones(ray_cluster, tune_done, tiny_config):
     import pyarrow.parquet as pq
 
     from tests.ray.conftest import DIVERGING_LR
@@ -131,6 +132,12 @@ def test_tune_stage_runs_optuna_trials_and_asha_stops_the_diverging_ones(tune_do
         assert json.loads(row["params"]) == trial["params"]
     assert record["metrics"]["trial_steps"] == sum(row["steps"][-1] for row in table) < budget * len(trials)
     assert Path(record["outputs"]["plot"]).stat().st_size > 0
+    # Every trial gave its CPUs back, the stopped ones too (Tune kills a stopped trial's training controller;
+    # Ray Train's cleaner, which asks the State API, then removes its workers' placement group).
+    deadline = time.monotonic() + 60
+    while ray_cluster.available_resources().get("CPU", 0) < ray_cluster.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, f"CPUs still held after the sweep: {ray_cluster.available_resources()}"
+        time.sleep(1)
 
 
 def test_loom_data_runs_a_data_only_recipe(ray_cluster, tmp_path):
