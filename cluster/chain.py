@@ -66,6 +66,12 @@ def _tune(cfg: LoomConfig, run: RunDir) -> StageResult:
     return run_tune(cfg.tune, cfg.train, run, cfg.seed)
 
 
+def _compress(cfg: LoomConfig, run: RunDir) -> StageResult:
+    from tune.compress.stage import run_compress
+
+    return run_compress(cfg.compress, run, cfg.seed)
+
+
 def _serve(cfg: LoomConfig, run: RunDir) -> StageResult:
     from serve.stage import run_serve
 
@@ -84,6 +90,7 @@ STAGES: dict[str, StageSpec] = {
     "tune": StageSpec(_tune, lambda c: _dump(c.tune, c.train, c.seed), upstream=("data",)),
     # train reads tune's best trial while the sweep is on (upstream_of drops a disabled tune).
     "train": StageSpec(_train, lambda c: _dump(c.train, c.seed), upstream=("data", "tune")),
+    "compress": StageSpec(_compress, lambda c: _dump(c.compress, c.seed), upstream=("data", "train")),
     "serve": StageSpec(_serve, lambda c: _dump(c.serve), upstream=("train",), always_runs=True),
 }
 
@@ -173,11 +180,13 @@ def run_stage(name: str, cfg: LoomConfig, force: bool = False) -> dict[str, Any]
 
 
 def chain_stages(cfg: LoomConfig) -> list[str]:
-    return [name for name in STAGES if name != "tune" or cfg.tune.enabled]
+    """The stages this recipe runs, in order: the sweeps only when enabled."""
+    switches = {"tune": cfg.tune.enabled, "compress": cfg.compress.enabled}
+    return [name for name in STAGES if switches.get(name, True)]
 
 
 def run_chain(cfg: LoomConfig, force: bool = False) -> RunDir:
-    """data -> tune -> train -> serve. Serve is left running; the caller decides when to stop it."""
+    """data -> tune -> train -> compress -> serve. Serve is left running; the caller decides when to stop it."""
     for name in chain_stages(cfg):
         run_stage(name, cfg, force=force)
     return RunDir(cfg.run_dir())

@@ -1,7 +1,7 @@
 """The `loom` command: one typed function per command, one dispatch table.
 
     loom validate RECIPE [key=value ...]
-    loom data|train|tune|serve RECIPE [key=value ...] [--force]
+    loom data|tune|train|compress|serve RECIPE [key=value ...] [--force]
     loom run RECIPE [key=value ...] [--force] [--keep-serving]
     loom submit STAGE RECIPE [key=value ...] --address http://HEAD:8265
 
@@ -130,8 +130,9 @@ COMMANDS: dict[str, tuple[Callable[[LoomConfig, argparse.Namespace], int], str]]
     "data": (_stage_command("data"), "curate, tokenize and pack the corpus"),
     "train": (_stage_command("train"), "train with DeepSpeed on Ray Train"),
     "tune": (_stage_command("tune"), "sweep hyperparameters with Ray Tune + Optuna"),
+    "compress": (_stage_command("compress"), "sweep compressions of the trained model; keep the Pareto front"),
     "serve": (_stage_command("serve"), "serve the model with Ray Serve + vLLM"),
-    "run": (cmd_run, "the whole chain: data, tune, train, serve"),
+    "run": (cmd_run, "the whole chain: data, tune, train, compress, serve"),
     "submit": (cmd_submit, "validate locally, then run a stage as a Ray job"),
 }
 
@@ -142,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, summary) in COMMANDS.items():
         sub = commands.add_parser(name, help=summary, description=summary)
         if name == "submit":
-            sub.add_argument("stage", choices=["data", "train", "tune", "serve", "run"], help="what the job runs")
+            sub.add_argument("stage", choices=[*ALL_STAGES, "run"], help="what the job runs")
         sub.add_argument("recipe", nargs="?", help=f"YAML recipe (default: {DEFAULT_RECIPE.name})")
         sub.add_argument("--config", dest="config_flag", metavar="RECIPE", help="same as the positional RECIPE")
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=3e-4")
@@ -153,11 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
                 help="Ray job server (submit: http://HEAD:8265) or cluster address; default: "
                 "RAY_ADDRESS, else an embedded local Ray",
             )
-        if name in ("data", "train", "tune", "serve", "run"):
+        if name in (*ALL_STAGES, "run"):
             sub.add_argument("--force", action="store_true", help="redo stages even if complete")
         if name in ("serve", "run"):
             sub.add_argument("--keep-serving", action="store_true", help="keep the endpoint up until Ctrl+C")
-        if name in ("data", "train", "tune", "serve", "run"):
+        if name in (*ALL_STAGES, "run"):
             sub.add_argument(
                 "--verbose",
                 action="store_true",
@@ -204,7 +205,7 @@ def stages_used(args: argparse.Namespace) -> tuple[str, ...]:
     """The stages a command runs: a recipe is checked for what they use (``loom data`` on a data-only
     recipe is not refused for a model shape only serving would trip on)."""
     command = args.stage if args.command == "submit" else args.command
-    return (command,) if command in ("data", "train", "tune", "serve") else ALL_STAGES
+    return (command,) if command in ALL_STAGES else ALL_STAGES
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ from pipelines.data.config import DataConfig
 from pipelines.schema import StrictModel, pydantic_problems
 from pipelines.train.config import TrainConfig
 from serve.config import ServeConfig
+from tune.compress.config import CompressConfig
 from tune.config import TuneConfig, space_problems
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "recipes"
@@ -41,6 +42,9 @@ class LoomConfig(StrictModel):
     data: DataConfig = Field(default_factory=DataConfig, description="Data curation stage.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training stage.")
     tune: TuneConfig = Field(default_factory=TuneConfig, description="Hyperparameter sweep stage.")
+    compress: CompressConfig = Field(
+        default_factory=CompressConfig, description="Compression sweep stage (quantization, pruning; Pareto front)."
+    )
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving stage.")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Ray cluster and job submission.")
 
@@ -150,7 +154,7 @@ def validate_dict(raw: dict[str, Any], source: str = "<config>") -> LoomConfig:
 
 
 #: Every stage a whole run uses (``loom run``, ``loom validate``).
-ALL_STAGES = ("data", "tune", "train", "serve")
+ALL_STAGES = ("data", "tune", "train", "compress", "serve")
 
 
 def load_config(

@@ -12,13 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 from typing import Any
 
-from pipelines.progress import progress
 from pipelines.runs import RunDir, StageResult, hash_dir
 from pipelines.train.config import TrainConfig
 from tune.config import TuneConfig, trial_train_config
+from tune.sweeps import resumable_sweep, trial_progress_callback
 from tune.trials import TrialRecord, finite, param_importances, plot_sweep, write_trials_table
 
 
@@ -45,42 +44,6 @@ def run_trial(params: dict[str, Any], *, train: dict[str, Any], tune_config: dic
 def objective(has_val: bool) -> str:
     """Held-out loss at the trial's budget; the training loss only when the data has no held-out split."""
     return "val_loss" if has_val else "loss"
-
-
-def _trial_progress_callback():
-    from ray import tune
-
-    class TrialProgress(tune.Callback):
-        """The stage's progress line: finished trials out of the sweep's (Tune runs callbacks in the driver).
-        Tune saves its callbacks with the sweep's state, so the bar is opened in ``setup``, which Tune also
-        calls in the driver that resumes a sweep, and counts every finished trial, restored ones included."""
-
-        def __init__(self):
-            self.bar = None
-
-        def __getstate__(self):
-            return {"bar": None}  # the bar (and its terminal) stay with this process
-
-        def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
-            self.bar = progress(total_num_samples or num_samples or 0, "tune", "trials")
-
-        def _count(self, trials):
-            if self.bar is not None:
-                self.bar.n = sum(trial.status in ("TERMINATED", "ERROR") for trial in trials)
-                self.bar.refresh()
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self._count(trials)
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self._count(trials)
-
-        def on_experiment_end(self, trials, **info):
-            self._count(trials)
-            if self.bar is not None:
-                self.bar.close()
-
-    return TrialProgress
 
 
 def _sampler(config: TuneConfig, seed: int):
@@ -146,7 +109,9 @@ def run_tune(config: TuneConfig, train: TrainConfig, run: RunDir, seed: int) -> 
         run_root=str(run.root),
         seed=seed,
     )
-    tuner = _resumable_sweep(out, trainable, _sweep_identity(config, train, seed, shards))
+    tuner = resumable_sweep(
+        out, trainable, _sweep_identity(config, train, seed, shards), "tune", also_clear=("trials",)
+    )
     if tuner is None:
         tuner = tune.Tuner(
             trainable,
@@ -159,7 +124,7 @@ def run_tune(config: TuneConfig, train: TrainConfig, run: RunDir, seed: int) -> 
             ),
             # Tune's own status table off: the stage's progress line says how many trials are done.
             run_config=tune.RunConfig(
-                name="sweep", storage_path=str(out), verbose=0, callbacks=[_trial_progress_callback()()]
+                name="sweep", storage_path=str(out), verbose=0, callbacks=[trial_progress_callback("tune")]
             ),
         )
     results = tuner.fit()
@@ -170,22 +135,6 @@ def _sweep_identity(config: TuneConfig, train: TrainConfig, seed: int, shards: s
     """What a sweep's trials depend on: an interrupted sweep is resumed only when all of it is unchanged."""
     described = {"tune": config.model_dump(mode="json"), "train": train.model_dump(mode="json"), "seed": seed}
     return hashlib.sha256(json.dumps({**described, "train_shards": shards}, sort_keys=True).encode()).hexdigest()
-
-
-def _resumable_sweep(out, trainable, identity: str):
-    """The interrupted sweep in ``out/sweep`` restored (Tuner.restore: finished trials are kept, unfinished
-    ones resume), or None after clearing whatever is there when it belongs to another setup or cannot be
-    restored."""
-    from ray import tune
-
-    sweep, stamp = out / "sweep", out / "sweep.identity"
-    if sweep.is_dir() and stamp.is_file() and stamp.read_text() == identity and tune.Tuner.can_restore(str(sweep)):
-        print(f"[loom] tune: resuming the interrupted sweep in {sweep} (its finished trials are kept)", flush=True)
-        return tune.Tuner.restore(str(sweep), trainable, resume_unfinished=True)
-    for name in ("sweep", "trials"):
-        shutil.rmtree(out / name, ignore_errors=True)
-    stamp.write_text(identity)
-    return None
 
 
 def _summarise(records: list[TrialRecord], config: TuneConfig, metric: str, shards: str, run: RunDir) -> StageResult:

@@ -10,9 +10,9 @@ from types import SimpleNamespace
 def test_trial_progress_pickles_without_its_bar_and_reopens_it_on_setup():
     import cloudpickle
 
-    from tune.stage import _trial_progress_callback
+    from tune.sweeps import trial_progress_callback
 
-    callback = _trial_progress_callback()()
+    callback = trial_progress_callback("tune")
     callback.setup(num_samples=3, total_num_samples=3)
     callback.bar.fp = io.StringIO()  # like pytest's captured stdout: a stream that cannot be pickled with the bar
     restored = pickle.loads(cloudpickle.dumps(callback))

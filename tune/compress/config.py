@@ -1,0 +1,94 @@
+"""The ``compress`` section of a recipe: which compressions the sweep may try, how far, and the bound on
+quality a variant must keep to be on the front."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from pipelines.schema import StrictModel
+
+Family = Literal["bnb_int8", "bnb_nf4", "w8a8", "prune"]
+
+#: What each family makes, for people reading a recipe or a variant's record.
+FAMILIES: dict[str, str] = {
+    "bnb_int8": "bitsandbytes LLM.int8() weights (transformers; vLLM serves it on GPU only)",
+    "bnb_nf4": "bitsandbytes 4-bit NormalFloat weights (transformers; vLLM serves it on GPU only)",
+    "w8a8": "int8 weights per channel and int8 activations per token, compressed-tensors format (vLLM CPU and GPU)",
+    "prune": "attention head groups and MLP channels removed by importance, the same in every layer (a dense Llama)",
+}
+
+
+class FractionRange(StrictModel):
+    """A fraction the sweep draws uniformly from [low, high]."""
+
+    low: float = Field(gt=0, le=1, description="Smallest fraction kept.")
+    high: float = Field(gt=0, le=1, description="Largest fraction kept.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FractionRange:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
+        return self
+
+
+class PruneSpace(StrictModel):
+    heads_kept: FractionRange = Field(
+        default_factory=lambda: FractionRange(low=0.5, high=1.0),
+        description="Fraction of key-value head groups each layer keeps (rounded to a count whose heads divide "
+        "hidden_size, which transformers requires).",
+    )
+    mlp_kept: FractionRange = Field(
+        default_factory=lambda: FractionRange(low=0.25, high=1.0),
+        description="Fraction of MLP channels each layer keeps (rounded to a multiple of 16).",
+    )
+    then_quantize: list[Literal["none", "w8a8"]] = Field(
+        default_factory=lambda: ["none", "w8a8"],
+        description="What may follow pruning: nothing, or w8a8 quantization of the pruned model.",
+    )
+
+
+class SpeedLoad(StrictModel):
+    """The fixed load every candidate's speed is measured under: one request at a time, greedy."""
+
+    requests: int = Field(default=8, ge=1, description="Requests timed, one after another.")
+    prompt_tokens: int = Field(default=16, ge=1, description="Prompt length of each request, in tokens.")
+    new_tokens: int = Field(default=32, ge=1, description="Tokens each request generates (end of sequence ignored).")
+
+
+class CompressConfig(StrictModel):
+    enabled: bool = Field(default=False, description="Run the compression sweep as part of `loom run` (after train).")
+    families: list[Family] = Field(
+        default_factory=lambda: ["bnb_int8", "bnb_nf4", "w8a8", "prune"],
+        description="Compressions the sweep chooses among: " + "; ".join(f"{k}: {v}" for k, v in FAMILIES.items()),
+    )
+    prune: PruneSpace = Field(default_factory=PruneSpace, description="The pruning family's knobs.")
+    num_trials: int = Field(default=6, ge=1, description="Compressed candidates Optuna proposes.")
+    search: Literal["tpe", "random"] = Field(
+        default="tpe",
+        description="How Optuna proposes candidates: tpe (multi-objective TPE, learning from the candidates so "
+        "far) or random. Seeded by the recipe's seed.",
+    )
+    max_perplexity_increase: float = Field(
+        default=0.05,
+        gt=0,
+        description="Constraint: a candidate is on the front only if its held-out perplexity is at most the base "
+        "model's (measured in the same engine) times 1 + this.",
+    )
+    eval_rows: int = Field(default=32, ge=1, description="Held-out rows (packed sequences) perplexity is measured on.")
+    calibration_rows: int = Field(
+        default=16, ge=1, description="Held-out rows that score heads and channels for pruning."
+    )
+    speed: SpeedLoad = Field(default_factory=SpeedLoad, description="The load tokens/s and latency are measured under.")
+    use_gpu: bool = Field(default=False, description="Give each trial a GPU (compress and measure on it).")
+    cpus_per_trial: int = Field(default=1, ge=1, description="CPUs Ray reserves for each trial.")
+
+    @field_validator("families")
+    @classmethod
+    def _families(cls, families: list[str]) -> list[str]:
+        if not families:
+            raise ValueError("needs at least one family, e.g. [w8a8, prune]")
+        if len(set(families)) != len(families):
+            raise ValueError(f"lists a family twice: {families}")
+        return families

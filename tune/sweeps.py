@@ -1,0 +1,61 @@
+"""What both sweeps (hyperparameters, compression) share: resuming an interrupted Ray Tune experiment."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+
+def resumable_sweep(out: Path, trainable, identity: str, stage: str, also_clear: tuple[str, ...] = ()):
+    """The interrupted sweep in ``out/sweep`` restored (Tuner.restore: finished trials are kept, unfinished
+    ones resume), or None after clearing whatever is there (and ``also_clear``) when it belongs to another
+    setup or cannot be restored. ``identity`` names the setup; it is stamped beside the sweep."""
+    from ray import tune
+
+    sweep, stamp = out / "sweep", out / "sweep.identity"
+    if sweep.is_dir() and stamp.is_file() and stamp.read_text() == identity and tune.Tuner.can_restore(str(sweep)):
+        print(f"[loom] {stage}: resuming the interrupted sweep in {sweep} (its finished trials are kept)", flush=True)
+        return tune.Tuner.restore(str(sweep), trainable, resume_unfinished=True)
+    for name in ("sweep", *also_clear):
+        shutil.rmtree(out / name, ignore_errors=True)
+    stamp.write_text(identity)
+    return None
+
+
+def trial_progress_callback(stage: str):
+    """A Tune callback showing the stage's progress line: finished trials out of the sweep's."""
+    from ray import tune
+
+    from pipelines.progress import progress
+
+    class TrialProgress(tune.Callback):
+        """Tune runs callbacks in the driver and saves them with the sweep's state, so the bar is opened in
+        ``setup``, which Tune also calls in the driver that resumes a sweep, and counts every finished
+        trial, restored ones included."""
+
+        def __init__(self):
+            self.bar = None
+
+        def __getstate__(self):
+            return {"bar": None}  # the bar (and its terminal) stay with this process
+
+        def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
+            self.bar = progress(total_num_samples or num_samples or 0, stage, "trials")
+
+        def _count(self, trials):
+            if self.bar is not None:
+                self.bar.n = sum(trial.status in ("TERMINATED", "ERROR") for trial in trials)
+                self.bar.refresh()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._count(trials)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._count(trials)
+
+        def on_experiment_end(self, trials, **info):
+            self._count(trials)
+            if self.bar is not None:
+                self.bar.close()
+
+    return TrialProgress()
