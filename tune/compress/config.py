@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipelines.schema import StrictModel
+from pipelines.schema import StrictModel, field_problems
 
 Family = Literal["bnb_int8", "bnb_nf4", "w8a8", "prune"]
 
@@ -57,6 +57,37 @@ class SpeedLoad(StrictModel):
     new_tokens: int = Field(default=32, ge=1, description="Tokens each request generates (end of sequence ignored).")
 
 
+class CandidatePoint(StrictModel):
+    """A candidate the sweep measures before Optuna proposes its own (e.g. one known to be good)."""
+
+    family: Family = Field(description="The compression family.")
+    heads_kept: float | None = Field(default=None, gt=0, le=1, description="prune: fraction of head groups kept.")
+    mlp_kept: float | None = Field(default=None, gt=0, le=1, description="prune: fraction of MLP channels kept.")
+    then_quantize: Literal["none", "w8a8"] | None = Field(default=None, description="prune: what follows pruning.")
+
+    @model_validator(mode="after")
+    def _knobs_fit_the_family(self) -> CandidatePoint:
+        knobs = {"heads_kept": self.heads_kept, "mlp_kept": self.mlp_kept, "then_quantize": self.then_quantize}
+        if self.family == "prune":
+            missing = [name for name, value in knobs.items() if value is None]
+            if missing:
+                raise ValueError(f"prune needs {', '.join(missing)}")
+        elif any(value is not None for value in knobs.values()):
+            raise ValueError(f"{self.family} takes no pruning knobs")
+        return self
+
+    def params(self) -> dict[str, float | str]:
+        """The point as the sweep's parameters (the names ``suggest`` gives them)."""
+        if self.family != "prune":
+            return {"family": self.family}
+        return {
+            "family": "prune",
+            "prune.heads_kept": self.heads_kept,
+            "prune.mlp_kept": self.mlp_kept,
+            "prune.then_quantize": self.then_quantize,
+        }
+
+
 class CompressConfig(StrictModel):
     enabled: bool = Field(default=False, description="Run the compression sweep as part of `loom run` (after train).")
     families: list[Family] = Field(
@@ -65,6 +96,11 @@ class CompressConfig(StrictModel):
     )
     prune: PruneSpace = Field(default_factory=PruneSpace, description="The pruning family's knobs.")
     num_trials: int = Field(default=6, ge=1, description="Compressed candidates Optuna proposes.")
+    try_first: list[CandidatePoint] = Field(
+        default_factory=list,
+        description="Candidates measured before Optuna proposes its own, in this order (they count toward "
+        "num_trials and Optuna learns from them).",
+    )
     search: Literal["tpe", "random"] = Field(
         default="tpe",
         description="How Optuna proposes candidates: tpe (multi-objective TPE, learning from the candidates so "
@@ -92,3 +128,27 @@ class CompressConfig(StrictModel):
         if len(set(families)) != len(families):
             raise ValueError(f"lists a family twice: {families}")
         return families
+
+    @model_validator(mode="after")
+    def _points_inside_the_space(self) -> CompressConfig:
+        problems = []
+        for i, point in enumerate(self.try_first):
+            if point.family not in self.families:
+                problems.append((f"try_first.{i}.family", f"{point.family} is not among families {self.families}"))
+            if point.family != "prune":
+                continue
+            for knob in ("heads_kept", "mlp_kept"):
+                bounds, value = getattr(self.prune, knob), getattr(point, knob)
+                if not bounds.low <= value <= bounds.high:
+                    problems.append(
+                        (f"try_first.{i}.{knob}", f"{value} is outside prune.{knob} [{bounds.low}, {bounds.high}]")
+                    )
+            if point.then_quantize not in self.prune.then_quantize:
+                problems.append(
+                    (f"try_first.{i}.then_quantize", f"{point.then_quantize} is not in {self.prune.then_quantize}")
+                )
+        if len(self.try_first) > self.num_trials:
+            problems.append(("try_first", f"{len(self.try_first)} points exceed num_trials ({self.num_trials})"))
+        if problems:
+            raise field_problems(problems)
+        return self

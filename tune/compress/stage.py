@@ -177,6 +177,7 @@ def run_compress(config: CompressConfig, run: RunDir, seed: int) -> StageResult:
                     metric=list(OBJECTIVES),
                     mode=list(OBJECTIVES.values()),
                     sampler=sampler,
+                    points_to_evaluate=[point.params() for point in config.try_first] or None,
                 ),
                 num_samples=config.num_trials,
                 max_concurrent_trials=1,

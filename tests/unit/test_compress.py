@@ -1,0 +1,195 @@
+"""The compression families on a small random Llama (no Ray, no training): each writes a directory
+transformers loads, with finite held-out perplexity and the size it claims; and the front's selection."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+HIDDEN, LAYERS, HEADS, INTERMEDIATE, VOCAB = 64, 2, 2, 256, 256
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        head_dim=HIDDEN // HEADS,
+        intermediate_size=INTERMEDIATE,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    path = tmp_path_factory.mktemp("base")
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def rows():
+    generator = random.Random(0)
+    return [[generator.randrange(VOCAB) for _ in range(32)] for _ in range(6)]
+
+
+def _perplexity(model_dir, rows) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, device_map="cpu")
+    with torch.no_grad():
+        losses = [float(model(torch.tensor([r]), labels=torch.tensor([r])).loss) for r in rows]
+    return math.exp(sum(losses) / len(losses))
+
+
+def _linear_parameters(hidden=HIDDEN, heads=HEADS, intermediate=INTERMEDIATE, head_dim=HIDDEN // HEADS) -> int:
+    attention = 4 * hidden * heads * head_dim  # q, k, v, o (as many key-value heads as heads)
+    return LAYERS * (attention + 3 * hidden * intermediate)
+
+
+def _other_parameters() -> int:
+    return VOCAB * HIDDEN + (2 * LAYERS + 1) * HIDDEN  # tied embedding, the norms
+
+
+@pytest.mark.parametrize(
+    ("family", "bytes_per_linear_weight"),
+    # nf4: half a byte a weight plus one float32 absmax per block of 64.
+    [("bnb_int8", 1), ("bnb_nf4", 0.5 + 4 / 64), ("w8a8", 1)],
+)
+def test_quantized_weights_shrink_as_claimed_and_stay_usable(base, rows, tmp_path, family, bytes_per_linear_weight):
+    from pipelines.compress.files import weight_bytes
+    from pipelines.compress.quantize import bnb_quantize, w8a8_int8
+
+    out = tmp_path / family
+    if family == "w8a8":
+        w8a8_int8(base, out)
+    else:
+        bnb_quantize(base, out, 8 if family == "bnb_int8" else 4)
+    linear, other = _linear_parameters(), _other_parameters()
+    assert weight_bytes(base) == pytest.approx(4 * (linear + other), rel=0.01)
+    # Linear weights at their new width, everything else as it was; scales and headers add a few percent.
+    assert weight_bytes(out) == pytest.approx(bytes_per_linear_weight * linear + 4 * other, rel=0.1)
+    base_ppl, quantized_ppl = _perplexity(base, rows), _perplexity(out, rows)
+    assert math.isfinite(quantized_ppl)
+    assert quantized_ppl == pytest.approx(base_ppl, rel=0.05)  # a random model's outputs barely move
+
+
+def test_pruned_shape_rounds_to_what_transformers_and_vllm_accept():
+    from types import SimpleNamespace
+
+    from pipelines.compress.prune import pruned_shape
+
+    config = SimpleNamespace(num_attention_heads=12, num_key_value_heads=12, hidden_size=768, intermediate_size=3072)
+    assert pruned_shape(config, 0.5, 0.5) == (6, 1536)
+    assert pruned_shape(config, 0.42, 0.3) == (6, 928)  # 5 groups do not divide 768; 921.6 -> 58 x 16
+    assert pruned_shape(config, 0.01, 0.001) == (1, 16)
+    gqa = SimpleNamespace(num_attention_heads=8, num_key_value_heads=2, hidden_size=512, intermediate_size=1024)
+    assert pruned_shape(gqa, 0.5, 1.0) == (1, 1024)
+
+
+def test_pruning_removes_the_least_important_heads_and_channels(base, rows, tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig
+
+    from pipelines.compress.files import weight_bytes
+    from pipelines.compress.prune import prune_structured
+
+    # Silence head 1 in layer 0 and head 0 in layer 1 (their o_proj columns), and MLP channels 0-127 in
+    # every layer: pruning by importance must drop exactly those, each layer choosing its own.
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    for name in ("config.json", "generation_config.json"):
+        (planted / name).write_bytes((base / name).read_bytes())
+    weights = load_file(base / "model.safetensors")
+    head_dim = HIDDEN // HEADS
+    weights["model.layers.0.self_attn.o_proj.weight"][:, head_dim:] = 0
+    weights["model.layers.1.self_attn.o_proj.weight"][:, :head_dim] = 0
+    for layer in range(LAYERS):
+        weights[f"model.layers.{layer}.mlp.down_proj.weight"][:, :128] = 0
+    save_file(weights, planted / "model.safetensors", metadata={"format": "pt"})
+
+    out = prune_structured(planted, tmp_path / "pruned", heads_kept=0.5, mlp_kept=0.5, calibration=rows[:3])
+    config = AutoConfig.from_pretrained(out)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.intermediate_size) == (1, 1, 128)
+    assert config.head_dim == head_dim
+    kept = load_file(out / "model.safetensors")
+    assert torch.equal(
+        kept["model.layers.0.self_attn.q_proj.weight"], weights["model.layers.0.self_attn.q_proj.weight"][:head_dim]
+    )
+    assert torch.equal(
+        kept["model.layers.1.self_attn.k_proj.weight"], weights["model.layers.1.self_attn.k_proj.weight"][head_dim:]
+    )
+    assert torch.equal(kept["model.layers.1.mlp.up_proj.weight"], weights["model.layers.1.mlp.up_proj.weight"][128:])
+    linear = _linear_parameters(heads=1, intermediate=128, head_dim=head_dim)
+    assert weight_bytes(out) == pytest.approx(4 * (linear + _other_parameters()), rel=0.01)
+    # The silenced parts contributed nothing, so the pruned model computes what the planted one did.
+    assert _perplexity(out, rows) == pytest.approx(_perplexity(planted, rows), rel=1e-4)
+
+
+def _candidate(name, ppl, size, speed, engine="vllm"):
+    from tune.compress.front import Candidate
+
+    return Candidate(name, {}, engine, engine == "vllm", ppl, size, speed, 1.0, trial_id=name)
+
+
+def _dominates(a, b) -> bool:
+    at_least = a.perplexity <= b.perplexity and a.weight_bytes <= b.weight_bytes and a.tokens_per_s >= b.tokens_per_s
+    better = a.perplexity < b.perplexity or a.weight_bytes < b.weight_bytes or a.tokens_per_s > b.tokens_per_s
+    return at_least and better
+
+
+def test_front_is_exactly_the_feasible_non_dominated_candidates():
+    from tune.compress.front import judge, pareto_front
+
+    generator = random.Random(1)
+    candidates = [
+        _candidate(f"c{i}", generator.uniform(10, 12), generator.randrange(100, 400), generator.uniform(50, 150))
+        for i in range(40)
+    ]
+    bases = {"vllm": _candidate("base", 10.0, 400, 100)}
+    judge(candidates, bases, max_perplexity_increase=0.15)
+    assert any(not c.feasible for c in candidates) and any(c.feasible for c in candidates)
+    front = pareto_front(candidates)
+    feasible = [c for c in candidates if c.feasible]
+    for candidate in feasible:
+        dominated = any(_dominates(other, candidate) for other in feasible)
+        assert candidate.on_front == (not dominated), candidate
+    assert {c.name for c in front} == {c.name for c in candidates if c.on_front}
+    assert all(c.feasible for c in front)
+    loser = next(c for c in candidates if not c.feasible)
+    assert "above the bound" in loser.infeasible_reason
+    assert candidates[0].ratios["weight_bytes"] == candidates[0].weight_bytes / 400
+
+
+def test_plot_marks_every_candidate(tmp_path):
+    from tune.compress.front import pareto_front, plot_front
+
+    candidates = [_candidate("a", 10, 100, 50), _candidate("b", 11, 50, 60, engine="transformers")]
+    pareto_front(candidates)
+    path = plot_front(candidates, tmp_path / "pareto.png")
+    assert path.stat().st_size > 10_000
+
+
+def test_try_first_points_must_lie_in_the_space():
+    from cluster.recipe import ConfigError, load_config
+    from tests.conftest import TINY
+
+    with pytest.raises(ConfigError) as error:
+        load_config(
+            TINY,
+            [
+                "compress.families=[prune, w8a8]",
+                "compress.try_first=[{family: prune, heads_kept: 0.1, mlp_kept: 0.5, then_quantize: none},"
+                "{family: bnb_nf4}]",
+            ],
+        )
+    message = str(error.value)
+    assert "compress.try_first.0.heads_kept: 0.1 is outside prune.heads_kept [0.5, 1.0]" in message
+    assert "compress.try_first.1.family: bnb_nf4 is not among families" in message
