@@ -106,6 +106,13 @@ def cmd_run(cfg: LoomConfig, args: argparse.Namespace) -> int:
             f"({trained['initial_val_perplexity'] / trained['val_perplexity']:.1f}x lower)",
             flush=True,
         )
+    variants = run.manifest()["stages"].get("compress", {}).get("metrics", {}).get("variants", {})
+    for name, ratios in variants.items():
+        print(
+            f"[loom] compressed variant {name}: {ratios['weight_bytes']:.2f}x the base's bytes, "
+            f"{ratios['perplexity']:.3f}x its perplexity, {ratios['tokens_per_s']:.2f}x its tokens/s",
+            flush=True,
+        )
     print(f"\n[loom] run directory: {run.root}\n[loom] manifest: {run.manifest_path}", flush=True)
     report = run.root / "report"
     if report.is_dir():

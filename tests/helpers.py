@@ -1,9 +1,11 @@
-"""What tests build again and again: document tables, union-find components, and waits."""
+"""What tests build again and again: document tables, union-find components, waits, and Tune's saved state."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -47,3 +49,19 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str, poll_s:
             return
         time.sleep(poll_s)
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def finished_trials(sweep: Path) -> dict[str, Path]:
+    """The trials Tune's saved sweep state records as finished (what Tuner.restore keeps), by id, with each
+    one's directory. Tune 2.60 saves this state every 10 s or so, and the restore reads no more than that."""
+    finished = {}
+    for state in sweep.glob("experiment_state-*.json"):
+        try:
+            trials = json.loads(state.read_text())["trial_data"]
+        except (ValueError, KeyError):  # being rewritten right now
+            continue
+        for trial_json, _ in trials:
+            trial = json.loads(trial_json)
+            if trial["status"] == "TERMINATED":
+                finished[trial["trial_id"]] = next(sweep.glob(f"*_{trial['trial_id']}_*"))
+    return finished

@@ -89,6 +89,16 @@ def measure_transformers(model_dir: Path, rows: list[list[int]], load: Load) -> 
     )
 
 
+def _die_with_parent() -> None:
+    """In the child before it runs: the kernel kills it when its parent dies (Linux), so a trial Ray kills
+    (its sweep's driver gone) takes its running engine with it instead of leaving it measuring alone."""
+    if sys.platform == "linux":
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def measure_vllm(model_dir: Path, rows: list[list[int]], load: Load, timeout_s: float = 900) -> Measurement:
     """vLLM's measurement of ``model_dir``, run by ``python -m pipelines.compress.probe`` in a child process."""
     with tempfile.TemporaryDirectory() as scratch:
@@ -104,6 +114,7 @@ def measure_vllm(model_dir: Path, rows: list[list[int]], load: Load, timeout_s: 
         done = subprocess.run(
             [sys.executable, "-m", "pipelines.compress.probe", str(request), str(answer)],
             env=env,
+            preexec_fn=_die_with_parent,
             capture_output=True,
             text=True,
             timeout=timeout_s,

@@ -28,6 +28,7 @@ def test_loom_run_whole_chain_then_query_the_endpoint(tmp_path):
         "data.max_documents=150", *SMALL_MODEL, "train.max_steps=12", "train.checkpoint_every=6",
         "train.eval_every=6",
         "tune.num_trials=1", "tune.max_steps_per_trial=2",  # the sweep itself: tests/ray/test_stages.py
+        "compress.enabled=false",  # the compression sweep: tests/ray/test_compress.py
         "--keep-serving",
     ]  # fmt: skip
     with open(log_path, "w") as log:

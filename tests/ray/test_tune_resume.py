@@ -10,31 +10,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
+from tests.helpers import finished_trials
 from tests.training import train_worker_pids
 
 pytestmark = pytest.mark.ray
-
-
-def finished_trials(sweep: Path) -> dict[str, Path]:
-    """The trials Tune's saved sweep state records as finished (what Tuner.restore keeps), by id, with each
-    one's directory. Tune 2.60 saves this state every 10 s or so, and the restore reads no more than that."""
-    finished = {}
-    for state in sweep.glob("experiment_state-*.json"):
-        try:
-            trials = json.loads(state.read_text())["trial_data"]
-        except (ValueError, KeyError):  # being rewritten right now
-            continue
-        for trial_json, _ in trials:
-            trial = json.loads(trial_json)
-            if trial["status"] == "TERMINATED":
-                finished[trial["trial_id"]] = next(sweep.glob(f"*_{trial['trial_id']}_*"))
-    return finished
 
 
 def test_killed_sweep_driver_resumes_and_a_killed_trial_worker_is_retried(data_done, tiny_config, tmp_path):

@@ -95,9 +95,13 @@ def test_stage_on_a_stale_upstream_is_refused_before_it_runs(tmp_path, fake_stag
     assert fake_stages == ["data"]
 
 
-def test_chain_order_and_tune_switch():
-    assert chain_stages(load_config(TINY)) == ["data", "tune", "train", "serve"]
-    assert chain_stages(load_config(TINY, ["tune.enabled=false"])) == ["data", "train", "serve"]
+def test_chain_order_and_sweep_switches():
+    assert chain_stages(load_config(TINY)) == ["data", "tune", "train", "compress", "serve"]
+    assert chain_stages(load_config(TINY, ["tune.enabled=false", "compress.enabled=false"])) == [
+        "data",
+        "train",
+        "serve",
+    ]
     assert STAGES["serve"].always_runs and not STAGES["data"].always_runs
 
 
