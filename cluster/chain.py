@@ -91,7 +91,8 @@ STAGES: dict[str, StageSpec] = {
     # train reads tune's best trial while the sweep is on (upstream_of drops a disabled tune).
     "train": StageSpec(_train, lambda c: _dump(c.train, c.seed), upstream=("data", "tune")),
     "compress": StageSpec(_compress, lambda c: _dump(c.compress, c.seed), upstream=("data", "train")),
-    "serve": StageSpec(_serve, lambda c: _dump(c.serve), upstream=("train",), always_runs=True),
+    # serve reads compress's variants when the sweep is on (a model may ask for one).
+    "serve": StageSpec(_serve, lambda c: _dump(c.serve), upstream=("train", "compress"), always_runs=True),
 }
 
 

@@ -72,6 +72,13 @@ class LoomConfig(StrictModel):
             return problems
         head_dim = model.hidden_size // model.num_heads
         for model_id, served in self.serve.models.items():
+            if served.variant is not None and not self.compress.enabled:
+                problems.append(
+                    (
+                        f"serve.models.{model_id}.variant",
+                        "serves a compressed variant, but compress.enabled is false: no stage makes one",
+                    )
+                )
             if served.source is not None:
                 continue  # a given directory: only the trained model has this recipe's train.model shape
             if served.engine.max_model_len > model.max_position_embeddings:

@@ -19,6 +19,23 @@ from pipelines.schema import StrictModel
 from serve.config import ModelConfig, ServeConfig
 
 
+class CompressionLineage(StrictModel):
+    """How a served variant was made from the run's trained model, and what the compress stage measured."""
+
+    variant: str = Field(description="The variant's name (its directory under compress/variants/).")
+    family: str = Field(description="The compression family (bnb_int8, bnb_nf4, w8a8, prune).")
+    recipe: dict[str, str | float | int | None] = Field(
+        description="The family's knobs and the shape they gave (e.g. kv_head_groups, mlp_channels)."
+    )
+    measured_in: str = Field(description="The engine the objectives were measured in (vllm or transformers).")
+    perplexity: float = Field(description="Held-out perplexity.")
+    weight_bytes: int = Field(description="Bytes on disk of the weights.")
+    tokens_per_s: float = Field(description="Generation tokens/s at the compress stage's fixed load.")
+    p50_latency_ms: float = Field(description="Median request latency at that load.")
+    ratios: dict[str, float] = Field(description="perplexity, weight_bytes, tokens_per_s over the base model's.")
+    base_model: str = Field(description="The trained model it was made from.")
+
+
 class ModelLineage(StrictModel):
     """Where a served model came from, shown in ``/v1/models``."""
 
@@ -27,6 +44,9 @@ class ModelLineage(StrictModel):
     data_config_hash: str | None = Field(default=None, description="Config hash of that run's data stage.")
     train_config_hash: str | None = Field(default=None, description="Config hash of that run's train stage.")
     eval: dict[str, float] = Field(default_factory=dict, description="Held-out metrics the train stage recorded.")
+    compression: CompressionLineage | None = Field(
+        default=None, description="For a compressed variant: how it was made and what it measured."
+    )
 
 
 class ServeAppArgs(StrictModel):

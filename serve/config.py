@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from pipelines.compress.variants import family_of, servable_on_vllm
 from pipelines.schema import StrictModel, field_problems
 
 
@@ -50,12 +51,43 @@ class AutoscalingConfig(StrictModel):
         return self.initial_replicas if self.initial_replicas is not None else self.min_replicas
 
 
+class VariantChoice(StrictModel):
+    """Which variant of the run's compress stage (``compress/variants/<name>``) a model serves: one by name,
+    or the one a rule picks among the front's variants this accelerator's vLLM can serve."""
+
+    name: str | None = Field(default=None, description="A variant by name, e.g. w8a8-int8 (see compress/pareto.json).")
+    rule: Literal["smallest", "fastest"] | None = Field(
+        default=None,
+        description="smallest: the fewest weight bytes; fastest: the most tokens/s; among the servable variants "
+        "within max_perplexity_increase.",
+    )
+    max_perplexity_increase: float = Field(
+        default=0.02,
+        gt=0,
+        description="rule: a variant qualifies if its perplexity is at most the base's (same engine) x 1 + this.",
+    )
+
+    @model_validator(mode="after")
+    def _one_way(self) -> VariantChoice:
+        if (self.name is None) == (self.rule is None):
+            raise ValueError("give either name or rule")
+        if self.name is not None and family_of(self.name) is None:
+            raise ValueError(
+                f"{self.name!r} is no variant name the compress stage gives (bnb-int8, w8a8-int8, pruned-...)"
+            )
+        return self
+
+
 class ModelConfig(StrictModel):
     """One model on the endpoint; clients pick it by its key in ``serve.models``."""
 
     source: str | None = Field(
         default=None,
-        description="Local Hugging Face directory to serve. Unset: the model the run's train stage exported.",
+        description="Local Hugging Face directory to serve. Unset: the model the run's train stage exported "
+        "(or, with variant, one of its compressed variants).",
+    )
+    variant: VariantChoice | None = Field(
+        default=None, description="Serve a variant of the run's compress stage instead of the trained model."
     )
     accelerator: Literal["cpu", "gpu"] = Field(default="cpu", description="Where each vLLM replica runs.")
     cpus_per_replica: float = Field(default=1, gt=0, description="Logical CPUs in each replica's placement bundle.")
@@ -89,6 +121,17 @@ class ModelConfig(StrictModel):
             )
         if self.engine.tensor_parallel_size > 1 and self.accelerator != "gpu":
             problems.append(("engine.tensor_parallel_size", "> 1 needs accelerator 'gpu'"))
+        if self.variant is not None and self.source is not None:
+            problems.append(("variant", "serves the run's compressed variant: leave source unset"))
+        family = family_of(self.variant.name) if self.variant is not None and self.variant.name else None
+        if family is not None and not servable_on_vllm(family, self.accelerator):
+            problems.append(
+                (
+                    "variant.name",
+                    f"{self.variant.name} is a bitsandbytes variant, which vLLM on {self.accelerator} cannot load: "
+                    "serve it with accelerator 'gpu', or choose a w8a8 or pruned variant",
+                )
+            )
         if problems:
             raise field_problems(problems)
         return self

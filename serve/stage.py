@@ -7,6 +7,7 @@ works with ``serve deploy`` on a cluster where Loom is installed.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,8 @@ from typing import Any
 import yaml
 
 from pipelines.runs import RunDir, StageResult, hash_dir
-from serve.app import ModelLineage, ServeAppArgs, build_app
-from serve.config import ServeConfig
+from serve.app import CompressionLineage, ModelLineage, ServeAppArgs, build_app
+from serve.config import ModelConfig, ServeConfig
 from serve.demo import query_endpoint
 from serve.protection import load_api_keys
 
@@ -24,12 +25,38 @@ APP_NAME = "loom"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+def variant_source(model_id: str, model: ModelConfig, run: RunDir) -> Path:
+    """The directory of the compressed variant ``model.variant`` names or its rule picks."""
+    from pipelines.compress.variants import VariantUnavailableError, choose, read_front
+
+    if not run.is_complete("compress"):
+        raise RuntimeError(
+            f"serve.models.{model_id} serves a compressed variant, but the compress stage has not completed in "
+            f"{run.root}; run `loom compress` (compress.enabled: true) first"
+        )
+    choice = model.variant
+    try:
+        name = choose(
+            read_front(run.stage_dir("compress")),
+            model.accelerator,
+            name=choice.name,
+            rule=choice.rule,
+            max_perplexity_increase=choice.max_perplexity_increase,
+        )
+    except VariantUnavailableError as error:
+        raise RuntimeError(f"serve.models.{model_id}.variant: {error}") from None
+    return run.stage_dir("compress") / "variants" / name
+
+
 def model_sources(config: ServeConfig, run: RunDir) -> dict[str, Path]:
-    """Model id -> the directory it is served from; a model without ``source`` is the run's trained model."""
+    """Model id -> the directory it is served from; a model without ``source`` is the run's trained model,
+    or the compressed variant it asks for."""
     sources = {}
     for model_id, model in config.models.items():
         if model.source:
             source = Path(model.source).expanduser().resolve()
+        elif model.variant is not None:
+            source = variant_source(model_id, model, run)
         elif run.is_complete("train"):
             source = run.stage_dir("train") / "model"
         else:
@@ -45,11 +72,36 @@ def model_sources(config: ServeConfig, run: RunDir) -> dict[str, Path]:
     return sources
 
 
+def compression_lineage(source: Path) -> CompressionLineage | None:
+    """What the compress stage recorded beside a variant it kept (None for any other directory)."""
+    from pipelines.compress.variants import RECORD
+
+    if not (source / RECORD).is_file():
+        return None
+    record = json.loads((source / RECORD).read_text())
+    recipe = {k: v for k, v in record["recipe"].items() if k not in ("params", "description")}
+    return CompressionLineage(
+        variant=record["name"],
+        family=record["recipe"]["family"],
+        recipe=recipe,
+        measured_in=record["engine"],
+        perplexity=record["perplexity"],
+        weight_bytes=record["weight_bytes"],
+        tokens_per_s=record["tokens_per_s"],
+        p50_latency_ms=record["p50_latency_ms"],
+        ratios=record["ratios"],
+        base_model=record["lineage"]["base_model"],
+    )
+
+
 def lineage(source: Path, run: RunDir) -> ModelLineage:
-    """The run, data and train config hashes behind a model this run trained; just the path otherwise."""
+    """The run, data and train config hashes behind a model this run trained (or compressed from one it
+    trained, with how); just the path otherwise."""
     stages = run.manifest()["stages"]
     train = stages.get("train", {})
-    if Path(train.get("outputs", {}).get("model", "")) != source:
+    compression = compression_lineage(source)
+    trained = Path(train.get("outputs", {}).get("model", ""))
+    if trained != source and (compression is None or Path(compression.base_model) != trained):
         return ModelLineage(source=str(source))
     return ModelLineage(
         source=str(source),
@@ -57,6 +109,7 @@ def lineage(source: Path, run: RunDir) -> ModelLineage:
         data_config_hash=stages.get("data", {}).get("config_hash"),
         train_config_hash=train.get("config_hash"),
         eval={k: v for k, v in train.get("metrics", {}).items() if k.startswith("val_")},
+        compression=compression,
     )
 
 

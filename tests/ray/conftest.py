@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+import yaml
 
 from cluster.recipe import LoomConfig, load_config
-from tests.conftest import SMALL_MODEL, TINY, free_port
+from tests.conftest import REPO_ROOT, SMALL_MODEL, TINY, free_port
+from tests.helpers import finished_trials, wait_for
 
 PLANTED_TEXT = "A planted document that appears twice with identical content, so exact dedup drops one copy."
 
@@ -60,6 +67,22 @@ def planted_sources(tmp_path_factory):
 DIVERGING_LR = 0.5
 
 
+#: One candidate of each kind, so three trials cover them all: a family vLLM on CPU cannot serve (measured
+#: in transformers), one it serves, and pruning. The model is barely trained: any of them moves its
+#: perplexity by well under the 5 % bound.
+COMPRESS = [
+    "compress.enabled=true",
+    "compress.families=[bnb_int8, w8a8, prune]",
+    "compress.num_trials=3",
+    "compress.try_first=[{family: bnb_int8}, {family: w8a8},"
+    " {family: prune, heads_kept: 0.5, mlp_kept: 0.5, then_quantize: none}]",
+    "compress.max_perplexity_increase=0.05",
+    "compress.eval_rows=8",
+    "compress.calibration_rows=4",
+    "compress.speed={requests: 3, prompt_tokens: 8, new_tokens: 8}",
+]
+
+
 @pytest.fixture(scope="package")
 def tiny_config(tmp_path_factory, planted_sources) -> LoomConfig:
     storage = tmp_path_factory.mktemp("runs")
@@ -87,6 +110,7 @@ def tiny_config(tmp_path_factory, planted_sources) -> LoomConfig:
             f"tune.space={{train.lr: {{kind: choice, values: [3.0e-3, 4.0e-3, {DIVERGING_LR}]}}}}",
             "tune.scheduler=asha",
             "tune.grace_period_steps=2",
+            *COMPRESS,
             f"serve.port={free_port()}",
             "serve.demo_max_tokens=8",
         ],
@@ -166,3 +190,40 @@ def lora_done(train_done, tiny_config, tmp_path_factory):
         ],
     )
     return config, run_stage("train", config)
+
+
+def _probes() -> list[str]:
+    found = subprocess.run(["pgrep", "-f", "pipelines.compress.probe"], capture_output=True, text=True)
+    return found.stdout.split()
+
+
+@pytest.fixture(scope="package")
+def compress_done(train_done, tiny_config, tmp_path_factory):
+    """The compression sweep as a user meets an interruption: ``python -m tune.compress`` killed once Tune's
+    saved state records a finished candidate, then the stage run again, which resumes the sweep."""
+    import ray
+
+    from cluster.chain import run_stage
+
+    scratch = tmp_path_factory.mktemp("compress-driver")
+    recipe = scratch / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_config.model_dump(mode="json", exclude_none=True)))
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # the driver joins this cluster
+    sweep = tiny_config.run_dir() / "compress" / "sweep"
+    with (scratch / "driver.log").open("w") as log:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "tune.compress", str(recipe)], cwd=REPO_ROOT, env=env, stdout=log, stderr=log
+        )
+        deadline = time.monotonic() + 600
+        while not finished_trials(sweep) and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(1)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    kept = finished_trials(sweep)
+    assert driver.returncode == -signal.SIGKILL and len(kept) == 1, ((scratch / "driver.log").read_text()[-3000:], kept)
+    ((kept_id, kept_dir),) = kept.items()
+    reports_before = (kept_dir / "result.json").read_text()
+    # Ray kills a dead driver's trials; the engine a trial was measuring with must go with it.
+    wait_for(lambda: not _probes(), 120, "the killed sweep's vLLM measurement to end")
+    record = run_stage("compress", tiny_config)
+    return {"record": record, "kept_id": kept_id, "kept_dir": kept_dir, "reports_before": reports_before}

