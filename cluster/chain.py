@@ -69,7 +69,8 @@ def _tune(cfg: LoomConfig, run: RunDir) -> StageResult:
 def _compress(cfg: LoomConfig, run: RunDir) -> StageResult:
     from tune.compress.stage import run_compress
 
-    return run_compress(cfg.compress, run, cfg.seed)
+    train, _ = tuned_train_config(cfg, run)  # students train as the model did (the sweep's values included)
+    return run_compress(cfg.compress, train, run, cfg.seed)
 
 
 def _serve(cfg: LoomConfig, run: RunDir) -> StageResult:

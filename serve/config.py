@@ -73,7 +73,7 @@ class VariantChoice(StrictModel):
             raise ValueError("give either name or rule")
         if self.name is not None and family_of(self.name) is None:
             raise ValueError(
-                f"{self.name!r} is no variant name the compress stage gives (bnb-int8, w8a8-int8, pruned-...)"
+                f"{self.name!r} is no variant name the compress stage gives (bnb-int8, w8a8-int8, pruned-..., distilled-...)"
             )
         return self
 

@@ -8,9 +8,10 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-#: Variant names of the families that take no knobs; pruned variants are named ``pruned-...``.
+#: Variant names of the families that take no knobs; pruned and distilled ones are ``pruned-...``, ``distilled-...``.
 FIXED_NAMES = {"bnb_int8": "bnb-int8", "bnb_nf4": "bnb-nf4", "w8a8": "w8a8-int8"}
 PRUNED_PREFIX = "pruned-"
+DISTILLED_PREFIX = "distilled-"
 RECORD = "compression.json"
 
 
@@ -19,7 +20,9 @@ def family_of(name: str) -> str | None:
     for family, fixed in FIXED_NAMES.items():
         if name == fixed:
             return family
-    return "prune" if name.startswith(PRUNED_PREFIX) else None
+    if name.startswith(PRUNED_PREFIX):
+        return "prune"
+    return "distill" if name.startswith(DISTILLED_PREFIX) else None
 
 
 def servable_on_vllm(family: str, accelerator: Literal["cpu", "gpu"]) -> bool:

@@ -23,6 +23,17 @@ class LoraConfig(StrictModel):
     )
 
 
+class DistillConfig(StrictModel):
+    """Knowledge distillation: the trained model learns the teacher's next-token distribution as well as
+    the data's tokens (loss = alpha x T^2 x KL(teacher_T || student_T) + (1 - alpha) x cross-entropy)."""
+
+    teacher: str = Field(description="Hugging Face directory of the teacher (same tokenizer as the training data).")
+    temperature: float = Field(default=2.0, gt=0, description="T: both distributions are softened by it.")
+    alpha: float = Field(
+        default=0.5, ge=0, le=1, description="Weight of the teacher's term; 1 - alpha weighs the data's tokens."
+    )
+
+
 class SftConfig(StrictModel):
     """Supervised fine-tuning on prompt/response pairs; the loss counts response tokens only."""
 
@@ -52,6 +63,10 @@ class TrainConfig(StrictModel):
         "Unset: a randomly initialised model built from `model`.",
     )
     lora: LoraConfig | None = Field(default=None, description="Train LoRA adapters only (needs init_from).")
+    distill: DistillConfig | None = Field(
+        default=None,
+        description="Learn from a teacher model's logits besides the data (the compress stage's students).",
+    )
     sft: SftConfig | None = Field(
         default=None, description="Fine-tune on prompt/response pairs instead of the data stage's packed shards."
     )

@@ -264,6 +264,11 @@ class RankRun:
         self.last_loss = float("nan")
         if self.val_shard is not None and self.checkpoint is None:
             self.initial_val_loss = self.held_out_loss()
+        self.teacher = None
+        if config.distill is not None:
+            from pipelines.compress.distill import load_teacher
+
+            self.teacher = load_teacher(config.distill.teacher, self.engine.device)
 
     @property
     def finished_before(self) -> bool:
@@ -284,7 +289,9 @@ class RankRun:
     def step(self, batch: dict[str, Any]) -> bool:
         """Forward, backward and DeepSpeed's step on one micro-batch; True when the optimizer stepped
         (False inside a gradient accumulation window)."""
-        loss = self.engine(**_on(batch, self.engine.device)).loss
+        batch = _on(batch, self.engine.device)
+        output = self.engine(**batch)
+        loss = output.loss if self.teacher is None else self.distilled(output, batch)
         self.engine.backward(loss)
         steps_before = self.engine.global_steps
         self.engine.step()
@@ -294,6 +301,19 @@ class RankRun:
             return False
         self.window_steps += 1
         return True
+
+    def distilled(self, output, batch: dict[str, Any]):
+        """The step's loss against the teacher's logits for the same tokens (``train.distill``)."""
+        import torch
+
+        from pipelines.compress.distill import distillation_loss
+
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=batch["input_ids"]).logits
+        distill = self.config.distill
+        return distillation_loss(
+            output.logits, teacher_logits, batch["labels"], output.loss, distill.temperature, distill.alpha
+        )
 
     def held_out_loss(self) -> float:
         if self.val_batches is None:

@@ -92,6 +92,18 @@ def train_inputs(config: TrainConfig, run: RunDir) -> dict[str, str]:
     return hashes
 
 
+def copy_export(result, model_dir: Path) -> Path:
+    """The Hugging Face export a finished Ray Train run reported last, copied to ``model_dir``."""
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint; see the worker logs above")
+    shutil.rmtree(model_dir, ignore_errors=True)
+    result.checkpoint.to_directory(str(model_dir))
+    if not (model_dir / FINAL_EXPORT_MARKER).exists():
+        raise RuntimeError(f"the last checkpoint {result.checkpoint.path} is not the final model export")
+    (model_dir / FINAL_EXPORT_MARKER).unlink()
+    return model_dir
+
+
 def run_train(config: TrainConfig, run: RunDir, seed: int) -> StageResult:
     out = run.begin("train")
     inputs = train_inputs(config, run)
@@ -100,14 +112,7 @@ def run_train(config: TrainConfig, run: RunDir, seed: int) -> StageResult:
     trainer = build_trainer(config, run, seed, storage_path=out, name="ray", callbacks=[metrics_log_callback(history)])
     with follow_steps(history, config.max_steps, "train"):
         result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError("training finished without a checkpoint; see the worker logs above")
-    model_dir = out / "model"
-    shutil.rmtree(model_dir, ignore_errors=True)
-    result.checkpoint.to_directory(str(model_dir))
-    if not (model_dir / FINAL_EXPORT_MARKER).exists():
-        raise RuntimeError(f"the last checkpoint {result.checkpoint.path} is not the final model export")
-    (model_dir / FINAL_EXPORT_MARKER).unlink()
+    model_dir = copy_export(result, out / "model")
 
     curve = read_loss_curve(history)
     plot = plot_loss(

@@ -67,6 +67,8 @@ def build_trainer(
         inputs = data_outputs(run)
         if config.init_from is not None:
             check_same_tokenizer(Path(config.init_from), inputs["tokenizer"])
+        if config.distill is not None:
+            check_same_tokenizer(Path(config.distill.teacher), inputs["tokenizer"])
         tokenizer_dir = str(config.init_from or inputs["tokenizer"])
         seq_len = json.loads(inputs["stats"].read_text())["seq_len"]
         datasets = {"train": read_parquet(str(inputs["train"]))}

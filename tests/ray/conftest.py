@@ -33,7 +33,9 @@ def ray_cluster():
     from cluster.config import ClusterConfig
     from cluster.connect import connect
 
-    connect(ClusterConfig(num_cpus=8))
+    # Logical CPUs, for Ray's scheduling: the serve tests' endpoint reserves 2 per vLLM replica (Ray Serve LLM
+    # merges the replica's CPU into its engine's bundle), 8 for three models and a second replica of one.
+    connect(ClusterConfig(num_cpus=10))
     yield ray
     ray.shutdown()
 
@@ -67,15 +69,17 @@ def planted_sources(tmp_path_factory):
 DIVERGING_LR = 0.5
 
 
-#: One candidate of each kind, so three trials cover them all: a family vLLM on CPU cannot serve (measured
-#: in transformers), one it serves, and pruning. The model is barely trained: any of them moves its
-#: perplexity by well under the 5 % bound.
+#: One candidate of each kind, so four trials cover them all: a family vLLM on CPU cannot serve (measured
+#: in transformers), one it serves, pruning, and a one-layer student. The model is barely trained: any of
+#: them moves its perplexity by well under the 5 % bound.
 COMPRESS = [
     "compress.enabled=true",
-    "compress.families=[bnb_int8, w8a8, prune]",
-    "compress.num_trials=3",
+    "compress.families=[bnb_int8, w8a8, prune, distill]",
+    "compress.num_trials=4",
     "compress.try_first=[{family: bnb_int8}, {family: w8a8},"
-    " {family: prune, heads_kept: 0.5, mlp_kept: 0.5, then_quantize: none}]",
+    " {family: prune, heads_kept: 0.5, mlp_kept: 0.5, then_quantize: none},"
+    " {family: distill, layers_kept: 0.5, width_kept: 1.0}]",
+    "compress.distill={steps: 4, layers_kept: {low: 0.5, high: 0.5}, width_kept: {low: 1.0, high: 1.0}}",
     "compress.max_perplexity_increase=0.05",
     "compress.eval_rows=8",
     "compress.calibration_rows=4",

@@ -27,11 +27,11 @@ def test_every_family_is_measured_where_it_would_be_served(compress_done, tiny_c
     run_dir = tiny_config.run_dir()
     pareto = json.loads((run_dir / "compress" / "pareto.json").read_text())
     trials = {t["recipe"]["family"]: t for t in pareto["trials"]}
-    assert set(trials) == {"bnb_int8", "w8a8", "prune"}, pareto["failed"]
+    assert set(trials) == {"bnb_int8", "w8a8", "prune", "distill"}, pareto["failed"]
     assert pareto["failed"] == []
     # bitsandbytes has no vLLM CPU kernels: measured through transformers and marked as not servable here.
     assert (trials["bnb_int8"]["engine"], trials["bnb_int8"]["servable"]) == ("transformers", False)
-    for family in ("w8a8", "prune"):
+    for family in ("w8a8", "prune", "distill"):
         assert (trials[family]["engine"], trials[family]["servable"]) == ("vllm", True)
     base = pareto["base"]
     for engine in ("vllm", "transformers"):
@@ -49,6 +49,15 @@ def test_every_family_is_measured_where_it_would_be_served(compress_done, tiny_c
     assert trials["prune"]["recipe"]["kv_head_groups"] == "1/2"
     assert trials["prune"]["recipe"]["mlp_channels"] == "128/256"
     assert 0.55 * full < trials["prune"]["weight_bytes"] < 0.8 * full
+    # The student: one of the two layers, trained by Ray Train + DeepSpeed against the model's logits.
+    student = trials["distill"]
+    assert (student["name"], student["recipe"]["layers"], student["recipe"]["hidden_size"]) == (
+        "distilled-l1-h64",
+        "1/2",
+        "64/64",
+    )
+    assert 0.6 * full < student["weight_bytes"] < 0.85 * full  # the tied embedding is most of this model
+    assert student["recipe"]["trained_steps"] == 4 and math.isfinite(student["recipe"]["student_val_loss"])
 
 
 def test_front_is_non_dominated_and_its_variants_load(compress_done, tiny_config):
@@ -76,17 +85,18 @@ def test_front_is_non_dominated_and_its_variants_load(compress_done, tiny_config
         model = AutoModelForCausalLM.from_pretrained(variant, device_map="cpu")
         assert model.config.vocab_size == base_config.vocab_size  # the base's tokenizer, copied with it
         assert (variant / "tokenizer.json").is_file()
-    assert not (run_dir / "compress" / "candidates").exists()  # only the front is kept
+    for scratch in ("candidates", "students"):  # only the front is kept
+        assert not (run_dir / "compress" / scratch).exists()
     assert (run_dir / "report" / "compress_pareto.png").stat().st_size > 10_000
     record = json.loads((run_dir / "manifest.json").read_text())["stages"]["compress"]
-    assert record["metrics"]["trials"] == 3 and record["metrics"]["front"] == [m["name"] for m in front]
+    assert record["metrics"]["trials"] == 4 and record["metrics"]["front"] == [m["name"] for m in front]
 
 
 def test_killed_sweep_driver_resumes_keeping_its_finished_candidates(compress_done, tiny_config):
     run_dir = tiny_config.run_dir()
     pareto = json.loads((run_dir / "compress" / "pareto.json").read_text())
     assert compress_done["kept_id"] in {t["trial_id"] for t in pareto["trials"]}
-    assert len(pareto["trials"]) == 3 and len(list((run_dir / "compress" / "sweep").glob("run_candidate_*"))) == 3
+    assert len(pareto["trials"]) == 4 and len(list((run_dir / "compress" / "sweep").glob("run_candidate_*"))) == 4
     # The finished candidate was not measured again: Tune appended no report to it.
     assert (compress_done["kept_dir"] / "result.json").read_text() == compress_done["reports_before"]
 

@@ -32,7 +32,7 @@ FULL = {"ignore_eos": True}  # token counts as a property of the server, not of 
 
 
 @pytest.fixture(scope="module")
-def endpoint(train_done, lora_done, compress_done, tiny_config, tmp_path_factory):
+def endpoint(ray_cluster, train_done, lora_done, compress_done, tiny_config, tmp_path_factory):
     """MAIN, the run's trained model, autoscales 1..2 on a hair trigger; SECOND, its LoRA fine-tune
     (adapters merged, tests/ray/test_train_lora.py), and SMALL, the smallest compressed variant vLLM on CPU
     serves (tests/ray/test_compress.py's sweep), stay at 1 replica."""
@@ -69,6 +69,10 @@ def endpoint(train_done, lora_done, compress_done, tiny_config, tmp_path_factory
         }
     )
     config = tiny_config.model_validate({**tiny_config.model_dump(), "serve": serve.model_dump()})
+    # Ray Train releases a finished run's placement group asynchronously: deploy once the fine-tune's CPUs are
+    # back, so the autoscaler test below finds room for its second replica.
+    cpus = ray_cluster.cluster_resources()["CPU"]
+    wait_for(lambda: ray_cluster.available_resources().get("CPU", 0) >= cpus, 120, "every CPU free before deploying")
     try:
         record = run_stage("serve", config)
         yield config, record

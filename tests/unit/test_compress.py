@@ -249,3 +249,56 @@ def test_serving_a_variant_vllm_cannot_load_here_is_refused_at_validation():
         load_config(TINY, ["compress.enabled=false", "serve.models={a: {variant: {name: w8a8-int8}}}"])
     served = load_config(TINY, ["serve.models={a: {accelerator: gpu, variant: {name: bnb-nf4}}}"])
     assert served.serve.models["a"].variant.name == "bnb-nf4"  # vLLM on GPU loads bitsandbytes
+
+
+def test_distillation_loss_is_the_teachers_kl_blended_with_the_data_loss():
+    from pipelines.compress.distill import distillation_loss
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    labels = torch.randint(0, 11, (2, 5))
+    hard = torch.tensor(3.0)
+    assert float(distillation_loss(student, teacher, labels, hard, 2.0, alpha=0.0)) == pytest.approx(3.0)
+    assert float(distillation_loss(teacher, teacher, labels, hard, 2.0, alpha=1.0)) == pytest.approx(0.0, abs=1e-6)
+    # By hand: T^2 x the mean over target positions of KL(teacher_T || student_T).
+    t = 3.0
+    p = torch.softmax(teacher[:, :-1] / t, -1)
+    kl = (p * (p.log() - torch.log_softmax(student[:, :-1] / t, -1))).sum(-1)
+    expected = 0.25 * t**2 * kl.mean() + 0.75 * 3.0
+    assert float(distillation_loss(student, teacher, labels, hard, t, alpha=0.25)) == pytest.approx(
+        float(expected), rel=1e-5
+    )
+    # Positions whose next token is not a target (-100, e.g. an SFT prompt) are left out of the KL term.
+    masked = labels.clone()
+    masked[:, 3:] = -100
+    kept = kl[:, :2].mean()
+    assert float(distillation_loss(student, teacher, masked, hard, t, alpha=1.0)) == pytest.approx(
+        float(t**2 * kept), rel=1e-5
+    )
+
+
+def test_student_shape_keeps_the_head_size():
+    from types import SimpleNamespace
+
+    from pipelines.compress.distill import student_shape
+
+    teacher = SimpleNamespace(
+        num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072, head_dim=64
+    )
+    assert student_shape(teacher, 0.5, 0.5) == {
+        "num_layers": 6,
+        "hidden_size": 384,
+        "num_heads": 6,
+        "num_kv_heads": 6,
+        "intermediate_size": 1536,
+    }
+    tiny = SimpleNamespace(
+        num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=256, head_dim=32
+    )
+    assert student_shape(tiny, 0.1, 0.1) == {
+        "num_layers": 1,
+        "hidden_size": 32,
+        "num_heads": 1,
+        "num_kv_heads": 1,
+        "intermediate_size": 128,
+    }

@@ -9,7 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from pipelines.schema import StrictModel, field_problems
 
-Family = Literal["bnb_int8", "bnb_nf4", "w8a8", "prune"]
+Family = Literal["bnb_int8", "bnb_nf4", "w8a8", "prune", "distill"]
 
 #: What each family makes, for people reading a recipe or a variant's record.
 FAMILIES: dict[str, str] = {
@@ -17,6 +17,12 @@ FAMILIES: dict[str, str] = {
     "bnb_nf4": "bitsandbytes 4-bit NormalFloat weights (transformers; vLLM serves it on GPU only)",
     "w8a8": "int8 weights per channel and int8 activations per token, compressed-tensors format (vLLM CPU and GPU)",
     "prune": "attention head groups and MLP channels removed by importance, the same in every layer (a dense Llama)",
+    "distill": "a smaller Llama (fewer layers, narrower) trained on Ray Train + DeepSpeed against the model's logits",
+}
+#: The knobs each family takes in the sweep (and in a try_first point).
+FAMILY_KNOBS: dict[str, tuple[str, ...]] = {
+    "prune": ("heads_kept", "mlp_kept", "then_quantize"),
+    "distill": ("layers_kept", "width_kept"),
 }
 
 
@@ -49,6 +55,21 @@ class PruneSpace(StrictModel):
     )
 
 
+class DistillSpace(StrictModel):
+    layers_kept: FractionRange = Field(
+        default_factory=lambda: FractionRange(low=0.5, high=0.5),
+        description="Fraction of the model's layers the student has (at least one).",
+    )
+    width_kept: FractionRange = Field(
+        default_factory=lambda: FractionRange(low=0.5, high=1.0),
+        description="Fraction of the model's heads the student has (its head size kept; the MLP scaled alike).",
+    )
+    steps: int = Field(default=100, ge=1, description="Optimizer steps each student trains (train's batch size).")
+    lr: float | None = Field(default=None, gt=0, le=1, description="Peak learning rate. Unset: the train stage's.")
+    temperature: float = Field(default=2.0, gt=0, description="Softening of both distributions in the KL term.")
+    alpha: float = Field(default=0.5, ge=0, le=1, description="Weight of the teacher's term against the data's tokens.")
+
+
 class SpeedLoad(StrictModel):
     """The fixed load every candidate's speed is measured under: one request at a time, greedy."""
 
@@ -64,37 +85,41 @@ class CandidatePoint(StrictModel):
     heads_kept: float | None = Field(default=None, gt=0, le=1, description="prune: fraction of head groups kept.")
     mlp_kept: float | None = Field(default=None, gt=0, le=1, description="prune: fraction of MLP channels kept.")
     then_quantize: Literal["none", "w8a8"] | None = Field(default=None, description="prune: what follows pruning.")
+    layers_kept: float | None = Field(default=None, gt=0, le=1, description="distill: fraction of layers kept.")
+    width_kept: float | None = Field(default=None, gt=0, le=1, description="distill: fraction of heads kept.")
 
     @model_validator(mode="after")
     def _knobs_fit_the_family(self) -> CandidatePoint:
-        knobs = {"heads_kept": self.heads_kept, "mlp_kept": self.mlp_kept, "then_quantize": self.then_quantize}
-        if self.family == "prune":
-            missing = [name for name, value in knobs.items() if value is None]
-            if missing:
-                raise ValueError(f"prune needs {', '.join(missing)}")
-        elif any(value is not None for value in knobs.values()):
-            raise ValueError(f"{self.family} takes no pruning knobs")
+        wanted = FAMILY_KNOBS.get(self.family, ())
+        missing = [knob for knob in wanted if getattr(self, knob) is None]
+        if missing:
+            raise ValueError(f"{self.family} needs {', '.join(missing)}")
+        extra = [
+            knob
+            for knobs in FAMILY_KNOBS.values()
+            for knob in knobs
+            if knob not in wanted and getattr(self, knob) is not None
+        ]
+        if extra:
+            raise ValueError(f"{self.family} takes no {', '.join(extra)}")
         return self
 
     def params(self) -> dict[str, float | str]:
-        """The point as the sweep's parameters (the names ``suggest`` gives them)."""
-        if self.family != "prune":
-            return {"family": self.family}
+        """The point as the sweep's parameters (the names ``suggest`` gives them: family.knob)."""
         return {
-            "family": "prune",
-            "prune.heads_kept": self.heads_kept,
-            "prune.mlp_kept": self.mlp_kept,
-            "prune.then_quantize": self.then_quantize,
+            "family": self.family,
+            **{f"{self.family}.{knob}": getattr(self, knob) for knob in FAMILY_KNOBS.get(self.family, ())},
         }
 
 
 class CompressConfig(StrictModel):
     enabled: bool = Field(default=False, description="Run the compression sweep as part of `loom run` (after train).")
     families: list[Family] = Field(
-        default_factory=lambda: ["bnb_int8", "bnb_nf4", "w8a8", "prune"],
+        default_factory=lambda: ["bnb_int8", "bnb_nf4", "w8a8", "prune", "distill"],
         description="Compressions the sweep chooses among: " + "; ".join(f"{k}: {v}" for k, v in FAMILIES.items()),
     )
     prune: PruneSpace = Field(default_factory=PruneSpace, description="The pruning family's knobs.")
+    distill: DistillSpace = Field(default_factory=DistillSpace, description="The distillation family's knobs.")
     num_trials: int = Field(default=6, ge=1, description="Compressed candidates Optuna proposes.")
     try_first: list[CandidatePoint] = Field(
         default_factory=list,
@@ -135,15 +160,17 @@ class CompressConfig(StrictModel):
         for i, point in enumerate(self.try_first):
             if point.family not in self.families:
                 problems.append((f"try_first.{i}.family", f"{point.family} is not among families {self.families}"))
-            if point.family != "prune":
-                continue
-            for knob in ("heads_kept", "mlp_kept"):
-                bounds, value = getattr(self.prune, knob), getattr(point, knob)
-                if not bounds.low <= value <= bounds.high:
+            space = {"prune": self.prune, "distill": self.distill}.get(point.family)
+            for knob in FAMILY_KNOBS.get(point.family, ()):
+                bounds, value = getattr(space, knob), getattr(point, knob)
+                if isinstance(bounds, FractionRange) and not bounds.low <= value <= bounds.high:
                     problems.append(
-                        (f"try_first.{i}.{knob}", f"{value} is outside prune.{knob} [{bounds.low}, {bounds.high}]")
+                        (
+                            f"try_first.{i}.{knob}",
+                            f"{value} is outside {point.family}.{knob} [{bounds.low}, {bounds.high}]",
+                        )
                     )
-            if point.then_quantize not in self.prune.then_quantize:
+            if point.family == "prune" and point.then_quantize not in self.prune.then_quantize:
                 problems.append(
                     (f"try_first.{i}.then_quantize", f"{point.then_quantize} is not in {self.prune.then_quantize}")
                 )

@@ -22,20 +22,24 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipelines.compress.variants import FIXED_NAMES, PRUNED_PREFIX, RECORD, servable_on_vllm
+from pipelines.compress.variants import DISTILLED_PREFIX, FIXED_NAMES, PRUNED_PREFIX, RECORD, servable_on_vllm
 from pipelines.runs import RunDir, StageResult, hash_dir
+from pipelines.train.config import TrainConfig
 from tune.compress.config import FAMILIES, CompressConfig
 from tune.compress.front import OBJECTIVES, Candidate, judge, pareto_front, plot_front
 from tune.sweeps import resumable_sweep, trial_progress_callback
 
 
-def suggest(trial, families: list[str], prune: dict[str, Any]) -> None:
+def suggest(trial, families: list[str], prune: dict[str, Any], distill: dict[str, Any]) -> None:
     """The conditional space, define-by-run: a family, then that family's knobs."""
     family = trial.suggest_categorical("family", families)
     if family == "prune":
         trial.suggest_float("prune.heads_kept", prune["heads_kept"]["low"], prune["heads_kept"]["high"])
         trial.suggest_float("prune.mlp_kept", prune["mlp_kept"]["low"], prune["mlp_kept"]["high"])
         trial.suggest_categorical("prune.then_quantize", prune["then_quantize"])
+    elif family == "distill":
+        trial.suggest_float("distill.layers_kept", distill["layers_kept"]["low"], distill["layers_kept"]["high"])
+        trial.suggest_float("distill.width_kept", distill["width_kept"]["low"], distill["width_kept"]["high"])
 
 
 def build_candidate(params: dict[str, Any], base: Path, out: Path, calibration: list[list[int]]) -> tuple[str, dict]:
@@ -75,6 +79,62 @@ def build_candidate(params: dict[str, Any], base: Path, out: Path, calibration: 
     return f"{name}-w8a8", recipe
 
 
+def train_student(
+    params: dict[str, Any], settings: CompressConfig, train: TrainConfig, run: RunDir, seed: int, out: Path
+) -> tuple[str, dict]:
+    """A smaller Llama trained on the run's shards against the base model's logits (Ray Train + DeepSpeed,
+    with train's workers, batch and fault tolerance; a retried trial resumes from its last checkpoint)."""
+    import ray.tune
+    from transformers import AutoConfig
+
+    from pipelines.compress.distill import student_shape
+    from pipelines.train.stage import copy_export
+    from pipelines.train.trainer import build_trainer
+
+    base = run.stage_dir("train") / "model"
+    teacher = AutoConfig.from_pretrained(base)
+    layers, width = params["distill.layers_kept"], params["distill.width_kept"]
+    shape = student_shape(teacher, layers, width)
+    knobs = settings.distill
+    values = train.model_dump(mode="json")
+    values["model"] = {**values["model"], **shape}
+    values.update(
+        init_from=None,
+        lora=None,
+        sft=None,
+        distill={"teacher": str(base), "temperature": knobs.temperature, "alpha": knobs.alpha},
+        lr=knobs.lr or train.lr,
+        max_steps=knobs.steps,
+        warmup_steps=min(train.warmup_steps, knobs.steps // 4),
+        checkpoint_every=max(1, knobs.steps // 2),
+        log_every=knobs.steps,
+        eval_every=knobs.steps,
+    )
+    trainer = build_trainer(
+        TrainConfig.model_validate(values),
+        run,
+        seed,
+        storage_path=run.stage_dir("compress") / "students",
+        name=ray.tune.get_context().get_trial_id(),
+    )
+    result = trainer.fit()
+    copy_export(result, out)
+    recipe = {
+        "family": "distill",
+        "description": FAMILIES["distill"],
+        "layers_kept": layers,
+        "width_kept": width,
+        "layers": f"{shape['num_layers']}/{teacher.num_hidden_layers}",
+        "hidden_size": f"{shape['hidden_size']}/{teacher.hidden_size}",
+        "steps": knobs.steps,
+        "trained_steps": result.metrics.get("step"),
+        "student_val_loss": result.metrics.get("val_loss"),
+        "temperature": knobs.temperature,
+        "alpha": knobs.alpha,
+    }
+    return f"{DISTILLED_PREFIX}l{shape['num_layers']}-h{shape['hidden_size']}", recipe
+
+
 def measure(model_dir: Path, engine: str, rows: list[list[int]], speed: dict[str, int]):
     from pipelines.compress.measure import Load, measure_transformers, measure_vllm
 
@@ -82,17 +142,30 @@ def measure(model_dir: Path, engine: str, rows: list[list[int]], speed: dict[str
     return measure_vllm(model_dir, rows, load) if engine == "vllm" else measure_transformers(model_dir, rows, load)
 
 
-def run_candidate(params: dict[str, Any], *, base_model: str, val_dir: str, config: dict[str, Any], out: str) -> None:
+def run_candidate(
+    params: dict[str, Any],
+    *,
+    base_model: str,
+    val_dir: str,
+    config: dict[str, Any],
+    train: dict[str, Any],
+    run_root: str,
+    seed: int,
+) -> None:
     """Tune trainable: build one candidate into ``candidates/<trial>/`` and report its measured objectives."""
     import ray.tune
 
     from pipelines.compress.measure import held_out_rows
 
     settings = CompressConfig.model_validate(config)
+    run = RunDir(run_root)
     rows = held_out_rows(Path(val_dir), max(settings.eval_rows, settings.calibration_rows))
-    candidate_dir = Path(out) / "candidates" / ray.tune.get_context().get_trial_id()
+    candidate_dir = run.stage_dir("compress") / "candidates" / ray.tune.get_context().get_trial_id()
     shutil.rmtree(candidate_dir, ignore_errors=True)
-    name, recipe = build_candidate(params, Path(base_model), candidate_dir, rows[: settings.calibration_rows])
+    if params["family"] == "distill":
+        name, recipe = train_student(params, settings, TrainConfig.model_validate(train), run, seed, candidate_dir)
+    else:
+        name, recipe = build_candidate(params, Path(base_model), candidate_dir, rows[: settings.calibration_rows])
     servable = servable_on_vllm(params["family"], "gpu" if settings.use_gpu else "cpu")
     engine = "vllm" if servable else "transformers"
     measured = measure(candidate_dir, engine, rows[: settings.eval_rows], settings.speed.model_dump())
@@ -129,7 +202,7 @@ def _inputs(run: RunDir) -> dict[str, Path]:
     return {"model": model, "val": val}
 
 
-def run_compress(config: CompressConfig, run: RunDir, seed: int) -> StageResult:
+def run_compress(config: CompressConfig, train: TrainConfig, run: RunDir, seed: int) -> StageResult:
     import optuna
     import ray
     from ray import tune
@@ -139,7 +212,8 @@ def run_compress(config: CompressConfig, run: RunDir, seed: int) -> StageResult:
     out = run.begin("compress")
     hashes = {"base_model": hash_dir(inputs["model"]), "val_shards": hash_dir(inputs["val"])}
     settings = config.model_dump(mode="json")
-    identity = hashlib.sha256(json.dumps({**settings, **hashes, "seed": seed}, sort_keys=True).encode()).hexdigest()
+    described = {**settings, **hashes, "seed": seed, "train": train.model_dump(mode="json")}
+    identity = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
     resources = {"CPU": config.cpus_per_trial, "GPU": 1 if config.use_gpu else 0}
 
     base_file = out / "base.json"
@@ -153,11 +227,17 @@ def run_compress(config: CompressConfig, run: RunDir, seed: int) -> StageResult:
 
     trainable = tune.with_resources(
         tune.with_parameters(
-            run_candidate, base_model=str(inputs["model"]), val_dir=str(inputs["val"]), config=settings, out=str(out)
+            run_candidate,
+            base_model=str(inputs["model"]),
+            val_dir=str(inputs["val"]),
+            config=settings,
+            train=train.model_dump(mode="json"),
+            run_root=str(run.root),
+            seed=seed,
         ),
         resources,
     )
-    tuner = resumable_sweep(out, trainable, identity, "compress", also_clear=("candidates", "variants"))
+    tuner = resumable_sweep(out, trainable, identity, "compress", also_clear=("candidates", "variants", "students"))
     if tuner is None:
         sampler = (
             optuna.samplers.RandomSampler(seed=seed)
@@ -168,7 +248,9 @@ def run_compress(config: CompressConfig, run: RunDir, seed: int) -> StageResult:
             trainable,
             tune_config=tune.TuneConfig(
                 search_alg=OptunaSearch(
-                    space=functools.partial(suggest, families=settings["families"], prune=settings["prune"]),
+                    space=functools.partial(
+                        suggest, families=settings["families"], prune=settings["prune"], distill=settings["distill"]
+                    ),
                     metric=list(OBJECTIVES),
                     mode=list(OBJECTIVES.values()),
                     sampler=sampler,
@@ -255,7 +337,9 @@ def _summarise(results, base: dict[str, Any], config: CompressConfig, run: RunDi
     }
     (out / "pareto.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot = plot_front([reference, *candidates], run.root / "report" / "compress_pareto.png")
-    shutil.rmtree(out / "candidates", ignore_errors=True)
+    # The front is in variants/: the other candidates and the students' runs (optimizer states) go.
+    for scratch in ("candidates", "students"):
+        shutil.rmtree(out / scratch, ignore_errors=True)
     if not candidates:
         raise RuntimeError(f"compress: no candidate was measured; failures: {failed}")
     return StageResult(

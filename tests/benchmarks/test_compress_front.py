@@ -1,0 +1,94 @@
+"""The compression sweep's front on the benchmarks' model (a 4-layer, 256-wide Llama, ~3.7M parameters,
+trained on the standard-library slice): every candidate's weight bytes, held-out perplexity and tokens/s
+as ratios to the base model measured in the same run and the same engine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.benchmarks.conftest import BENCH_MODEL
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.benchmark
+TRAIN_STEPS = 300
+CANDIDATES = [
+    "{family: w8a8}",
+    "{family: bnb_int8}",
+    "{family: bnb_nf4}",
+    "{family: prune, heads_kept: 1.0, mlp_kept: 0.5, then_quantize: none}",
+    "{family: prune, heads_kept: 1.0, mlp_kept: 0.5, then_quantize: w8a8}",
+    "{family: prune, heads_kept: 0.5, mlp_kept: 0.75, then_quantize: none}",
+]
+
+
+def test_compression_front_against_the_base(tmp_path, record_benchmark):
+    import ray
+
+    from cluster.chain import run_stage
+    from cluster.connect import connect
+    from cluster.recipe import load_config
+
+    cfg = load_config(
+        TINY,
+        [
+            f"storage={tmp_path}",
+            "run_name=compress-bench",
+            *BENCH_MODEL,
+            "train.lr=3e-3",
+            f"train.max_steps={TRAIN_STEPS}",
+            f"train.checkpoint_every={TRAIN_STEPS}",
+            "tune.enabled=false",
+            "compress.families=[bnb_int8, bnb_nf4, w8a8, prune]",
+            f"compress.num_trials={len(CANDIDATES) + 2}",  # and two of Optuna's own
+            f"compress.try_first=[{', '.join(CANDIDATES)}]",
+            "compress.eval_rows=64",
+            "compress.speed={requests: 8, prompt_tokens: 32, new_tokens: 64}",
+        ],
+    )
+    connect(cfg.cluster)
+    for stage in ("data", "train", "compress"):
+        run_stage(stage, cfg)
+    ray.shutdown()
+    pareto = json.loads((cfg.run_dir() / "compress" / "pareto.json").read_text())
+    base = pareto["base"]
+    rows = [
+        {
+            "candidate": "base",
+            "engine": engine,
+            "bytes": base[engine]["weight_bytes"],
+            "perplexity": round(base[engine]["perplexity"], 3),
+            "tokens_per_s": round(base[engine]["tokens_per_s"], 1),
+            "bytes_x": 1.0,
+            "perplexity_x": 1.0,
+            "tokens_per_s_x": 1.0,
+            "front": engine == "vllm" and base[engine]["on_front"],
+        }
+        for engine in ("vllm", "transformers")
+    ]
+    for trial in sorted(pareto["trials"], key=lambda t: t["weight_bytes"]):
+        rows.append(
+            {
+                "candidate": trial["name"],
+                "engine": trial["engine"],
+                "bytes": trial["weight_bytes"],
+                "perplexity": round(trial["perplexity"], 3),
+                "tokens_per_s": round(trial["tokens_per_s"], 1),
+                "bytes_x": round(trial["ratios"]["weight_bytes"], 3),
+                "perplexity_x": round(trial["ratios"]["perplexity"], 4),
+                "tokens_per_s_x": round(trial["ratios"]["tokens_per_s"], 3),
+                "front": trial["on_front"],
+            }
+        )
+    half_size = [r for r in rows[2:] if r["bytes_x"] <= 0.5 and r["perplexity_x"] <= 1.02]
+    record_benchmark(
+        "compress_front",
+        rows,
+        model="4 layers x 256 wide, 4 heads, MLP 1024, vocab 2048 (~3.7M parameters)",
+        train_steps=TRAIN_STEPS,
+        base_val_perplexity=round(base["vllm"]["perplexity"], 3),
+        goal_half_bytes_within_2pct=[r["candidate"] for r in half_size],
+        failed=pareto["failed"],
+    )
+    assert not pareto["failed"]
