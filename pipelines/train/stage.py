@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
 from pipelines.progress import follow_steps
 from pipelines.runs import RunDir, StageResult, hash_dir, hash_files
 from pipelines.train.config import TrainConfig
-from pipelines.train.loop import FINAL_EXPORT_MARKER
-from pipelines.train.trainer import build_trainer, data_outputs
+from pipelines.train.trainer import build_trainer, copy_export, data_outputs
 
 log = logging.getLogger(__name__)
 
@@ -90,18 +88,6 @@ def train_inputs(config: TrainConfig, run: RunDir) -> dict[str, str]:
     if config.init_from is not None:
         hashes["init_from"] = hash_dir(Path(config.init_from))
     return hashes
-
-
-def copy_export(result, model_dir: Path) -> Path:
-    """The Hugging Face export a finished Ray Train run reported last, copied to ``model_dir``."""
-    if result.checkpoint is None:
-        raise RuntimeError("training finished without a checkpoint; see the worker logs above")
-    shutil.rmtree(model_dir, ignore_errors=True)
-    result.checkpoint.to_directory(str(model_dir))
-    if not (model_dir / FINAL_EXPORT_MARKER).exists():
-        raise RuntimeError(f"the last checkpoint {result.checkpoint.path} is not the final model export")
-    (model_dir / FINAL_EXPORT_MARKER).unlink()
-    return model_dir
 
 
 def run_train(config: TrainConfig, run: RunDir, seed: int) -> StageResult:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 from pipelines.datasets import read_parquet
 from pipelines.runs import RunDir
 from pipelines.train.config import TrainConfig
-from pipelines.train.loop import train_loop_per_worker
+from pipelines.train.loop import FINAL_EXPORT_MARKER, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -105,3 +106,15 @@ def build_trainer(
         dataset_config=data_config,
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
     )
+
+
+def copy_export(result, model_dir: Path) -> Path:
+    """The Hugging Face export a finished Ray Train run reported last, copied to ``model_dir``."""
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint; see the worker logs above")
+    shutil.rmtree(model_dir, ignore_errors=True)
+    result.checkpoint.to_directory(str(model_dir))
+    if not (model_dir / FINAL_EXPORT_MARKER).exists():
+        raise RuntimeError(f"the last checkpoint {result.checkpoint.path} is not the final model export")
+    (model_dir / FINAL_EXPORT_MARKER).unlink()
+    return model_dir

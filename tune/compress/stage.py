@@ -88,8 +88,7 @@ def train_student(
     from transformers import AutoConfig
 
     from pipelines.compress.distill import student_shape
-    from pipelines.train.stage import copy_export
-    from pipelines.train.trainer import build_trainer
+    from pipelines.train.trainer import build_trainer, copy_export
 
     base = run.stage_dir("train") / "model"
     teacher = AutoConfig.from_pretrained(base)
