@@ -202,10 +202,8 @@ def _inputs(run: RunDir) -> dict[str, Path]:
 
 
 def run_compress(config: CompressConfig, train: TrainConfig, run: RunDir, seed: int) -> StageResult:
-    import optuna
-    import ray
+    """Measure the base, sweep the candidates (resuming an interrupted sweep), keep the front."""
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
 
     inputs = _inputs(run)
     out = run.begin("compress")
@@ -214,16 +212,7 @@ def run_compress(config: CompressConfig, train: TrainConfig, run: RunDir, seed: 
     described = {**settings, **hashes, "seed": seed, "train": train.model_dump(mode="json")}
     identity = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
     resources = {"CPU": config.cpus_per_trial, "GPU": 1 if config.use_gpu else 0}
-
-    base_file = out / "base.json"
-    base = json.loads(base_file.read_text()) if base_file.is_file() else {}
-    if base.get("identity") != identity:
-        print("[loom] compress: measuring the base model in vLLM and transformers", flush=True)
-        measure_remote = ray.remote(_measure_base).options(num_cpus=resources["CPU"], num_gpus=resources["GPU"])
-        measured = ray.get(measure_remote.remote(str(inputs["model"]), str(inputs["val"]), settings))
-        base = {"identity": identity, "model": str(inputs["model"]), **hashes, "engines": measured}
-        base_file.write_text(json.dumps(base, indent=2) + "\n")
-
+    base = _base_measurement(out, inputs, settings, identity, resources, hashes)
     trainable = tune.with_resources(
         tune.with_parameters(
             run_candidate,
@@ -237,33 +226,64 @@ def run_compress(config: CompressConfig, train: TrainConfig, run: RunDir, seed: 
         resources,
     )
     tuner = resumable_sweep(out, trainable, identity, "compress", also_clear=("candidates", "variants", "students"))
-    if tuner is None:
-        sampler = (
-            optuna.samplers.RandomSampler(seed=seed)
-            if config.search == "random"
-            else optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(4, config.num_trials))
-        )
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                search_alg=OptunaSearch(
-                    space=functools.partial(
-                        suggest, families=settings["families"], prune=settings["prune"], distill=settings["distill"]
-                    ),
-                    metric=list(OBJECTIVES),
-                    mode=list(OBJECTIVES.values()),
-                    sampler=sampler,
-                    points_to_evaluate=[point.params() for point in config.try_first] or None,
-                ),
-                num_samples=config.num_trials,
-                max_concurrent_trials=1,
-            ),
-            run_config=tune.RunConfig(
-                name="sweep", storage_path=str(out), verbose=0, callbacks=[trial_progress_callback("compress")]
-            ),
-        )
-    results = tuner.fit()
+    results = (tuner or _new_sweep(trainable, config, seed, out)).fit()
     return _summarise(results, base, config, run)
+
+
+def _base_measurement(
+    out: Path,
+    inputs: dict[str, Path],
+    settings: dict[str, Any],
+    identity: str,
+    resources: dict[str, float],
+    hashes: dict[str, str],
+) -> dict[str, Any]:
+    """``base.json``: the base model measured in both engines, once per setup (a resumed sweep reuses it)."""
+    import ray
+
+    base_file = out / "base.json"
+    base = json.loads(base_file.read_text()) if base_file.is_file() else {}
+    if base.get("identity") == identity:
+        return base
+    print("[loom] compress: measuring the base model in vLLM and transformers", flush=True)
+    measure_remote = ray.remote(_measure_base).options(num_cpus=resources["CPU"], num_gpus=resources["GPU"])
+    measured = ray.get(measure_remote.remote(str(inputs["model"]), str(inputs["val"]), settings))
+    base = {"identity": identity, "model": str(inputs["model"]), **hashes, "engines": measured}
+    base_file.write_text(json.dumps(base, indent=2) + "\n")
+    return base
+
+
+def _new_sweep(trainable, config: CompressConfig, seed: int, out: Path):
+    """The Tuner: Optuna's multi-objective search over the conditional space, one trial at a time."""
+    import optuna
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    sampler = (
+        optuna.samplers.RandomSampler(seed=seed)
+        if config.search == "random"
+        else optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(4, config.num_trials))
+    )
+    settings = config.model_dump(mode="json")
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=OptunaSearch(
+                space=functools.partial(
+                    suggest, families=settings["families"], prune=settings["prune"], distill=settings["distill"]
+                ),
+                metric=list(OBJECTIVES),
+                mode=list(OBJECTIVES.values()),
+                sampler=sampler,
+                points_to_evaluate=[point.params() for point in config.try_first] or None,
+            ),
+            num_samples=config.num_trials,
+            max_concurrent_trials=1,  # tokens/s compares with the base's only when nothing runs beside it
+        ),
+        run_config=tune.RunConfig(
+            name="sweep", storage_path=str(out), verbose=0, callbacks=[trial_progress_callback("compress")]
+        ),
+    )
 
 
 def _candidates(results, base: dict[str, Any]) -> tuple[list[Candidate], dict[str, Candidate], list[dict]]:
