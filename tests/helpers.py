@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
@@ -65,3 +67,18 @@ def finished_trials(sweep: Path) -> dict[str, Path]:
             if trial["status"] == "TERMINATED":
                 finished[trial["trial_id"]] = next(sweep.glob(f"*_{trial['trial_id']}_*"))
     return finished
+
+
+def kill_after_first_finished_trial(command: list[str], sweep: Path, log_path: Path, timeout_s: float, **popen) -> dict:
+    """Run a sweep's driver (``command``), SIGKILL it once Tune's saved state records a finished trial (or
+    it exits, or ``timeout_s`` passes); the trials the saved state then holds as finished, by id."""
+    with log_path.open("w") as log:
+        driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, **popen)
+        deadline = time.monotonic() + timeout_s
+        while not finished_trials(sweep) and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(1)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    kept = finished_trials(sweep)
+    assert driver.returncode == -signal.SIGKILL and len(kept) == 1, (log_path.read_text()[-3000:], kept)
+    return kept

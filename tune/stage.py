@@ -9,7 +9,6 @@ whose driver was killed resumes where it stopped when ``loom tune`` runs it agai
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 from pipelines.runs import RunDir, StageResult, hash_dir
 from pipelines.train.config import TrainConfig
 from tune.config import TuneConfig, trial_train_config
-from tune.sweeps import resumable_sweep, trial_progress_callback
+from tune.sweeps import resumable_sweep, sweep_identity, trial_progress_callback
 from tune.trials import TrialRecord, finite, param_importances, plot_sweep, write_trials_table
 
 
@@ -134,7 +133,7 @@ def run_tune(config: TuneConfig, train: TrainConfig, run: RunDir, seed: int) -> 
 def _sweep_identity(config: TuneConfig, train: TrainConfig, seed: int, shards: str) -> str:
     """What a sweep's trials depend on: an interrupted sweep is resumed only when all of it is unchanged."""
     described = {"tune": config.model_dump(mode="json"), "train": train.model_dump(mode="json"), "seed": seed}
-    return hashlib.sha256(json.dumps({**described, "train_shards": shards}, sort_keys=True).encode()).hexdigest()
+    return sweep_identity({**described, "train_shards": shards})
 
 
 def _summarise(records: list[TrialRecord], config: TuneConfig, metric: str, shards: str, run: RunDir) -> StageResult:

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
+
+
+def sweep_identity(described: dict) -> str:
+    """A digest of everything a sweep's trials depend on (JSON-able): an interrupted sweep is resumed only
+    when this is unchanged."""
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
 def resumable_sweep(out: Path, trainable, identity: str, stage: str, also_clear: tuple[str, ...] = ()):

@@ -11,17 +11,15 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
 
 from cluster.recipe import LoomConfig, load_config
 from tests.conftest import REPO_ROOT, SMALL_MODEL, TINY, free_port
-from tests.helpers import finished_trials, wait_for
+from tests.helpers import kill_after_first_finished_trial, wait_for
 
 PLANTED_TEXT = "A planted document that appears twice with identical content, so exact dedup drops one copy."
 
@@ -214,17 +212,8 @@ def compress_done(train_done, tiny_config, tmp_path_factory):
     recipe.write_text(yaml.safe_dump(tiny_config.model_dump(mode="json", exclude_none=True)))
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # the driver joins this cluster
     sweep = tiny_config.run_dir() / "compress" / "sweep"
-    with (scratch / "driver.log").open("w") as log:
-        driver = subprocess.Popen(
-            [sys.executable, "-m", "tune.compress", str(recipe)], cwd=REPO_ROOT, env=env, stdout=log, stderr=log
-        )
-        deadline = time.monotonic() + 600
-        while not finished_trials(sweep) and driver.poll() is None and time.monotonic() < deadline:
-            time.sleep(1)
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(timeout=30)
-    kept = finished_trials(sweep)
-    assert driver.returncode == -signal.SIGKILL and len(kept) == 1, ((scratch / "driver.log").read_text()[-3000:], kept)
+    command = [sys.executable, "-m", "tune.compress", str(recipe)]
+    kept = kill_after_first_finished_trial(command, sweep, scratch / "driver.log", 600, cwd=REPO_ROOT, env=env)
     ((kept_id, kept_dir),) = kept.items()
     reports_before = (kept_dir / "result.json").read_text()
     # Ray kills a dead driver's trials; the engine a trial was measuring with must go with it.

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
-from tests.helpers import finished_trials
+from tests.helpers import kill_after_first_finished_trial
 from tests.training import train_worker_pids
 
 pytestmark = pytest.mark.ray
@@ -48,15 +48,7 @@ def test_killed_sweep_driver_resumes_and_a_killed_trial_worker_is_retried(data_d
     command = [sys.executable, "-m", "cluster", "tune", str(recipe)]
     sweep = run_dir / "tune" / "sweep"
 
-    with (tmp_path / "first.log").open("w") as log:
-        driver = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while not finished_trials(sweep) and driver.poll() is None and time.monotonic() < deadline:
-            time.sleep(1)
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(timeout=30)
-    kept = finished_trials(sweep)
-    assert len(kept) == 1, ((tmp_path / "first.log").read_text()[-3000:], kept)
+    kept = kill_after_first_finished_trial(command, sweep, tmp_path / "first.log", 300, cwd=REPO_ROOT, env=env)
     ((kept_id, kept_dir),) = kept.items()
     reports_before = (kept_dir / "result.json").read_text()
 

@@ -16,7 +16,6 @@ beside it.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -27,7 +26,7 @@ from pipelines.runs import RunDir, StageResult, hash_dir
 from pipelines.train.config import TrainConfig
 from tune.compress.config import FAMILIES, CompressConfig
 from tune.compress.front import OBJECTIVES, Candidate, judge, pareto_front, plot_front
-from tune.sweeps import resumable_sweep, trial_progress_callback
+from tune.sweeps import resumable_sweep, sweep_identity, trial_progress_callback
 
 
 def suggest(trial, families: list[str], prune: dict[str, Any], distill: dict[str, Any]) -> None:
@@ -210,7 +209,7 @@ def run_compress(config: CompressConfig, train: TrainConfig, run: RunDir, seed: 
     hashes = {"base_model": hash_dir(inputs["model"]), "val_shards": hash_dir(inputs["val"])}
     settings = config.model_dump(mode="json")
     described = {**settings, **hashes, "seed": seed, "train": train.model_dump(mode="json")}
-    identity = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+    identity = sweep_identity(described)
     resources = {"CPU": config.cpus_per_trial, "GPU": 1 if config.use_gpu else 0}
     base = _base_measurement(out, inputs, settings, identity, resources, hashes)
     trainable = tune.with_resources(
