@@ -106,11 +106,17 @@ def cmd_run(cfg: LoomConfig, args: argparse.Namespace) -> int:
             f"({trained['initial_val_perplexity'] / trained['val_perplexity']:.1f}x lower)",
             flush=True,
         )
-    variants = run.manifest()["stages"].get("compress", {}).get("metrics", {}).get("variants", {})
-    for name, ratios in variants.items():
+    compressed = run.manifest()["stages"].get("compress", {}).get("metrics", {})
+    for name, ratios in compressed.get("variants", {}).items():
         print(
             f"[loom] compressed variant {name}: {ratios['weight_bytes']:.2f}x the base's bytes, "
             f"{ratios['perplexity']:.3f}x its perplexity, {ratios['tokens_per_s']:.2f}x its tokens/s",
+            flush=True,
+        )
+    if draft := compressed.get("draft"):
+        print(
+            f"[loom] speculative decoding with {draft['variant']} as the draft: {draft['acceptance_rate']:.0%} of "
+            f"its tokens accepted, {draft['tokens_per_s']:.2f}x the base's tokens/s",
             flush=True,
         )
     print(f"\n[loom] run directory: {run.root}\n[loom] manifest: {run.manifest_path}", flush=True)

@@ -79,6 +79,22 @@ class LoomConfig(StrictModel):
                         "serves a compressed variant, but compress.enabled is false: no stage makes one",
                     )
                 )
+            if served.engine.speculative is not None:
+                if not self.compress.enabled or "distill" not in self.compress.families:
+                    problems.append(
+                        (
+                            f"serve.models.{model_id}.engine.speculative",
+                            "drafts with a distilled student, but the compress stage trains none "
+                            "(needs compress.enabled: true and distill in compress.families)",
+                        )
+                    )
+                elif served.engine.speculative.draft is None and not self.compress.draft.enabled:
+                    problems.append(
+                        (
+                            f"serve.models.{model_id}.engine.speculative.draft",
+                            "unset means the draft the compress stage measured, but compress.draft.enabled is false",
+                        )
+                    )
             if served.source is not None:
                 continue  # a given directory: only the trained model has this recipe's train.model shape
             if served.engine.max_model_len > model.max_position_embeddings:

@@ -36,6 +36,22 @@ class CompressionLineage(StrictModel):
     base_model: str = Field(description="The trained model it was made from.")
 
 
+class SpeculativeLineage(StrictModel):
+    """The draft a model generates with (speculative decoding) and what the compress stage measured of it."""
+
+    draft: str = Field(description="The distilled variant drafting (its directory under compress/variants/).")
+    draft_source: str = Field(description="Directory the draft was loaded from.")
+    num_speculative_tokens: int = Field(description="Tokens the draft proposes per step.")
+    measured_acceptance_rate: float | None = Field(
+        default=None,
+        description="Share of proposed tokens the model accepted when the compress stage measured this pair with "
+        "as many tokens per step (unset: not measured so).",
+    )
+    measured_tokens_per_s_ratio: float | None = Field(
+        default=None, description="Tokens/s with the draft over without it, in that measurement."
+    )
+
+
 class ModelLineage(StrictModel):
     """Where a served model came from, shown in ``/v1/models``."""
 
@@ -47,11 +63,18 @@ class ModelLineage(StrictModel):
     compression: CompressionLineage | None = Field(
         default=None, description="For a compressed variant: how it was made and what it measured."
     )
+    speculative: SpeculativeLineage | None = Field(
+        default=None, description="The draft model of speculative decoding, if the model has one."
+    )
 
 
 class ServeAppArgs(StrictModel):
     serve_config: ServeConfig = Field(description="The recipe's serve section.")
     model_sources: dict[str, str] = Field(description="Model id -> local Hugging Face directory it is served from.")
+    draft_sources: dict[str, str] = Field(
+        default_factory=dict,
+        description="Model id -> directory of its speculative draft (models with engine.speculative set).",
+    )
     lineage: dict[str, ModelLineage] = Field(default_factory=dict, description="Model id -> its lineage.")
 
     @model_validator(mode="after")
@@ -59,11 +82,18 @@ class ServeAppArgs(StrictModel):
         missing = sorted(set(self.serve_config.models) - set(self.model_sources))
         if missing:
             raise ValueError(f"model_sources lacks a directory for: {', '.join(missing)}")
+        models = self.serve_config.models
+        drafting = {model_id for model_id, model in models.items() if model.engine.speculative is not None}
+        if drafting != set(self.draft_sources):
+            raise ValueError(
+                f"draft_sources must name the draft of exactly the models with engine.speculative ({sorted(drafting)}); "
+                f"it names {sorted(self.draft_sources)}"
+            )
         return self
 
 
-def llm_config(model_id: str, model: ModelConfig, source: str):
-    """One ``LLMConfig`` for the real vLLM engine on CPU or GPU."""
+def llm_config(model_id: str, model: ModelConfig, source: str, draft: str | None = None):
+    """One ``LLMConfig`` for the real vLLM engine on CPU or GPU (with ``draft`` proposing tokens, if given)."""
     from ray.serve.llm import LLMConfig
 
     from serve.engine import LoomLLMServer
@@ -76,6 +106,14 @@ def llm_config(model_id: str, model: ModelConfig, source: str):
         "max_num_seqs": engine.max_num_seqs,
         "enforce_eager": engine.enforce_eager,
     }
+    if engine.speculative is not None:
+        if draft is None:
+            raise ValueError(f"{model_id} has engine.speculative set but no draft directory")
+        engine_kwargs["speculative_config"] = {
+            "method": "draft_model",
+            "model": draft,
+            "num_speculative_tokens": engine.speculative.num_speculative_tokens,
+        }
     env_vars: dict[str, str] = {}
     if model.accelerator == "gpu":
         engine_kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
@@ -124,7 +162,10 @@ def build_app(args: dict[str, Any]):
     }
     return build_openai_app(
         LLMServingArgs(
-            llm_configs=[llm_config(model_id, model, sources[model_id]) for model_id, model in models.items()],
+            llm_configs=[
+                llm_config(model_id, model, sources[model_id], parsed.draft_sources.get(model_id))
+                for model_id, model in models.items()
+            ],
             ingress_cls_config={
                 "ingress_cls": LoomIngress,
                 "ingress_extra_kwargs": {

@@ -12,6 +12,28 @@ from pipelines.compress.variants import family_of, servable_on_vllm
 from pipelines.schema import StrictModel, field_problems
 
 
+class SpeculativeConfig(StrictModel):
+    """Speculative decoding with a distilled student of the run's compress stage as the draft (vLLM's
+    draft-model method): the draft proposes tokens, the served model checks them all in one step."""
+
+    draft: str | None = Field(
+        default=None,
+        description="A distilled variant by name (distilled-..., see compress/variants/). Unset: the student the "
+        "compress stage measured as the trained model's draft (compress/pareto.json 'draft').",
+    )
+    num_speculative_tokens: int = Field(default=3, ge=1, le=16, description="Tokens the draft proposes per step.")
+
+    @field_validator("draft")
+    @classmethod
+    def _distilled(cls, draft: str | None) -> str | None:
+        if draft is not None and family_of(draft) != "distill":
+            raise ValueError(
+                f"{draft!r} is no distilled variant (distilled-...): a draft must be a smaller model with the "
+                "served model's tokenizer"
+            )
+        return draft
+
+
 class EngineConfig(StrictModel):
     """vLLM engine arguments Loom validates; everything vLLM accepts beyond these stays vLLM's default."""
 
@@ -29,6 +51,9 @@ class EngineConfig(StrictModel):
         default=False,
         description="Run the model eagerly, without torch.compile: a replica starts tens of seconds sooner on CPU "
         "and decodes somewhat slower (vLLM's enforce_eager).",
+    )
+    speculative: SpeculativeConfig | None = Field(
+        default=None, description="Speculative decoding with a distilled draft (unset: none)."
     )
 
 

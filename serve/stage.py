@@ -15,8 +15,8 @@ from typing import Any
 import yaml
 
 from pipelines.runs import RunDir, StageResult, hash_dir
-from serve.app import CompressionLineage, ModelLineage, ServeAppArgs, build_app
-from serve.config import ModelConfig, ServeConfig
+from serve.app import CompressionLineage, ModelLineage, ServeAppArgs, SpeculativeLineage, build_app
+from serve.config import ModelConfig, ServeConfig, SpeculativeConfig
 from serve.demo import query_endpoint
 from serve.protection import load_api_keys
 
@@ -46,6 +46,30 @@ def variant_source(model_id: str, model: ModelConfig, run: RunDir) -> Path:
     except VariantUnavailableError as error:
         raise RuntimeError(f"serve.models.{model_id}.variant: {error}") from None
     return run.stage_dir("compress") / "variants" / name
+
+
+def draft_source(model_id: str, model: ModelConfig, source: Path, run: RunDir) -> tuple[Path, dict] | None:
+    """The distilled variant ``model`` drafts with (and its record), checked to share ``source``'s tokenizer."""
+    from pipelines.compress.variants import VariantUnavailableError, choose_draft
+    from pipelines.model.tokenizer import load_tokenizer
+
+    speculative = model.engine.speculative
+    if speculative is None:
+        return None
+    where = f"serve.models.{model_id}.engine.speculative"
+    if not run.is_complete("compress"):
+        raise RuntimeError(
+            f"{where} drafts with a distilled student, but the compress stage has not completed in {run.root}; "
+            "run `loom compress` (compress.enabled: true, distill among its families) first"
+        )
+    try:
+        name, record = choose_draft(run.stage_dir("compress"), speculative.draft)
+    except VariantUnavailableError as error:
+        raise RuntimeError(f"{where}: {error}") from None
+    draft = run.stage_dir("compress") / "variants" / name
+    if load_tokenizer(draft).get_vocab() != load_tokenizer(source).get_vocab():
+        raise RuntimeError(f"{where}: the draft {name} has another tokenizer than {source}; vLLM needs the same")
+    return draft, record
 
 
 def model_sources(config: ServeConfig, run: RunDir) -> dict[str, Path]:
@@ -94,15 +118,39 @@ def compression_lineage(source: Path) -> CompressionLineage | None:
     )
 
 
-def lineage(source: Path, run: RunDir) -> ModelLineage:
+def speculative_lineage(
+    source: Path, draft: tuple[Path, dict] | None, speculative: SpeculativeConfig | None
+) -> SpeculativeLineage | None:
+    """The draft a model generates with, and what the compress stage measured when it drafted for this very
+    model with as many tokens per step (nothing measured otherwise)."""
+    if draft is None or speculative is None:
+        return None
+    path, record = draft
+    tokens = speculative.num_speculative_tokens
+    measured = record.get("speculative")
+    matches = (
+        measured is not None
+        and Path(record["lineage"]["base_model"]) == source
+        and measured["num_speculative_tokens"] == tokens
+    )
+    return SpeculativeLineage(
+        draft=record["name"],
+        draft_source=str(path),
+        num_speculative_tokens=tokens,
+        measured_acceptance_rate=measured["acceptance_rate"] if matches else None,
+        measured_tokens_per_s_ratio=measured["ratios"]["tokens_per_s"] if matches else None,
+    )
+
+
+def lineage(source: Path, run: RunDir, speculative: SpeculativeLineage | None = None) -> ModelLineage:
     """The run, data and train config hashes behind a model this run trained (or compressed from one it
-    trained, with how); just the path otherwise."""
+    trained, with how); just the path otherwise. With the draft it generates with, if any."""
     stages = run.manifest()["stages"]
     train = stages.get("train", {})
     compression = compression_lineage(source)
     trained = Path(train.get("outputs", {}).get("model", ""))
     if trained != source and (compression is None or Path(compression.base_model) != trained):
-        return ModelLineage(source=str(source))
+        return ModelLineage(source=str(source), speculative=speculative)
     return ModelLineage(
         source=str(source),
         run_name=run.root.name,
@@ -110,6 +158,7 @@ def lineage(source: Path, run: RunDir) -> ModelLineage:
         train_config_hash=train.get("config_hash"),
         eval={k: v for k, v in train.get("metrics", {}).items() if k.startswith("val_")},
         compression=compression,
+        speculative=speculative,
     )
 
 
@@ -162,12 +211,21 @@ def run_serve(config: ServeConfig, run: RunDir) -> StageResult:
     from ray import serve
 
     sources = model_sources(config, run)
+    drafts = {
+        model_id: draft_source(model_id, config.models[model_id], source, run) for model_id, source in sources.items()
+    }
     keys = load_api_keys(config.protection)
     host = bind_host(config, keys)
     args = ServeAppArgs(
         serve_config=config,
         model_sources={model_id: str(source) for model_id, source in sources.items()},
-        lineage={model_id: lineage(source, run) for model_id, source in sources.items()},
+        draft_sources={model_id: str(draft[0]) for model_id, draft in drafts.items() if draft},
+        lineage={
+            model_id: lineage(
+                source, run, speculative_lineage(source, drafts[model_id], config.models[model_id].engine.speculative)
+            )
+            for model_id, source in sources.items()
+        },
     )
     out = run.begin("serve")
     config_path = out / "serve_config.yaml"
@@ -182,7 +240,10 @@ def run_serve(config: ServeConfig, run: RunDir) -> StageResult:
     for answer in answers:
         print(f"\n[{answer.kind}] {answer.prompt!r}\n  -> {answer.text!r}", flush=True)
     return StageResult(
-        inputs={f"model:{model_id}": hash_dir(source) for model_id, source in sources.items()},
+        inputs={
+            **{f"model:{model_id}": hash_dir(source) for model_id, source in sources.items()},
+            **{f"draft:{model_id}": hash_dir(draft[0]) for model_id, draft in drafts.items() if draft},
+        },
         outputs={"endpoint": url, "models": list(sources), "serve_config": str(config_path)},
         metrics={"demo_answers": len(answers), "demo_nonempty": sum(bool(a.text) for a in answers)},
     )

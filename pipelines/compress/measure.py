@@ -41,6 +41,19 @@ class Measurement:
     p50_latency_ms: float
 
 
+@dataclass
+class SpeculativeMeasurement:
+    """A model generating with a draft model proposing ``num_speculative_tokens`` tokens per step (vLLM's
+    draft-model method), at the same load as ``Measurement``."""
+
+    num_speculative_tokens: int
+    tokens_per_s: float
+    p50_latency_ms: float
+    acceptance_rate: float  # accepted draft tokens / proposed draft tokens
+    mean_accepted_tokens: float  # accepted draft tokens per step
+    draft_tokens: int
+
+
 def held_out_rows(val_dir: Path, max_rows: int) -> list[list[int]]:
     """The first ``max_rows`` packed rows of the held-out shards, in file-name order (the same every call)."""
     import pyarrow.parquet as pq
@@ -99,11 +112,11 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def measure_vllm(model_dir: Path, rows: list[list[int]], load: Load, timeout_s: float = 900) -> Measurement:
-    """vLLM's measurement of ``model_dir``, run by ``python -m pipelines.compress.probe`` in a child process."""
+def _probe(request: dict, timeout_s: float) -> dict:
+    """``python -m pipelines.compress.probe`` on ``request`` in a child process; its JSON answer."""
     with tempfile.TemporaryDirectory() as scratch:
-        request, answer = Path(scratch) / "request.json", Path(scratch) / "answer.json"
-        request.write_text(json.dumps({"model": str(model_dir), "rows": rows, "load": asdict(load)}))
+        request_path, answer = Path(scratch) / "request.json", Path(scratch) / "answer.json"
+        request_path.write_text(json.dumps(request))
         env = {
             **os.environ,
             # The engine in the probe's own process: no second interpreter to start (~30 s on 2 cores).
@@ -112,7 +125,7 @@ def measure_vllm(model_dir: Path, rows: list[list[int]], load: Load, timeout_s: 
             "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
         }
         done = subprocess.run(
-            [sys.executable, "-m", "pipelines.compress.probe", str(request), str(answer)],
+            [sys.executable, "-m", "pipelines.compress.probe", str(request_path), str(answer)],
             env=env,
             preexec_fn=_die_with_parent,
             capture_output=True,
@@ -120,6 +133,32 @@ def measure_vllm(model_dir: Path, rows: list[list[int]], load: Load, timeout_s: 
             timeout=timeout_s,
         )
         if done.returncode != 0 or not answer.is_file():
-            raise RuntimeError(f"vLLM could not measure {model_dir} (exit {done.returncode}): {done.stderr[-3000:]}")
-        result = json.loads(answer.read_text())
+            raise RuntimeError(
+                f"vLLM could not measure {request['model']} (exit {done.returncode}): {done.stderr[-3000:]}"
+            )
+        return json.loads(answer.read_text())
+
+
+def measure_vllm(model_dir: Path, rows: list[list[int]], load: Load, timeout_s: float = 900) -> Measurement:
+    """vLLM's measurement of ``model_dir``, in a child process."""
+    result = _probe({"model": str(model_dir), "rows": rows, "load": asdict(load)}, timeout_s)
     return Measurement(engine="vllm", weight_bytes=weight_bytes(model_dir), **result)
+
+
+def measure_speculative(
+    model_dir: Path,
+    draft_dir: Path,
+    num_speculative_tokens: int,
+    rows: list[list[int]],
+    load: Load,
+    timeout_s: float = 900,
+) -> SpeculativeMeasurement:
+    """vLLM generating with ``model_dir`` and ``draft_dir`` as its draft (same vocabulary), in a child process."""
+    request = {
+        "model": str(model_dir),
+        "rows": rows,
+        "load": asdict(load),
+        "draft": str(draft_dir),
+        "num_speculative_tokens": num_speculative_tokens,
+    }
+    return SpeculativeMeasurement(num_speculative_tokens=num_speculative_tokens, **_probe(request, timeout_s))

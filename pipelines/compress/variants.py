@@ -45,6 +45,29 @@ class VariantUnavailableError(ValueError):
     pass
 
 
+def choose_draft(compress_dir: Path, name: str | None = None) -> tuple[str, dict[str, Any]]:
+    """The distilled variant to draft with, and its record: ``name`` if the compress stage kept it, else the
+    student the stage measured as the draft (``pareto.json``'s ``draft``)."""
+    pareto = compress_dir / "pareto.json"
+    if not pareto.is_file():
+        raise FileNotFoundError(f"{pareto} does not exist: the compress stage has not completed")
+    if name is None:
+        measured = json.loads(pareto.read_text()).get("draft")
+        if measured is None:
+            raise VariantUnavailableError(
+                "the compress stage measured no draft: it trained no distilled student (add distill to "
+                "compress.families and a distill point to compress.try_first) or compress.draft.enabled is false"
+            )
+        name = measured["variant"]
+    record = compress_dir / "variants" / name / RECORD
+    if family_of(name) != "distill" or not record.is_file():
+        kept = sorted(p.parent.name for p in (compress_dir / "variants").glob(f"{DISTILLED_PREFIX}*/{RECORD}"))
+        raise VariantUnavailableError(
+            f"the compress stage kept no distilled variant {name!r}; its distilled variants: {', '.join(kept) or 'none'}"
+        )
+    return name, json.loads(record.read_text())
+
+
 def choose(
     front: dict[str, dict[str, Any]],
     accelerator: Literal["cpu", "gpu"],

@@ -92,6 +92,36 @@ def test_front_is_non_dominated_and_its_variants_load(compress_done, tiny_config
     assert record["metrics"]["trials"] == 4 and record["metrics"]["front"] == [m["name"] for m in front]
 
 
+def test_the_student_is_measured_as_the_models_speculative_draft_in_vllm(compress_done, tiny_config):
+    from transformers import AutoConfig
+
+    run_dir = tiny_config.run_dir()
+    pareto = json.loads((run_dir / "compress" / "pareto.json").read_text())
+    student = next(t for t in pareto["trials"] if t["recipe"]["family"] == "distill")
+    draft = pareto["draft"]
+    assert (draft["variant"], draft["trial_id"], draft["method"]) == (
+        student["name"],
+        student["trial_id"],
+        "draft_model",
+    )
+    tokens = tiny_config.compress.draft.num_speculative_tokens
+    assert draft["num_speculative_tokens"] == tokens
+    # vLLM's own counters: every proposed token was checked, and at most all of them were accepted.
+    speed = tiny_config.compress.speed
+    assert draft["draft_tokens"] >= speed.requests * speed.new_tokens / (tokens + 1)
+    assert 0 <= draft["acceptance_rate"] <= 1 and 0 <= draft["mean_accepted_tokens"] <= tokens
+    assert draft["ratios"]["tokens_per_s"] == pytest.approx(
+        draft["tokens_per_s"] / pareto["base"]["vllm"]["tokens_per_s"]
+    )
+    # Kept for serving as a draft, on the front or not, with the measurement in its record.
+    variant = run_dir / "compress" / "variants" / draft["variant"]
+    record = json.loads((variant / "compression.json").read_text())
+    assert record["speculative"] == draft and record["recipe"]["family"] == "distill"
+    assert AutoConfig.from_pretrained(variant).num_hidden_layers == 1
+    metrics = json.loads((run_dir / "manifest.json").read_text())["stages"]["compress"]["metrics"]
+    assert metrics["draft"]["variant"] == draft["variant"]
+
+
 def test_killed_sweep_driver_resumes_keeping_its_finished_candidates(compress_done, tiny_config):
     run_dir = tiny_config.run_dir()
     pareto = json.loads((run_dir / "compress" / "pareto.json").read_text())

@@ -35,7 +35,8 @@ FULL = {"ignore_eos": True}  # token counts as a property of the server, not of 
 def endpoint(ray_cluster, train_done, lora_done, compress_done, tiny_config, tmp_path_factory):
     """MAIN, the run's trained model, autoscales 1..2 on a hair trigger; SECOND, its LoRA fine-tune
     (adapters merged, tests/ray/test_train_lora.py), and SMALL, the smallest compressed variant vLLM on CPU
-    serves (tests/ray/test_compress.py's sweep), stay at 1 replica."""
+    serves (tests/ray/test_compress.py's sweep) with the sweep's distilled student as its speculative draft,
+    stay at 1 replica."""
     from serve.stage import shutdown
 
     secrets = tmp_path_factory.mktemp("secrets") / "api-keys"
@@ -55,7 +56,11 @@ def endpoint(ray_cluster, train_done, lora_done, compress_done, tiny_config, tmp
             "models": {
                 MAIN: {**served, "autoscaling": fast_scaling},
                 SECOND: {**served, "source": lora_done[1]["outputs"]["model"]},
-                SMALL: {**served, "variant": {"rule": "smallest", "max_perplexity_increase": 0.05}},
+                SMALL: {
+                    **served,
+                    "variant": {"rule": "smallest", "max_perplexity_increase": 0.05},
+                    "engine": {**served["engine"], "speculative": {"num_speculative_tokens": 2}},
+                },
             },
             "protection": {
                 "api_keys_env": None,
@@ -126,6 +131,12 @@ def test_every_endpoint_answers_both_models_with_lineage(endpoint, tiny_config):
     assert small["compression"]["weight_bytes"] == smallest["weight_bytes"]
     assert small["compression"]["ratios"]["weight_bytes"] < 1
     assert small["train_config_hash"] == manifest["stages"]["train"]["config_hash"]  # made from this run's model
+    # Its draft: the student the sweep measured as the trained model's (measured with 3 tokens, not for a variant).
+    assert small["speculative"]["draft"] == pareto["draft"]["variant"]
+    assert (
+        small["speculative"]["num_speculative_tokens"] == 2 and small["speculative"]["measured_acceptance_rate"] is None
+    )
+    assert lineage["speculative"] is None
 
     for model in (MAIN, SECOND, SMALL):
         done = api.completions.create(model=model, prompt="import os", max_tokens=5, temperature=0, extra_body=FULL)
@@ -311,6 +322,9 @@ def test_requests_rejects_latency_engine_and_scaling_metrics_reach_prometheus(en
     assert total(samples, "ray_loom_serve_requests_total", model=SECOND, route="models", status="200") >= 1
     assert total(samples, "ray_loom_serve_request_latency_s_count", model=MAIN, route="completions") >= 12
     assert any("generation_tokens" in name for name in samples), "no vLLM engine metrics"
+    # SMALL generated with its draft: the engine counted the tokens proposed (and only SMALL drafts).
+    assert total(samples, "ray_vllm_spec_decode_num_draft_tokens_total", model_name=SMALL) > 0
+    assert total(samples, "ray_vllm_spec_decode_num_draft_tokens_total", model_name=MAIN) == 0
     # Every series the shipped Grafana dashboard plots is one the endpoint really exports. The engine
     # records its gauges (KV cache use, running/waiting requests) while it serves, and a replica that
     # replaced a killed one has served nothing yet: so each look comes right after a request.

@@ -251,6 +251,60 @@ def test_serving_a_variant_vllm_cannot_load_here_is_refused_at_validation():
     assert served.serve.models["a"].variant.name == "bnb-nf4"  # vLLM on GPU loads bitsandbytes
 
 
+def _compress_dir(tmp_path, draft):
+    import json
+
+    for name, family in (("w8a8-int8", "w8a8"), ("distilled-l1-h64", "distill"), ("distilled-l1-h32", "distill")):
+        (tmp_path / "variants" / name).mkdir(parents=True)
+        record = {"name": name, "recipe": {"family": family}}
+        (tmp_path / "variants" / name / "compression.json").write_text(json.dumps(record))
+    (tmp_path / "pareto.json").write_text(json.dumps({"variants": ["w8a8-int8"], "draft": draft}))
+    return tmp_path
+
+
+def test_the_draft_is_the_measured_student_or_a_kept_distilled_variant_by_name(tmp_path):
+    from pipelines.compress.variants import VariantUnavailableError, choose_draft
+
+    measured = _compress_dir(tmp_path / "measured", {"variant": "distilled-l1-h64"})
+    assert choose_draft(measured)[0] == "distilled-l1-h64"
+    name, record = choose_draft(measured, "distilled-l1-h32")
+    assert name == record["name"] == "distilled-l1-h32"
+    with pytest.raises(VariantUnavailableError, match="no distilled variant 'distilled-l2-h64'.*distilled-l1-h32"):
+        choose_draft(measured, "distilled-l2-h64")
+    with pytest.raises(VariantUnavailableError, match="no distilled variant 'w8a8-int8'"):
+        choose_draft(measured, "w8a8-int8")
+    with pytest.raises(VariantUnavailableError, match="measured no draft"):
+        choose_draft(_compress_dir(tmp_path / "none", None))
+
+
+def test_the_draft_measured_is_the_student_closest_to_the_base():
+    from tune.compress.front import Candidate
+    from tune.compress.stage import best_student
+
+    def candidate(name, family, perplexity):
+        return Candidate(name, {"family": family}, "vllm", True, perplexity, 100, 10.0, 5.0, trial_id=name)
+
+    assert best_student([candidate("w8a8-int8", "w8a8", 1.0)]) is None
+    students = [candidate("distilled-l1-h32", "distill", 9.0), candidate("distilled-l1-h64", "distill", 7.0)]
+    assert best_student([candidate("w8a8-int8", "w8a8", 1.0), *students]).name == "distilled-l1-h64"
+
+
+def test_speculative_drafts_must_be_distilled_students_the_recipe_makes():
+    from cluster.recipe import ConfigError, load_config
+    from tests.conftest import TINY
+
+    with pytest.raises(ConfigError, match=r"speculative.draft: .*'w8a8-int8' is no distilled variant"):
+        load_config(TINY, ["serve.models.loom-tiny.engine.speculative={draft: w8a8-int8}"])
+    with pytest.raises(ConfigError, match="speculative: drafts with a distilled student, but the compress stage"):
+        load_config(
+            TINY, ["compress.families=[w8a8]", "compress.try_first=[]", "serve.models.loom-tiny.engine.speculative={}"]
+        )
+    with pytest.raises(ConfigError, match="compress.draft.enabled is false"):
+        load_config(TINY, ["compress.draft.enabled=false", "serve.models.loom-tiny.engine.speculative={}"])
+    drafted = load_config(TINY, ["serve.models.loom-tiny.engine.speculative={num_speculative_tokens: 2}"])
+    assert drafted.serve.models["loom-tiny"].engine.speculative.num_speculative_tokens == 2
+
+
 def test_distillation_loss_is_the_teachers_kl_blended_with_the_data_loss():
     from pipelines.compress.distill import distillation_loss
 

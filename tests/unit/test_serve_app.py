@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 import yaml
@@ -27,6 +28,47 @@ def test_cpu_llm_config():
     scaling = config.deployment_config["autoscaling_config"]
     assert (scaling["min_replicas"], scaling["initial_replicas"], scaling["max_replicas"]) == (1, 1, 3)
     assert config.deployment_config["max_queued_requests"] == 256
+
+
+def test_a_drafting_model_gets_vllms_draft_model_method_and_needs_its_draft():
+    serve = load_config(TINY, ["serve.models.loom-tiny.engine.speculative={num_speculative_tokens: 2}"]).serve
+    config = llm_config("loom-tiny", serve.models["loom-tiny"], "/models/m", draft="/models/student")
+    assert config.engine_kwargs["speculative_config"] == {
+        "method": "draft_model",
+        "model": "/models/student",
+        "num_speculative_tokens": 2,
+    }
+    assert (
+        "speculative_config"
+        not in llm_config("loom-tiny", load_config(TINY).serve.models["loom-tiny"], "/m").engine_kwargs
+    )
+    with pytest.raises(ValueError, match="no draft directory"):
+        llm_config("loom-tiny", serve.models["loom-tiny"], "/models/m")
+    with pytest.raises(ValueError, match=r"draft of exactly the models with engine.speculative \(\['loom-tiny'\]\)"):
+        ServeAppArgs(serve_config=serve, model_sources={"loom-tiny": "/models/m"})
+
+
+def test_the_measured_acceptance_is_shown_only_for_the_pair_and_tokens_measured(tmp_path):
+    from serve.config import SpeculativeConfig
+    from serve.stage import speculative_lineage
+
+    measured = {"num_speculative_tokens": 3, "acceptance_rate": 0.6, "ratios": {"tokens_per_s": 1.4}}
+    record = {"name": "distilled-l1-h64", "lineage": {"base_model": "/run/train/model"}, "speculative": measured}
+    draft = (tmp_path / "distilled-l1-h64", record)
+    same = speculative_lineage(Path("/run/train/model"), draft, SpeculativeConfig(num_speculative_tokens=3))
+    assert (same.draft, same.measured_acceptance_rate, same.measured_tokens_per_s_ratio) == (
+        "distilled-l1-h64",
+        0.6,
+        1.4,
+    )
+    other_tokens = speculative_lineage(Path("/run/train/model"), draft, SpeculativeConfig(num_speculative_tokens=4))
+    assert other_tokens.num_speculative_tokens == 4 and other_tokens.measured_acceptance_rate is None
+    other_target = speculative_lineage(Path("/run/compress/variants/w8a8-int8"), draft, SpeculativeConfig())
+    assert (
+        other_target.draft_source == str(tmp_path / "distilled-l1-h64")
+        and other_target.measured_acceptance_rate is None
+    )
+    assert speculative_lineage(Path("/run/train/model"), None, None) is None
 
 
 def test_gpu_llm_config_uses_gpu_bundles():

@@ -78,6 +78,16 @@ class SpeedLoad(StrictModel):
     new_tokens: int = Field(default=32, ge=1, description="Tokens each request generates (end of sequence ignored).")
 
 
+class DraftProbe(StrictModel):
+    """The best distilled student (lowest perplexity) measured as the model's speculative-decoding draft in
+    vLLM (its draft-model method), and kept under variants/ whether or not it is on the front."""
+
+    enabled: bool = Field(default=True, description="Measure the student as a draft when the sweep trained one.")
+    num_speculative_tokens: int = Field(
+        default=3, ge=1, le=16, description="Tokens the draft proposes per step, for the target to check at once."
+    )
+
+
 class CandidatePoint(StrictModel):
     """A candidate the sweep measures before Optuna proposes its own (e.g. one known to be good)."""
 
@@ -142,6 +152,9 @@ class CompressConfig(StrictModel):
         default=16, ge=1, description="Held-out rows that score heads and channels for pruning."
     )
     speed: SpeedLoad = Field(default_factory=SpeedLoad, description="The load tokens/s and latency are measured under.")
+    draft: DraftProbe = Field(
+        default_factory=DraftProbe, description="Speculative decoding with the distilled student as the draft."
+    )
     use_gpu: bool = Field(default=False, description="Give each trial a GPU (compress and measure on it).")
     cpus_per_trial: int = Field(default=1, ge=1, description="CPUs Ray reserves for each trial.")
 

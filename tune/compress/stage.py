@@ -6,8 +6,10 @@ bound are kept.
 Outputs under ``<run>/compress/``: ``base.json`` (the base model measured in vLLM and in transformers),
 ``sweep/`` (Ray Tune's experiment; a driver killed mid-sweep resumes it), ``pareto.json`` (every
 candidate with its recipe, objectives, ratios to the base and verdict; the front; lineage) and
-``variants/<name>/`` (each front member, a Hugging Face directory with its ``compression.json``); the plot
-is ``<run>/report/compress_pareto.png``.
+``variants/<name>/`` (each front member, a Hugging Face directory with its ``compression.json``). The best
+distilled student is also measured as the base model's speculative-decoding draft in vLLM (tokens/s and
+acceptance rate: ``pareto.json``'s ``draft``) and kept under ``variants/`` for serving as one. The plot is
+``<run>/report/compress_pareto.png``.
 
 Trials run one at a time: a candidate's tokens/s is only comparable to the base's when nothing else runs
 beside it.
@@ -226,7 +228,10 @@ def run_compress(config: CompressConfig, train: TrainConfig, run: RunDir, seed: 
     )
     tuner = resumable_sweep(out, trainable, identity, "compress", also_clear=("candidates", "variants", "students"))
     results = (tuner or _new_sweep(trainable, config, seed, out)).fit()
-    return _summarise(results, base, config, run)
+    candidates, bases, failed = _candidates(results, base)
+    student = best_student(candidates) if config.draft.enabled else None
+    draft = _draft_measurement(out, student, inputs, settings, resources, bases["vllm"]) if student else None
+    return _summarise(candidates, bases, failed, draft, base, config, run)
 
 
 def _base_measurement(
@@ -250,6 +255,46 @@ def _base_measurement(
     base = {"identity": identity, "model": str(inputs["model"]), **hashes, "engines": measured}
     base_file.write_text(json.dumps(base, indent=2) + "\n")
     return base
+
+
+def best_student(candidates: list[Candidate]) -> Candidate | None:
+    """The distilled student closest to the base (lowest perplexity): the draft most likely to be accepted."""
+    students = [c for c in candidates if c.recipe["family"] == "distill"]
+    return min(students, key=lambda c: c.perplexity) if students else None
+
+
+def _measure_draft(base_model: str, draft_dir: str, val_dir: str, config: dict[str, Any]) -> dict[str, Any]:
+    from pipelines.compress.measure import Load, held_out_rows, measure_speculative
+
+    settings = CompressConfig.model_validate(config)
+    rows = held_out_rows(Path(val_dir), settings.eval_rows)
+    load = Load(**settings.speed.model_dump())
+    tokens = settings.draft.num_speculative_tokens
+    return measure_speculative(Path(base_model), Path(draft_dir), tokens, rows, load).__dict__
+
+
+def _draft_measurement(
+    out: Path,
+    student: Candidate,
+    inputs: dict[str, Path],
+    settings: dict[str, Any],
+    resources: dict[str, float],
+    base: Candidate,
+) -> dict[str, Any]:
+    """The base model generating with ``student`` as its speculative draft, in vLLM at the sweep's load."""
+    import ray
+
+    print(f"[loom] compress: measuring {student.name} as the base model's speculative draft", flush=True)
+    measure_remote = ray.remote(_measure_draft).options(num_cpus=resources["CPU"], num_gpus=resources["GPU"])
+    draft_dir = out / "candidates" / student.trial_id
+    measured = ray.get(measure_remote.remote(str(inputs["model"]), str(draft_dir), str(inputs["val"]), settings))
+    return {
+        "variant": student.name,
+        "trial_id": student.trial_id,
+        "method": "draft_model",
+        **measured,
+        "ratios": {"tokens_per_s": measured["tokens_per_s"] / base.tokens_per_s},
+    }
 
 
 def _new_sweep(trainable, config: CompressConfig, seed: int, out: Path):
@@ -319,10 +364,18 @@ def _candidates(results, base: dict[str, Any]) -> tuple[list[Candidate], dict[st
     return candidates, bases, failed
 
 
-def _summarise(results, base: dict[str, Any], config: CompressConfig, run: RunDir) -> StageResult:
-    """Judge every candidate against the base, keep the front as variants, write pareto.json and the plot."""
+def _summarise(
+    candidates: list[Candidate],
+    bases: dict[str, Candidate],
+    failed: list[dict],
+    draft: dict[str, Any] | None,
+    base: dict[str, Any],
+    config: CompressConfig,
+    run: RunDir,
+) -> StageResult:
+    """Judge every candidate against the base, keep the front (and the measured draft) as variants, write
+    pareto.json and the plot."""
     out = run.stage_dir("compress")
-    candidates, bases, failed = _candidates(results, base)
     judge(candidates, bases, config.max_perplexity_increase)
     reference = bases["vllm"]
     judge([reference], bases, config.max_perplexity_increase)
@@ -334,7 +387,10 @@ def _summarise(results, base: dict[str, Any], config: CompressConfig, run: RunDi
         if member.trial_id is None or member.name in kept:  # the base stays in train/model; a repeat adds nothing
             continue
         kept[member.name] = member
-        shutil.copytree(Path(out / "candidates" / member.trial_id), variants / member.name)
+    if draft is not None and draft["variant"] not in kept:  # the draft is served beside its target, front or not
+        kept[draft["variant"]] = next(c for c in candidates if c.trial_id == draft["trial_id"])
+    for name, member in kept.items():
+        shutil.copytree(Path(out / "candidates" / member.trial_id), variants / name)
     lineage = {
         "base_model": base["model"],
         "base_model_hash": base["base_model"],
@@ -342,13 +398,16 @@ def _summarise(results, base: dict[str, Any], config: CompressConfig, run: RunDi
     }
     for name, member in kept.items():
         record = {**member.as_dict(), "lineage": lineage, "path": str(variants / name)}
+        if draft is not None and name == draft["variant"]:
+            record["speculative"] = draft
         (variants / name / RECORD).write_text(json.dumps(record, indent=2) + "\n")
     summary = {
         "objectives": OBJECTIVES,
         "constraint": {"max_perplexity_increase": config.max_perplexity_increase},
         "base": {engine: candidate.as_dict() for engine, candidate in bases.items()},
         "front": [{**m.as_dict(), "path": str(variants / m.name) if m.trial_id else base["model"]} for m in front],
-        "variants": sorted(kept),
+        "variants": sorted({m.name for m in front if m.name in kept}),
+        "draft": draft,
         "trials": [c.as_dict() for c in candidates],
         "failed": failed,
         "lineage": lineage,
@@ -368,5 +427,12 @@ def _summarise(results, base: dict[str, Any], config: CompressConfig, run: RunDi
             "failed": len(failed),
             "front": [m.name for m in front],
             "variants": {name: {k: round(v, 4) for k, v in m.ratios.items()} for name, m in kept.items()},
+            "draft": {
+                "variant": draft["variant"],
+                "acceptance_rate": round(draft["acceptance_rate"], 4),
+                "tokens_per_s": round(draft["ratios"]["tokens_per_s"], 4),
+            }
+            if draft
+            else None,
         },
     )
