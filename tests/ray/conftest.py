@@ -78,6 +78,7 @@ COMPRESS = [
     " {family: prune, heads_kept: 0.5, mlp_kept: 0.5, then_quantize: none},"
     " {family: distill, layers_kept: 0.5, width_kept: 1.0}]",
     "compress.distill={steps: 4, layers_kept: {low: 0.5, high: 0.5}, width_kept: {low: 1.0, high: 1.0}}",
+    "compress.prune.recovery_steps=2",
     "compress.max_perplexity_increase=0.05",
     "compress.eval_rows=8",
     "compress.calibration_rows=4",

@@ -49,6 +49,10 @@ def test_every_family_is_measured_where_it_would_be_served(compress_done, tiny_c
     assert trials["prune"]["recipe"]["kv_head_groups"] == "1/2"
     assert trials["prune"]["recipe"]["mlp_channels"] == "128/256"
     assert 0.55 * full < trials["prune"]["weight_bytes"] < 0.8 * full
+    # The pruned model's recovery: a fine-tune from its pruned weights against the unpruned model's logits.
+    recovered = trials["prune"]["recipe"]
+    assert recovered["recovered_steps"] == recovered["recovery_steps"] == 2
+    assert math.isfinite(recovered["recovered_val_loss"])
     # The student: one of the two layers, trained by Ray Train + DeepSpeed against the model's logits.
     student = trials["distill"]
     assert (student["name"], student["recipe"]["layers"], student["recipe"]["hidden_size"]) == (

@@ -53,6 +53,13 @@ class PruneSpace(StrictModel):
         default_factory=lambda: ["none", "w8a8"],
         description="What may follow pruning: nothing, or w8a8 quantization of the pruned model.",
     )
+    recovery_steps: int = Field(
+        default=0,
+        ge=0,
+        description="Optimizer steps of a recovery fine-tune of every pruned model, from its pruned weights "
+        "against the unpruned model's logits (Ray Train + DeepSpeed, with distill's temperature, alpha and lr), "
+        "before any quantization. 0: none.",
+    )
 
 
 class DistillSpace(StrictModel):

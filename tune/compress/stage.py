@@ -43,11 +43,68 @@ def suggest(trial, families: list[str], prune: dict[str, Any], distill: dict[str
         trial.suggest_float("distill.width_kept", distill["width_kept"]["low"], distill["width_kept"]["high"])
 
 
-def build_candidate(params: dict[str, Any], base: Path, out: Path, calibration: list[list[int]]) -> tuple[str, dict]:
+def distill_into(
+    out: Path,
+    *,
+    settings: CompressConfig,
+    train: TrainConfig,
+    run: RunDir,
+    seed: int,
+    steps: int,
+    model: dict[str, int] | None = None,
+    init_from: Path | None = None,
+) -> dict[str, Any]:
+    """Train a model against the base model's logits on the run's shards (Ray Train + DeepSpeed, with
+    train's workers, batch and fault tolerance; a retried trial resumes from its last checkpoint), export it
+    to ``out`` and return its last metrics: a fresh student of shape ``model``, or ``init_from``'s weights
+    (a pruned model's recovery)."""
+    import ray.tune
+
+    from pipelines.train.trainer import build_trainer, copy_export
+
+    base = run.stage_dir("train") / "model"
+    knobs = settings.distill
+    values = train.model_dump(mode="json")
+    values["model"] = {**values["model"], **(model or {})}
+    values.update(
+        init_from=str(init_from) if init_from else None,
+        lora=None,
+        sft=None,
+        distill={"teacher": str(base), "temperature": knobs.temperature, "alpha": knobs.alpha},
+        lr=knobs.lr or train.lr,
+        max_steps=steps,
+        warmup_steps=min(train.warmup_steps, steps // 4),
+        checkpoint_every=max(1, steps // 2),
+        log_every=steps,
+        eval_every=steps,
+    )
+    trainer = build_trainer(
+        TrainConfig.model_validate(values),
+        run,
+        seed,
+        storage_path=run.stage_dir("compress") / "students",
+        name=ray.tune.get_context().get_trial_id(),
+    )
+    result = trainer.fit()
+    copy_export(result, out)
+    return result.metrics
+
+
+def build_candidate(
+    params: dict[str, Any],
+    out: Path,
+    calibration: list[list[int]],
+    *,
+    settings: CompressConfig,
+    train: TrainConfig,
+    run: RunDir,
+    seed: int,
+) -> tuple[str, dict]:
     """Write the candidate ``params`` describe into ``out``; its name and recipe (with the shape it ended up with)."""
     from pipelines.compress.prune import prune_structured, pruned_shape
     from pipelines.compress.quantize import bnb_quantize, w8a8_int8
 
+    base = run.stage_dir("train") / "model"
     family = params["family"]
     recipe: dict[str, Any] = {"family": family, "description": FAMILIES[family]}
     if family in ("bnb_int8", "bnb_nf4"):
@@ -62,63 +119,49 @@ def build_candidate(params: dict[str, Any], base: Path, out: Path, calibration: 
     heads, width = params["prune.heads_kept"], params["prune.mlp_kept"]
     groups, kept_width = pruned_shape(config, heads, width)
     quantize = params["prune.then_quantize"]
+    recovery = settings.prune.recovery_steps
     recipe.update(
         heads_kept=heads,
         mlp_kept=width,
         then_quantize=quantize,
         kv_head_groups=f"{groups}/{config.num_key_value_heads}",
         mlp_channels=f"{kept_width}/{config.intermediate_size}",
+        recovery_steps=recovery,
     )
     name = f"{PRUNED_PREFIX}g{groups}of{config.num_key_value_heads}-m{kept_width}of{config.intermediate_size}"
-    if quantize == "none":
-        prune_structured(base, out, heads, width, calibration)
-        return name, recipe
-    pruned = out.with_name(out.name + ".pruned")
+    scratch = [out.with_name(out.name + suffix) for suffix in (".pruned", ".recovered")]
+    for leftover in scratch:  # a retried trial's
+        shutil.rmtree(leftover, ignore_errors=True)
+    pruned = out if quantize == "none" and not recovery else scratch[0]
     prune_structured(base, pruned, heads, width, calibration)
-    w8a8_int8(pruned, out)
-    shutil.rmtree(pruned)
-    return f"{name}-w8a8", recipe
+    if recovery:
+        recovered = out if quantize == "none" else scratch[1]
+        metrics = distill_into(
+            recovered, settings=settings, train=train, run=run, seed=seed, steps=recovery, init_from=pruned
+        )
+        recipe.update(recovered_steps=metrics.get("step"), recovered_val_loss=metrics.get("val_loss"))
+        pruned = recovered
+    if quantize == "w8a8":
+        w8a8_int8(pruned, out)
+        name += "-w8a8"
+    for leftover in scratch:
+        shutil.rmtree(leftover, ignore_errors=True)
+    return name, recipe
 
 
 def train_student(
     params: dict[str, Any], settings: CompressConfig, train: TrainConfig, run: RunDir, seed: int, out: Path
 ) -> tuple[str, dict]:
-    """A smaller Llama trained on the run's shards against the base model's logits (Ray Train + DeepSpeed,
-    with train's workers, batch and fault tolerance; a retried trial resumes from its last checkpoint)."""
-    import ray.tune
+    """A smaller Llama trained on the run's shards against the base model's logits."""
     from transformers import AutoConfig
 
     from pipelines.compress.distill import student_shape
-    from pipelines.train.trainer import build_trainer, copy_export
 
-    base = run.stage_dir("train") / "model"
-    teacher = AutoConfig.from_pretrained(base)
+    teacher = AutoConfig.from_pretrained(run.stage_dir("train") / "model")
     layers, width = params["distill.layers_kept"], params["distill.width_kept"]
     shape = student_shape(teacher, layers, width)
     knobs = settings.distill
-    values = train.model_dump(mode="json")
-    values["model"] = {**values["model"], **shape}
-    values.update(
-        init_from=None,
-        lora=None,
-        sft=None,
-        distill={"teacher": str(base), "temperature": knobs.temperature, "alpha": knobs.alpha},
-        lr=knobs.lr or train.lr,
-        max_steps=knobs.steps,
-        warmup_steps=min(train.warmup_steps, knobs.steps // 4),
-        checkpoint_every=max(1, knobs.steps // 2),
-        log_every=knobs.steps,
-        eval_every=knobs.steps,
-    )
-    trainer = build_trainer(
-        TrainConfig.model_validate(values),
-        run,
-        seed,
-        storage_path=run.stage_dir("compress") / "students",
-        name=ray.tune.get_context().get_trial_id(),
-    )
-    result = trainer.fit()
-    copy_export(result, out)
+    metrics = distill_into(out, settings=settings, train=train, run=run, seed=seed, steps=knobs.steps, model=shape)
     recipe = {
         "family": "distill",
         "description": FAMILIES["distill"],
@@ -127,8 +170,8 @@ def train_student(
         "layers": f"{shape['num_layers']}/{teacher.num_hidden_layers}",
         "hidden_size": f"{shape['hidden_size']}/{teacher.hidden_size}",
         "steps": knobs.steps,
-        "trained_steps": result.metrics.get("step"),
-        "student_val_loss": result.metrics.get("val_loss"),
+        "trained_steps": metrics.get("step"),
+        "student_val_loss": metrics.get("val_loss"),
         "temperature": knobs.temperature,
         "alpha": knobs.alpha,
     }
@@ -145,7 +188,6 @@ def measure(model_dir: Path, engine: str, rows: list[list[int]], speed: dict[str
 def run_candidate(
     params: dict[str, Any],
     *,
-    base_model: str,
     val_dir: str,
     config: dict[str, Any],
     train: dict[str, Any],
@@ -162,10 +204,14 @@ def run_candidate(
     rows = held_out_rows(Path(val_dir), max(settings.eval_rows, settings.calibration_rows))
     candidate_dir = run.stage_dir("compress") / "candidates" / ray.tune.get_context().get_trial_id()
     shutil.rmtree(candidate_dir, ignore_errors=True)
+    train_config = TrainConfig.model_validate(train)
     if params["family"] == "distill":
-        name, recipe = train_student(params, settings, TrainConfig.model_validate(train), run, seed, candidate_dir)
+        name, recipe = train_student(params, settings, train_config, run, seed, candidate_dir)
     else:
-        name, recipe = build_candidate(params, Path(base_model), candidate_dir, rows[: settings.calibration_rows])
+        calibration = rows[: settings.calibration_rows]
+        name, recipe = build_candidate(
+            params, candidate_dir, calibration, settings=settings, train=train_config, run=run, seed=seed
+        )
     servable = servable_on_vllm(params["family"], "gpu" if settings.use_gpu else "cpu")
     engine = "vllm" if servable else "transformers"
     measured = measure(candidate_dir, engine, rows[: settings.eval_rows], settings.speed.model_dump())
@@ -217,7 +263,6 @@ def run_compress(config: CompressConfig, train: TrainConfig, run: RunDir, seed: 
     trainable = tune.with_resources(
         tune.with_parameters(
             run_candidate,
-            base_model=str(inputs["model"]),
             val_dir=str(inputs["val"]),
             config=settings,
             train=train.model_dump(mode="json"),
