@@ -76,6 +76,10 @@ class ServeAppArgs(StrictModel):
         description="Model id -> directory of its speculative draft (models with engine.speculative set).",
     )
     lineage: dict[str, ModelLineage] = Field(default_factory=dict, description="Model id -> its lineage.")
+    audit_path: str | None = Field(
+        default=None,
+        description="The audit log's file (serve.audit.path, or the one the serve stage chose); unset: none.",
+    )
 
     @model_validator(mode="after")
     def _every_model_has_a_source(self) -> ServeAppArgs:
@@ -171,6 +175,8 @@ def build_app(args: dict[str, Any]):
                 "ingress_extra_kwargs": {
                     "protection": parsed.serve_config.protection.model_dump(mode="json"),
                     "lineage": lineage,
+                    "audit": parsed.serve_config.audit.model_dump(mode="json"),
+                    "audit_path": parsed.audit_path or parsed.serve_config.audit.path,
                 },
             },
         )

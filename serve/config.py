@@ -190,6 +190,43 @@ class GuardConfig(StrictModel):
         return patterns
 
 
+class JwtConfig(StrictModel):
+    """Bearer JSON Web Tokens from an identity provider, accepted beside the static API keys (PyJWT verifies
+    signature, issuer, audience and expiry). The subject is the caller: its rate bucket and audit name."""
+
+    issuer: str = Field(description="The iss claim every token must carry.")
+    audience: str = Field(description="The aud claim every token must carry (this endpoint's name).")
+    algorithms: list[Literal["HS256", "RS256"]] = Field(
+        default_factory=lambda: ["RS256"], min_length=1, description="Signature algorithms accepted."
+    )
+    secret_env: str | None = Field(
+        default="LOOM_JWT_SECRET", description="HS256: environment variable (of the Serve replicas) with the secret."
+    )
+    public_key_file: str | None = Field(
+        default=None, description="RS256: the issuer's public key, PEM, read at ingress start on every node."
+    )
+    models_claim: str = Field(
+        default="models",
+        description="Claim listing the model ids a token may use (a list, or a space-separated string); a "
+        "model outside it is a 403. A token without the claim may use every model.",
+    )
+    rate_claim: str = Field(
+        default="rpm", description="Claim with the caller's own requests per minute (unset: requests_per_minute)."
+    )
+    leeway_s: float = Field(default=30, ge=0, description="Clock skew allowed on exp and nbf.")
+
+    @model_validator(mode="after")
+    def _keys_for_the_algorithms(self) -> JwtConfig:
+        problems = []
+        if "HS256" in self.algorithms and not self.secret_env:
+            problems.append(("secret_env", "HS256 needs the environment variable holding its secret"))
+        if "RS256" in self.algorithms and not self.public_key_file:
+            problems.append(("public_key_file", "RS256 needs the issuer's public key file"))
+        if problems:
+            raise field_problems(problems)
+        return self
+
+
 class ProtectionConfig(StrictModel):
     """What the ingress checks before a request reaches a model."""
 
@@ -206,6 +243,12 @@ class ProtectionConfig(StrictModel):
     )
     burst: int = Field(
         default=60, ge=1, description="Requests a key may send at once above its rate (unless its file line sets one)."
+    )
+    max_concurrent_per_key: int = Field(
+        default=32,
+        ge=1,
+        description="Requests one key may have in progress at once (per ingress replica), streams until their "
+        "last chunk; more get 429. Bounds what one key holds of the engines, whatever its rate.",
     )
     max_body_bytes: int = Field(default=1 << 20, ge=256, description="Largest request body accepted (413 above).")
     max_prompt_chars: int = Field(default=32_768, ge=1, description="Longest prompt (all messages) in characters.")
@@ -225,6 +268,7 @@ class ProtectionConfig(StrictModel):
     max_stop_sequences: int = Field(default=4, ge=0, description="Most stop sequences in one request.")
     max_messages: int = Field(default=64, ge=1, description="Most messages in one chat request.")
     guard: GuardConfig = Field(default_factory=GuardConfig, description="Prompt-injection guard.")
+    jwt: JwtConfig | None = Field(default=None, description="Accept bearer JWTs too (unset: API keys only).")
 
     @model_validator(mode="after")
     def _total_holds_one_answer(self) -> ProtectionConfig:
@@ -240,6 +284,24 @@ class ProtectionConfig(StrictModel):
         return self
 
 
+class AuditConfig(StrictModel):
+    """One JSON line per request, answered or refused: time, caller (the key's digest prefix, never the key),
+    client address, route, model, status, refusal reason, latency and token counts."""
+
+    enabled: bool = Field(default=True, description="Write the audit log.")
+    path: str | None = Field(
+        default=None,
+        description="File on each ingress replica's node (rotated by size). Unset: <run>/serve/audit.jsonl when "
+        "the serve stage deploys; nothing when the app is deployed some other way.",
+    )
+    max_bytes: int = Field(default=10 << 20, ge=1024, description="Size at which the file is rotated.")
+    backups: int = Field(default=5, ge=0, description="Rotated files kept (audit.jsonl.1 ...).")
+    include_prompts: bool = Field(
+        default=False, description="Also record each request's prompt or messages (off: prompts are never written)."
+    )
+    to_serve_log: bool = Field(default=False, description="Also write each line to Ray Serve's replica log.")
+
+
 class ServeConfig(StrictModel):
     models: dict[str, ModelConfig] = Field(
         default_factory=lambda: {"loom-tiny": ModelConfig()},
@@ -247,6 +309,7 @@ class ServeConfig(StrictModel):
         description="Model id (the 'model' of OpenAI requests) -> how it is served.",
     )
     protection: ProtectionConfig = Field(default_factory=ProtectionConfig, description="Ingress checks.")
+    audit: AuditConfig = Field(default_factory=AuditConfig, description="The audit log of requests.")
     host: str = Field(
         default="127.0.0.1", description="Address the HTTP proxy binds; without API keys always 127.0.0.1."
     )

@@ -4,7 +4,7 @@
 which routes every OpenAI path to the method of the same name. Each route only admits (key, rate
 and size checks before the body is read; then the payload limits and guard of ``serve.protection``)
 and delegates to the stock ingress. ``answered`` is the one place where a route's outcome becomes
-metrics and any exception becomes a response: a ``Rejection`` its 4xx, the engine's own 4xx itself,
+metrics and an audit line, and any exception becomes a response: a ``Rejection`` its 4xx, the engine's own 4xx itself,
 a lost replica a 503, anything else a 500 without internal text. ``error_response`` is the one
 error constructor, its OpenAI ``type`` derived from the status.
 """
@@ -16,7 +16,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Any
 
 from fastapi import Request
@@ -25,8 +25,10 @@ from ray.exceptions import RayActorError
 from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from vllm.exceptions import VLLMClientError
 
-from serve.config import ProtectionConfig
+from serve.audit import AuditLog, AuditRecord, now, usage_of
+from serve.config import AuditConfig, ProtectionConfig
 from serve.protection import Protection, Rejection, load_api_keys
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,44 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def parse_json(body: bytes) -> Any:
+    """A request body as JSON, or a 400 saying why not (never the parser's own exception)."""
+    try:
+        return json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError as err:
+        raise Rejection(400, "malformed", "request body is nested too deeply") from err
+    except ValueError as err:  # also invalid UTF-8, and integers longer than Python converts (4,300 digits)
+        raise Rejection(400, "malformed", f"request body is not valid JSON: {str(err)[:200]}") from err
+
+
+def checked_request(
+    payload: Any, request_type: type, *, protection: Protection, caller: Any, served: Collection[str], state: Any
+) -> Any:
+    """A decoded body through the limits, the guard, the model check and the OpenAI request model: the
+    parsed request, or a 4xx naming the problem. The model goes to ``state.model`` once known."""
+    protection.check_payload(payload)
+    model = str(payload.get("model", ""))
+    if model not in served:
+        known = ", ".join(sorted(served))
+        raise Rejection(404, "unknown-model", f"model {model!r} is not served here (served: {known})")
+    state.model = model
+    protection.check_model(caller, model)
+    try:
+        return request_type.model_validate(payload)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}"[:300] for e in err.errors(include_url=False)
+        )
+        raise Rejection(400, "invalid-request", problems[:2000]) from err
+    except VLLMClientError as err:  # vLLM's own request checks, e.g. top_logprobs without logprobs
+        raise Rejection(400, "invalid-request", str(err)[:2000]) from err
+    except Exception as err:
+        # A validator tripping over a shape it did not expect (e.g. a system message whose content is null):
+        # still the request's fault, so a 400; the exception's own text stays in the log.
+        log.warning("request validation raised %s", type(err).__name__, exc_info=err)
+        raise Rejection(400, "invalid-request", "the request's fields do not form a valid request") from err
+
+
 def answered(route: str):
     """Route decorator: times the route, records its outcome, and turns an exception into its response.
 
@@ -130,17 +170,21 @@ def answered(route: str):
             try:
                 response = await method(self, *args, **kwargs)
             except Exception as err:
+                self._release(request)
                 refusal = as_rejection(err)
                 model = getattr(request.state, "model", kwargs.get("model", ""))
                 if refusal.status < 500:
                     self.metrics.rejects.inc(tags={"reason": refusal.reason})
                 self.metrics.answered(model, route, refusal.status, started)
+                self._audit(request, route, model, refusal.status, started, reason=refusal.reason)
                 return error_response(refusal.status, refusal.reason, refusal.message, refusal.retry_after_s)
             model = getattr(request.state, "model", kwargs.get("model", ""))
             if isinstance(response, StreamingResponse):
-                response.body_iterator = self._measured_stream(response.body_iterator, model, route, started)
+                response.body_iterator = self._measured_stream(response.body_iterator, request, model, route, started)
             else:
+                self._release(request)
                 self.metrics.answered(model, route, response.status_code, started)
+                self._audit(request, route, model, response.status_code, started, body=response.body)
             return response
 
         return route_method
@@ -158,6 +202,8 @@ class LoomIngress(OpenAiIngress):
         *,
         protection: dict[str, Any],
         lineage: dict[str, dict[str, Any]] | None = None,
+        audit: dict[str, Any] | None = None,
+        audit_path: str | None = None,
         lora_paths=None,
     ):
         for model_id, card in model_cards.items():
@@ -167,41 +213,71 @@ class LoomIngress(OpenAiIngress):
         config = ProtectionConfig.model_validate(protection)
         self.protection = Protection(config, load_api_keys(config))
         if not self.protection.keys.enabled:
-            log.warning("NO API KEYS CONFIGURED: the endpoint accepts every request; bind it to loopback only")
+            log.warning("NO API KEYS OR JWT CONFIGURED: the endpoint accepts every request; bind it to loopback only")
         self.metrics = IngressMetrics()
+        self.audit = AuditLog(AuditConfig.model_validate(audit or {}), audit_path, logging.getLogger("ray.serve"))
+
+    def _audit(
+        self,
+        request: Request,
+        route: str,
+        model: str,
+        status: int,
+        started: float,
+        reason: str | None = None,
+        body: bytes | str = b"",
+    ) -> None:
+        caller = getattr(request.state, "caller", None)
+        self.audit.write(
+            AuditRecord(
+                time=now(),
+                caller=caller.id if caller is not None else None,
+                client=request.client.host if request.client else None,
+                route=route,
+                model=model,
+                status=status,
+                reason=reason,
+                latency_ms=round((time.monotonic() - started) * 1000, 1),
+                prompt=getattr(request.state, "prompt", None),
+                **usage_of(body),
+            )
+        )
 
     async def _admit(self, request: Request) -> None:
-        self.protection.admit(request.headers.get("authorization"), request.headers.get("content-length"))
+        """Key, rate and declared size; then the request counts toward its key's concurrency until
+        ``answered`` (or, for a stream, its last chunk) releases it."""
+        caller = self.protection.admit(request.headers.get("authorization"), request.headers.get("content-length"))
+        request.state.caller = caller
+        self.protection.hold(caller)
+        request.state.held = caller
 
-    async def _read_json(self, request: Request) -> Any:
+    def _release(self, request: Request) -> None:
+        held = getattr(request.state, "held", None)
+        if held is not None:
+            request.state.held = None
+            self.protection.release(held)
+
+    async def _read_body(self, request: Request) -> bytes:
         body = bytearray()
         async for chunk in request.stream():  # bounded even without (or with a false) Content-Length
             body += chunk
             self.protection.check_size(len(body))
-        try:
-            return json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
-        except RecursionError as err:
-            raise Rejection(400, "malformed", "request body is nested too deeply") from err
-        except ValueError as err:  # also invalid UTF-8, and integers longer than Python converts (4,300 digits)
-            raise Rejection(400, "malformed", f"request body is not valid JSON: {str(err)[:200]}") from err
+        return bytes(body)
 
     async def _request_body(self, request: Request, request_type: type) -> Any:
         """The admitted, checked and parsed body; its model is noted for the metrics."""
         await self._admit(request)
-        payload = await self._read_json(request)
-        self.protection.check_payload(payload)
-        model = str(payload.get("model", ""))
-        if model not in self._model_cards:
-            known = ", ".join(sorted(self._model_cards))
-            raise Rejection(404, "unknown-model", f"model {model!r} is not served here (served: {known})")
-        request.state.model = model
-        try:
-            return request_type.model_validate(payload)
-        except ValidationError as err:
-            problems = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors(include_url=False)
-            )
-            raise Rejection(400, "invalid-request", problems) from err
+        payload = parse_json(await self._read_body(request))
+        if self.audit.config.include_prompts and isinstance(payload, dict):
+            request.state.prompt = payload.get("messages", payload.get("prompt"))
+        return checked_request(
+            payload,
+            request_type,
+            protection=self.protection,
+            caller=request.state.caller,
+            served=self._model_cards,
+            state=request.state,
+        )
 
     @answered("models")
     async def models(self, request: Request) -> Response:
@@ -214,6 +290,7 @@ class LoomIngress(OpenAiIngress):
         if model not in self._model_cards:
             known = ", ".join(sorted(self._model_cards))
             raise Rejection(404, "unknown-model", f"model {model!r} is not served here (served: {known})")
+        self.protection.check_model(request.state.caller, model)
         return JSONResponse((await super().model_data(model)).model_dump())
 
     @answered("completions")
@@ -258,12 +335,19 @@ class LoomIngress(OpenAiIngress):
                 await asyncio.sleep(0.5)
 
     async def _measured_stream(
-        self, chunks: AsyncIterator[Any], model: str, route: str, started: float
+        self, chunks: AsyncIterator[Any], request: Request, model: str, route: str, started: float
     ) -> AsyncIterator[Any]:
         first = True
-        async for chunk in chunks:
-            if first:
-                self.metrics.first_token.observe(time.monotonic() - started, tags={"model": model})
-                first = False
-            yield chunk
+        usage: bytes | str = b""  # the last chunk that carries token counts (stream_options.include_usage)
+        try:
+            async for chunk in chunks:
+                if first:
+                    self.metrics.first_token.observe(time.monotonic() - started, tags={"model": model})
+                    first = False
+                if isinstance(chunk, str | bytes) and ("usage" if isinstance(chunk, str) else b"usage") in chunk:
+                    usage = chunk
+                yield chunk
+        finally:  # also when the client goes away mid-stream
+            self._release(request)
         self.metrics.answered(model, route, 200, started)
+        self._audit(request, route, model, 200, started, body=usage)

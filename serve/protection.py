@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serve.config import ProtectionConfig
+from serve.config import JwtConfig, ProtectionConfig
 
 log = logging.getLogger(__name__)
 
@@ -82,40 +82,111 @@ def load_api_keys(config: ProtectionConfig, environ: Mapping[str, str] | None = 
 
 @dataclass(frozen=True)
 class Caller:
-    """Who sent a request: a key's digest prefix (never the key) and that key's limits."""
+    """Who sent a request: a key's digest prefix (never the key) or a token's subject, and its limits."""
 
     id: str
     requests_per_minute: float
     burst: int
+    models: frozenset[str] | None = None  # the models it may use (None: all)
+
+
+class TokenVerifier:
+    """Bearer JWTs (PyJWT): signature, issuer, audience, expiry; the claims say who and what."""
+
+    def __init__(self, config: JwtConfig, requests_per_minute: float, burst: int, environ: Mapping[str, str]):
+        self.config = config
+        self.requests_per_minute, self.burst = requests_per_minute, burst
+        self.keys: dict[str, Any] = {}
+        if "HS256" in config.algorithms:
+            secret = environ.get(config.secret_env or "", "")
+            if not secret:
+                raise RuntimeError(
+                    f"serve.protection.jwt: HS256 needs a secret in ${config.secret_env}, which is empty"
+                )
+            self.keys["HS256"] = secret
+        if "RS256" in config.algorithms:
+            path = Path(config.public_key_file or "").expanduser()
+            try:
+                self.keys["RS256"] = path.read_text()
+            except OSError as err:
+                raise RuntimeError(
+                    f"serve.protection.jwt.public_key_file {path}: cannot read it ({err.strerror})"
+                ) from err
+
+    def caller(self, token: str) -> Caller:
+        import jwt
+
+        try:
+            algorithm = jwt.get_unverified_header(token).get("alg")
+            if algorithm not in self.keys:
+                raise jwt.InvalidAlgorithmError(f"algorithm {algorithm!r} is not accepted")
+            claims = jwt.decode(
+                token,
+                self.keys[algorithm],
+                algorithms=[algorithm],
+                audience=self.config.audience,
+                issuer=self.config.issuer,
+                leeway=self.config.leeway_s,
+                options={"require": ["exp", "iss", "aud", "sub"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Rejection(401, "expired-token", "the bearer token has expired") from None
+        except jwt.InvalidAudienceError:
+            raise Rejection(
+                401, "invalid-token", f"the bearer token is not for audience {self.config.audience!r}"
+            ) from None
+        except jwt.InvalidIssuerError:
+            raise Rejection(
+                401, "invalid-token", f"the bearer token was not issued by {self.config.issuer!r}"
+            ) from None
+        except jwt.InvalidTokenError as err:
+            # PyJWT's messages name the claim or check that failed, never the token or the key.
+            raise Rejection(401, "invalid-token", f"invalid bearer token: {err}") from None
+        models = claims.get(self.config.models_claim)
+        if isinstance(models, str):
+            models = models.split()
+        rate = claims.get(self.config.rate_claim)
+        per_minute = float(rate) if isinstance(rate, int | float) and not isinstance(rate, bool) and rate > 0 else None
+        return Caller(
+            id=f"sub:{claims['sub']}"[:128],
+            requests_per_minute=per_minute or self.requests_per_minute,
+            burst=self.burst,
+            models=frozenset(map(str, models)) if isinstance(models, list) else None,
+        )
 
 
 class KeyRing:
-    """Bearer-token check. Only SHA-256 digests are kept, so a key never sits in memory dumps or logs."""
+    """Bearer check: static API keys (only their SHA-256 digests are kept, so a key never sits in memory
+    dumps or logs) and, when configured, JWTs."""
 
-    def __init__(self, keys: list[ApiKey], requests_per_minute: float, burst: int):
+    def __init__(self, keys: list[ApiKey], requests_per_minute: float, burst: int, tokens: TokenVerifier | None = None):
         self._callers = {
             _digest(k.key): Caller(_digest(k.key)[:12], k.requests_per_minute or requests_per_minute, k.burst or burst)
             for k in keys
         }
         self._anonymous = Caller("anonymous", requests_per_minute, burst)
+        self._tokens = tokens
 
     @property
     def enabled(self) -> bool:
-        return bool(self._callers)
+        return bool(self._callers) or self._tokens is not None
 
     def identify(self, authorization: str | None) -> Caller:
-        """The caller behind a valid ``Authorization: Bearer KEY`` header; anyone when no keys are set."""
-        if not self._callers:
+        """The caller behind a valid ``Authorization: Bearer KEY-or-JWT`` header; anyone when no keys are set."""
+        if not self.enabled:
             return self._anonymous
         scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
             raise Rejection(401, "missing-key", "missing API key: send 'Authorization: Bearer <key>'")
-        digest = _digest(token.strip())
+        digest = _digest(token)
         # Constant-time comparison against every digest: no timing hint about how much matched.
         found = [caller for known, caller in self._callers.items() if hmac.compare_digest(digest, known)]
-        if not found:
-            raise Rejection(401, "invalid-key", "invalid API key")
-        return found[0]
+        if found:
+            return found[0]
+        if self._tokens is not None and token.count(".") == 2:
+            return self._tokens.caller(token)
+        raise Rejection(401, "invalid-key", "invalid API key")
 
 
 @dataclass
@@ -157,7 +228,8 @@ def prompt_text(payload: Mapping[str, Any]) -> str:
         parts.append(prompt)
     elif isinstance(prompt, list):
         parts += [item for item in prompt if isinstance(item, str)]
-    for message in payload.get("messages") or []:
+    messages = payload.get("messages")
+    for message in messages if isinstance(messages, list) else []:  # any other shape: the request model's 400
         content = message.get("content") if isinstance(message, Mapping) else None
         if isinstance(content, str):
             parts.append(content)
@@ -186,10 +258,18 @@ def requested_tokens(payload: Mapping[str, Any]) -> Any:
 class Protection:
     """The ingress's checks, in the order a request meets them."""
 
-    def __init__(self, config: ProtectionConfig, keys: list[ApiKey]):
+    def __init__(self, config: ProtectionConfig, keys: list[ApiKey], environ: Mapping[str, str] | None = None):
         self.config = config
-        self.keys = KeyRing(keys, config.requests_per_minute, config.burst)
+        tokens = (
+            TokenVerifier(
+                config.jwt, config.requests_per_minute, config.burst, environ if environ is not None else os.environ
+            )
+            if config.jwt is not None
+            else None
+        )
+        self.keys = KeyRing(keys, config.requests_per_minute, config.burst, tokens)
         self.limiter = RateLimiter()
+        self._in_flight: dict[str, int] = {}
         self._patterns = (
             {
                 reason: re.compile(pattern, re.IGNORECASE | re.DOTALL)
@@ -206,6 +286,32 @@ class Protection:
         if content_length is not None and content_length.isdigit():
             self.check_size(int(content_length))
         return caller
+
+    def hold(self, caller: Caller) -> None:
+        """Count a request as in progress for its caller; refused past the per-key concurrency limit.
+        Every ``hold`` that returns is matched by one ``release`` when the answer is finished."""
+        held = self._in_flight.get(caller.id, 0)
+        if held >= self.config.max_concurrent_per_key:
+            raise Rejection(
+                429,
+                "concurrency",
+                f"{held} requests of this key are in progress, the limit is {self.config.max_concurrent_per_key}; "
+                "retry when one finishes",
+                retry_after_s=1.0,
+            )
+        self._in_flight[caller.id] = held + 1
+
+    def release(self, caller: Caller) -> None:
+        held = self._in_flight.get(caller.id, 0) - 1
+        if held > 0:
+            self._in_flight[caller.id] = held
+        else:
+            self._in_flight.pop(caller.id, None)
+
+    def check_model(self, caller: Caller, model: str) -> None:
+        """A token scoped to some models may use only those."""
+        if caller.models is not None and model not in caller.models:
+            raise Rejection(403, "model-not-allowed", f"this token may not use model {model!r}")
 
     def check_size(self, size: int) -> None:
         if size > self.config.max_body_bytes:

@@ -163,8 +163,9 @@ def lineage(source: Path, run: RunDir, speculative: SpeculativeLineage | None = 
 
 
 def bound_host(config: ServeConfig, keys: list) -> str:
-    """Without API keys the endpoint is for this machine only, whatever the recipe asks."""
-    return config.host if keys or config.host in LOOPBACK else "127.0.0.1"
+    """Without API keys or JWTs the endpoint is for this machine only, whatever the recipe asks."""
+    authenticated = bool(keys) or config.protection.jwt is not None
+    return config.host if authenticated or config.host in LOOPBACK else "127.0.0.1"
 
 
 def bind_host(config: ServeConfig, keys: list) -> str:
@@ -216,7 +217,9 @@ def run_serve(config: ServeConfig, run: RunDir) -> StageResult:
     }
     keys = load_api_keys(config.protection)
     host = bind_host(config, keys)
+    out = run.begin("serve")
     args = ServeAppArgs(
+        audit_path=config.audit.path or str(out / "audit.jsonl"),
         serve_config=config,
         model_sources={model_id: str(source) for model_id, source in sources.items()},
         draft_sources={model_id: str(draft[0]) for model_id, draft in drafts.items() if draft},
@@ -227,7 +230,6 @@ def run_serve(config: ServeConfig, run: RunDir) -> StageResult:
             for model_id, source in sources.items()
         },
     )
-    out = run.begin("serve")
     config_path = out / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(serve_deploy_config(args, host, config.port), sort_keys=False))
 
@@ -244,7 +246,12 @@ def run_serve(config: ServeConfig, run: RunDir) -> StageResult:
             **{f"model:{model_id}": hash_dir(source) for model_id, source in sources.items()},
             **{f"draft:{model_id}": hash_dir(draft[0]) for model_id, draft in drafts.items() if draft},
         },
-        outputs={"endpoint": url, "models": list(sources), "serve_config": str(config_path)},
+        outputs={
+            "endpoint": url,
+            "models": list(sources),
+            "serve_config": str(config_path),
+            "audit_log": args.audit_path if config.audit.enabled else None,
+        },
         metrics={"demo_answers": len(answers), "demo_nonempty": sum(bool(a.text) for a in answers)},
     )
 

@@ -201,6 +201,31 @@ def test_bad_requests_get_a_4xx_that_names_the_problem(endpoint):
     assert api.completions.create(model=MAIN, prompt="x", max_tokens=2, extra_body=FULL).usage.completion_tokens == 2
 
 
+def test_fuzzed_bodies_never_get_a_5xx_and_the_endpoint_keeps_serving(endpoint):
+    from hypothesis import given, settings
+
+    from tests.fuzz import request_bodies
+
+    config, _ = endpoint
+    statuses: list[int] = []
+
+    # derandomize: the same bodies every run; bounded in count, each request in time.
+    @settings(max_examples=60, deadline=None, derandomize=True, database=None)
+    @given(body=request_bodies(model=MAIN))
+    def check(body):
+        for route in ("/completions", "/chat/completions"):
+            answer = post(config, route, body)
+            statuses.append(answer.status_code)
+            assert answer.status_code < 500, (route, body, answer.text[:500])
+            if answer.status_code >= 400:
+                assert answer.json()["error"]["message"] and "Traceback" not in answer.text
+
+    check()
+    assert 200 in statuses and any(400 <= status < 500 for status in statuses), sorted(set(statuses))
+    api = client(config)
+    assert api.completions.create(model=MAIN, prompt="x", max_tokens=2, extra_body=FULL).usage.completion_tokens == 2
+
+
 def test_rate_limit_is_per_key(endpoint):
     config, _ = endpoint
     url = str(client(config).base_url.join("models"))
@@ -211,6 +236,31 @@ def test_rate_limit_is_per_key(endpoint):
         assert limited.status_code == 429 and "requests/minute" in limited.json()["error"]["message"]
         assert int(limited.headers["Retry-After"]) >= 1
         assert http.get(url, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200  # the other key's bucket
+
+
+def test_every_request_answered_or_refused_has_an_audit_line_without_secrets(endpoint, tiny_config):
+    import hashlib
+
+    config, record = endpoint
+    audit = Path(record["outputs"]["audit_log"])
+    assert audit == tiny_config.run_dir() / "serve" / "audit.jsonl"
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    text = audit.read_text()
+    assert KEY not in text and OTHER_KEY not in text  # callers by digest prefix only
+    assert "Ignore all previous instructions" not in text and "import os" not in text  # prompts are not asked for
+    key_id, other_id = (hashlib.sha256(k.encode()).hexdigest()[:12] for k in (KEY, OTHER_KEY))
+    answered = [
+        line
+        for line in lines
+        if (line["route"], line["model"], line["status"], line["caller"]) == ("completions", MAIN, 200, key_id)
+    ]
+    # test_every_endpoint...'s "import os" completion: 5 tokens; its prompt's tokens counted by vLLM.
+    assert any(line["completion_tokens"] == 5 and line["prompt_tokens"] >= 1 for line in answered), answered[:3]
+    refused = {(line["status"], line["reason"], line["caller"]) for line in lines}
+    assert (401, "missing-key", None) in refused and (401, "invalid-key", None) in refused
+    assert (429, "rate-limit", other_id) in refused
+    assert (400, "guard:ignore-instructions", key_id) in refused and (400, "n", key_id) in refused
+    assert all(line["latency_ms"] >= 0 and line["time"].endswith("+00:00") for line in lines)
 
 
 def running_replicas(model_id: str) -> int:

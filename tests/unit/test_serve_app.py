@@ -167,6 +167,23 @@ def test_rate_limit_is_a_token_bucket_per_key():
     limiter.take(a)
 
 
+def test_a_key_may_hold_only_so_many_requests_at_once():
+    protection = Protection(ProtectionConfig(max_concurrent_per_key=2), [])
+    a, b = Caller("a", requests_per_minute=60, burst=2), Caller("b", requests_per_minute=60, burst=2)
+    protection.hold(a)
+    protection.hold(a)
+    with pytest.raises(Rejection) as caught:
+        protection.hold(a)
+    assert (caught.value.status, caught.value.reason) == (429, "concurrency") and "limit is 2" in caught.value.message
+    protection.hold(b)  # another key's requests are its own
+    protection.release(a)
+    protection.hold(a)  # a finished request frees its place
+    for _ in range(2):
+        protection.release(a)
+    protection.hold(a)
+    protection.hold(a)
+
+
 @pytest.mark.parametrize(
     ("payload", "status", "reason"),
     [
@@ -334,14 +351,214 @@ def test_requests_within_the_amplification_limits_pass():
     ],
 )
 def test_bodies_json_cannot_hold_are_400s(body, named):
-    from serve.ingress import LoomIngress
+    from serve.ingress import parse_json
 
-    class Stream:
-        async def stream(self):
-            yield body
-
-    ingress = LoomIngress.__new__(LoomIngress)  # only the body reader, no Serve replica
-    ingress.protection = Protection(ProtectionConfig(max_body_bytes=1 << 20), keys=[])
     with pytest.raises(Rejection) as caught:
-        asyncio.run(ingress._read_json(Stream()))
+        parse_json(body)
     assert (caught.value.status, caught.value.reason) == (400, "malformed") and named in caught.value.message
+
+
+def test_no_request_body_gets_anything_but_an_answer_or_a_4xx_naming_the_problem():
+    """Property: whatever the body (within the size limit), the ingress's request path either yields a
+    request for the engine or refuses it with a 4xx whose message is no internal exception text."""
+    from types import SimpleNamespace
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+
+    from serve.ingress import checked_request, parse_json
+    from serve.protection import Caller
+    from tests.fuzz import request_bodies
+
+    protection = Protection(ProtectionConfig(max_tokens=64), keys=[])
+    caller = Caller("anonymous", 600, 60)
+
+    # derandomize: the same 400 bodies every run, so the suite passes or fails the same way each time.
+    @settings(
+        max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow], database=None
+    )
+    @given(body=request_bodies(), chat=st.booleans())
+    def check(body, chat):
+        try:
+            checked_request(
+                parse_json(body),
+                ChatCompletionRequest if chat else CompletionRequest,
+                protection=protection,
+                caller=caller,
+                served={"loom-tiny"},
+                state=SimpleNamespace(),
+            )
+        except Rejection as refusal:
+            assert 400 <= refusal.status < 500, refusal.status
+            assert refusal.message and "Traceback" not in refusal.message and len(refusal.message) <= 2000
+
+    check()
+
+
+def test_audit_lines_are_json_rotate_by_size_and_leave_prompts_out_unless_asked(tmp_path):
+    import json
+
+    from serve.audit import AuditLog, AuditRecord
+    from serve.config import AuditConfig
+
+    def record(**changes):
+        fields = dict(
+            time="t",
+            caller="0123abcd",
+            client="127.0.0.1",
+            route="completions",
+            model="m",
+            status=200,
+            reason=None,
+            latency_ms=1.0,
+            prompt="the secret plan",
+        )
+        return AuditRecord(**{**fields, **changes})
+
+    path = tmp_path / "audit" / "audit.jsonl"
+    audit = AuditLog(AuditConfig(max_bytes=2048, backups=2), str(path))
+    audit.write(record(status=429, reason="rate-limit", caller="fedcba987654"))
+    first = json.loads(path.read_text().splitlines()[0])
+    assert (first["status"], first["reason"], first["caller"], first["prompt"]) == (
+        429,
+        "rate-limit",
+        "fedcba987654",
+        None,
+    )
+    for _ in range(40):
+        audit.write(record())
+    audit.close()
+    rotated = sorted(p.name for p in path.parent.iterdir())
+    assert rotated == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"]  # two backups kept, the oldest gone
+    assert all(p.stat().st_size <= 2048 for p in path.parent.iterdir())
+    assert "the secret plan" not in "".join(p.read_text() for p in path.parent.iterdir())
+
+    asked = AuditLog(AuditConfig(include_prompts=True), str(tmp_path / "with-prompts.jsonl"))
+    asked.write(record())
+    asked.close()
+    assert json.loads((tmp_path / "with-prompts.jsonl").read_text())["prompt"] == "the secret plan"
+    off = AuditLog(AuditConfig(enabled=False), str(tmp_path / "off.jsonl"))
+    off.write(record())
+    assert not (tmp_path / "off.jsonl").exists()
+
+
+def test_token_counts_come_from_the_answer_or_the_streams_usage_event():
+    from serve.audit import usage_of
+
+    answer = b'{"id": "c", "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}}'
+    assert usage_of(answer) == {"prompt_tokens": 3, "completion_tokens": 5}
+    stream = 'data: {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 6}}\n\ndata: [DONE]\n\n'
+    assert usage_of(stream) == {"prompt_tokens": 2, "completion_tokens": 6}
+    assert usage_of(b'{"data": [{"id": "m"}]}') == {} and usage_of(b"") == {} and usage_of("data: [DONE]") == {}
+
+
+def _jwt_protection(tmp_path, **jwt_settings):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = tmp_path / "issuer.pem"
+    public.write_bytes(
+        private.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    config = ProtectionConfig(
+        requests_per_minute=60,
+        burst=2,
+        jwt={
+            "issuer": "https://id.example",
+            "audience": "loom",
+            "algorithms": ["RS256", "HS256"],
+            "public_key_file": str(public),
+            **jwt_settings,
+        },
+    )
+    return Protection(config, [ApiKey("static-key")], environ={"LOOM_JWT_SECRET": "s" * 32}), private
+
+
+def _token(key, algorithm="RS256", **claims):
+    import time
+
+    import jwt
+
+    base = {"iss": "https://id.example", "aud": "loom", "sub": "team-a", "exp": int(time.time()) + 600}
+    return jwt.encode({**base, **claims}, key, algorithm=algorithm)
+
+
+def test_jwts_are_verified_and_their_claims_decide_the_caller_and_its_models(tmp_path):
+    import time
+
+    protection, private = _jwt_protection(tmp_path)
+    caller = protection.admit(f"Bearer {_token(private, models=['loom-tiny'], rpm=120)}", None)
+    assert (caller.id, caller.requests_per_minute, caller.models) == ("sub:team-a", 120, frozenset({"loom-tiny"}))
+    protection.check_model(caller, "loom-tiny")
+    with pytest.raises(Rejection) as caught:
+        protection.check_model(caller, "loom-tiny-b")
+    assert (caught.value.status, caught.value.reason) == (403, "model-not-allowed")
+    # HS256 with the shared secret; no models claim: every model.
+    unscoped = protection.admit(f"Bearer {_token('s' * 32, 'HS256', sub='team-b', models='a b')}", None)
+    assert unscoped.models == frozenset({"a", "b"})
+    protection.check_model(protection.admit(f"Bearer {_token(private, sub='team-c')}", None), "anything")
+    assert protection.admit("Bearer static-key", None).id != "sub:team-a"  # static keys still work
+
+    refusals = {
+        "expired": (_token(private, exp=int(time.time()) - 120), "expired-token", "expired"),
+        "audience": (_token(private, aud="another-service"), "invalid-token", "audience 'loom'"),
+        "issuer": (_token(private, iss="https://evil.example"), "invalid-token", "issued by"),
+        "no subject": (_token(private, sub=None), "invalid-token", "invalid bearer token"),
+        "forged": (_token("not-the-secret" * 3, "HS256"), "invalid-token", "invalid bearer token"),
+        "alg none": (_token(None, "none"), "invalid-token", "not accepted"),
+    }
+    for name, (token, reason, text) in refusals.items():
+        with pytest.raises(Rejection) as caught:
+            protection.admit(f"Bearer {token}", None)
+        assert (caught.value.status, caught.value.reason) == (401, reason), name
+        assert text in caught.value.message and token not in caught.value.message, name
+
+
+def test_jwt_subjects_have_their_own_rate_buckets(tmp_path):
+    protection, private = _jwt_protection(tmp_path)
+    a, b = _token(private, sub="team-a"), _token(private, sub="team-b")
+    protection.admit(f"Bearer {a}", None)
+    protection.admit(f"Bearer {a}", None)
+    with pytest.raises(Rejection) as caught:
+        protection.admit(f"Bearer {a}", None)
+    assert caught.value.status == 429
+    protection.admit(f"Bearer {b}", None)
+
+
+def test_jwt_settings_need_their_keys():
+    from cluster.recipe import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(
+            TINY,
+            ["serve.protection.jwt={issuer: i, audience: a, algorithms: [RS256, HS256], secret_env: null}"],
+        )
+    problems = dict(caught.value.problems)
+    assert "needs the issuer's public key file" in problems["serve.protection.jwt.public_key_file"]
+    assert "needs the environment variable" in problems["serve.protection.jwt.secret_env"]
+    with pytest.raises(RuntimeError, match=r"\$LOOM_JWT_SECRET, which is empty"):
+        Protection(ProtectionConfig(jwt={"issuer": "i", "audience": "a", "algorithms": ["HS256"]}), [], environ={})
+
+
+def test_no_authorization_header_gets_anything_but_admission_or_a_401(tmp_path):
+    """Property: any header value (Starlette decodes headers as Latin-1, so any byte) is a caller or a 401."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    protection, private = _jwt_protection(tmp_path)
+    latin1 = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=255), max_size=120)
+    headers = latin1 | latin1.map(lambda t: f"Bearer {t}") | latin1.map(lambda t: f"Bearer {t}.{t}.{t}")
+
+    @settings(max_examples=300, deadline=None, derandomize=True, database=None)
+    @given(header=headers)
+    def check(header):
+        try:
+            protection.keys.identify(header)
+        except Rejection as refusal:
+            assert refusal.status == 401, refusal.status
+            token = header.partition(" ")[2].strip()
+            assert len(token) < 8 or token not in refusal.message  # a sent token is never echoed back
+
+    check()
