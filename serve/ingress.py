@@ -15,6 +15,7 @@ import asyncio
 import functools
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Any
@@ -43,6 +44,7 @@ ERROR_TYPES = {
     404: "not_found_error",
     429: "rate_limit_error",
 }
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 #: What the endpoint serves; the stock ingress's other routes answer 404 (after the key check).
 SERVED_ROUTES = "/v1/models, /v1/completions and /v1/chat/completions"
 
@@ -120,11 +122,19 @@ def _finite_float(text: str) -> float:
 def parse_json(body: bytes) -> Any:
     """A request body as JSON, or a 400 saying why not (never the parser's own exception)."""
     try:
-        return json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
+        payload = json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
     except RecursionError as err:
         raise Rejection(400, "malformed", "request body is nested too deeply") from err
     except ValueError as err:  # also invalid UTF-8, and integers longer than Python converts (4,300 digits)
         raise Rejection(400, "malformed", f"request body is not valid JSON: {str(err)[:200]}") from err
+    # JSON's \uD800-\uDFFF escapes can leave a lone surrogate, which no tokenizer takes (a TypeError deep in
+    # the engine). Valid UTF-8 cannot carry one, so only a body with such an escape needs the full check.
+    if SURROGATE_ESCAPE.search(body):
+        try:
+            json.dumps(payload, ensure_ascii=False).encode()
+        except UnicodeEncodeError as err:
+            raise Rejection(400, "malformed", "request body holds a lone UTF-16 surrogate (\\uD800-\\uDFFF)") from err
+    return payload
 
 
 def checked_request(

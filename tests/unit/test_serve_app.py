@@ -348,6 +348,7 @@ def test_requests_within_the_amplification_limits_pass():
         (b'{"temperature": 1e999}', "out of range"),
         (b'{"max_tokens": ' + b"9" * 5000 + b"}", "not valid JSON"),
         (b'{"prompt": "\xff"}', "not valid JSON"),
+        (b'{"prompt": "\\ud800 a lone surrogate"}', "lone UTF-16 surrogate"),
     ],
 )
 def test_bodies_json_cannot_hold_are_400s(body, named):
@@ -361,6 +362,7 @@ def test_bodies_json_cannot_hold_are_400s(body, named):
 def test_no_request_body_gets_anything_but_an_answer_or_a_4xx_naming_the_problem():
     """Property: whatever the body (within the size limit), the ingress's request path either yields a
     request for the engine or refuses it with a 4xx whose message is no internal exception text."""
+    import json
     from types import SimpleNamespace
 
     from hypothesis import HealthCheck, given, settings
@@ -381,8 +383,10 @@ def test_no_request_body_gets_anything_but_an_answer_or_a_4xx_naming_the_problem
     @given(body=request_bodies(), chat=st.booleans())
     def check(body, chat):
         try:
+            payload = parse_json(body)
+            json.dumps(payload, ensure_ascii=False).encode()  # what is admitted is text a tokenizer takes
             checked_request(
-                parse_json(body),
+                payload,
                 ChatCompletionRequest if chat else CompletionRequest,
                 protection=protection,
                 caller=caller,
