@@ -256,8 +256,9 @@ class LoomIngress(OpenAiIngress):
     async def _admit(self, request: Request) -> None:
         """Key, rate and declared size; then the request counts toward its key's concurrency until
         ``answered`` (or, for a stream, its last chunk) releases it."""
-        caller = self.protection.admit(request.headers.get("authorization"), request.headers.get("content-length"))
-        request.state.caller = caller
+        caller = self.protection.identify(request.headers.get("authorization"))
+        request.state.caller = caller  # known from here on, so a refusal below is audited under its caller
+        self.protection.limit(caller, request.headers.get("content-length"))
         self.protection.hold(caller)
         request.state.held = caller
 

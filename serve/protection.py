@@ -281,11 +281,18 @@ class Protection:
 
     def admit(self, authorization: str | None, content_length: str | None) -> Caller:
         """Key, rate and declared size, before the body is read."""
-        caller = self.keys.identify(authorization)
+        caller = self.identify(authorization)
+        self.limit(caller, content_length)
+        return caller
+
+    def identify(self, authorization: str | None) -> Caller:
+        return self.keys.identify(authorization)
+
+    def limit(self, caller: Caller, content_length: str | None) -> None:
+        """The caller's rate, and the size the request declares."""
         self.limiter.take(caller)
         if content_length is not None and content_length.isdigit():
             self.check_size(int(content_length))
-        return caller
 
     def hold(self, caller: Caller) -> None:
         """Count a request as in progress for its caller; refused past the per-key concurrency limit.

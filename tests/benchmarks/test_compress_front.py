@@ -25,6 +25,7 @@ CANDIDATES = [
     "{family: prune, heads_kept: 1.0, mlp_kept: 0.5, then_quantize: w8a8}",
     "{family: prune, heads_kept: 0.5, mlp_kept: 0.75, then_quantize: none}",
     "{family: distill, layers_kept: 0.5, width_kept: 1.0}",
+    "{family: distill, layers_kept: 0.25, width_kept: 1.0}",
 ]
 
 
@@ -52,7 +53,7 @@ def test_compression_front_against_the_base(tmp_path, record_benchmark):
             "compress.families=[bnb_int8, bnb_nf4, w8a8, prune, distill]",
             f"compress.num_trials={len(CANDIDATES) + 1}",  # and one of Optuna's own
             f"compress.prune.recovery_steps={RECOVERY_STEPS}",
-            f"compress.distill={{steps: {STUDENT_STEPS}, lr: 3e-3, layers_kept: {{low: 0.5, high: 0.5}},"
+            f"compress.distill={{steps: {STUDENT_STEPS}, lr: 3e-3, layers_kept: {{low: 0.25, high: 0.5}},"
             " width_kept: {low: 0.5, high: 1.0}}",
             f"compress.try_first=[{', '.join(CANDIDATES)}]",
             "compress.eval_rows=64",
