@@ -279,6 +279,14 @@ def run_compress(config: CompressConfig, train: TrainConfig, run: RunDir, seed: 
     return _summarise(candidates, bases, failed, draft, base, config, run)
 
 
+def measured_remotely(measure, resources: dict[str, float], *args) -> Any:
+    """``measure(*args)`` as a Ray task with a trial's resources: it competes for the machine like one."""
+    import ray
+
+    task = ray.remote(measure).options(num_cpus=resources["CPU"], num_gpus=resources["GPU"])
+    return ray.get(task.remote(*args))
+
+
 def _base_measurement(
     out: Path,
     inputs: dict[str, Path],
@@ -288,15 +296,13 @@ def _base_measurement(
     hashes: dict[str, str],
 ) -> dict[str, Any]:
     """``base.json``: the base model measured in both engines, once per setup (a resumed sweep reuses it)."""
-    import ray
 
     base_file = out / "base.json"
     base = json.loads(base_file.read_text()) if base_file.is_file() else {}
     if base.get("identity") == identity:
         return base
     print("[loom] compress: measuring the base model in vLLM and transformers", flush=True)
-    measure_remote = ray.remote(_measure_base).options(num_cpus=resources["CPU"], num_gpus=resources["GPU"])
-    measured = ray.get(measure_remote.remote(str(inputs["model"]), str(inputs["val"]), settings))
+    measured = measured_remotely(_measure_base, resources, str(inputs["model"]), str(inputs["val"]), settings)
     base = {"identity": identity, "model": str(inputs["model"]), **hashes, "engines": measured}
     base_file.write_text(json.dumps(base, indent=2) + "\n")
     return base
@@ -327,12 +333,12 @@ def _draft_measurement(
     base: Candidate,
 ) -> dict[str, Any]:
     """The base model generating with ``student`` as its speculative draft, in vLLM at the sweep's load."""
-    import ray
 
     print(f"[loom] compress: measuring {student.name} as the base model's speculative draft", flush=True)
-    measure_remote = ray.remote(_measure_draft).options(num_cpus=resources["CPU"], num_gpus=resources["GPU"])
     draft_dir = out / "candidates" / student.trial_id
-    measured = ray.get(measure_remote.remote(str(inputs["model"]), str(draft_dir), str(inputs["val"]), settings))
+    measured = measured_remotely(
+        _measure_draft, resources, str(inputs["model"]), str(draft_dir), str(inputs["val"]), settings
+    )
     return {
         "variant": student.name,
         "trial_id": student.trial_id,
