@@ -6,6 +6,7 @@ import shlex
 import time
 from pathlib import Path
 
+from cluster.auth import default_token_path, enable_client_token
 from cluster.recipe import LoomConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -76,9 +77,19 @@ def _submit_with_retry(client, command: str, env: dict, wait_s: float = 300.0, p
 
 def submit(stage: str, recipe: Path, overrides: list[str], config: LoomConfig, address: str, wait: bool = True) -> int:
     """Submit and (with ``wait``) stream the job's logs; return 0 when it succeeded."""
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(address)
+    source = enable_client_token()
+    print(f"[loom] Ray token: {source or 'none found (a token-protected head will refuse the job)'}", flush=True)
+    try:
+        client = JobSubmissionClient(address)
+    except AuthenticationError as err:
+        raise SubmitError(
+            f"the Ray cluster at {address} refused this client's token ({source or 'none sent'}): put the "
+            f"cluster's token in {default_token_path()} (the file cluster.yaml mounts on every node) or in "
+            "$RAY_AUTH_TOKEN"
+        ) from err
     if not Path(config.storage).is_absolute():
         # A job runs in an unpacked copy of the working_dir: a relative storage path would
         # land in Ray's temporary files. Anchor it where the submitter stands.

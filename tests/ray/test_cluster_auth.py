@@ -1,0 +1,173 @@
+"""A head started the way cluster.yaml starts it refuses clients without Ray's token, and speaks TLS.
+
+The head runs beside the tests' embedded cluster, in its own temporary folder, HOME and ports; the token
+sits where cluster.yaml's file_mounts put it (~/.ray/auth_token), and the TLS certificates come from a CA
+made here (trustme). Every Ray process it started is stopped by PID at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from tests.conftest import REPO_ROOT, free_port
+
+pytestmark = pytest.mark.ray
+
+TOKEN = "loom-test-token-" + "0123456789abcdef" * 2
+
+
+def cluster_yaml_head_command() -> tuple[dict[str, str], list[str]]:
+    """The environment assignments and the ``ray start`` argv of cluster.yaml's head start command."""
+    commands = yaml.safe_load((REPO_ROOT / "cluster.yaml").read_text())["head_start_ray_commands"]
+    (start,) = [command for command in commands if "ray start" in command]
+    words = shlex.split(start.split("&&")[-1])
+    env = dict(word.split("=", 1) for word in words if "=" in word and not word.startswith("-"))
+    argv = [word for word in words if "=" not in word or word.startswith("-")]
+    return env, argv
+
+
+@dataclass
+class Head:
+    gcs: str
+    dashboard: str
+    home: Path
+    tls_env: dict[str, str]
+    ca_file: Path
+
+
+def client_env(home: Path, **extra: str) -> dict[str, str]:
+    """This process's environment without its own Ray settings (the embedded cluster's token mode)."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("RAY_")}
+    return {**env, "HOME": str(home), "PYTHONPATH": str(REPO_ROOT), **extra}
+
+
+def ray_processes_under(folder: str) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if folder in " ".join(process.info["cmdline"] or []):
+            found.append(process)
+            found.extend(process.children(recursive=True))
+    return found
+
+
+@pytest.fixture(scope="module")
+def secured_head():
+    import trustme
+    from ray.util import get_node_ip_address
+
+    env, argv = cluster_yaml_head_command()
+    assert env.get("RAY_AUTH_MODE") == "token", "cluster.yaml's head must start with RAY_AUTH_MODE=token"
+    # Ray's socket paths must stay under 107 characters: a short folder, not pytest's tmp_path.
+    temp = tempfile.mkdtemp(prefix="loom-auth-", dir="/tmp")
+    home = Path(temp, "home")
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(TOKEN)
+    ca = trustme.CA()
+    node = ca.issue_cert("127.0.0.1", get_node_ip_address(), "localhost")
+    ca_file, cert_file, key_file = Path(temp, "ca.crt"), Path(temp, "node.crt"), Path(temp, "node.key")
+    ca.cert_pem.write_to_path(str(ca_file))
+    node.cert_chain_pems[0].write_to_path(str(cert_file))
+    node.private_key_pem.write_to_path(str(key_file))
+    tls_env = {
+        "RAY_USE_TLS": "1",
+        "RAY_TLS_SERVER_CERT": str(cert_file),
+        "RAY_TLS_SERVER_KEY": str(key_file),
+        "RAY_TLS_CA_CERT": str(ca_file),
+    }
+    port, dashboard = free_port(), free_port()
+    overridden = ("--port", "--autoscaling-config")
+    flags = [word for word in argv[2:] if word.split("=")[0] not in overridden]
+    # Ports whose defaults the embedded cluster already holds (52365, 10001) are chosen here.
+    flags += [
+        f"--port={port}",
+        f"--dashboard-port={dashboard}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--ray-client-server-port={free_port()}",
+        f"--temp-dir={temp}/ray",
+        "--num-cpus=1",
+    ]
+    started = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "start", *flags],
+        env=client_env(home, **env, **tls_env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+    try:
+        yield Head(
+            gcs=f"127.0.0.1:{port}",
+            dashboard=f"http://127.0.0.1:{dashboard}",
+            home=home,
+            tls_env=tls_env,
+            ca_file=ca_file,
+        )
+    finally:
+        processes = ray_processes_under(temp)
+        for process in processes:
+            try:
+                process.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(processes, timeout=5)
+        for process in alive:
+            process.kill()
+
+
+def run(argv: list[str], env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+
+
+def test_job_submission_without_the_token_is_refused_and_with_it_runs(secured_head, tmp_path):
+    ray = str(Path(sys.executable).parent / "ray")
+    job = [ray, "job", "submit", "--address", secured_head.dashboard, "--", "python", "-c", "print('job ran')"]
+    refused = run(job, client_env(tmp_path))  # a HOME without ~/.ray/auth_token
+    assert refused.returncode != 0
+    assert "Authentication required" in refused.stdout + refused.stderr
+    assert "job ran" not in refused.stdout
+    # The README's line: the token at ~/.ray/auth_token, and RAY_AUTH_MODE=token on the client.
+    accepted = run(job, client_env(secured_head.home, RAY_AUTH_MODE="token"))
+    assert accepted.returncode == 0, accepted.stdout[-2000:] + accepted.stderr[-2000:]
+    assert "job ran" in accepted.stdout
+
+
+def test_loom_submit_finds_the_token_where_ray_keeps_it(secured_head):
+    from cluster.auth import enable_client_token
+
+    environ = client_env(secured_head.home)
+    assert enable_client_token(environ) == str(secured_head.home / ".ray" / "auth_token")
+    probe = "from ray.job_submission import JobSubmissionClient as C; print(C(%r).get_version())"
+    answered = run([sys.executable, "-c", probe % secured_head.dashboard], environ)
+    assert answered.returncode == 0, answered.stderr[-2000:]
+
+
+def test_ray_init_without_the_token_is_refused_and_with_it_connects(secured_head, tmp_path):
+    connect = [sys.executable, "-c", f"import ray; ray.init(address={secured_head.gcs!r}); print('connected')"]
+    refused = run(connect, client_env(tmp_path, **secured_head.tls_env))
+    assert refused.returncode != 0 and "connected" not in refused.stdout
+    accepted = run(connect, client_env(secured_head.home, RAY_AUTH_MODE="token", **secured_head.tls_env))
+    assert accepted.returncode == 0, accepted.stderr[-2000:]
+    assert "connected" in accepted.stdout
+
+
+def test_the_heads_grpc_port_speaks_tls_with_the_clusters_certificate(secured_head):
+    host, port = secured_head.gcs.split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        with ssl.create_default_context(cafile=str(secured_head.ca_file)).wrap_socket(raw, server_hostname=host) as tls:
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        with pytest.raises(ssl.SSLCertVerificationError):  # not a certificate the system trusts: the test CA's
+            ssl.create_default_context().wrap_socket(raw, server_hostname=host)

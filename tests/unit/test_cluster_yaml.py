@@ -1,0 +1,64 @@
+"""cluster.yaml as `ray up` reads it, with token authentication on every node; and where clients find the token."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from cluster.auth import enable_client_token, require_token_for_embedded, token_source
+from tests.conftest import REPO_ROOT
+
+
+def cluster_yaml() -> dict:
+    return yaml.safe_load((REPO_ROOT / "cluster.yaml").read_text())
+
+
+def test_cluster_yaml_passes_ray_ups_own_validation_and_a_typo_is_refused():
+    from jsonschema.exceptions import ValidationError
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(cluster_yaml()))  # what `ray up` runs before it launches anything
+    typo = cluster_yaml()
+    typo["head_start_ray_comands"] = typo.pop("head_start_ray_commands")
+    with pytest.raises(ValidationError, match="head_start_ray_comands"):
+        validate_config(prepare_config(typo))
+
+
+def test_every_node_starts_ray_with_token_authentication_and_gets_the_token():
+    config = cluster_yaml()
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [command for command in config[key] if "ray start" in command]
+        assert starts and all("RAY_AUTH_MODE=token" in command for command in starts), key
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    head = next(command for command in config["head_start_ray_commands"] if "ray start" in command)
+    assert "--dashboard-host=127.0.0.1" in head  # the job API is reached through `ray dashboard cluster.yaml`
+
+
+def test_the_token_is_found_in_rays_order_and_named_not_shown(tmp_path):
+    home = tmp_path / "home"
+    assert token_source({"HOME": str(home)}) is None
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("secret-token-value")
+    assert token_source({"HOME": str(home)}) == str(home / ".ray" / "auth_token")
+    assert token_source({"HOME": str(home), "RAY_AUTH_TOKEN_PATH": "/elsewhere"}).startswith("/elsewhere")
+    assert token_source({"HOME": str(home), "RAY_AUTH_TOKEN": "secret-token-value"}) == "$RAY_AUTH_TOKEN"
+
+
+def test_a_client_sends_the_token_it_finds_unless_told_otherwise(tmp_path):
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("t")
+    environ = {"HOME": str(tmp_path)}
+    assert enable_client_token(environ) and environ["RAY_AUTH_MODE"] == "token"
+    disabled = {"HOME": str(tmp_path), "RAY_AUTH_MODE": "disabled"}
+    assert enable_client_token(disabled) is None and disabled["RAY_AUTH_MODE"] == "disabled"
+    none_found = {"HOME": str(tmp_path / "nobody")}
+    assert enable_client_token(none_found) is None and "RAY_AUTH_MODE" not in none_found
+
+
+def test_the_embedded_cluster_requires_the_token_unless_explicitly_disabled(caplog):
+    environ: dict[str, str] = {}
+    require_token_for_embedded(environ)
+    assert environ == {"RAY_AUTH_MODE": "token"}
+    explicit = {"RAY_AUTH_MODE": "disabled"}
+    require_token_for_embedded(explicit)
+    assert explicit["RAY_AUTH_MODE"] == "disabled" and "accepts jobs from anyone" in caplog.text
