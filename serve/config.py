@@ -244,6 +244,11 @@ class ProtectionConfig(StrictModel):
     burst: int = Field(
         default=60, ge=1, description="Requests a key may send at once above its rate (unless its file line sets one)."
     )
+    docs: Literal["off", "keyed"] = Field(
+        default="off",
+        description="FastAPI's /docs, /redoc and /openapi.json: off (404), or keyed (behind the same API key or "
+        "JWT as the API).",
+    )
     max_concurrent_per_key: int = Field(
         default=32,
         ge=1,
@@ -302,6 +307,18 @@ class AuditConfig(StrictModel):
     to_serve_log: bool = Field(default=False, description="Also write each line to Ray Serve's replica log.")
 
 
+class TlsConfig(StrictModel):
+    """HTTPS at the endpoint, served by Ray Serve's HTTP proxy (``http_options.ssl_*``)."""
+
+    certfile: str = Field(description="PEM certificate (chain) the endpoint presents, on the head node.")
+    keyfile: str = Field(description="PEM private key of the certificate, on the head node; never logged.")
+    ca_file: str | None = Field(
+        default=None,
+        description="CA bundle Loom's own clients on this machine (the demo queries) verify the certificate "
+        "with; unset: the system's CAs.",
+    )
+
+
 class ServeConfig(StrictModel):
     models: dict[str, ModelConfig] = Field(
         default_factory=lambda: {"loom-tiny": ModelConfig()},
@@ -314,6 +331,7 @@ class ServeConfig(StrictModel):
         default="127.0.0.1", description="Address the HTTP proxy binds; without API keys always 127.0.0.1."
     )
     port: int = Field(default=8000, ge=1, le=65535, description="Port of the OpenAI-compatible endpoint.")
+    tls: TlsConfig | None = Field(default=None, description="Serve HTTPS from this certificate (unset: plain HTTP).")
     demo_prompts: list[str] = Field(
         default_factory=lambda: ["def fibonacci(n):", "import os\nimport sys\n", "The standard library"],
         description="Prompts the demo sends after deployment (completions and chat).",

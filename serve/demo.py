@@ -15,12 +15,26 @@ class DemoAnswer:
 
 
 def query_endpoint(
-    base_url: str, model_id: str, prompts: list[str], max_tokens: int, api_key: str | None = None
+    base_url: str,
+    model_id: str,
+    prompts: list[str],
+    max_tokens: int,
+    api_key: str | None = None,
+    ca_file: str | None = None,
 ) -> list[DemoAnswer]:
+    import ssl
+
+    import httpx
     import openai
 
     # Without configured keys the endpoint ignores the key, but the client requires a non-empty one.
-    client = openai.OpenAI(base_url=base_url, api_key=api_key or "unused", timeout=120, max_retries=2)
+    client = openai.OpenAI(
+        base_url=base_url,
+        api_key=api_key or "unused",
+        timeout=120,
+        max_retries=2,
+        http_client=httpx.Client(verify=ssl.create_default_context(cafile=ca_file)) if ca_file else None,
+    )
     # Greedy decoding from a tiny model loops on its likeliest token; vLLM's repetition penalty (an
     # extension of the OpenAI API) keeps the samples deterministic and readable.
     penalty = {"repetition_penalty": REPETITION_PENALTY}

@@ -47,6 +47,8 @@ ERROR_TYPES = {
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 #: What the endpoint serves; the stock ingress's other routes answer 404 (after the key check).
 SERVED_ROUTES = "/v1/models, /v1/completions and /v1/chat/completions"
+#: The documentation routes FastAPI adds to every app, outside the ingress's methods and so outside ``_admit``.
+DOC_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
 
 def error_type(status: int) -> str:
@@ -165,6 +167,28 @@ def checked_request(
         raise Rejection(400, "invalid-request", "the request's fields do not form a valid request") from err
 
 
+def gate_docs(app: Any, mode: str, protection: Protection) -> None:
+    """FastAPI's documentation routes off (removed: a 404 like any unknown path) or behind the API's key."""
+    if mode == "off":
+        app.router.routes[:] = [route for route in app.router.routes if getattr(route, "path", None) not in DOC_PATHS]
+        return
+    for route in app.router.routes:
+        if getattr(route, "path", None) in DOC_PATHS:
+            route.app = _keyed(route.app, protection)
+
+
+def _keyed(inner: Callable[..., Awaitable[None]], protection: Protection) -> Callable[..., Awaitable[None]]:
+    async def gate(scope: dict, receive: Callable, send: Callable) -> None:
+        try:
+            protection.identify(Request(scope).headers.get("authorization"))
+        except Rejection as refusal:
+            await error_response(refusal.status, refusal.reason, refusal.message)(scope, receive, send)
+            return
+        await inner(scope, receive, send)
+
+    return gate
+
+
 def answered(route: str):
     """Route decorator: times the route, records its outcome, and turns an exception into its response.
 
@@ -226,6 +250,12 @@ class LoomIngress(OpenAiIngress):
             log.warning("NO API KEYS OR JWT CONFIGURED: the endpoint accepts every request; bind it to loopback only")
         self.metrics = IngressMetrics()
         self.audit = AuditLog(AuditConfig.model_validate(audit or {}), audit_path, logging.getLogger("ray.serve"))
+
+    def _set_asgi_app(self, app: Any) -> None:
+        # Serve's ingress wrapper hands this replica its FastAPI app here, after __init__ (the app is built by
+        # ray.llm's builder, which has no option for FastAPI's docs routes): the one place to gate them.
+        gate_docs(app, self.protection.config.docs, self.protection)
+        super()._set_asgi_app(app)
 
     def _audit(
         self,

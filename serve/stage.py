@@ -181,10 +181,30 @@ def bind_host(config: ServeConfig, keys: list) -> str:
     return "127.0.0.1"
 
 
-def serve_deploy_config(args: ServeAppArgs, host: str, port: int) -> dict[str, Any]:
+def http_options(config: ServeConfig, host: str) -> dict[str, Any]:
+    """Ray Serve's HTTP proxy options: where it binds, and its certificate when the recipe asks for HTTPS."""
+    options: dict[str, Any] = {"host": host, "port": config.port}
+    if config.tls is not None:
+        options |= {"ssl_certfile": config.tls.certfile, "ssl_keyfile": config.tls.keyfile}
+    return options
+
+
+def check_tls_files(config: ServeConfig) -> None:
+    """Missing certificate files named before deploying, instead of a proxy that never starts."""
+    if config.tls is None:
+        return
+    files = {"serve.tls.certfile": config.tls.certfile, "serve.tls.keyfile": config.tls.keyfile}
+    if config.tls.ca_file:
+        files["serve.tls.ca_file"] = config.tls.ca_file
+    missing = [f"{field}: {path}" for field, path in files.items() if not Path(path).is_file()]
+    if missing:
+        raise FileNotFoundError("TLS files not found: " + "; ".join(missing))
+
+
+def serve_deploy_config(args: ServeAppArgs, options: dict[str, Any]) -> dict[str, Any]:
     """A Serve config file (``serve deploy``) for the same application."""
     return {
-        "http_options": {"host": host, "port": port},
+        "http_options": options,
         "applications": [
             {
                 "name": APP_NAME,
@@ -196,15 +216,15 @@ def serve_deploy_config(args: ServeAppArgs, host: str, port: int) -> dict[str, A
     }
 
 
-def endpoint_url(host: str, port: int) -> str:
+def endpoint_url(host: str, port: int, https: bool = False) -> str:
     """Where clients on this machine reach an endpoint bound to ``host`` (a wildcard is reached on loopback)."""
     host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    return f"http://{host}:{port}/v1"
+    return f"{'https' if https else 'http'}://{host}:{port}/v1"
 
 
 def base_url(config: ServeConfig) -> str:
     """``endpoint_url`` of the host the serve stage binds for ``config`` (it reads the API keys to know)."""
-    return endpoint_url(bound_host(config, load_api_keys(config.protection)), config.port)
+    return endpoint_url(bound_host(config, load_api_keys(config.protection)), config.port, config.tls is not None)
 
 
 def run_serve(config: ServeConfig, run: RunDir) -> StageResult:
@@ -217,6 +237,8 @@ def run_serve(config: ServeConfig, run: RunDir) -> StageResult:
     }
     keys = load_api_keys(config.protection)
     host = bind_host(config, keys)
+    check_tls_files(config)
+    options = http_options(config, host)
     out = run.begin("serve")
     args = ServeAppArgs(
         audit_path=config.audit.path or str(out / "audit.jsonl"),
@@ -231,13 +253,18 @@ def run_serve(config: ServeConfig, run: RunDir) -> StageResult:
         },
     )
     config_path = out / "serve_config.yaml"
-    config_path.write_text(yaml.safe_dump(serve_deploy_config(args, host, config.port), sort_keys=False))
+    config_path.write_text(yaml.safe_dump(serve_deploy_config(args, options), sort_keys=False))
 
-    serve.start(http_options={"host": host, "port": config.port})
+    serve.start(http_options=options)
     serve.run(build_app(args.model_dump(mode="json")), name=APP_NAME, route_prefix="/", blocking=False)
-    url = endpoint_url(host, config.port)
+    url = endpoint_url(host, config.port, config.tls is not None)
     answers = query_endpoint(
-        url, config.demo_model, config.demo_prompts, config.demo_max_tokens, api_key=keys[0].key if keys else None
+        url,
+        config.demo_model,
+        config.demo_prompts,
+        config.demo_max_tokens,
+        api_key=keys[0].key if keys else None,
+        ca_file=config.tls.ca_file if config.tls else None,
     )
     for answer in answers:
         print(f"\n[{answer.kind}] {answer.prompt!r}\n  -> {answer.text!r}", flush=True)

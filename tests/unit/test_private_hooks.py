@@ -43,3 +43,13 @@ def test_ray_data_start_up_limit_refresh_is_still_an_attribute():
     from ray.data._internal.execution.resource_manager import ResourceManager
 
     assert isinstance(ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S, (int, float))
+
+
+def test_serve_still_hands_an_ingress_replica_its_app_through_set_asgi_app():
+    # LoomIngress gates FastAPI's documentation routes in this hook (serve.ingress.gate_docs).
+    from ray.serve._private.http_util import ASGIAppReplicaWrapper
+
+    from serve.ingress import LoomIngress
+
+    assert "self._set_asgi_app(" in inspect.getsource(ASGIAppReplicaWrapper.__init__)
+    assert LoomIngress._set_asgi_app is not ASGIAppReplicaWrapper._set_asgi_app

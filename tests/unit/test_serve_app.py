@@ -12,7 +12,7 @@ from cluster.recipe import ConfigError, load_config
 from serve.app import ServeAppArgs, llm_config
 from serve.config import ProtectionConfig
 from serve.protection import ApiKey, Caller, KeyRing, Protection, RateLimiter, Rejection, load_api_keys
-from serve.stage import base_url, bind_host, serve_deploy_config
+from serve.stage import base_url, bind_host, check_tls_files, http_options, serve_deploy_config
 from tests.conftest import TINY
 
 
@@ -81,7 +81,7 @@ def test_gpu_llm_config_uses_gpu_bundles():
 def test_serve_deploy_yaml_round_trips_through_the_builder_args():
     serve = load_config(TINY).serve
     args = ServeAppArgs(serve_config=serve, model_sources={"loom-tiny": "/models/m"})
-    text = yaml.safe_dump(serve_deploy_config(args, "127.0.0.1", 8000))
+    text = yaml.safe_dump(serve_deploy_config(args, http_options(serve, "127.0.0.1")))
     app = yaml.safe_load(text)["applications"][0]
     assert app["import_path"] == "serve.app:build_app"
     assert ServeAppArgs.model_validate(app["args"]) == args
@@ -121,6 +121,22 @@ def test_the_endpoint_url_names_the_host_actually_bound(monkeypatch):
     assert base_url(serve) == "http://127.0.0.1:8123/v1"  # no key: loopback, whatever the recipe asked
     monkeypatch.setenv(serve.protection.api_keys_env, "k")
     assert base_url(serve) == "http://10.1.2.3:8123/v1"
+
+
+def test_https_reaches_serves_proxy_and_missing_certificate_files_are_named(tmp_path):
+    cert, key = tmp_path / "endpoint.crt", tmp_path / "endpoint.key"
+    serve = load_config(TINY, [f"serve.tls={{certfile: {cert}, keyfile: {key}}}", "serve.port=8443"]).serve
+    assert http_options(serve, "127.0.0.1") == {
+        "host": "127.0.0.1",
+        "port": 8443,
+        "ssl_certfile": str(cert),
+        "ssl_keyfile": str(key),
+    }
+    assert base_url(serve) == "https://127.0.0.1:8443/v1"
+    with pytest.raises(FileNotFoundError, match="serve.tls.certfile.*serve.tls.keyfile"):
+        check_tls_files(serve)
+    cert.write_text("pem"), key.write_text("pem")
+    check_tls_files(serve)
 
 
 def test_keys_come_from_the_environment_and_the_secrets_file(tmp_path):
@@ -566,3 +582,25 @@ def test_no_authorization_header_gets_anything_but_admission_or_a_401(tmp_path):
             assert len(token) < 8 or token not in refusal.message  # a sent token is never echoed back
 
     check()
+
+
+def test_documentation_routes_are_off_by_default_or_behind_the_key():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from serve.ingress import gate_docs
+
+    protection = Protection(ProtectionConfig(api_keys_env=None), [ApiKey("docs-key", 60, 5)])
+    assert ProtectionConfig().docs == "off"
+    off = FastAPI()
+    gate_docs(off, "off", protection)
+    with TestClient(off) as http:
+        assert [http.get(path).status_code for path in ("/docs", "/redoc", "/openapi.json")] == [404] * 3
+    keyed = FastAPI()
+    gate_docs(keyed, "keyed", protection)
+    with TestClient(keyed) as http:
+        refused = http.get("/openapi.json")
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "missing-key"
+        assert http.get("/docs", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert http.get("/openapi.json", headers={"Authorization": "Bearer docs-key"}).json()["openapi"]
+        assert http.get("/docs", headers={"Authorization": "Bearer docs-key"}).status_code == 200
