@@ -15,14 +15,17 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT, free_port
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -108,6 +111,8 @@ def secured_head():
     )
     assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
     try:
+        # `ray start` returns before the dashboard listens: wait for any HTTP answer (a 401 without the token).
+        wait_for(lambda: answers_http(f"http://127.0.0.1:{dashboard}/api/version"), 60, "the head's dashboard")
         yield Head(
             gcs=f"127.0.0.1:{port}",
             dashboard=f"http://127.0.0.1:{dashboard}",
@@ -127,8 +132,26 @@ def secured_head():
             process.kill()
 
 
+def answers_http(url: str) -> bool:
+    try:
+        httpx.get(url, timeout=5)
+    except httpx.TransportError:
+        return False
+    return True
+
+
 def run(argv: list[str], env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+
+
+def submitted(argv: list[str], env: dict[str, str], wait_s: float = 120) -> subprocess.CompletedProcess:
+    """``run``, again while the head says its job agent is not registered yet (it comes up after the dashboard)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        done = run(argv, env)
+        if "try again later" not in done.stdout + done.stderr or time.monotonic() > deadline:
+            return done
+        time.sleep(1)
 
 
 def test_job_submission_without_the_token_is_refused_and_with_it_runs(secured_head, tmp_path):
@@ -139,7 +162,7 @@ def test_job_submission_without_the_token_is_refused_and_with_it_runs(secured_he
     assert "Authentication required" in refused.stdout + refused.stderr
     assert "job ran" not in refused.stdout
     # The README's line: the token at ~/.ray/auth_token, and RAY_AUTH_MODE=token on the client.
-    accepted = run(job, client_env(secured_head.home, RAY_AUTH_MODE="token"))
+    accepted = submitted(job, client_env(secured_head.home, RAY_AUTH_MODE="token"))
     assert accepted.returncode == 0, accepted.stdout[-2000:] + accepted.stderr[-2000:]
     assert "job ran" in accepted.stdout
 
