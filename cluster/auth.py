@@ -52,14 +52,17 @@ def enable_client_token(environ: MutableMapping[str, str] = os.environ) -> str |
     return source
 
 
-def require_token_for_embedded(environ: MutableMapping[str, str] = os.environ) -> None:
-    """The embedded cluster asks every client for a token (Ray generates one in ~/.ray/auth_token if none).
+def warn_if_embedded_unauthenticated(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Say so loudly when the embedded cluster is told to accept clients without Ray's token.
 
-    Ray 2.60 already does this for a local cluster when ``RAY_AUTH_MODE`` is unset; setting it here keeps
-    the embedded cluster authenticated if that default changes. An explicit ``disabled`` is obeyed, loudly.
+    With ``RAY_AUTH_MODE`` unset, Ray 2.60 turns token mode on for a local ``ray.init`` cluster and makes a
+    token in ~/.ray/auth_token (``tests/ray/test_connect.py`` checks that a client without it is refused).
+    Loom does not set the variable itself: Ray reads its auth mode into its C++ config when it is imported,
+    and only its own default path refreshes that, so a variable set later leaves the driver without the
+    token that its own cluster asks for.
     """
-    mode = environ.setdefault(AUTH_MODE, "token")
-    if mode.lower() != "token":
+    mode = environ.get(AUTH_MODE)
+    if mode is not None and mode.lower() != "token":
         log.warning(
             "%s=%s: the embedded Ray cluster accepts jobs from anyone who reaches its ports "
             "(Ray 2.60 listens on every interface); unset it to require Ray's token",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from cluster.auth import require_token_for_embedded
+from cluster.auth import warn_if_embedded_unauthenticated
 from cluster.config import ClusterConfig
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def connect(config: ClusterConfig, address: str | None = None, log_to_driver: bo
     # The embedded cluster's processes inherit this process's environment.
     for name, value in config.ray_env_vars().items():
         os.environ.setdefault(name, value)
-    require_token_for_embedded()
+    warn_if_embedded_unauthenticated()
     ray.init(
         num_cpus=num_cpus,
         object_store_memory=int(memory * 2**30) if memory else None,

@@ -1,15 +1,14 @@
 """A head started the way cluster.yaml starts it refuses clients without Ray's token, and speaks TLS.
 
-The head runs beside the tests' embedded cluster, in its own temporary folder, HOME and ports; the token
-sits where cluster.yaml's file_mounts put it (~/.ray/auth_token), and the TLS certificates come from a CA
-made here (trustme). Every Ray process it started is stopped by PID at the end.
+The head runs beside the tests' embedded cluster, in its own temporary folder, HOME and ports
+(tests/ray/heads.py, which stops it by PID); the token sits where cluster.yaml's file_mounts put it
+(~/.ray/auth_token), and the TLS certificates come from a CA made here (trustme).
 """
 
 from __future__ import annotations
 
 import os
 import shlex
-import signal
 import socket
 import ssl
 import subprocess
@@ -19,13 +18,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-import psutil
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT, free_port
-from tests.helpers import wait_for
+from tests.conftest import REPO_ROOT
+from tests.ray.heads import second_head
 
 pytestmark = pytest.mark.ray
 
@@ -57,15 +54,6 @@ def client_env(home: Path, **extra: str) -> dict[str, str]:
     return {**env, "HOME": str(home), "PYTHONPATH": str(REPO_ROOT), **extra}
 
 
-def ray_processes_under(folder: str) -> list[psutil.Process]:
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        if folder in " ".join(process.info["cmdline"] or []):
-            found.append(process)
-            found.extend(process.children(recursive=True))
-    return found
-
-
 @pytest.fixture(scope="module")
 def secured_head():
     import trustme
@@ -73,14 +61,13 @@ def secured_head():
 
     env, argv = cluster_yaml_head_command()
     assert env.get("RAY_AUTH_MODE") == "token", "cluster.yaml's head must start with RAY_AUTH_MODE=token"
-    # Ray's socket paths must stay under 107 characters: a short folder, not pytest's tmp_path.
-    temp = tempfile.mkdtemp(prefix="loom-auth-", dir="/tmp")
-    home = Path(temp, "home")
+    temp = Path(tempfile.mkdtemp(prefix="loom-auth-", dir="/tmp"))  # short: Ray's socket paths
+    home = temp / "home"
     (home / ".ray").mkdir(parents=True)
-    (home / ".ray" / "auth_token").write_text(TOKEN)
+    (home / ".ray" / "auth_token").write_text(TOKEN)  # where cluster.yaml's file_mounts put it
     ca = trustme.CA()
     node = ca.issue_cert("127.0.0.1", get_node_ip_address(), "localhost")
-    ca_file, cert_file, key_file = Path(temp, "ca.crt"), Path(temp, "node.crt"), Path(temp, "node.key")
+    ca_file, cert_file, key_file = temp / "ca.crt", temp / "node.crt", temp / "node.key"
     ca.cert_pem.write_to_path(str(ca_file))
     node.cert_chain_pems[0].write_to_path(str(cert_file))
     node.private_key_pem.write_to_path(str(key_file))
@@ -90,54 +77,11 @@ def secured_head():
         "RAY_TLS_SERVER_KEY": str(key_file),
         "RAY_TLS_CA_CERT": str(ca_file),
     }
-    port, dashboard = free_port(), free_port()
-    overridden = ("--port", "--autoscaling-config")
-    flags = [word for word in argv[2:] if word.split("=")[0] not in overridden]
-    # Ports whose defaults the embedded cluster already holds (52365, 10001) are chosen here.
-    flags += [
-        f"--port={port}",
-        f"--dashboard-port={dashboard}",
-        f"--dashboard-agent-listen-port={free_port()}",
-        f"--ray-client-server-port={free_port()}",
-        f"--temp-dir={temp}/ray",
-        "--num-cpus=1",
-    ]
-    started = subprocess.run(
-        [str(Path(sys.executable).parent / "ray"), "start", *flags],
-        env=client_env(home, **env, **tls_env),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
-    try:
-        # `ray start` returns before the dashboard listens: wait for any HTTP answer (a 401 without the token).
-        wait_for(lambda: answers_http(f"http://127.0.0.1:{dashboard}/api/version"), 60, "the head's dashboard")
-        yield Head(
-            gcs=f"127.0.0.1:{port}",
-            dashboard=f"http://127.0.0.1:{dashboard}",
-            home=home,
-            tls_env=tls_env,
-            ca_file=ca_file,
-        )
-    finally:
-        processes = ray_processes_under(temp)
-        for process in processes:
-            try:
-                process.send_signal(signal.SIGTERM)
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(processes, timeout=5)
-        for process in alive:
-            process.kill()
-
-
-def answers_http(url: str) -> bool:
-    try:
-        httpx.get(url, timeout=5)
-    except httpx.TransportError:
-        return False
-    return True
+    # cluster.yaml's flags, less the ports and the launcher's autoscaling config, which this head chooses.
+    skipped = ("--head", "--port", "--autoscaling-config")
+    flags = [word for word in argv[2:] if word.split("=")[0] not in skipped] + ["--num-cpus=1"]
+    with second_head(flags, client_env(home, **env, **tls_env), TOKEN, temp / "ray") as head:
+        yield Head(gcs=head.gcs, dashboard=head.dashboard, home=home, tls_env=tls_env, ca_file=ca_file)
 
 
 def run(argv: list[str], env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
@@ -181,6 +125,7 @@ def test_ray_init_without_the_token_is_refused_and_with_it_connects(secured_head
     connect = [sys.executable, "-c", f"import ray; ray.init(address={secured_head.gcs!r}); print('connected')"]
     refused = run(connect, client_env(tmp_path, **secured_head.tls_env))
     assert refused.returncode != 0 and "connected" not in refused.stdout
+    assert "InvalidAuthToken" in refused.stdout + refused.stderr
     accepted = run(connect, client_env(secured_head.home, RAY_AUTH_MODE="token", **secured_head.tls_env))
     assert accepted.returncode == 0, accepted.stderr[-2000:]
     assert "connected" in accepted.stdout

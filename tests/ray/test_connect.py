@@ -1,6 +1,11 @@
-"""connect() in a process that is already connected: the same cluster is fine, another is an error naming both."""
+"""connect() in a process that is already connected: the same cluster is fine, another is an error naming both;
+and the embedded cluster asks every client for Ray's token."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -21,3 +26,17 @@ def test_connect_again_names_the_cluster_and_refuses_another(ray_cluster):
         connect(ClusterConfig(), address="ray://10.1.2.3:10001")
     assert "10.1.2.3:10001" in str(refused.value) and current in str(refused.value)
     assert ray.get_runtime_context().gcs_address == current  # still connected where it was
+
+
+def test_the_embedded_cluster_refuses_a_client_without_rays_token(ray_cluster, tmp_path):
+    # A HOME without ~/.ray/auth_token and no RAY_* settings: what a stranger on the network would have.
+    import ray
+
+    gcs = ray.get_runtime_context().gcs_address
+    env = {name: value for name, value in os.environ.items() if not name.startswith("RAY_")}
+    connect_again = [sys.executable, "-c", f"import ray; ray.init(address={gcs!r}); print('connected')"]
+    stranger = subprocess.run(
+        connect_again, env={**env, "HOME": str(tmp_path)}, capture_output=True, text=True, timeout=180
+    )
+    assert stranger.returncode != 0 and "connected" not in stranger.stdout
+    assert "InvalidAuthToken" in stranger.stdout + stranger.stderr
