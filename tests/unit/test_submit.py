@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -91,3 +92,15 @@ def test_a_relative_storage_inside_a_ray_job_is_refused_before_any_work(monkeypa
     err = capsys.readouterr().err
     assert "storage: 'runs' is relative" in err and "loom submit" in err and "nothing was started" in err
     assert main(["validate", str(TINY)]) == 0  # validating a recipe does no work
+
+
+def test_a_python_without_looms_packages_is_named_not_a_bare_import_error(tmp_path):
+    # `-S`: no site-packages, as a job whose `python` is another environment's; run from a folder holding a bare
+    # `ray` directory, as Ray's /tmp/ray is when a job starts from /tmp.
+    (tmp_path / "ray").mkdir()
+    stage = [sys.executable, "-S", "-m", "pipelines.data", "--config", str(TINY)]
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(stage, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "is not the Python environment Loom was installed in: it lacks yaml, pydantic, ray" in result.stderr
+    assert "No module named" not in result.stderr
