@@ -4,6 +4,7 @@
     loom data|tune|train|compress|serve RECIPE [key=value ...] [--force]
     loom run RECIPE [key=value ...] [--force] [--keep-serving]
     loom submit STAGE RECIPE [key=value ...] --address http://HEAD:8265
+    loom export kuberay RECIPE [key=value ...] --image IMAGE --storage-claim PVC [--out DIR]
 
 ``python -m pipelines.data --config RECIPE ...`` (and the other stage modules)
 call the same functions.
@@ -138,6 +139,39 @@ def cmd_submit(cfg: LoomConfig, args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
 
+def cmd_export(cfg: LoomConfig, args: argparse.Namespace) -> int:
+    """The RayJob always; the RayService once the run holds the models it serves (their paths go in it)."""
+    import yaml
+
+    from cluster.kuberay import KubeRayError, KubeRayOptions, ray_job, ray_service
+    from pipelines.runs import RunDir
+    from serve.stage import http_options, serve_app_args, serve_deploy_config
+
+    options = KubeRayOptions(image=args.image, storage_claim=args.storage_claim, api_keys_secret=args.api_keys_secret)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        job = ray_job(cfg, Path(args.recipe), args.overrides, options)
+    except KubeRayError as err:
+        print(f"loom export: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    (out / "rayjob.yaml").write_text(yaml.safe_dump(job, sort_keys=False))
+    print(f"[loom] {out / 'rayjob.yaml'}: RayJob {job['metadata']['name']}", flush=True)
+    run = RunDir(cfg.run_dir())
+    try:
+        app, _ = serve_app_args(cfg.serve, run, cfg.serve.audit.path or str(run.stage_dir("serve") / "audit.jsonl"))
+    except RuntimeError as err:
+        print(f"[loom] no RayService yet: {err}", flush=True)
+        return 0
+    # Without keys or JWTs the endpoint stays on the pod's loopback, as `loom serve` binds it.
+    authenticated = options.api_keys_secret is not None or cfg.serve.protection.jwt is not None
+    host = cfg.serve.host if authenticated else "127.0.0.1"
+    service = ray_service(cfg, serve_deploy_config(app, http_options(cfg.serve, host)), options)
+    (out / "rayservice.yaml").write_text(yaml.safe_dump(service, sort_keys=False))
+    print(f"[loom] {out / 'rayservice.yaml'}: RayService {service['metadata']['name']}", flush=True)
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[LoomConfig, argparse.Namespace], int], str]] = {
     "validate": (cmd_validate, "check a recipe and list every problem"),
     "data": (_stage_command("data"), "curate, tokenize and pack the corpus"),
@@ -147,6 +181,7 @@ COMMANDS: dict[str, tuple[Callable[[LoomConfig, argparse.Namespace], int], str]]
     "serve": (_stage_command("serve"), "serve the model with Ray Serve + vLLM"),
     "run": (cmd_run, "the whole chain: data, tune, train, compress, serve"),
     "submit": (cmd_submit, "validate locally, then run a stage as a Ray job"),
+    "export": (cmd_export, "write the recipe as KubeRay resources (RayJob, RayService)"),
 }
 
 
@@ -157,10 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=summary, description=summary)
         if name == "submit":
             sub.add_argument("stage", choices=[*ALL_STAGES, "run"], help="what the job runs")
+        if name == "export":
+            sub.add_argument("target", choices=["kuberay"], help="what to write")
         sub.add_argument("recipe", nargs="?", help=f"YAML recipe (default: {DEFAULT_RECIPE.name})")
         sub.add_argument("--config", dest="config_flag", metavar="RECIPE", help="same as the positional RECIPE")
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=3e-4")
-        if name != "validate":
+        if name == "export":
+            sub.add_argument("--image", required=True, help="image with Loom's repository at /app")
+            sub.add_argument("--storage-claim", required=True, help="PVC mounted at the recipe's storage")
+            sub.add_argument("--api-keys-secret", help="Secret whose 'keys' entry holds the endpoint's API keys")
+            sub.add_argument("--out", default="kuberay", help="folder the manifests are written to")
+        if name not in ("validate", "export"):
             sub.add_argument(
                 "--address",
                 required=name == "submit",

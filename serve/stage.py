@@ -227,21 +227,14 @@ def base_url(config: ServeConfig) -> str:
     return endpoint_url(bound_host(config, load_api_keys(config.protection)), config.port, config.tls is not None)
 
 
-def run_serve(config: ServeConfig, run: RunDir) -> StageResult:
-    """Deploy (leaving the app running) and send the demo queries."""
-    from ray import serve
-
+def serve_app_args(config: ServeConfig, run: RunDir, audit_path: str | None) -> tuple[ServeAppArgs, dict[str, Any]]:
+    """The application's builder arguments for ``run``'s models (and their drafts' records, by model id)."""
     sources = model_sources(config, run)
     drafts = {
         model_id: draft_source(model_id, config.models[model_id], source, run) for model_id, source in sources.items()
     }
-    keys = load_api_keys(config.protection)
-    host = bind_host(config, keys)
-    check_tls_files(config)
-    options = http_options(config, host)
-    out = run.begin("serve")
     args = ServeAppArgs(
-        audit_path=config.audit.path or str(out / "audit.jsonl"),
+        audit_path=audit_path,
         serve_config=config,
         model_sources={model_id: str(source) for model_id, source in sources.items()},
         draft_sources={model_id: str(draft[0]) for model_id, draft in drafts.items() if draft},
@@ -252,6 +245,20 @@ def run_serve(config: ServeConfig, run: RunDir) -> StageResult:
             for model_id, source in sources.items()
         },
     )
+    return args, drafts
+
+
+def run_serve(config: ServeConfig, run: RunDir) -> StageResult:
+    """Deploy (leaving the app running) and send the demo queries."""
+    from ray import serve
+
+    args, drafts = serve_app_args(config, run, config.audit.path or str(run.stage_dir("serve") / "audit.jsonl"))
+    keys = load_api_keys(config.protection)
+    host = bind_host(config, keys)
+    check_tls_files(config)
+    options = http_options(config, host)
+    out = run.begin("serve")
+    sources = {model_id: Path(source) for model_id, source in args.model_sources.items()}
     config_path = out / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(serve_deploy_config(args, options), sort_keys=False))
 

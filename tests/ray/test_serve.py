@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from cluster.chain import run_stage
 from tests.conftest import REPO_ROOT, free_port
@@ -172,6 +173,25 @@ def test_every_endpoint_answers_both_models_with_lineage(endpoint, tiny_config):
         model=SECOND, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, stream=True, extra_body=FULL
     )
     assert len([c for c in chat_stream if c.choices]) >= 2
+
+
+def test_the_deployed_application_exports_as_a_rayservice_kuberay_accepts(endpoint):
+    import jsonschema
+    from ray.serve.schema import ServeDeploySchema
+
+    from cluster.kuberay import KubeRayOptions, ray_service
+    from pipelines.runs import RunDir
+    from serve.stage import http_options, serve_app_args, serve_deploy_config
+    from tests.kuberay_schema import RAY_SERVICE
+
+    config, _ = endpoint
+    args, _ = serve_app_args(config.serve, RunDir(config.run_dir()), None)
+    options = KubeRayOptions(image="loom:test", storage_claim="runs", api_keys_secret="keys")
+    service = ray_service(config, serve_deploy_config(args, http_options(config.serve, "0.0.0.0")), options)
+    jsonschema.validate(service, RAY_SERVICE)
+    served = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    sources = served.applications[0].args["model_sources"]
+    assert set(sources) == {MAIN, SECOND, SMALL} and all(Path(path).is_dir() for path in sources.values())
 
 
 def test_bad_requests_get_a_4xx_that_names_the_problem(endpoint):
