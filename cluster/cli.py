@@ -144,6 +144,7 @@ def cmd_export(cfg: LoomConfig, args: argparse.Namespace) -> int:
     import yaml
 
     from cluster.kuberay import KubeRayError, KubeRayOptions, ray_job, ray_service
+    from cluster.submit import SubmitError
     from pipelines.runs import RunDir
     from serve.stage import http_options, serve_app_args, serve_deploy_config
 
@@ -152,7 +153,7 @@ def cmd_export(cfg: LoomConfig, args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     try:
         job = ray_job(cfg, Path(args.recipe), args.overrides, options)
-    except KubeRayError as err:
+    except (KubeRayError, SubmitError) as err:  # a relative storage; a recipe outside the image's repository
         print(f"loom export: {err}", file=sys.stderr)
         return EXIT_CONFIG
     (out / "rayjob.yaml").write_text(yaml.safe_dump(job, sort_keys=False))

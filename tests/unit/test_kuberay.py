@@ -72,3 +72,8 @@ def test_export_writes_the_rayjob_and_says_why_there_is_no_rayservice_before_a_r
     assert result.returncode == 0, result.stderr[-2000:]
     jsonschema.validate(yaml.safe_load((tmp_path / "out" / "rayjob.yaml").read_text()), RAY_JOB)
     assert "no RayService yet" in result.stdout and not (tmp_path / "out" / "rayservice.yaml").exists()
+    outside = tmp_path / "recipe.yaml"
+    outside.write_text(GPU_RECIPE.read_text())
+    command[command.index(str(GPU_RECIPE))] = str(outside)
+    refused = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "outside the working directory" in refused.stderr, refused.stderr[-2000:]
