@@ -146,7 +146,7 @@ def cmd_export(cfg: LoomConfig, args: argparse.Namespace) -> int:
     from cluster.kuberay import KubeRayError, KubeRayOptions, ray_job, ray_service
     from cluster.submit import SubmitError
     from pipelines.runs import RunDir
-    from serve.stage import http_options, serve_app_args, serve_deploy_config
+    from serve.stage import bound_host, http_options, serve_app_args, serve_deploy_config
 
     options = KubeRayOptions(image=args.image, storage_claim=args.storage_claim, api_keys_secret=args.api_keys_secret)
     out = Path(args.out)
@@ -160,13 +160,12 @@ def cmd_export(cfg: LoomConfig, args: argparse.Namespace) -> int:
     print(f"[loom] {out / 'rayjob.yaml'}: RayJob {job['metadata']['name']}", flush=True)
     run = RunDir(cfg.run_dir())
     try:
-        app, _ = serve_app_args(cfg.serve, run, cfg.serve.audit.path or str(run.stage_dir("serve") / "audit.jsonl"))
+        app = serve_app_args(cfg.serve, run)
     except RuntimeError as err:
         print(f"[loom] no RayService yet: {err}", flush=True)
         return 0
-    # Without keys or JWTs the endpoint stays on the pod's loopback, as `loom serve` binds it.
-    authenticated = options.api_keys_secret is not None or cfg.serve.protection.jwt is not None
-    host = cfg.serve.host if authenticated else "127.0.0.1"
+    # Without keys (the Secret) or JWTs the endpoint stays on the pod's loopback, as `loom serve` binds it.
+    host = bound_host(cfg.serve, has_keys=options.api_keys_secret is not None)
     service = ray_service(cfg, serve_deploy_config(app, http_options(cfg.serve, host)), options)
     (out / "rayservice.yaml").write_text(yaml.safe_dump(service, sort_keys=False))
     print(f"[loom] {out / 'rayservice.yaml'}: RayService {service['metadata']['name']}", flush=True)

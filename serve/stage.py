@@ -162,15 +162,15 @@ def lineage(source: Path, run: RunDir, speculative: SpeculativeLineage | None = 
     )
 
 
-def bound_host(config: ServeConfig, keys: list) -> str:
+def bound_host(config: ServeConfig, has_keys: bool) -> str:
     """Without API keys or JWTs the endpoint is for this machine only, whatever the recipe asks."""
-    authenticated = bool(keys) or config.protection.jwt is not None
+    authenticated = has_keys or config.protection.jwt is not None
     return config.host if authenticated or config.host in LOOPBACK else "127.0.0.1"
 
 
 def bind_host(config: ServeConfig, keys: list) -> str:
     """``bound_host``, warning loudly when it overrides the recipe's host."""
-    if bound_host(config, keys) == config.host:
+    if bound_host(config, bool(keys)) == config.host:
         return config.host
     log.warning(
         "\n" + "!" * 78 + "\n!! serve.host is %s but no API key is configured (%s): binding 127.0.0.1 only.\n"
@@ -224,17 +224,17 @@ def endpoint_url(host: str, port: int, https: bool = False) -> str:
 
 def base_url(config: ServeConfig) -> str:
     """``endpoint_url`` of the host the serve stage binds for ``config`` (it reads the API keys to know)."""
-    return endpoint_url(bound_host(config, load_api_keys(config.protection)), config.port, config.tls is not None)
+    return endpoint_url(bound_host(config, bool(load_api_keys(config.protection))), config.port, config.tls is not None)
 
 
-def serve_app_args(config: ServeConfig, run: RunDir, audit_path: str | None) -> tuple[ServeAppArgs, dict[str, Any]]:
-    """The application's builder arguments for ``run``'s models (and their drafts' records, by model id)."""
+def serve_app_args(config: ServeConfig, run: RunDir) -> ServeAppArgs:
+    """The application's builder arguments for ``run``'s models, their drafts and the audit log's path."""
     sources = model_sources(config, run)
     drafts = {
         model_id: draft_source(model_id, config.models[model_id], source, run) for model_id, source in sources.items()
     }
-    args = ServeAppArgs(
-        audit_path=audit_path,
+    return ServeAppArgs(
+        audit_path=config.audit.path or str(run.stage_dir("serve") / "audit.jsonl"),
         serve_config=config,
         model_sources={model_id: str(source) for model_id, source in sources.items()},
         draft_sources={model_id: str(draft[0]) for model_id, draft in drafts.items() if draft},
@@ -245,20 +245,18 @@ def serve_app_args(config: ServeConfig, run: RunDir, audit_path: str | None) -> 
             for model_id, source in sources.items()
         },
     )
-    return args, drafts
 
 
 def run_serve(config: ServeConfig, run: RunDir) -> StageResult:
     """Deploy (leaving the app running) and send the demo queries."""
     from ray import serve
 
-    args, drafts = serve_app_args(config, run, config.audit.path or str(run.stage_dir("serve") / "audit.jsonl"))
+    args = serve_app_args(config, run)
     keys = load_api_keys(config.protection)
     host = bind_host(config, keys)
     check_tls_files(config)
     options = http_options(config, host)
     out = run.begin("serve")
-    sources = {model_id: Path(source) for model_id, source in args.model_sources.items()}
     config_path = out / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(serve_deploy_config(args, options), sort_keys=False))
 
@@ -277,12 +275,12 @@ def run_serve(config: ServeConfig, run: RunDir) -> StageResult:
         print(f"\n[{answer.kind}] {answer.prompt!r}\n  -> {answer.text!r}", flush=True)
     return StageResult(
         inputs={
-            **{f"model:{model_id}": hash_dir(source) for model_id, source in sources.items()},
-            **{f"draft:{model_id}": hash_dir(draft[0]) for model_id, draft in drafts.items() if draft},
+            **{f"model:{model_id}": hash_dir(Path(source)) for model_id, source in args.model_sources.items()},
+            **{f"draft:{model_id}": hash_dir(Path(draft)) for model_id, draft in args.draft_sources.items()},
         },
         outputs={
             "endpoint": url,
-            "models": list(sources),
+            "models": list(args.model_sources),
             "serve_config": str(config_path),
             "audit_log": args.audit_path if config.audit.enabled else None,
         },

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.conftest import free_port
+from tests.conftest import REPO_ROOT, free_port
 
 #: Ports Ray gives defaults that the embedded cluster already holds (52365 and others): a second node on the
 #: defaults starts without a job agent and every submission waits forever. Each gets a free port.
@@ -25,6 +26,13 @@ OWN_PORT_FLAGS = (
     "node-manager-port",
     "object-manager-port",
 )
+
+
+def env_without_ray_settings(home: Path, **extra: str) -> dict[str, str]:
+    """This process's environment without its Ray settings (the embedded cluster's token mode), ``HOME`` at
+    ``home`` (so ``~/.ray/auth_token`` is that folder's), and ``extra``."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("RAY_")}
+    return {**env, "HOME": str(home), "PYTHONPATH": str(REPO_ROOT), **extra}
 
 
 @dataclass

@@ -7,7 +7,6 @@ The head runs beside the tests' embedded cluster, in its own temporary folder, H
 
 from __future__ import annotations
 
-import os
 import shlex
 import socket
 import ssl
@@ -22,7 +21,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
-from tests.ray.heads import second_head
+from tests.ray.heads import env_without_ray_settings, second_head
 
 pytestmark = pytest.mark.ray
 
@@ -46,12 +45,6 @@ class Head:
     home: Path
     tls_env: dict[str, str]
     ca_file: Path
-
-
-def client_env(home: Path, **extra: str) -> dict[str, str]:
-    """This process's environment without its own Ray settings (the embedded cluster's token mode)."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("RAY_")}
-    return {**env, "HOME": str(home), "PYTHONPATH": str(REPO_ROOT), **extra}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +73,7 @@ def secured_head():
     # cluster.yaml's flags, less the ports and the launcher's autoscaling config, which this head chooses.
     skipped = ("--head", "--port", "--autoscaling-config")
     flags = [word for word in argv[2:] if word.split("=")[0] not in skipped] + ["--num-cpus=1"]
-    with second_head(flags, client_env(home, **env, **tls_env), TOKEN, temp / "ray") as head:
+    with second_head(flags, env_without_ray_settings(home, **env, **tls_env), TOKEN, temp / "ray") as head:
         yield Head(gcs=head.gcs, dashboard=head.dashboard, home=home, tls_env=tls_env, ca_file=ca_file)
 
 
@@ -101,12 +94,12 @@ def submitted(argv: list[str], env: dict[str, str], wait_s: float = 120) -> subp
 def test_job_submission_without_the_token_is_refused_and_with_it_runs(secured_head, tmp_path):
     ray = str(Path(sys.executable).parent / "ray")
     job = [ray, "job", "submit", "--address", secured_head.dashboard, "--", "python", "-c", "print('job ran')"]
-    refused = run(job, client_env(tmp_path))  # a HOME without ~/.ray/auth_token
+    refused = run(job, env_without_ray_settings(tmp_path))  # a HOME without ~/.ray/auth_token
     assert refused.returncode != 0
     assert "Authentication required" in refused.stdout + refused.stderr
     assert "job ran" not in refused.stdout
     # The README's line: the token at ~/.ray/auth_token, and RAY_AUTH_MODE=token on the client.
-    accepted = submitted(job, client_env(secured_head.home, RAY_AUTH_MODE="token"))
+    accepted = submitted(job, env_without_ray_settings(secured_head.home, RAY_AUTH_MODE="token"))
     assert accepted.returncode == 0, accepted.stdout[-2000:] + accepted.stderr[-2000:]
     assert "job ran" in accepted.stdout
 
@@ -114,7 +107,7 @@ def test_job_submission_without_the_token_is_refused_and_with_it_runs(secured_he
 def test_loom_submit_finds_the_token_where_ray_keeps_it(secured_head):
     from cluster.auth import enable_client_token
 
-    environ = client_env(secured_head.home)
+    environ = env_without_ray_settings(secured_head.home)
     assert enable_client_token(environ) == str(secured_head.home / ".ray" / "auth_token")
     probe = "from ray.job_submission import JobSubmissionClient as C; print(C(%r).get_version())"
     answered = run([sys.executable, "-c", probe % secured_head.dashboard], environ)
@@ -123,10 +116,10 @@ def test_loom_submit_finds_the_token_where_ray_keeps_it(secured_head):
 
 def test_ray_init_without_the_token_is_refused_and_with_it_connects(secured_head, tmp_path):
     connect = [sys.executable, "-c", f"import ray; ray.init(address={secured_head.gcs!r}); print('connected')"]
-    refused = run(connect, client_env(tmp_path, **secured_head.tls_env))
+    refused = run(connect, env_without_ray_settings(tmp_path, **secured_head.tls_env))
     assert refused.returncode != 0 and "connected" not in refused.stdout
     assert "InvalidAuthToken" in refused.stdout + refused.stderr
-    accepted = run(connect, client_env(secured_head.home, RAY_AUTH_MODE="token", **secured_head.tls_env))
+    accepted = run(connect, env_without_ray_settings(secured_head.home, RAY_AUTH_MODE="token", **secured_head.tls_env))
     assert accepted.returncode == 0, accepted.stderr[-2000:]
     assert "connected" in accepted.stdout
 

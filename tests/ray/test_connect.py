@@ -3,7 +3,6 @@ and the embedded cluster asks every client for Ray's token."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ import pytest
 
 from cluster.config import ClusterConfig
 from cluster.connect import ConnectError, connect
+from tests.ray.heads import env_without_ray_settings
 
 pytestmark = pytest.mark.ray
 
@@ -33,10 +33,9 @@ def test_the_embedded_cluster_refuses_a_client_without_rays_token(ray_cluster, t
     import ray
 
     gcs = ray.get_runtime_context().gcs_address
-    env = {name: value for name, value in os.environ.items() if not name.startswith("RAY_")}
     connect_again = [sys.executable, "-c", f"import ray; ray.init(address={gcs!r}); print('connected')"]
     stranger = subprocess.run(
-        connect_again, env={**env, "HOME": str(tmp_path)}, capture_output=True, text=True, timeout=180
+        connect_again, env=env_without_ray_settings(tmp_path), capture_output=True, text=True, timeout=180
     )
     assert stranger.returncode != 0 and "connected" not in stranger.stdout
     assert "InvalidAuthToken" in stranger.stdout + stranger.stderr

@@ -185,7 +185,7 @@ def test_the_deployed_application_exports_as_a_rayservice_kuberay_accepts(endpoi
     from tests.kuberay_schema import RAY_SERVICE
 
     config, _ = endpoint
-    args, _ = serve_app_args(config.serve, RunDir(config.run_dir()), None)
+    args = serve_app_args(config.serve, RunDir(config.run_dir()))
     options = KubeRayOptions(image="loom:test", storage_claim="runs", api_keys_secret="keys")
     service = ray_service(config, serve_deploy_config(args, http_options(config.serve, "0.0.0.0")), options)
     jsonschema.validate(service, RAY_SERVICE)
