@@ -19,7 +19,19 @@ else
   PIN := -c $(CONSTRAINTS)
 endif
 
-.PHONY: setup demo test bench lint clean
+# Programs the tests drive for real, from Debian's packages: Chromium (the run report in a browser),
+# Prometheus with promtool (Loom's alert rules and dashboards against a real server).
+SYSTEM_PACKAGES := chromium prometheus
+APT := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
+
+.PHONY: setup system-packages demo test bench lint clean
+
+system-packages:
+	@missing=""; for tool in chromium prometheus promtool; do command -v $$tool >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	  $(APT) update -qq && $(APT) install -y -qq --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; \
+	fi
+	@chromium --version && prometheus --version 2>&1 | head -1
 
 setup: $(STAMP)
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster.recipe import LoomConfig, config_hash
+from cluster.report import write_report
 from pipelines.runs import RunDir, StageResult, hash_files
 from pipelines.train.config import TrainConfig
 
@@ -177,6 +178,7 @@ def run_stage(name: str, cfg: LoomConfig, force: bool = False) -> dict[str, Any]
     print(f"[loom] {name}: running -> {run.stage_dir(name)}", flush=True)
     result = spec.run(cfg, run)
     record = run.complete(name, key, result, config_hash=own_hash(name, cfg), upstream=upstream_keys(name, cfg))
+    write_report(run)
     print(f"[loom] {name}: done. metrics: {record['metrics']}", flush=True)
     return record
 

@@ -121,9 +121,9 @@ def cmd_run(cfg: LoomConfig, args: argparse.Namespace) -> int:
             flush=True,
         )
     print(f"\n[loom] run directory: {run.root}\n[loom] manifest: {run.manifest_path}", flush=True)
-    report = run.root / "report"
-    if report.is_dir():
-        print(f"[loom] report: {report}/ ({', '.join(sorted(p.name for p in report.glob('*.png')))})", flush=True)
+    report = run.root / "report" / "index.html"
+    if report.is_file():
+        print(f"[loom] report: {report}", flush=True)
     print(output.where(), flush=True)
     _hold_or_stop(cfg, args, base_url(cfg.serve), shutdown)
     return 0

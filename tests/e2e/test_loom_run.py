@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from tests.browser import render
 from tests.conftest import REPO_ROOT, SMALL_MODEL, TINY, free_port
 
 pytestmark = pytest.mark.e2e
@@ -67,6 +68,10 @@ def test_loom_run_whole_chain_then_query_the_endpoint(tmp_path):
         assert manifest["stages"]["train"]["metrics"]["tuned"]["params"] == best["params"]
         assert manifest["stages"]["train"]["upstream"].keys() == {"data", "tune"}
         assert output.index("[loom] tune: running") < output.index("[loom] train: running")
+        # The run's report page, in a real browser: every figure the stages plotted loads.
+        assert f"[loom] report: {run_dir / 'report' / 'index.html'}" in output
+        page = render(run_dir / "report" / "index.html", tmp_path / "report.png")
+        assert page.body_attribute("broken-images") == "0" and int(page.body_attribute("images")) >= 3
 
         client = openai.OpenAI(base_url=url, api_key="unused")
         # A tiny random-ish model may emit EOS at any point: ignore_eos (a vLLM extension) makes the

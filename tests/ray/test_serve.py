@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from cluster.chain import run_stage
+from tests.browser import render
 from tests.conftest import REPO_ROOT, free_port
 from tests.helpers import wait_for
 from tests.metrics import scrape, total
@@ -192,6 +193,20 @@ def test_the_deployed_application_exports_as_a_rayservice_kuberay_accepts(endpoi
     served = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
     sources = served.applications[0].args["model_sources"]
     assert set(sources) == {MAIN, SECOND, SMALL} and all(Path(path).is_dir() for path in sources.values())
+
+
+def test_the_run_report_shows_every_stage_and_loads_every_figure_in_chromium(endpoint, tiny_config, tmp_path):
+    run_dir = tiny_config.run_dir()
+    page = render(run_dir / "report" / "index.html", tmp_path / "report.png")
+
+    figures = set(re.findall(r'<img src="([^"]+)"[^>]*data-loaded="yes"', page.dom))
+    assert {"data_funnel.png", "tune_sweep.png", "train_loss.png", "compress_pareto.png"} <= figures, figures
+    assert page.body_attribute("broken-images") == "0", page.dom[-3000:]
+    for stage in ("lineage", "data", "tune", "train", "compress", "serve"):
+        assert f'<h2 id="{stage}">' in page.dom, stage
+    # The lineage ends at the model ids the endpoint serves.
+    assert re.search(rf"served model ids</td><td[^>]*>{MAIN}, {SECOND}, {SMALL}<", page.dom), page.dom
+    assert page.screenshot.stat().st_size > 50_000
 
 
 def test_bad_requests_get_a_4xx_that_names_the_problem(endpoint):
