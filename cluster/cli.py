@@ -5,6 +5,7 @@
     loom run RECIPE [key=value ...] [--force] [--keep-serving]
     loom submit STAGE RECIPE [key=value ...] --address http://HEAD:8265
     loom export kuberay RECIPE [key=value ...] --image IMAGE --storage-claim PVC [--out DIR]
+    loom monitor RECIPE [key=value ...] [--check]
 
 ``python -m pipelines.data --config RECIPE ...`` (and the other stage modules)
 call the same functions.
@@ -172,6 +173,27 @@ def cmd_export(cfg: LoomConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_monitor(cfg: LoomConfig, args: argparse.Namespace) -> int:
+    from cluster.monitor import MonitorError, check_rules, run_prometheus, storage_folder, write_files
+
+    config = cfg.monitor
+    files = write_files(config, storage_folder(config, cfg.storage))
+    try:
+        check_rules(files)
+        print(f"[loom] {files.config} and {files.rules}: checked by promtool", flush=True)
+        if args.check:
+            return 0
+        print(
+            f"[loom] Prometheus at http://{config.host}:{config.port} scraping the Ray nodes listed in "
+            f"{config.ray_temp_dir} (Ctrl+C to stop)",
+            flush=True,
+        )
+        return run_prometheus(config, files)
+    except MonitorError as err:
+        print(f"loom monitor: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
 COMMANDS: dict[str, tuple[Callable[[LoomConfig, argparse.Namespace], int], str]] = {
     "validate": (cmd_validate, "check a recipe and list every problem"),
     "data": (_stage_command("data"), "curate, tokenize and pack the corpus"),
@@ -182,6 +204,7 @@ COMMANDS: dict[str, tuple[Callable[[LoomConfig, argparse.Namespace], int], str]]
     "run": (cmd_run, "the whole chain: data, tune, train, compress, serve"),
     "submit": (cmd_submit, "validate locally, then run a stage as a Ray job"),
     "export": (cmd_export, "write the recipe as KubeRay resources (RayJob, RayService)"),
+    "monitor": (cmd_monitor, "run Prometheus on loopback with Loom's alert rules, scraping the Ray cluster"),
 }
 
 
@@ -202,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--storage-claim", required=True, help="PVC mounted at the recipe's storage")
             sub.add_argument("--api-keys-secret", help="Secret whose 'keys' entry holds the endpoint's API keys")
             sub.add_argument("--out", default="kuberay", help="folder the manifests are written to")
-        if name not in ("validate", "export"):
+        if name == "monitor":
+            sub.add_argument("--check", action="store_true", help="write and check the files, start nothing")
+        if name not in ("validate", "export", "monitor"):
             sub.add_argument(
                 "--address",
                 required=name == "submit",

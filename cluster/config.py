@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipelines.schema import StrictModel
 
@@ -76,3 +76,61 @@ class ClusterConfig(StrictModel):
     def ray_env_vars(self) -> dict[str, str]:
         """Environment every Ray process of a Loom job gets (embedded Ray, `ray.init`, `loom submit`)."""
         return {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(self.train_report_poll_s)}
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class MonitorConfig(StrictModel):
+    """``loom monitor``: a Prometheus server scraping the Ray cluster, with Loom's recording and alert rules."""
+
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address Prometheus listens on. Beyond loopback it must have web_config_file "
+        "(Prometheus has no authentication of its own).",
+    )
+    port: int = Field(default=9090, ge=1, le=65535, description="Prometheus' web and API port.")
+    web_config_file: str | None = Field(
+        default=None,
+        description="Prometheus web configuration (basic-auth users, TLS certificate) passed as --web.config.file.",
+    )
+    storage: str | None = Field(
+        default=None, description="Prometheus' time-series directory. Unset: <storage>/prometheus of the recipe."
+    )
+    retention: str = Field(default="15d", pattern=r"^\d+[smhdwy]$", description="How long samples are kept.")
+    ray_temp_dir: str = Field(
+        default="/tmp/ray",
+        description="Ray's temporary directory (`ray start --temp-dir`): Ray writes the service-discovery "
+        "file of every node's metrics port there.",
+    )
+    scrape_interval_s: int = Field(default=15, ge=1, le=300, description="Scrape and rule evaluation interval.")
+    latency_p99_slo_s: float = Field(
+        default=0.5, gt=0, description="Serving SLO: p99 request latency over 5 minutes, per model."
+    )
+    time_to_first_token_p99_slo_s: float = Field(
+        default=0.5, gt=0, description="Serving SLO: p99 time to the first streamed token over 5 minutes, per model."
+    )
+    error_ratio_max: float = Field(
+        default=0.01, gt=0, le=1, description="Largest share of 5xx answers over 5 minutes, per model."
+    )
+    alert_after_minutes: int = Field(
+        default=5, ge=0, description="How long a serving condition must hold before its alert fires."
+    )
+    replicas_at_max_minutes: int = Field(
+        default=15, ge=1, description="Minutes at the autoscaler's max_replicas before the alert fires."
+    )
+    train_stalled_minutes: int = Field(
+        default=10, ge=1, description="Minutes a running training job may go without a new step."
+    )
+    data_reject_ratio_max: float = Field(
+        default=0.5, gt=0, le=1, description="Largest share of documents the data stage may reject."
+    )
+
+    @model_validator(mode="after")
+    def _authenticated_beyond_loopback(self) -> MonitorConfig:
+        if self.host not in LOOPBACK_HOSTS and self.web_config_file is None:
+            raise ValueError(
+                f"monitor.host '{self.host}' is beyond loopback: set monitor.web_config_file (basic auth and TLS), "
+                "or keep the default 127.0.0.1 and reach it over an SSH tunnel"
+            )
+        return self

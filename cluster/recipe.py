@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from cluster.config import ClusterConfig
+from cluster.config import ClusterConfig, MonitorConfig
 from pipelines.data.config import DataConfig
 from pipelines.schema import StrictModel, pydantic_problems
 from pipelines.train.config import TrainConfig
@@ -47,6 +47,9 @@ class LoomConfig(StrictModel):
     )
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving stage.")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Ray cluster and job submission.")
+    monitor: MonitorConfig = Field(
+        default_factory=MonitorConfig, description="Prometheus for the cluster (`loom monitor`): SLOs and alert rules."
+    )
 
     @model_validator(mode="after")
     def _storage_is_a_path(self) -> LoomConfig:

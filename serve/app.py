@@ -177,6 +177,7 @@ def build_app(args: dict[str, Any]):
                     "lineage": lineage,
                     "audit": parsed.serve_config.audit.model_dump(mode="json"),
                     "audit_path": parsed.audit_path or parsed.serve_config.audit.path,
+                    "max_replicas": {model_id: model.autoscaling.max_replicas for model_id, model in models.items()},
                 },
             },
         )

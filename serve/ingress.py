@@ -84,8 +84,8 @@ class IngressMetrics:
 
     Token counts and rates come from vLLM's own engine metrics (``log_engine_metrics``), not from here."""
 
-    def __init__(self):
-        from ray.util.metrics import Counter, Histogram
+    def __init__(self, max_replicas: dict[str, int]):
+        from ray.util.metrics import Counter, Gauge, Histogram
 
         self.requests = Counter(
             "loom_serve_requests", "Requests answered, by model, route and HTTP status.", ("model", "route", "status")
@@ -103,6 +103,10 @@ class IngressMetrics:
             LATENCY_BOUNDARIES,
             ("model",),
         )
+        # The autoscaler's ceiling, for the "replicas pinned at max" alert (Ray exports only the target).
+        ceiling = Gauge("loom_serve_max_replicas", "max_replicas of each model's autoscaling.", ("model",))
+        for model, replicas in max_replicas.items():
+            ceiling.set(replicas, tags={"model": model})
 
     def answered(self, model: str, route: str, status: int, started: float) -> None:
         self.requests.inc(tags={"model": model, "route": route, "status": str(status)})
@@ -238,6 +242,7 @@ class LoomIngress(OpenAiIngress):
         lineage: dict[str, dict[str, Any]] | None = None,
         audit: dict[str, Any] | None = None,
         audit_path: str | None = None,
+        max_replicas: dict[str, int] | None = None,
         lora_paths=None,
     ):
         for model_id, card in model_cards.items():
@@ -248,7 +253,7 @@ class LoomIngress(OpenAiIngress):
         self.protection = Protection(config, load_api_keys(config))
         if not self.protection.keys.enabled:
             log.warning("NO API KEYS OR JWT CONFIGURED: the endpoint accepts every request; bind it to loopback only")
-        self.metrics = IngressMetrics()
+        self.metrics = IngressMetrics(max_replicas or {})
         self.audit = AuditLog(AuditConfig.model_validate(audit or {}), audit_path, logging.getLogger("ray.serve"))
 
     def _set_asgi_app(self, app: Any) -> None:

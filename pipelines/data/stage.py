@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from pipelines.data.config import DataConfig
+from pipelines.data.metrics import export_gauges
 from pipelines.data.pack import Tokenize, keep_until_cutoff, mix_cutoffs, mix_token_targets, pack
 from pipelines.data.perplexity import plot_histogram
 from pipelines.data.readers import read_documents, source_fingerprint
@@ -275,6 +276,7 @@ def run_data(config: DataConfig, run: RunDir, seed: int) -> StageResult:
         "seq_len": config.seq_len,
     }
     plot = write_report(run, stats, step_stats)
+    export_gauges(run.root.name, stats)
     return StageResult(
         inputs={"sources": source_fingerprint(config)},
         outputs={

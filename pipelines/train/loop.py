@@ -254,7 +254,11 @@ class RankRun:
             self.parameters, module.config.num_hidden_layers, module.config.hidden_size, loop_config["seq_len"]
         )
         self.peak = peak_flops(self.engine.device)
-        self.gauges = PrometheusGauges(context.get_experiment_name()) if self.rank == 0 else None
+        self.gauges = (
+            PrometheusGauges(context.get_experiment_name(), resumed=self.checkpoint is not None)
+            if self.rank == 0
+            else None
+        )
         self.train_shard = ray.train.get_dataset_shard("train")
         self.val_shard = ray.train.get_dataset_shard("val") if loop_config["has_val"] else None
         self.val_batches: list | None = None

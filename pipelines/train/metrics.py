@@ -40,14 +40,17 @@ class PrometheusGauges:
 
     EXPORTED = ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "memory_mib", "mfu", "val_loss", "step")
 
-    def __init__(self, run_name: str):
-        from ray.util.metrics import Gauge
+    def __init__(self, run_name: str, resumed: bool):
+        from ray.util.metrics import Counter, Gauge
 
         self._tags = {"run": run_name}
         self._gauges = {
             name: Gauge(f"loom_train_{name}", f"Training {name.replace('_', ' ')} (rank 0's last report).", ("run",))
             for name in self.EXPORTED
         }
+        # One per worker-group start: resumed="true" is a restart from the last checkpoint after a failure.
+        starts = Counter("loom_train_starts", "Worker-group starts of a training run.", ("run", "resumed"))
+        starts.inc(tags={**self._tags, "resumed": str(resumed).lower()})
 
     def set(self, metrics: dict[str, float]) -> None:
         for name, gauge in self._gauges.items():

@@ -121,7 +121,22 @@ def tiny_config(tmp_path_factory, planted_sources) -> LoomConfig:
 
 
 @pytest.fixture(scope="package")
-def data_done(ray_cluster, tiny_config):
+def prometheus(ray_cluster, tmp_path_factory):
+    """Prometheus over the package's Ray cluster, from before the first stage runs (every stage fixture
+    starts from data_done), so the dashboards can be checked against all that the stages exported."""
+    from tests.metrics import PrometheusServer
+
+    session_dir = ray_cluster._private.worker.global_worker.node.get_session_dir_path()
+    server = PrometheusServer(tmp_path_factory.mktemp("prometheus"), session_dir, free_port())
+    try:
+        wait_for(server.ready, 60, "Prometheus to be ready")
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="package")
+def data_done(ray_cluster, prometheus, tiny_config):
     from cluster.chain import run_stage
 
     return run_stage("data", tiny_config)

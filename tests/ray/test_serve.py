@@ -443,7 +443,7 @@ def test_requests_rejects_latency_engine_and_scaling_metrics_reach_prometheus(en
     # Every series the shipped Grafana dashboard plots is one the endpoint really exports. The engine
     # records its gauges (KV cache use, running/waiting requests) while it serves, and a replica that
     # replaced a killed one has served nothing yet: so each look comes right after a request.
-    dashboard = json.loads((REPO_ROOT / "serve" / "dashboards" / "loom_serve.json").read_text())
+    dashboard = json.loads((REPO_ROOT / "cluster" / "dashboards" / "loom_serve.json").read_text())
     plotted = {
         name
         for panel in dashboard["panels"]
@@ -463,3 +463,29 @@ def test_requests_rejects_latency_engine_and_scaling_metrics_reach_prometheus(en
         wait_for(every_plotted_series_exported, 90, "every series the dashboard plots")
     except AssertionError as error:
         raise AssertionError(f"{error}; never exported: {missing}") from None
+
+
+def test_prometheus_saw_the_whole_run_every_dashboard_query_has_data_and_the_rules_evaluate(endpoint, prometheus):
+    """The Prometheus `loom monitor` would start, scraping this package's Ray since before its data stage."""
+    import torch
+
+    from cluster.monitor import dashboard_queries, dashboards
+
+    targets = prometheus.api("targets")["activeTargets"]
+    assert any(target["health"] == "up" for target in targets), targets
+    groups = {group["name"]: group for group in prometheus.api("rules")["groups"]}
+    assert {"loom-recording", "loom-alerts"} <= set(groups)
+    for group in groups.values():
+        for rule in group["rules"]:
+            assert rule["health"] == "ok", rule
+
+    empty: list[str] = []
+    checked = 0
+    for name, board in dashboards().items():
+        for title, expr in dashboard_queries(board):
+            if "(GPU)" in title and not torch.cuda.is_available():
+                continue  # model FLOPs utilisation is measured against a GPU's peak only
+            checked += 1
+            if not prometheus.series_over_session(expr):
+                empty.append(f"{name} / {title}: {expr}")
+    assert checked >= 25 and not empty, "no data for:\n" + "\n".join(empty)
