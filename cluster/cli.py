@@ -6,6 +6,7 @@
     loom submit STAGE RECIPE [key=value ...] --address http://HEAD:8265
     loom export kuberay RECIPE [key=value ...] --image IMAGE --storage-claim PVC [--out DIR]
     loom monitor RECIPE [key=value ...] [--check]
+    loom dashboards push RECIPE --grafana-url URL [--prometheus-url URL]
 
 ``python -m pipelines.data --config RECIPE ...`` (and the other stage modules)
 call the same functions.
@@ -194,6 +195,43 @@ def cmd_monitor(cfg: LoomConfig, args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
 
+def cmd_dashboards(cfg: LoomConfig, args: argparse.Namespace) -> int:
+    """Credentials from the environment only (GRAFANA_TOKEN, or GRAFANA_USER and GRAFANA_PASSWORD): never argv."""
+    from grafana_client import GrafanaApi
+    from grafana_client.client import GrafanaException
+    from niquests.exceptions import RequestException  # grafana-client's HTTP library
+
+    from cluster.grafana import RAY_FOLDER, GrafanaPushError, check_url, push
+
+    monitor = cfg.monitor
+    token = os.environ.get("GRAFANA_TOKEN")
+    user, password = os.environ.get("GRAFANA_USER"), os.environ.get("GRAFANA_PASSWORD")
+    credential = token or ((user, password) if user and password else None)
+    ray_dir = Path(args.ray_dashboards or Path(monitor.ray_temp_dir) / "session_latest/metrics/grafana/dashboards")
+    try:
+        check_url(args.grafana_url)
+        if credential is None:
+            raise GrafanaPushError("set GRAFANA_TOKEN (a service-account token), or GRAFANA_USER and GRAFANA_PASSWORD")
+        api = GrafanaApi.from_url(args.grafana_url, credential=credential)
+        prometheus_url = args.prometheus_url or f"http://{monitor.host}:{monitor.port}"
+        summary = push(api, prometheus_url, monitor, ray_dir)
+    except (GrafanaPushError, GrafanaException) as err:
+        print(f"loom dashboards: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except RequestException as err:
+        print(f"loom dashboards: cannot reach Grafana at {args.grafana_url}: {err}", file=sys.stderr)
+        return 1
+    if RAY_FOLDER[0] not in summary.folders:
+        print(f"[loom] no Ray dashboards in {ray_dir} (start Ray first, or give --ray-dashboards)", flush=True)
+    print(
+        f"[loom] {args.grafana_url}: data source {summary.datasource} -> {prometheus_url}; "
+        f"{len(summary.dashboards)} dashboards in folders {', '.join(summary.folders)}; "
+        f"{len(summary.alert_rules)} alert rules",
+        flush=True,
+    )
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[LoomConfig, argparse.Namespace], int], str]] = {
     "validate": (cmd_validate, "check a recipe and list every problem"),
     "data": (_stage_command("data"), "curate, tokenize and pack the corpus"),
@@ -204,6 +242,7 @@ COMMANDS: dict[str, tuple[Callable[[LoomConfig, argparse.Namespace], int], str]]
     "run": (cmd_run, "the whole chain: data, tune, train, compress, serve"),
     "submit": (cmd_submit, "validate locally, then run a stage as a Ray job"),
     "export": (cmd_export, "write the recipe as KubeRay resources (RayJob, RayService)"),
+    "dashboards": (cmd_dashboards, "push Loom's and Ray's dashboards and Loom's alert rules to Grafana"),
     "monitor": (cmd_monitor, "run Prometheus on loopback with Loom's alert rules, scraping the Ray cluster"),
 }
 
@@ -217,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("stage", choices=[*ALL_STAGES, "run"], help="what the job runs")
         if name == "export":
             sub.add_argument("target", choices=["kuberay"], help="what to write")
+        if name == "dashboards":
+            sub.add_argument("action", choices=["push"], help="what to do")
         sub.add_argument("recipe", nargs="?", help=f"YAML recipe (default: {DEFAULT_RECIPE.name})")
         sub.add_argument("--config", dest="config_flag", metavar="RECIPE", help="same as the positional RECIPE")
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=3e-4")
@@ -225,9 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--storage-claim", required=True, help="PVC mounted at the recipe's storage")
             sub.add_argument("--api-keys-secret", help="Secret whose 'keys' entry holds the endpoint's API keys")
             sub.add_argument("--out", default="kuberay", help="folder the manifests are written to")
+        if name == "dashboards":
+            sub.add_argument("--grafana-url", required=True, help="e.g. https://grafana.example.com")
+            sub.add_argument("--prometheus-url", help="Prometheus as Grafana reaches it (default: monitor.host:port)")
+            sub.add_argument("--ray-dashboards", help="folder of Ray's dashboards (default: Ray's session_latest)")
         if name == "monitor":
             sub.add_argument("--check", action="store_true", help="write and check the files, start nothing")
-        if name not in ("validate", "export", "monitor"):
+        if name not in ("validate", "export", "monitor", "dashboards"):
             sub.add_argument(
                 "--address",
                 required=name == "submit",
