@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import shlex
 import time
 from pathlib import Path
@@ -52,6 +54,46 @@ def runtime_env(config: LoomConfig) -> dict:
     return env
 
 
+def upload_size(config: LoomConfig, root: Path = REPO_ROOT) -> tuple[int, list[tuple[str, int]]]:
+    """Bytes of the working_dir Ray would upload, and the five largest top-level entries in it.
+
+    Walked with Ray's own traversal (its private ``packaging._dir_travel``: the runtime_env excludes, then
+    .gitignore and .rayignore as the upload applies them), so the count is what the upload would zip.
+    """
+    from ray._private.runtime_env import packaging
+
+    include_gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
+    by_entry: dict[str, int] = {}
+
+    def count(path: Path) -> None:
+        if path.is_file():
+            top = path.relative_to(root).parts[0]
+            by_entry[top] = by_entry.get(top, 0) + path.stat().st_size
+
+    quiet = logging.getLogger(f"{__name__}.upload_size")  # Ray logs every ignore file it reads at INFO
+    quiet.setLevel(logging.WARNING)
+    excludes = [packaging._get_excludes(root, list(config.cluster.runtime_env_excludes))]
+    packaging._dir_travel(root, excludes, count, include_gitignore=include_gitignore, logger=quiet)
+    largest = sorted(by_entry.items(), key=lambda item: -item[1])[:5]
+    return sum(by_entry.values()), largest
+
+
+def check_upload_size(config: LoomConfig, root: Path = REPO_ROOT) -> int:
+    """Refuse, before zipping anything, a working_dir over the cap Ray's upload enforces (its gRPC message
+    size); the message names the largest entries and where the excludes are set."""
+    from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE
+
+    total, largest = upload_size(config, root)
+    if total >= GCS_STORAGE_MAX_SIZE:
+        entries = ", ".join(f"{name} ({size / 2**20:,.0f} MiB)" for name, size in largest)
+        raise SubmitError(
+            f"the working_dir {root} holds {total / 2**20:,.0f} MiB to upload, over Ray's cap of "
+            f"{GCS_STORAGE_MAX_SIZE / 2**20:,.0f} MiB. Largest: {entries}. Leave them out with "
+            f"cluster.runtime_env_excludes (now {list(config.cluster.runtime_env_excludes)}) or a .rayignore file"
+        )
+    return total
+
+
 def _submit_with_retry(client, command: str, env: dict, wait_s: float = 300.0, poll_s: float = 2.0) -> str:
     """Submit, retrying while the head says its job agent is not up yet.
 
@@ -80,6 +122,7 @@ def submit(stage: str, recipe: Path, overrides: list[str], config: LoomConfig, a
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    size = check_upload_size(config)
     source = enable_client_token()
     print(f"[loom] Ray token: {source or 'none found (a token-protected head will refuse the job)'}", flush=True)
     try:
@@ -98,7 +141,7 @@ def submit(stage: str, recipe: Path, overrides: list[str], config: LoomConfig, a
         overrides = [*overrides, f"storage={absolute}"]
     command = entrypoint(stage, recipe, overrides)
     job_id = _submit_with_retry(client, command, runtime_env(config))
-    print(f"[loom] submitted {job_id} to {address}: {command}", flush=True)
+    print(f"[loom] submitted {job_id} to {address} ({size / 2**20:,.1f} MiB uploaded): {command}", flush=True)
     if not wait:
         return 0
     printed = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -104,3 +105,27 @@ def test_a_python_without_looms_packages_is_named_not_a_bare_import_error(tmp_pa
     assert result.returncode != 0
     assert "is not the Python environment Loom was installed in: it lacks yaml, pydantic, ray" in result.stderr
     assert "No module named" not in result.stderr
+
+
+def test_a_working_dir_over_rays_upload_cap_is_refused_before_zipping_naming_the_largest_and_the_excludes(tmp_path):
+    from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE
+
+    from cluster.submit import SubmitError, check_upload_size
+
+    (tmp_path / "pipelines").mkdir()
+    (tmp_path / "pipelines" / "stage.py").write_text("print('small')\n")
+    (tmp_path / "checkpoints").mkdir()
+    with open(tmp_path / "checkpoints" / "model.bin", "wb") as handle:
+        handle.truncate(GCS_STORAGE_MAX_SIZE + 2**20)  # sparse: the size Ray would zip, no disk used
+    config = load_config(TINY, [])
+    with pytest.raises(SubmitError) as refused:
+        check_upload_size(config, root=tmp_path)
+    message = str(refused.value)
+    assert "over Ray's cap" in message and "checkpoints (" in message and "cluster.runtime_env_excludes" in message
+
+    excludes = [*config.cluster.runtime_env_excludes, "checkpoints/"]
+    excluded = load_config(TINY, [f"cluster.runtime_env_excludes={json.dumps(excludes)}"])
+    assert check_upload_size(excluded, root=tmp_path) == len("print('small')\n")
+    # Ray's own .gitignore handling counts too, as the upload applies it.
+    (tmp_path / ".gitignore").write_text("checkpoints/\n")
+    assert check_upload_size(config, root=tmp_path) == len("print('small')\n") + len("checkpoints/\n")
