@@ -6,15 +6,13 @@ where a missing browser fails them.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+from tests.helpers import system_tool
 
 # Without the networking switches Chromium keeps trying to reach Google's hosts from a closed network.
 FLAGS = (
@@ -22,17 +20,6 @@ FLAGS = (
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
     "--hide-scrollbars", "--allow-file-access-from-files",
 )  # fmt: skip
-
-
-def system_tool(name: str) -> str:
-    """Path of a program from the system's packages: skipped without it, failed under CI (which installs it)."""
-    found = shutil.which(name)
-    if found is None:
-        message = f"{name} is not installed (.ci/run installs it: apt-get install {name})"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
 
 
 @dataclass

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import time
@@ -10,6 +12,7 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 
 
 def document_table(texts: Sequence[str], doc_ids: Sequence[str] | None = None, *, source: str = "test",
@@ -82,3 +85,14 @@ def kill_after_first_finished_trial(command: list[str], sweep: Path, log_path: P
     kept = finished_trials(sweep)
     assert driver.returncode == -signal.SIGKILL and len(kept) == 1, (log_path.read_text()[-3000:], kept)
     return kept
+
+
+def system_tool(name: str) -> str:
+    """Path of a program from the system's packages: skipped without it, failed under CI (which installs it)."""
+    found = shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+    if found is None:
+        message = f"{name} is not installed (`make system-packages` installs it; .ci/run calls it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return found

@@ -34,7 +34,7 @@ class PrometheusServer:
 
         from cluster.config import MonitorConfig
         from cluster.monitor import DISCOVERY_FILE, prometheus_command, write_files
-        from tests.browser import system_tool
+        from tests.helpers import system_tool
 
         system_tool("prometheus")
         # A 1 s scrape, so a short training run leaves many samples; the rules as the recipe writes them.

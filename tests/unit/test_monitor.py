@@ -12,8 +12,8 @@ import yaml
 from cluster.config import MonitorConfig
 from cluster.monitor import alert_rules, dashboard_queries, dashboards, prometheus_command, write_files
 from cluster.recipe import ConfigError, load_config
-from tests.browser import system_tool
 from tests.conftest import TINY
+from tests.helpers import system_tool
 
 CASES = Path(__file__).with_name("promtool") / "loom_rules_test.yml"
 
