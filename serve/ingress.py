@@ -28,6 +28,7 @@ from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionReq
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from vllm.exceptions import VLLMClientError
 
+from pipelines.gauges import held_gauges
 from serve.audit import AuditLog, AuditRecord, now, usage_of
 from serve.config import AuditConfig, ProtectionConfig
 from serve.protection import Protection, Rejection, load_api_keys
@@ -103,10 +104,11 @@ class IngressMetrics:
             LATENCY_BOUNDARIES,
             ("model",),
         )
-        # The autoscaler's ceiling, for the "replicas pinned at max" alert (Ray exports only the target).
+        # The autoscaler's ceiling, for the "replicas pinned at max" alert (Ray exports only the target);
+        # held, since Ray drops a gauge that is not set again.
         ceiling = Gauge("loom_serve_max_replicas", "max_replicas of each model's autoscaling.", ("model",))
         for model, replicas in max_replicas.items():
-            ceiling.set(replicas, tags={"model": model})
+            held_gauges().set(ceiling, replicas, {"model": model})
 
     def answered(self, model: str, route: str, status: int, started: float) -> None:
         self.requests.inc(tags={"model": model, "route": route, "status": str(status)})
