@@ -8,25 +8,30 @@ import yaml
 from cluster.auth import enable_client_token, token_source, warn_if_embedded_unauthenticated
 from tests.conftest import REPO_ROOT
 
-
-def cluster_yaml() -> dict:
-    return yaml.safe_load((REPO_ROOT / "cluster.yaml").read_text())
+LAUNCHER_CONFIGS = ["cluster.yaml", "cluster/local.yaml"]  # the GPU cluster, and one machine over loopback SSH
 
 
-def test_cluster_yaml_passes_ray_ups_own_validation_and_a_typo_is_refused():
+def cluster_yaml(path: str = "cluster.yaml") -> dict:
+    return yaml.safe_load((REPO_ROOT / path).read_text())
+
+
+@pytest.mark.parametrize("path", LAUNCHER_CONFIGS)
+def test_cluster_yaml_passes_ray_ups_own_validation_and_a_typo_is_refused(path):
     from jsonschema.exceptions import ValidationError
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    validate_config(prepare_config(cluster_yaml()))  # what `ray up` runs before it launches anything
-    typo = cluster_yaml()
+    validate_config(prepare_config(cluster_yaml(path)))  # what `ray up` runs before it launches anything
+    typo = cluster_yaml(path)
     typo["head_start_ray_comands"] = typo.pop("head_start_ray_commands")
     with pytest.raises(ValidationError, match="head_start_ray_comands"):
         validate_config(prepare_config(typo))
 
 
-def test_every_node_starts_ray_with_token_authentication_and_gets_the_token():
-    config = cluster_yaml()
-    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+@pytest.mark.parametrize("path", LAUNCHER_CONFIGS)
+def test_every_node_starts_ray_with_token_authentication_and_gets_the_token(path):
+    config = cluster_yaml(path)
+    has_workers = config["max_workers"] > 0
+    for key in ("head_start_ray_commands", "worker_start_ray_commands")[: 1 + has_workers]:
         starts = [command for command in config[key] if "ray start" in command]
         assert starts and all("RAY_AUTH_MODE=token" in command for command in starts), key
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
