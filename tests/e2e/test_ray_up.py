@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -138,3 +139,4 @@ def test_ray_up_on_loopback_then_a_job_runs_the_chain_and_the_endpoint_and_prome
                     Path(leftover + suffix).unlink(missing_ok=True)
     assert down.returncode == 0, down.stdout + down.stderr
     wait_for(lambda: not other_ray_running(), 60, "ray down to stop the head's processes")
+    shutil.rmtree(temp, ignore_errors=True)
