@@ -54,7 +54,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 demo: setup
 	$(VENV)/bin/loom run $(RECIPE)
 
-test: setup
+test: setup system-packages
 	$(VENV)/bin/pytest tests -m "not benchmark" --durations=15 $(PYTEST_ARGS)
 
 bench: setup
