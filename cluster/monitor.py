@@ -136,7 +136,8 @@ def rule_groups(config: MonitorConfig) -> dict[str, Any]:
 def prometheus_config(config: MonitorConfig, rules: Path, discovery: Path) -> dict[str, Any]:
     interval = f"{config.scrape_interval_s}s"
     return {
-        "global": {"scrape_interval": interval, "evaluation_interval": interval},
+        # A scrape may take the whole interval: Ray's agent answers with thousands of series, slowly under load.
+        "global": {"scrape_interval": interval, "scrape_timeout": interval, "evaluation_interval": interval},
         "rule_files": [str(rules)],
         "scrape_configs": [
             {

@@ -37,8 +37,10 @@ class PrometheusServer:
         from tests.helpers import system_tool
 
         system_tool("prometheus")
-        # A 1 s scrape, so a short training run leaves many samples; the rules as the recipe writes them.
-        self.config = MonitorConfig(port=port, scrape_interval_s=1)
+        # Every 5 s (the embedded Ray reports every 2 s): at 1 s the agent's answer, thousands of vLLM and Ray
+        # series, took over the 1 s timeout while the tests loaded both cores, and each failed scrape ended
+        # the target's series (seen: no TTFT or rejects data at all). The rules as the recipe writes them.
+        self.config = MonitorConfig(port=port, scrape_interval_s=5)
         files = write_files(self.config, folder, discovery=Path(session_dir) / DISCOVERY_FILE)
         self.log = open(folder / "prometheus.log", "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(

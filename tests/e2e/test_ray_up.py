@@ -134,9 +134,9 @@ def test_ray_up_on_loopback_then_a_job_runs_the_chain_and_the_endpoint_and_prome
             down = subprocess.run(
                 [RAY, "down", "-y", str(config_path)], env=env, capture_output=True, text=True, timeout=300
             )
-            for leftover in (f"/tmp/cluster-{yaml.safe_load(config_path.read_text())['cluster_name']}",):
-                for suffix in (".state", ".lock"):
-                    Path(leftover + suffix).unlink(missing_ok=True)
+            name = yaml.safe_load(config_path.read_text())["cluster_name"]
+            for suffix in (".state", ".lock"):  # the local provider's record, in Ray's default temp folder
+                Path(f"/tmp/ray/cluster-{name}{suffix}").unlink(missing_ok=True)
     assert down.returncode == 0, down.stdout + down.stderr
     wait_for(lambda: not other_ray_running(), 60, "ray down to stop the head's processes")
     shutil.rmtree(temp, ignore_errors=True)

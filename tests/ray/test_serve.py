@@ -59,7 +59,9 @@ def endpoint(ray_cluster, train_done, lora_done, compress_done, tiny_config, tmp
         "max_replicas": 2,
         "target_ongoing_requests": 2,
         "upscale_delay_s": 0,
-        "downscale_delay_s": 4,
+        # Longer than the pause between the autoscaler test's waves (as long as a wave took): with 4 s, a slow
+        # wave's pause scaled down the second replica while it was still starting, again and again.
+        "downscale_delay_s": 30,
         "metrics_interval_s": 0.5,
         "look_back_period_s": 2,
     }
