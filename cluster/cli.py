@@ -196,23 +196,18 @@ def cmd_monitor(cfg: LoomConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_dashboards(cfg: LoomConfig, args: argparse.Namespace) -> int:
-    """Credentials from the environment only (GRAFANA_TOKEN, or GRAFANA_USER and GRAFANA_PASSWORD): never argv."""
+    """The credential comes from the environment only (cluster.grafana.credential_from_env), never argv."""
     from grafana_client import GrafanaApi
     from grafana_client.client import GrafanaException
     from niquests.exceptions import RequestException  # grafana-client's HTTP library
 
-    from cluster.grafana import RAY_FOLDER, GrafanaPushError, check_url, push
+    from cluster.grafana import RAY_FOLDER, GrafanaPushError, check_url, credential_from_env, push
 
     monitor = cfg.monitor
-    token = os.environ.get("GRAFANA_TOKEN")
-    user, password = os.environ.get("GRAFANA_USER"), os.environ.get("GRAFANA_PASSWORD")
-    credential = token or ((user, password) if user and password else None)
     ray_dir = Path(args.ray_dashboards or Path(monitor.ray_temp_dir) / "session_latest/metrics/grafana/dashboards")
     try:
         check_url(args.grafana_url)
-        if credential is None:
-            raise GrafanaPushError("set GRAFANA_TOKEN (a service-account token), or GRAFANA_USER and GRAFANA_PASSWORD")
-        api = GrafanaApi.from_url(args.grafana_url, credential=credential)
+        api = GrafanaApi.from_url(args.grafana_url, credential=credential_from_env(os.environ))
         prometheus_url = args.prometheus_url or f"http://{monitor.host}:{monitor.port}"
         summary = push(api, prometheus_url, monitor, ray_dir)
     except (GrafanaPushError, GrafanaException) as err:

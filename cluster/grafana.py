@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,31 +113,28 @@ def grafana_alert_rule(rule: dict[str, Any], folder_uid: str) -> dict[str, Any]:
     }
 
 
-def _missing(err: Exception) -> bool:
-    return getattr(err, "status_code", None) == 404
+def _exists(get: Callable[[], Any]) -> bool:
+    """Whether Grafana has the object ``get`` reads (its API answers 404 when not); other errors propagate."""
+    from grafana_client.client import GrafanaClientError
+
+    try:
+        get()
+    except GrafanaClientError as err:
+        if getattr(err, "status_code", None) != 404:
+            raise
+        return False
+    return True
 
 
 def _upsert_datasource(api, body: dict[str, Any]) -> None:
-    from grafana_client.client import GrafanaClientError
-
-    try:
-        api.datasource.get_datasource_by_uid(body["uid"])
-    except GrafanaClientError as err:
-        if not _missing(err):
-            raise
-        api.datasource.create_datasource(body)
-    else:
+    if _exists(lambda: api.datasource.get_datasource_by_uid(body["uid"])):
         api.datasource.update_datasource_by_uid(body["uid"], body)
+    else:
+        api.datasource.create_datasource(body)
 
 
 def _ensure_folder(api, uid: str, title: str) -> None:
-    from grafana_client.client import GrafanaClientError
-
-    try:
-        api.folder.get_folder(uid)
-    except GrafanaClientError as err:
-        if not _missing(err):
-            raise
+    if not _exists(lambda: api.folder.get_folder(uid)):
         api.folder.create_folder(title, uid=uid)
 
 
@@ -150,16 +148,20 @@ def _upsert_dashboard(api, dashboard: dict[str, Any], folder_uid: str) -> str:
 
 
 def _upsert_alert_rule(api, rule: dict[str, Any]) -> None:
-    from grafana_client.client import GrafanaClientError
-
-    try:
-        api.alertingprovisioning.get_alertrule(rule["uid"])
-    except GrafanaClientError as err:
-        if not _missing(err):
-            raise
-        api.alertingprovisioning.create_alertrule(rule)
-    else:
+    if _exists(lambda: api.alertingprovisioning.get_alertrule(rule["uid"])):
         api.alertingprovisioning.update_alertrule(rule["uid"], rule)
+    else:
+        api.alertingprovisioning.create_alertrule(rule)
+
+
+def credential_from_env(environ: Mapping[str, str]) -> str | tuple[str, str]:
+    """GRAFANA_TOKEN (a service-account token), else GRAFANA_USER and GRAFANA_PASSWORD: never argv."""
+    if token := environ.get("GRAFANA_TOKEN"):
+        return token
+    user, password = environ.get("GRAFANA_USER"), environ.get("GRAFANA_PASSWORD")
+    if user and password:
+        return user, password
+    raise GrafanaPushError("set GRAFANA_TOKEN (a service-account token), or GRAFANA_USER and GRAFANA_PASSWORD")
 
 
 def push(api, prometheus_url: str, monitor: MonitorConfig, ray_dashboards_dir: Path | None) -> PushSummary:
