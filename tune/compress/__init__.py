@@ -1,1 +1,0 @@
-"""The compress stage: a multi-objective Ray Tune + Optuna sweep over compressions of the trained model."""
