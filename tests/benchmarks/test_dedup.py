@@ -1,9 +1,10 @@
 """Near-dedup: Loom's MinHash LSH on Ray Data against datasketch MinHash + MinHashLSH in one process.
 
 Same planted corpus, same shingles (lower-cased word 5-grams), same threshold and
-number of permutations. Reported: documents/s, the per-core ratio, precision and
-recall against the planted duplicates, agreement of the two duplicate sets, and
-the peak memory of the Ray run at two corpus sizes.
+number of permutations. Three rounds, each running both pipelines on the same corpus
+(alternately first). Reported per round: documents/s, per core, precision, recall and
+F1 against the planted duplicates, agreement of the two duplicate sets; and, from one
+run each, the peak memory of the Ray run at two corpus sizes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from functools import partial
 
 import pytest
 
-from tests.benchmarks.conftest import best_time
+from tests.benchmarks.conftest import comparison, side_by_side, timed
 from tests.helpers import document_table, union_find_roots
 from tests.planted_corpus import planted_corpus
 
@@ -113,8 +114,8 @@ def test_minhash_dedup_against_datasketch(record_benchmark):
 
     connect(ClusterConfig(num_cpus=8))
     cores = os.cpu_count() or 1
-    rows, memory = [], {}
-    # Warm-up: Ray starts its worker processes and shuffle actors once; both runs below find them up.
+    memory = {}
+    # Warm-up: Ray starts its worker processes and shuffle actors once; every timed run finds them up.
     loom_drops(as_dataset(planted_corpus(bases=200, uniques=1000, seed=1).documents))
     for documents_wanted in (25_000, 50_000):
         bases = documents_wanted // 10
@@ -130,38 +131,58 @@ def test_minhash_dedup_against_datasketch(record_benchmark):
         with PeakMemory() as peak:
             loom_drops(ds)
         memory[len(documents)] = round((peak.peak - peak.baseline) / 2**20)
-        if documents_wanted != 50_000:
-            continue
-        loom_s, ours = best_time(partial(loom_drops, ds))  # Ray's start-up of shuffle actors may land in either run
-        start = time.perf_counter()
-        theirs = datasketch_drops(documents)
-        baseline_s = time.perf_counter() - start
-        for name, found, seconds, used_cores in (
-            ("datasketch, 1 process", theirs, baseline_s, 1),
-            (f"Loom on Ray Data ({cores} cores)", ours, loom_s, cores),
-        ):
-            precision, recall, score = f1(found, expected)
-            rows.append(
-                {
-                    "pipeline": name,
-                    "docs_per_s": len(documents) / seconds,
-                    "docs_per_s_per_core": len(documents) / seconds / used_cores,
-                    "precision": precision,
-                    "recall": recall,
-                    "f1": score,
-                }
-            )
-        agreement = f1(ours, theirs)[2]
-        assert rows[1]["f1"] >= 0.95 and agreement >= 0.95
+    runs = side_by_side(
+        {"datasketch": timed(partial(datasketch_drops, documents)), "Loom": timed(partial(loom_drops, ds))}
+    )
     ray.shutdown()
+    quantities = {
+        "datasketch docs/s": [len(documents) / seconds for seconds, _ in runs["datasketch"]],
+        "Loom docs/s": [len(documents) / seconds for seconds, _ in runs["Loom"]],
+        "datasketch F1": [f1(found, expected)[2] for _, found in runs["datasketch"]],
+        "Loom F1": [f1(found, expected)[2] for _, found in runs["Loom"]],
+        "Loom precision": [f1(found, expected)[0] for _, found in runs["Loom"]],
+        "Loom recall": [f1(found, expected)[1] for _, found in runs["Loom"]],
+        "agreement F1": [
+            f1(ours, theirs)[2] for (_, ours), (_, theirs) in zip(runs["Loom"], runs["datasketch"], strict=True)
+        ],
+    }
+    quantities["Loom docs/s/core"] = [value / cores for value in quantities["Loom docs/s"]]
+    quantities["datasketch docs/s/core"] = quantities["datasketch docs/s"]  # one process, one core
+    assert min(quantities["Loom F1"]) >= 0.95 and min(quantities["agreement F1"]) >= 0.95
     record_benchmark(
         "dedup",
-        rows,
-        documents=len(documents),
-        planted_duplicates=len(expected),
-        per_core_speedup=round(rows[1]["docs_per_s_per_core"] / rows[0]["docs_per_s_per_core"], 2),
-        duplicate_set_agreement_f1=round(agreement, 4),
-        peak_extra_memory_mib_by_documents=memory,
+        stage="data: dedup",
+        measure="MinHash + LSH near-dedup vs datasketch MinHash + MinHashLSH, one process",
+        inputs={
+            "documents": len(documents),
+            "planted_duplicates": len(expected),
+            "threshold": THRESHOLD,
+            "num_perm": NUM_PERM,
+            "ngram": NGRAM,
+            "ray_cores": cores,
+        },
+        quantities=quantities,
+        comparisons=[
+            comparison(
+                "documents/s per core", "documents/s per core", quantities, "Loom docs/s/core", "datasketch docs/s/core"
+            ),
+            comparison(
+                f"documents/s ({cores} cores vs 1)",
+                f"documents/s, {cores} cores vs 1 process",
+                quantities,
+                "Loom docs/s",
+                "datasketch docs/s",
+            ),
+            comparison(
+                "F1 vs planted duplicates",
+                "F1 vs planted duplicates",
+                quantities,
+                "Loom F1",
+                "datasketch F1",
+                kind="difference",
+            ),
+        ],  # fmt: skip
+        peak_extra_memory_mib_by_documents_one_run=memory,
     )
 
 
@@ -174,24 +195,36 @@ def test_signature_kernel_against_datasketch(record_benchmark):
     from pipelines.data.minhash import permutations, signatures
 
     texts = [text for _, text in planted_corpus(bases=1000, uniques=7000, seed=5).documents]
-    start = time.perf_counter()
-    for text in texts:
-        words = text.lower().split()
-        minhash = MinHash(num_perm=NUM_PERM, seed=1)
-        minhash.update_batch({" ".join(words[i : i + NGRAM]).encode() for i in range(len(words) - NGRAM + 1)})
-    baseline_s = time.perf_counter() - start
     a, b = permutations(NUM_PERM, seed=1)
-    start = time.perf_counter()
-    for i in range(0, len(texts), 1024):
-        sig = signatures(pa.array(texts[i : i + 1024]), NGRAM, a, b)
-    loom_s = time.perf_counter() - start
+
+    def baseline() -> None:
+        for text in texts:
+            words = text.lower().split()
+            minhash = MinHash(num_perm=NUM_PERM, seed=1)
+            minhash.update_batch({" ".join(words[i : i + NGRAM]).encode() for i in range(len(words) - NGRAM + 1)})
+
+    def loom():
+        for i in range(0, len(texts), 1024):
+            sig = signatures(pa.array(texts[i : i + 1024]), NGRAM, a, b)
+        return sig
+
+    runs = side_by_side({"datasketch": timed(baseline), "Loom": timed(loom)})
+    sig = runs["Loom"][-1][1]
     assert sig.shape == (len(texts) - (len(texts) - 1) // 1024 * 1024, NUM_PERM) and sig.dtype == np.uint32
+    quantities = {f"{name} docs/s": [len(texts) / seconds for seconds, _ in values] for name, values in runs.items()}
     record_benchmark(
         "minhash_signatures",
-        [
-            {"kernel": "datasketch MinHash.update_batch", "docs_per_s": len(texts) / baseline_s},
-            {"kernel": "Loom batch signatures", "docs_per_s": len(texts) / loom_s},
-        ],
-        documents=len(texts),
-        speedup=round(baseline_s / loom_s, 2),
+        stage="data: dedup",
+        measure="MinHash signature kernel alone, one process, vs datasketch MinHash.update_batch",
+        inputs={"documents": len(texts), "num_perm": NUM_PERM, "ngram": NGRAM, "batch": 1024},
+        quantities=quantities,
+        comparisons=[
+            comparison(
+                "signature documents/s",
+                "signature documents/s, 1 process",
+                quantities,
+                "Loom docs/s",
+                "datasketch docs/s",
+            )
+        ],  # fmt: skip
     )

@@ -1,4 +1,5 @@
-"""Recovery: kill -9 on one of 2 training workers; seconds until training progresses again, steps redone."""
+"""Recovery: kill -9 on one of 2 training workers; seconds until training progresses again, steps redone.
+Three runs on the same data, each its own training run killed after the same step."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 
 import pytest
 
+from tests.benchmarks.conftest import RUNS, comparison
 from tests.conftest import TINY
 from tests.training import fit, killer, reported_steps, resume_config
 
@@ -26,26 +28,47 @@ def test_recovery_after_a_killed_worker(tmp_path, record_benchmark):
     connect(cfg.cluster)
     run_stage("data", cfg)
     config = resume_config(cfg.train, STEPS, CHECKPOINT_EVERY)
-    killed: dict[str, float] = {}
-    result, history = fit(config, cfg, tmp_path, "killed", during=killer(KILL_AFTER, killed))
+    quantities = {"seconds to progress": [], "steps redone": [], "steps skipped": [], "killed after step": []}
+    for run in range(RUNS):
+        killed: dict[str, float] = {}
+        result, history = fit(config, cfg, tmp_path, f"killed-{run}", during=killer(KILL_AFTER, killed))
+        assert killed and result.metrics["step"] == STEPS
+        rows = [json.loads(line) for line in history.read_text().splitlines()]
+        after = [row for row in rows if row["reported_at"] > killed["at"] and not row.get("final")]
+        first_after = after[0]
+        assert first_after["step"] == CHECKPOINT_EVERY + 1
+        quantities["seconds to progress"].append(first_after["reported_at"] - killed["at"])
+        quantities["steps redone"].append(int(killed["step"]) - CHECKPOINT_EVERY)
+        quantities["steps skipped"].append(len(set(range(1, STEPS + 1)) - set(reported_steps(history))))
+        quantities["killed after step"].append(int(killed["step"]))
     ray.shutdown()
-    assert killed and result.metrics["step"] == STEPS
-    rows = [json.loads(line) for line in history.read_text().splitlines()]
-    after = [row for row in rows if row["reported_at"] > killed["at"] and not row.get("final")]
-    first_after = after[0]
-    steps_redone = int(killed["step"]) - CHECKPOINT_EVERY
-    assert first_after["step"] == CHECKPOINT_EVERY + 1
+    assert quantities["steps skipped"] == [0] * RUNS
     record_benchmark(
         "recovery",
-        [
-            {
-                "killed_after_step": int(killed["step"]),
-                "resumed_from_step": CHECKPOINT_EVERY,
-                "seconds_to_progress": round(first_after["reported_at"] - killed["at"], 1),
-                "steps_redone": steps_redone,
-                "steps_skipped": len(set(range(1, STEPS + 1)) - set(reported_steps(history))),
-            }
-        ],
-        checkpoint_every=CHECKPOINT_EVERY,
-        workers=config.num_workers,
+        stage="train: recovery",
+        measure="kill -9 on one of 2 training workers: seconds until training progresses again",
+        inputs={
+            "workers": config.num_workers,
+            "checkpoint_every": CHECKPOINT_EVERY,
+            "kill_after_step": KILL_AFTER,
+            "steps": STEPS,
+            "model": "the tiny recipe's model",
+        },
+        quantities=quantities,
+        comparisons=[
+            comparison(
+                "seconds to progress after a kill",
+                "seconds from the kill to the next step reported",
+                quantities,
+                "seconds to progress",
+                better="lower",
+            ),
+            comparison(
+                "steps redone after a kill",
+                "steps trained twice (since the last checkpoint)",
+                quantities,
+                "steps redone",
+                better="lower",
+            ),
+        ],  # fmt: skip
     )

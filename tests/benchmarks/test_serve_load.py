@@ -1,5 +1,6 @@
 """Serving under a fixed-concurrency load: Loom's Ray Serve endpoint vs the same vLLM engine behind its own
-OpenAI server vs Hugging Face ``generate``, on the same model and prompts, in one run."""
+OpenAI server vs Hugging Face ``generate``, on the same model and prompts, in one run: three rounds, each
+starting every server in turn (order rotated), warming it up and timing one load of REQUESTS requests."""
 
 from __future__ import annotations
 
@@ -7,18 +8,17 @@ import os
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.benchmarks.conftest import BENCH_MODEL
+from tests.benchmarks.conftest import BENCH_MODEL, comparison, side_by_side
 from tests.conftest import TINY, free_port
 
 pytestmark = pytest.mark.benchmark
 CONCURRENCY, REQUESTS, MAX_TOKENS, MAX_MODEL_LEN = 8, 96, 64, 512
-#: Load rounds per server, the fastest kept: one 4-second round swung by ±30 % between runs on 2 cores.
-ROUNDS = 3
 #: Loom's endpoint is also measured with streamed chunks gathered this long (the default is 50 ms).
 GATHERED_MS = 200.0
 SERVE_MODEL = [*BENCH_MODEL, f"train.model.max_position_embeddings={MAX_MODEL_LEN}"]
@@ -65,14 +65,12 @@ def load(base_url: str, model: str, texts: list[str]):
     from serve.loadtest import run_load
 
     run_load(base_url, model, texts[:CONCURRENCY], concurrency=CONCURRENCY, requests=CONCURRENCY, max_tokens=8)
-    rounds = [
-        run_load(
-            base_url, model, texts, concurrency=CONCURRENCY, requests=REQUESTS, max_tokens=MAX_TOKENS, time_limit_s=300
-        )
-        for _ in range(ROUNDS)
-    ]
-    assert all(result.failed == 0 for result in rounds), [result.failed for result in rounds]
-    return max(rounds, key=lambda result: result.tokens_per_s)
+    result = run_load(
+        base_url, model, texts, concurrency=CONCURRENCY, requests=REQUESTS, max_tokens=MAX_TOKENS, time_limit_s=300
+    )
+    assert result.failed == 0, result.failed
+    assert result.output_tokens == REQUESTS * MAX_TOKENS, result.output_tokens
+    return result
 
 
 def serve_endpoint(
@@ -172,35 +170,79 @@ def hf_generate(model_dir: Path, texts: list[str], batches: int = 3) -> dict[str
 
 def test_serve_throughput_against_plain_vllm_and_hf_generate(model_dir, record_benchmark):
     texts = prompts(REQUESTS)
-    served = serve_endpoint(model_dir, texts)
-    gathered = serve_endpoint(model_dir, texts, stream_batching_ms=GATHERED_MS)
-    stock = serve_endpoint(model_dir, texts, stock_ingress=True)
-    plain = plain_vllm(model_dir, texts)
-    hf = hf_generate(model_dir, texts)
-    assert served.failed == 0 and stock.failed == 0 and plain.failed == 0
-    assert served.output_tokens == plain.output_tokens == REQUESTS * MAX_TOKENS
-    rows = [
-        {"server": "Ray Serve + vLLM", **served.as_row()},
-        {"server": f"Ray Serve + vLLM, stream_batching_ms={GATHERED_MS:g}", **gathered.as_row()},
-        {"server": "Ray Serve stock OpenAI app + vLLM", **stock.as_row()},
-        {"server": "vLLM OpenAI server", **plain.as_row()},
-        # generate() answers a whole batch at once: no per-request latency or first token to report.
+    runs = side_by_side(
         {
-            "server": "HF generate",
-            **dict.fromkeys(served.as_row(), "-"),
-            "requests": hf["requests"],
-            "tokens_per_s": round(hf["tokens_per_s"], 1),
-        },
-    ]
+            "Ray Serve": partial(serve_endpoint, model_dir, texts),
+            "Ray Serve gathered": partial(serve_endpoint, model_dir, texts, stream_batching_ms=GATHERED_MS),
+            "Serve stock app": partial(serve_endpoint, model_dir, texts, stock_ingress=True),
+            "vLLM server": partial(plain_vllm, model_dir, texts),
+            "HF generate": partial(hf_generate, model_dir, texts),
+        }
+    )
+    quantities = {}
+    for server, results in runs.items():
+        if server == "HF generate":  # generate() answers a whole batch at once: no per-request latency
+            quantities["HF generate tokens/s"] = [r["tokens_per_s"] for r in results]
+            quantities["HF generate batch p50 s"] = [r["latency_p50_s"] for r in results]
+            continue
+        for field in ("tokens_per_s", "latency_p50_s", "latency_p99_s", "ttft_p50_s", "ttft_p99_s"):
+            label = field.replace("tokens_per_s", "tokens/s").replace("_s", " s").replace("_", " ")
+            quantities[f"{server} {label}"] = [getattr(r, field) for r in results]
     record_benchmark(
         "serve_load",
-        rows,
-        serve_vs_plain_throughput=round(served.tokens_per_s / plain.tokens_per_s, 3),
-        serve_gathered_vs_plain_throughput=round(gathered.tokens_per_s / plain.tokens_per_s, 3),
-        stock_serve_vs_plain_throughput=round(stock.tokens_per_s / plain.tokens_per_s, 3),
-        vllm_vs_hf_throughput=round(plain.tokens_per_s / hf["tokens_per_s"], 2),
-        concurrency=CONCURRENCY,
-        max_tokens=MAX_TOKENS,
-        hf_batch_latency_p50_s=round(hf["latency_p50_s"], 3),
-        rounds_per_server=ROUNDS,
+        stage="serve",
+        measure="streamed completions at fixed concurrency: output tokens/s and latency",
+        inputs={
+            "model": "4 layers x 256 wide Llama (~3.7M parameters), float32, random weights",
+            "concurrency": CONCURRENCY,
+            "requests_per_run": REQUESTS,
+            "max_tokens": MAX_TOKENS,
+            "max_model_len": MAX_MODEL_LEN,
+            "servers": {
+                "Ray Serve": "Loom's application (default stream_batching_ms) + vLLM",
+                "Ray Serve gathered": f"the same with stream_batching_ms={GATHERED_MS:g}",
+                "Serve stock app": "ray.serve.llm.build_openai_app on the same LLMConfig",
+                "vLLM server": "vllm.entrypoints.openai.api_server, same engine settings",
+                "HF generate": f"transformers generate, 3 batches of {CONCURRENCY}, left padding",
+            },
+        },
+        quantities=quantities,
+        comparisons=[
+            comparison(
+                "output tokens/s, Ray Serve vs vLLM server",
+                "output tokens/s, Loom on Ray Serve vs vLLM's server",
+                quantities,
+                "Ray Serve tokens/s",
+                "vLLM server tokens/s",
+            ),
+            comparison(
+                "output tokens/s, gathered vs vLLM server",
+                f"output tokens/s, stream_batching_ms={GATHERED_MS:g} vs vLLM's server",
+                quantities,
+                "Ray Serve gathered tokens/s",
+                "vLLM server tokens/s",
+            ),
+            comparison(
+                "output tokens/s, stock Serve app vs vLLM server",
+                "output tokens/s, Ray's stock OpenAI app vs vLLM's server",
+                quantities,
+                "Serve stock app tokens/s",
+                "vLLM server tokens/s",
+            ),
+            comparison(
+                "p50 latency, Ray Serve vs vLLM server",
+                "p50 request latency, Ray Serve vs vLLM's server",
+                quantities,
+                "Ray Serve latency p50 s",
+                "vLLM server latency p50 s",
+                better="lower",
+            ),
+            comparison(
+                "output tokens/s, vLLM server vs HF generate",
+                "output tokens/s, vLLM's server vs HF generate",
+                quantities,
+                "vLLM server tokens/s",
+                "HF generate tokens/s",
+            ),
+        ],  # fmt: skip
     )

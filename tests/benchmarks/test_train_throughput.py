@@ -1,16 +1,18 @@
 """Training throughput: Ray Train + DeepSpeed (1 and 2 workers) against a plain single-process torch loop
-on the same model, micro-batch and packed shards, in one run."""
+on the same model, micro-batch and packed shards, in one run: three rounds, the three setups alternating."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 import time
+from functools import partial
 
 import numpy as np
 import pytest
 
-from tests.benchmarks.conftest import BENCH_MODEL
+from tests.benchmarks.conftest import BENCH_MODEL, comparison, side_by_side
 from tests.conftest import TINY
 from tests.training import fit
 
@@ -39,6 +41,10 @@ def plain_torch_loop(cfg, shards: list[np.ndarray]) -> float:
     return statistics.median(times[WARMUP_STEPS:])
 
 
+#: Each training run's own name (and history file): a later round must not resume an earlier one's checkpoint.
+RUN_NUMBERS = itertools.count()
+
+
 def ray_deepspeed(cfg, tmp_path, workers: int) -> float:
     """Seconds per optimizer step of the train stage's loop (Ray Data ingest included), median over reports."""
     import json
@@ -59,7 +65,7 @@ def ray_deepspeed(cfg, tmp_path, workers: int) -> float:
             "eval_every": 0,
         }
     )
-    _, history = fit(config, cfg, tmp_path, f"bench-{workers}")
+    _, history = fit(config, cfg, tmp_path, f"bench-{workers}-{next(RUN_NUMBERS)}")
     rows = [json.loads(line) for line in history.read_text().splitlines()]
     times = [r["step_time_s"] for r in rows if "step_time_s" in r and r["step"] > WARMUP_STEPS and not r.get("final")]
     return statistics.median(times)
@@ -84,20 +90,54 @@ def test_ray_train_deepspeed_against_a_plain_torch_loop(tmp_path, record_benchma
     shards = [ids[i : i + MICRO_BATCH] for i in range(0, len(ids) - MICRO_BATCH + 1, MICRO_BATCH)]
     tokens_per_step = MICRO_BATCH * cfg.data.seq_len
 
-    plain = plain_torch_loop(cfg, shards)
-    one = ray_deepspeed(cfg, tmp_path, 1)
-    two = ray_deepspeed(cfg, tmp_path, 2)
+    runs = side_by_side(
+        {
+            "plain": partial(plain_torch_loop, cfg, shards),
+            "one": partial(ray_deepspeed, cfg, tmp_path, 1),
+            "two": partial(ray_deepspeed, cfg, tmp_path, 2),
+        }
+    )
     ray.shutdown()
-    rows = [
-        {"setup": "plain torch loop, 1 process", "step_time_s": round(plain, 4), "tokens_per_s": round(tokens_per_step / plain)},
-        {"setup": "Ray Train + DeepSpeed ZeRO-0, 1 worker", "step_time_s": round(one, 4), "tokens_per_s": round(tokens_per_step / one)},
-        {"setup": "Ray Train + DeepSpeed ZeRO-2, 2 workers", "step_time_s": round(two, 4), "tokens_per_s": round(2 * tokens_per_step / two)},
-    ]  # fmt: skip
+    quantities = {
+        "plain torch s/step": runs["plain"],
+        "Ray 1 worker s/step": runs["one"],
+        "Ray 2 workers s/step": runs["two"],
+        "plain torch tokens/s": [tokens_per_step / s for s in runs["plain"]],
+        "Ray 1 worker tokens/s": [tokens_per_step / s for s in runs["one"]],
+        "Ray 2 workers tokens/s": [2 * tokens_per_step / s for s in runs["two"]],
+    }
     record_benchmark(
         "train_throughput",
-        rows,
-        one_worker_overhead=round(one / plain - 1, 3),
-        micro_batch=MICRO_BATCH,
-        seq_len=cfg.data.seq_len,
-        steps_timed=STEPS - WARMUP_STEPS,
+        stage="train",
+        measure="tokens/s: Ray Train + DeepSpeed vs a plain single-process torch loop, same model and batches",
+        inputs={
+            "model": "4 layers x 256 wide, 4 heads, MLP 1024 (~3.7M parameters)",
+            "micro_batch": MICRO_BATCH,
+            "seq_len": cfg.data.seq_len,
+            "steps": STEPS,
+            "steps_timed": STEPS - WARMUP_STEPS,
+            "statistic_per_run": "median step time after the warm-up steps",
+            "setups": {
+                "plain torch": "1 process, AdamW + clipping, the machine's threads",
+                "Ray 1 worker": f"ZeRO-0, 1 worker with {os.cpu_count()} CPUs, Ray Data ingest and reports included",
+                "Ray 2 workers": f"ZeRO-2, 2 workers with {max(1, (os.cpu_count() or 2) // 2)} CPU(s) each",
+            },
+        },
+        quantities=quantities,
+        comparisons=[
+            comparison(
+                "tokens/s, 1 worker vs plain torch",
+                "tokens/s, 1 Ray worker vs plain torch",
+                quantities,
+                "Ray 1 worker tokens/s",
+                "plain torch tokens/s",
+            ),
+            comparison(
+                "tokens/s, 2 workers vs plain torch",
+                "tokens/s, 2 Ray workers (ZeRO-2) vs plain torch",
+                quantities,
+                "Ray 2 workers tokens/s",
+                "plain torch tokens/s",
+            ),
+        ],  # fmt: skip
     )
