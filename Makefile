@@ -58,7 +58,12 @@ test: setup system-packages
 	$(VENV)/bin/pytest tests -m "not benchmark" --durations=15 $(PYTEST_ARGS)
 
 bench: setup
-	$(VENV)/bin/pytest tests/benchmarks -m benchmark -s $(PYTEST_ARGS)
+	$(VENV)/bin/pytest tests/benchmarks -m benchmark -s $(PYTEST_ARGS) || { $(PY) -m tests.benchmarks.table; exit 1; }
+	$(PY) -m tests.benchmarks.table
+
+# The README's and docs/src/benchmarks.md's tables, from the result files in docs/results/.
+bench-table: setup
+	$(PY) -m tests.benchmarks.table
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -11,7 +11,7 @@ from tests.benchmarks.conftest import RUNS, comparison
 from tests.conftest import TINY
 from tests.training import fit, killer, reported_steps, resume_config
 
-pytestmark = pytest.mark.benchmark
+pytestmark = [pytest.mark.benchmark, pytest.mark.timeout(2400)]
 CHECKPOINT_EVERY, KILL_AFTER, STEPS = 4, 6, 12
 
 

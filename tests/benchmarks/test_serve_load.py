@@ -17,7 +17,8 @@ import pytest
 from tests.benchmarks.conftest import BENCH_MODEL, comparison, side_by_side
 from tests.conftest import TINY, free_port
 
-pytestmark = pytest.mark.benchmark
+# Three rounds of five servers, each started afresh: beyond the suite's 20-minute default.
+pytestmark = [pytest.mark.benchmark, pytest.mark.timeout(3600)]
 CONCURRENCY, REQUESTS, MAX_TOKENS, MAX_MODEL_LEN = 8, 96, 64, 512
 #: Loom's endpoint is also measured with streamed chunks gathered this long (the default is 50 ms).
 GATHERED_MS = 200.0

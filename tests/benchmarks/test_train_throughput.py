@@ -16,7 +16,7 @@ from tests.benchmarks.conftest import BENCH_MODEL, comparison, side_by_side
 from tests.conftest import TINY
 from tests.training import fit
 
-pytestmark = pytest.mark.benchmark
+pytestmark = [pytest.mark.benchmark, pytest.mark.timeout(2400)]
 STEPS, WARMUP_STEPS, MICRO_BATCH = 30, 5, 8
 
 

@@ -16,7 +16,8 @@ import pytest
 from tests.benchmarks.conftest import comparison
 from tests.conftest import SMALL_MODEL, TINY
 
-pytestmark = pytest.mark.benchmark
+# Two sweeps for each of three seeds, ~6 minutes a sweep on 2 cores.
+pytestmark = [pytest.mark.benchmark, pytest.mark.timeout(5400)]
 TRIALS, STEPS, REPORT_EVERY = 8, 16, 4
 SEEDS = (0, 1, 2)
 #: Wide on purpose: rates near 1e-4 barely learn in 16 steps and rates near 1 diverge, as in a first sweep.
