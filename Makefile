@@ -65,6 +65,13 @@ bench: setup
 bench-table: setup
 	$(PY) -m tests.benchmarks.table
 
+# The docs site: the reference pages generated from the schema and the parser, then MkDocs in strict
+# mode (a broken link fails). Output: docs/site/ (ignored by git).
+.PHONY: docs
+docs: setup
+	$(PY) -m cluster.docs
+	$(VENV)/bin/mkdocs build --strict -f docs/mkdocs.yml
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
