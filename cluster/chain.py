@@ -1,101 +1,30 @@
-"""The stages in order, and how one runs: skip when complete, else run and record it.
+"""How a stage runs in the chain: skip it when complete under the same key, else run it and record it.
 
-One dispatch table names each stage's function, the config it is hashed by and the stages
-it reads from. A stage's key chains its own config hash with its upstream stages' keys, so
-a change anywhere upstream changes every key below it: a completed downstream stage is
-then refused, naming what changed, until ``--force`` redoes it.
+A stage's key (Marin's executor's "version") is its own config (``Stage.sections``), the fingerprints
+of what it reads (its sources, by listing; the artifacts of other stages it reads, e.g. the sweep's winner
+or the trained model's hash) and the keys of its upstream stages. When a completed stage's key no longer
+matches, the chain says what changed:
+
+- its own config: refused until ``--force`` (an edit to an expensive stage's config should be deliberate);
+- an input (a source, an upstream result or an upstream stage's key): the stage runs again, and so does
+  everything downstream of it, naming the input.
+
+A stage is never built on a stale upstream: that is refused, naming the upstream and what changed in it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from cluster.recipe import LoomConfig, config_hash
 from cluster.report import write_report
-from pipelines.runs import RunDir, StageResult, hash_files
-from pipelines.train.config import TrainConfig
+from cluster.stages import STAGES, chain_stages, tuned_train_config
+from pipelines.runs import RunDir
+
+__all__ = ["STAGES", "chain_stages", "run_chain", "run_stage", "stage_key", "tuned_train_config"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    run: Callable[[LoomConfig, RunDir], StageResult]
-    hashed: Callable[[LoomConfig], dict[str, Any]]
-    #: Stages whose outputs this one reads: their keys are part of its key.
-    upstream: tuple[str, ...] = ()
-    #: Services (serve) run every time; artifacts (data, train, tune) are skipped once complete.
-    always_runs: bool = False
-
-
-def _data(cfg: LoomConfig, run: RunDir) -> StageResult:
-    from pipelines.data.stage import run_data
-
-    return run_data(cfg.data, run, cfg.seed)
-
-
-def tuned_train_config(cfg: LoomConfig, run: RunDir) -> tuple[TrainConfig, dict[str, Any] | None]:
-    """The training config the train stage runs: the recipe's, with the best trial's values when the
-    sweep is on (and the record of where they came from)."""
-    if not cfg.tune.enabled:
-        return cfg.train, None
-    from tune.config import apply_params
-    from tune.stage import best_trial
-
-    best = best_trial(run)
-    train = TrainConfig.model_validate(apply_params(cfg.train.model_dump(), best["params"]))
-    return train, {"params": best["params"], "trial_id": best["trial_id"], "val_loss": best["val_loss"]}
-
-
-def _train(cfg: LoomConfig, run: RunDir) -> StageResult:
-    from pipelines.train.stage import run_train
-
-    train, tuned = tuned_train_config(cfg, run)
-    result = run_train(train, run, cfg.seed)
-    if tuned is not None:
-        result.metrics["tuned"] = tuned
-        result.inputs["tune_best"] = hash_files([run.stage_dir("tune") / "best.json"], root=run.stage_dir("tune"))
-    return result
-
-
-def _tune(cfg: LoomConfig, run: RunDir) -> StageResult:
-    from tune.stage import run_tune
-
-    return run_tune(cfg.tune, cfg.train, run, cfg.seed)
-
-
-def _compress(cfg: LoomConfig, run: RunDir) -> StageResult:
-    from tune.compress.stage import run_compress
-
-    train, _ = tuned_train_config(cfg, run)  # students train as the model did (the sweep's values included)
-    return run_compress(cfg.compress, train, run, cfg.seed)
-
-
-def _serve(cfg: LoomConfig, run: RunDir) -> StageResult:
-    from serve.stage import run_serve
-
-    return run_serve(cfg.serve, run)
-
-
-def _dump(*parts: Any) -> dict[str, Any]:
-    return {
-        str(i): part.model_dump(mode="json") if hasattr(part, "model_dump") else part for i, part in enumerate(parts)
-    }
-
-
-#: In chain order: the sweep decides the training run, so tune comes before train.
-STAGES: dict[str, StageSpec] = {
-    "data": StageSpec(_data, lambda c: _dump(c.data, c.seed)),
-    "tune": StageSpec(_tune, lambda c: _dump(c.tune, c.train, c.seed), upstream=("data",)),
-    # train reads tune's best trial while the sweep is on (upstream_of drops a disabled tune).
-    "train": StageSpec(_train, lambda c: _dump(c.train, c.seed), upstream=("data", "tune")),
-    "compress": StageSpec(_compress, lambda c: _dump(c.compress, c.seed), upstream=("data", "train")),
-    # serve reads compress's variants when the sweep is on (a model may ask for one).
-    "serve": StageSpec(_serve, lambda c: _dump(c.serve), upstream=("train", "compress"), always_runs=True),
-}
 
 
 class StageConfigChangedError(RuntimeError):
@@ -104,7 +33,7 @@ class StageConfigChangedError(RuntimeError):
 
 def own_hash(name: str, cfg: LoomConfig) -> str:
     """Hash of the config sections this stage reads itself."""
-    return config_hash(STAGES[name].hashed(cfg))
+    return config_hash(STAGES[name].own_config(cfg))
 
 
 def upstream_of(name: str, cfg: LoomConfig) -> tuple[str, ...]:
@@ -113,27 +42,72 @@ def upstream_of(name: str, cfg: LoomConfig) -> tuple[str, ...]:
     return tuple(upstream for upstream in STAGES[name].upstream if upstream in enabled)
 
 
-def stage_key(name: str, cfg: LoomConfig) -> str:
-    """The stage's own hash chained with its upstream stages' keys (recursively)."""
-    upstream = {u: stage_key(u, cfg) for u in upstream_of(name, cfg)}
-    return config_hash({"own": own_hash(name, cfg), "upstream": upstream})
+class Keys:
+    """Keys and inputs of one recipe's stages against one run directory, each computed once (listing a
+    large corpus is cheap, but not free)."""
+
+    def __init__(self, cfg: LoomConfig, run: RunDir | None = None):
+        self.cfg = cfg
+        self.run = run or RunDir(cfg.run_dir())
+        self._inputs: dict[str, dict[str, str]] = {}
+        self._keys: dict[str, str] = {}
+
+    def inputs(self, name: str) -> dict[str, str]:
+        """What the stage reads from outside its own config: its sources' fingerprints and the fingerprints of
+        the upstream artifacts it reads (``absent`` before they exist), by name."""
+        if name not in self._inputs:
+            stage = STAGES[name]
+            upstream = upstream_of(name, self.cfg)
+            found = dict(sorted(stage.sources(self.cfg).items())) if stage.sources else {}
+            for artifact in stage.reads:
+                if artifact.stage in upstream and not artifact.by_key:
+                    found[artifact.label()] = artifact.fingerprint(self.run) or "absent"
+            self._inputs[name] = found
+        return self._inputs[name]
+
+    def upstream_keys(self, name: str) -> dict[str, str]:
+        return {upstream: self.key(upstream) for upstream in upstream_of(name, self.cfg)}
+
+    def key(self, name: str) -> str:
+        """The stage's own hash chained with its inputs and its upstream stages' keys (recursively)."""
+        if name not in self._keys:
+            self._keys[name] = config_hash(
+                {
+                    "own": own_hash(name, self.cfg),
+                    "inputs": self.inputs(name),
+                    "upstream": self.upstream_keys(name),
+                }
+            )
+        return self._keys[name]
+
+    def changes(self, name: str) -> tuple[list[str], list[str]]:
+        """What differs between the stage's completed record and now: (own config, inputs and upstream)."""
+        record = self.run.manifest()["stages"].get(name, {})
+        own = []
+        if record.get("config_hash") not in (None, own_hash(name, self.cfg)):
+            own.append(f"its own config changed ({record['config_hash']} -> {own_hash(name, self.cfg)})")
+        inputs = []
+        recorded_inputs = record.get("read", {})
+        for label, fingerprint in self.inputs(name).items():
+            if recorded_inputs.get(label) != fingerprint:
+                inputs.append(f"input '{label}' changed ({recorded_inputs.get(label, 'absent')} -> {fingerprint})")
+        recorded = record.get("upstream", {})
+        for upstream, key in self.upstream_keys(name).items():
+            if recorded.get(upstream) != key:
+                inputs.append(f"upstream stage '{upstream}' changed ({recorded.get(upstream)} -> {key})")
+        return own, inputs
+
+    def what_changed(self, name: str) -> str:
+        own, inputs = self.changes(name)
+        return "; ".join(own + inputs) or "its key changed"
 
 
-def upstream_keys(name: str, cfg: LoomConfig) -> dict[str, str]:
-    return {upstream: stage_key(upstream, cfg) for upstream in upstream_of(name, cfg)}
+def stage_key(name: str, cfg: LoomConfig, run: RunDir | None = None) -> str:
+    return Keys(cfg, run).key(name)
 
 
-def _what_changed(name: str, cfg: LoomConfig, run: RunDir) -> str:
-    """Which part of a completed stage's key differs now: its own config, or which upstream stage."""
-    record = run.manifest()["stages"].get(name, {})
-    changes = []
-    if record.get("config_hash") not in (None, own_hash(name, cfg)):
-        changes.append(f"its own config changed ({record['config_hash']} -> {own_hash(name, cfg)})")
-    recorded = record.get("upstream", {})
-    for upstream, key in upstream_keys(name, cfg).items():
-        if recorded.get(upstream) != key:
-            changes.append(f"upstream stage '{upstream}' changed ({recorded.get(upstream)} -> {key})")
-    return "; ".join(changes) or "its key changed"
+def upstream_keys(name: str, cfg: LoomConfig, run: RunDir | None = None) -> dict[str, str]:
+    return Keys(cfg, run).upstream_keys(name)
 
 
 def ancestors(name: str, cfg: LoomConfig) -> list[str]:
@@ -146,47 +120,58 @@ def ancestors(name: str, cfg: LoomConfig) -> list[str]:
     return found
 
 
-def _check_upstream(name: str, cfg: LoomConfig, run: RunDir) -> None:
-    """Refuse to build on a stage (direct or further up) that completed under another config than this recipe's."""
+def _check_upstream(name: str, keys: Keys) -> None:
+    """Refuse to build on a stage (direct or further up) whose completed key differs from its key now."""
+    cfg, run = keys.cfg, keys.run
     for upstream in ancestors(name, cfg):
         done = run.completed_hash(upstream)
-        if done is not None and done != stage_key(upstream, cfg) and not STAGES[upstream].always_runs:
+        if done is not None and done != keys.key(upstream) and not STAGES[upstream].always_runs:
             raise StageConfigChangedError(
                 f"stage '{name}' of run '{cfg.run_name}' depends on stage '{upstream}', which completed under another "
-                f"config ({_what_changed(upstream, cfg, run)}). Redo '{upstream}' with --force first, or pick "
-                "another run_name."
+                f"config or inputs ({keys.what_changed(upstream)}). Run '{upstream}' again first (`loom {upstream}`; "
+                "--force when its own config changed), or pick another run_name."
             )
 
 
 def run_stage(name: str, cfg: LoomConfig, force: bool = False) -> dict[str, Any] | None:
-    """Run one stage unless it already completed; return its manifest record (None if skipped)."""
-    spec = STAGES[name]
+    """Run one stage unless it already completed under the same key; return its manifest record (None if skipped).
+
+    A completed stage whose inputs changed runs again from scratch (its old outputs were built from what is no
+    longer there); one whose own config changed is refused until ``force``.
+    """
+    stage = STAGES[name]
     run = RunDir(cfg.run_dir())
-    key = stage_key(name, cfg)
     if force:
         run.reset(name)
+    keys = Keys(cfg, run)
     done = run.completed_hash(name)
-    if done is not None and not spec.always_runs:
-        if done != key:
+    if done is not None and not stage.always_runs:
+        if done == keys.key(name):
+            print(f"[loom] {name}: already complete in {run.stage_dir(name)} (skipped; --force redoes it)", flush=True)
+            return None
+        own, inputs = keys.changes(name)
+        if own or not inputs:
             raise StageConfigChangedError(
                 f"stage '{name}' of run '{cfg.run_name}' completed with key {done}, but the current config gives "
-                f"{key}: {_what_changed(name, cfg, run)}. Rerun with --force, or pick another run_name."
+                f"{keys.key(name)}: {keys.what_changed(name)}. Rerun with --force, or pick another run_name."
             )
-        print(f"[loom] {name}: already complete in {run.stage_dir(name)} (skipped; --force redoes it)", flush=True)
-        return None
-    _check_upstream(name, cfg, run)
+        _check_upstream(name, keys)  # before anything is removed: a refused stage keeps its outputs
+        print(f"[loom] {name}: {'; '.join(inputs)}: running it again", flush=True)
+        run.reset(name)
+    _check_upstream(name, keys)
     print(f"[loom] {name}: running -> {run.stage_dir(name)}", flush=True)
-    result = spec.run(cfg, run)
-    record = run.complete(name, key, result, config_hash=own_hash(name, cfg), upstream=upstream_keys(name, cfg))
+    result = stage.run(cfg, run)
+    record = run.complete(
+        name,
+        keys.key(name),
+        result,
+        config_hash=own_hash(name, cfg),
+        upstream=keys.upstream_keys(name),
+        read=keys.inputs(name),
+    )
     write_report(run)
     print(f"[loom] {name}: done. metrics: {record['metrics']}", flush=True)
     return record
-
-
-def chain_stages(cfg: LoomConfig) -> list[str]:
-    """The stages this recipe runs, in order: the sweeps only when enabled."""
-    switches = {"tune": cfg.tune.enabled, "compress": cfg.compress.enabled}
-    return [name for name in STAGES if switches.get(name, True)]
 
 
 def run_chain(cfg: LoomConfig, force: bool = False) -> RunDir:

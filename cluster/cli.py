@@ -24,13 +24,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cluster.output import LOG_FORMAT, Output
-from cluster.recipe import ALL_STAGES, DEFAULT_RECIPE, ConfigError, LoomConfig, load_config
+from cluster.recipe import DEFAULT_RECIPE, ConfigError, LoomConfig, load_config
+from cluster.stages import STAGE_NAMES, STAGES
 
 EXIT_CONFIG = 2
 
 
 def cmd_validate(cfg: LoomConfig, args: argparse.Namespace) -> int:
-    from cluster.chain import stage_key, tuned_train_config
+    from cluster.chain import stage_key
+    from cluster.stages import tuned_train_config
     from pipelines.runs import RunDir
 
     print(f"{args.recipe}: valid. run directory: {cfg.run_dir()}")
@@ -229,12 +231,8 @@ def cmd_dashboards(cfg: LoomConfig, args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, tuple[Callable[[LoomConfig, argparse.Namespace], int], str]] = {
     "validate": (cmd_validate, "check a recipe and list every problem"),
-    "data": (_stage_command("data"), "curate, tokenize and pack the corpus"),
-    "train": (_stage_command("train"), "train with DeepSpeed on Ray Train"),
-    "tune": (_stage_command("tune"), "sweep hyperparameters with Ray Tune + Optuna"),
-    "compress": (_stage_command("compress"), "sweep compressions of the trained model; keep the Pareto front"),
-    "serve": (_stage_command("serve"), "serve the model with Ray Serve + vLLM"),
-    "run": (cmd_run, "the whole chain: data, tune, train, compress, serve"),
+    **{name: (_stage_command(name), stage.summary) for name, stage in STAGES.items()},
+    "run": (cmd_run, f"the whole chain: {', '.join(STAGE_NAMES)}"),
     "submit": (cmd_submit, "validate locally, then run a stage as a Ray job"),
     "export": (cmd_export, "write the recipe as KubeRay resources (RayJob, RayService)"),
     "dashboards": (cmd_dashboards, "push Loom's and Ray's dashboards and Loom's alert rules to Grafana"),
@@ -248,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, summary) in COMMANDS.items():
         sub = commands.add_parser(name, help=summary, description=summary)
         if name == "submit":
-            sub.add_argument("stage", choices=[*ALL_STAGES, "run"], help="what the job runs")
+            sub.add_argument("stage", choices=[*STAGE_NAMES, "run"], help="what the job runs")
         if name == "export":
             sub.add_argument("target", choices=["kuberay"], help="what to write")
         if name == "dashboards":
@@ -274,11 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
                 help="Ray job server (submit: http://HEAD:8265) or cluster address; default: "
                 "RAY_ADDRESS, else an embedded local Ray",
             )
-        if name in (*ALL_STAGES, "run"):
+        if name in (*STAGE_NAMES, "run"):
             sub.add_argument("--force", action="store_true", help="redo stages even if complete")
         if name in ("serve", "run"):
             sub.add_argument("--keep-serving", action="store_true", help="keep the endpoint up until Ctrl+C")
-        if name in (*ALL_STAGES, "run"):
+        if name in (*STAGE_NAMES, "run"):
             sub.add_argument(
                 "--verbose",
                 action="store_true",
@@ -325,7 +323,7 @@ def stages_used(args: argparse.Namespace) -> tuple[str, ...]:
     """The stages a command runs: a recipe is checked for what they use (``loom data`` on a data-only
     recipe is not refused for a model shape only serving would trip on)."""
     command = args.stage if args.command == "submit" else args.command
-    return (command,) if command in ALL_STAGES else ALL_STAGES
+    return (command,) if command in STAGES else STAGE_NAMES
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,11 +16,11 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from cluster.config import ClusterConfig, MonitorConfig
+from pipelines.compress.config import CompressConfig
 from pipelines.data.config import DataConfig
 from pipelines.schema import StrictModel, pydantic_problems
 from pipelines.train.config import TrainConfig
 from serve.config import ServeConfig
-from tune.compress.config import CompressConfig
 from tune.config import TuneConfig, space_problems
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "recipes"
@@ -57,21 +57,25 @@ class LoomConfig(StrictModel):
             raise ValueError(f"storage '{self.storage}': only local (or shared-filesystem) paths are supported")
         return self
 
-    def stage_problems(self, stages: list[str]) -> list[tuple[str, str]]:
-        """Problems across sections that only the given stages care about: ``loom data`` does not
+    def stage_problems(self, stages: list[str] | None = None) -> list[tuple[str, str]]:
+        """Problems across sections that only the given stages (None: every stage) care about: ``loom data`` does not
         refuse a model shape only the serve stage would trip on."""
         problems = []
         model = self.train.model
-        if "tune" in stages:
+
+        def checks(*names: str) -> bool:
+            return stages is None or any(name in stages for name in names)
+
+        if checks("tune"):
             problems += space_problems(self.tune, self.train)
-        if {"train", "tune"} & set(stages) and model.max_position_embeddings < self.data.seq_len:
+        if checks("train", "tune") and model.max_position_embeddings < self.data.seq_len:
             problems.append(
                 (
                     "train.model.max_position_embeddings",
                     f"{model.max_position_embeddings} is shorter than data.seq_len ({self.data.seq_len})",
                 )
             )
-        if "serve" not in stages:
+        if not checks("serve"):
             return problems
         head_dim = model.hidden_size // model.num_heads
         for model_id, served in self.serve.models.items():
@@ -179,12 +183,10 @@ def validate_dict(raw: dict[str, Any], source: str = "<config>") -> LoomConfig:
         raise ConfigError(source, pydantic_problems(err)) from None
 
 
-#: Every stage a whole run uses (``loom run``, ``loom validate``).
-ALL_STAGES = ("data", "tune", "train", "compress", "serve")
-
-
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None, stages: tuple[str, ...] | list[str] = ALL_STAGES
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    stages: tuple[str, ...] | list[str] | None = None,
 ) -> LoomConfig:
     """Read a YAML recipe, apply dotted overrides, validate for ``stages``; raise ConfigError listing every problem."""
     path = Path(path) if path is not None else DEFAULT_RECIPE
@@ -202,7 +204,7 @@ def load_config(
         config = validate_dict(_merge(raw, nested), source)
     except ConfigError as err:
         raise ConfigError(source, problems + err.problems) from None
-    problems += config.stage_problems(list(stages))
+    problems += config.stage_problems(None if stages is None else list(stages))
     if problems:
         raise ConfigError(source, problems)
     return config

@@ -15,18 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cluster.stages import STAGE_NAMES
+from pipelines.artifacts import DataOutputs
 from pipelines.runs import RunDir
 
-STAGE_ORDER = ("data", "tune", "train", "compress", "serve")
-
-#: Figures each stage plots into ``<run>/report/`` (glob patterns); any other figure is listed under "other".
-FIGURES = {
-    "data": ("data_*.png",),
-    "tune": ("tune_*.png",),
-    "train": ("train_*.png",),
-    "compress": ("compress_*.png",),
-    "serve": ("serve_*.png",),
-}
+#: The report's sections, in chain order.
+STAGE_ORDER = STAGE_NAMES
 
 TEMPLATE = Path(__file__).with_name("templates") / "report.html"
 
@@ -74,12 +68,13 @@ def _link(run: RunDir, report_dir: Path, label: str, value: Any) -> Link:
 
 
 def _figures(report_dir: Path, stage: str) -> list[str]:
-    return sorted({p.name for pattern in FIGURES[stage] for p in report_dir.glob(pattern)})
+    """The figures a stage plots into ``<run>/report/`` are named ``<stage>_*.png``; others are listed apart."""
+    return sorted(p.name for p in report_dir.glob(f"{stage}_*.png"))
 
 
 def _data_tables(run: RunDir) -> dict[str, list[tuple[str, str]]]:
     """Rejects by reason and the dedup steps' figures, from the data stage's ``stats.json``."""
-    stats_path = run.stage_dir("data") / "stats.json"
+    stats_path = DataOutputs.at(run).stats
     if not stats_path.is_file():
         return {}
     stats = json.loads(stats_path.read_text())

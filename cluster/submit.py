@@ -10,17 +10,13 @@ from pathlib import Path
 
 from cluster.auth import default_token_path, enable_client_token
 from cluster.recipe import LoomConfig
+from cluster.stages import STAGES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-#: The module each submitted stage runs (`python -m MODULE --config RECIPE OVERRIDES`).
-STAGE_MODULES = {
-    "data": "pipelines.data",
-    "train": "pipelines.train",
-    "tune": "tune",
-    "serve": "serve",
-    "run": "cluster",  # `python -m cluster run ...`: the whole chain
-}
+#: What a job may run: a stage (its registry module, `python -m MODULE --config RECIPE OVERRIDES`) or the chain.
+RUN_ALL = "run"  # `python -m cluster run ...`: the whole chain
+SUBMITTABLE = (*STAGES, RUN_ALL)
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -37,9 +33,9 @@ def entrypoint(stage: str, recipe: Path, overrides: list[str]) -> str:
             f"recipe {recipe} is outside the working directory {REPO_ROOT} that is uploaded; "
             "copy it under the repository (e.g. pipelines/recipes/)"
         ) from None
-    command = ["python", "-m", STAGE_MODULES[stage]]
-    if stage == "run":
-        command.append("run")
+    if stage not in SUBMITTABLE:
+        raise SubmitError(f"no stage {stage!r}; submit one of: {', '.join(SUBMITTABLE)}")
+    command = ["python", "-m", "cluster", RUN_ALL] if stage == RUN_ALL else ["python", "-m", STAGES[stage].module]
     return shlex.join([*command, "--config", str(relative), *overrides])
 
 

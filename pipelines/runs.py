@@ -118,13 +118,16 @@ class RunDir:
         result: StageResult,
         config_hash: str | None = None,
         upstream: dict[str, str] | None = None,
+        read: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """Record a finished stage. ``key`` (written to the marker) chains ``config_hash``, the hash of
-        the stage's own config, with the keys of the ``upstream`` stages it read."""
+        the stage's own config, with the fingerprints of what it ``read`` (sources, upstream artifacts) and
+        the keys of its ``upstream`` stages."""
         record = {
             "key": key,
             "config_hash": config_hash or key,
             "upstream": upstream or {},
+            "read": read or {},
             "inputs": result.inputs,
             "outputs": result.outputs,
             "metrics": result.metrics,

@@ -1,4 +1,5 @@
-"""What both sweeps (hyperparameters, compression) share: resuming an interrupted Ray Tune experiment."""
+"""What both sweeps (hyperparameters, compression) share: Optuna's sampler, and resuming an interrupted Ray Tune
+experiment."""
 
 from __future__ import annotations
 
@@ -6,6 +7,17 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Literal
+
+
+def optuna_sampler(search: Literal["tpe", "random"], seed: int, startup_trials: int):
+    """The sampler both sweeps propose with: independent random draws (the baseline), or TPE after
+    ``startup_trials`` random ones. Seeded, so a sweep proposes the same values again."""
+    import optuna
+
+    if search == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials)
 
 
 def sweep_identity(described: dict) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
+from pipelines.artifacts import VariantRecord
 from pipelines.schema import StrictModel
 from serve.config import ModelConfig, ServeConfig
 
@@ -34,6 +35,22 @@ class CompressionLineage(StrictModel):
     p50_latency_ms: float = Field(description="Median request latency at that load.")
     ratios: dict[str, float] = Field(description="perplexity, weight_bytes, tokens_per_s over the base model's.")
     base_model: str = Field(description="The trained model it was made from.")
+
+    @classmethod
+    def of(cls, record: VariantRecord) -> CompressionLineage:
+        """The served part of the compress stage's record."""
+        return cls(
+            variant=record.name,
+            family=record.family,
+            recipe={k: v for k, v in record.recipe.items() if k not in ("params", "description")},
+            measured_in=record.engine,
+            perplexity=record.perplexity,
+            weight_bytes=record.weight_bytes,
+            tokens_per_s=record.tokens_per_s,
+            p50_latency_ms=record.p50_latency_ms,
+            ratios=record.ratios,
+            base_model=record.lineage.base_model,
+        )
 
 
 class SpeculativeLineage(StrictModel):

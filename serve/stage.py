@@ -7,13 +7,13 @@ works with ``serve deploy`` on a cluster where Loom is installed.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from pipelines.artifacts import CompressionFront, MissingInputError, TrainedModel, VariantRecord, record_of
 from pipelines.runs import RunDir, StageResult, hash_dir
 from serve.app import CompressionLineage, ModelLineage, ServeAppArgs, SpeculativeLineage, build_app
 from serve.config import ModelConfig, ServeConfig, SpeculativeConfig
@@ -22,22 +22,19 @@ from serve.protection import load_api_keys
 
 log = logging.getLogger(__name__)
 APP_NAME = "loom"
+SERVE = "serve"  # this stage's folder in the run
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def variant_source(model_id: str, model: ModelConfig, run: RunDir) -> Path:
     """The directory of the compressed variant ``model.variant`` names or its rule picks."""
-    from pipelines.compress.variants import VariantUnavailableError, choose, read_front
+    from pipelines.compress.variants import VariantUnavailableError, choose
 
-    if not run.is_complete("compress"):
-        raise RuntimeError(
-            f"serve.models.{model_id} serves a compressed variant, but the compress stage has not completed in "
-            f"{run.root}; run `loom compress` (compress.enabled: true) first"
-        )
+    front = _front(run, f"serve.models.{model_id} serves a compressed variant")
     choice = model.variant
     try:
         name = choose(
-            read_front(run.stage_dir("compress")),
+            front.kept(),
             model.accelerator,
             name=choice.name,
             rule=choice.rule,
@@ -45,10 +42,17 @@ def variant_source(model_id: str, model: ModelConfig, run: RunDir) -> Path:
         )
     except VariantUnavailableError as error:
         raise RuntimeError(f"serve.models.{model_id}.variant: {error}") from None
-    return run.stage_dir("compress") / "variants" / name
+    return front.variant_dir(name)
 
 
-def draft_source(model_id: str, model: ModelConfig, source: Path, run: RunDir) -> tuple[Path, dict] | None:
+def _front(run: RunDir, what: str) -> CompressionFront:
+    try:
+        return CompressionFront.of(run)
+    except MissingInputError as error:
+        raise RuntimeError(f"{what}, but {error}") from None
+
+
+def draft_source(model_id: str, model: ModelConfig, source: Path, run: RunDir) -> tuple[Path, VariantRecord] | None:
     """The distilled variant ``model`` drafts with (and its record), checked to share ``source``'s tokenizer."""
     from pipelines.compress.variants import VariantUnavailableError, choose_draft
     from pipelines.model.tokenizer import load_tokenizer
@@ -57,18 +61,14 @@ def draft_source(model_id: str, model: ModelConfig, source: Path, run: RunDir) -
     if speculative is None:
         return None
     where = f"serve.models.{model_id}.engine.speculative"
-    if not run.is_complete("compress"):
-        raise RuntimeError(
-            f"{where} drafts with a distilled student, but the compress stage has not completed in {run.root}; "
-            "run `loom compress` (compress.enabled: true, distill among its families) first"
-        )
+    front = _front(run, f"{where} drafts with a distilled student (distill among compress.families)")
     try:
-        name, record = choose_draft(run.stage_dir("compress"), speculative.draft)
+        record = choose_draft(front, speculative.draft)
     except VariantUnavailableError as error:
         raise RuntimeError(f"{where}: {error}") from None
-    draft = run.stage_dir("compress") / "variants" / name
+    draft = front.variant_dir(record.name)
     if load_tokenizer(draft).get_vocab() != load_tokenizer(source).get_vocab():
-        raise RuntimeError(f"{where}: the draft {name} has another tokenizer than {source}; vLLM needs the same")
+        raise RuntimeError(f"{where}: the draft {record.name} has another tokenizer than {source}; vLLM needs the same")
     return draft, record
 
 
@@ -81,13 +81,14 @@ def model_sources(config: ServeConfig, run: RunDir) -> dict[str, Path]:
             source = Path(model.source).expanduser().resolve()
         elif model.variant is not None:
             source = variant_source(model_id, model, run)
-        elif run.is_complete("train"):
-            source = run.stage_dir("train") / "model"
         else:
-            raise RuntimeError(
-                f"serve.models.{model_id} serves the trained model, but the train stage has not completed in "
-                f"{run.root}; run `loom train` or set serve.models.{model_id}.source"
-            )
+            try:
+                source = TrainedModel.of(run).path
+            except MissingInputError:
+                raise RuntimeError(
+                    f"serve.models.{model_id} serves the trained model, but the train stage has not completed in "
+                    f"{run.root}; run `loom train` or set serve.models.{model_id}.source"
+                ) from None
         if not (source / "config.json").is_file():
             raise RuntimeError(
                 f"serve.models.{model_id}: {source} is not a Hugging Face model directory (no config.json)"
@@ -98,28 +99,12 @@ def model_sources(config: ServeConfig, run: RunDir) -> dict[str, Path]:
 
 def compression_lineage(source: Path) -> CompressionLineage | None:
     """What the compress stage recorded beside a variant it kept (None for any other directory)."""
-    from pipelines.compress.variants import RECORD
-
-    if not (source / RECORD).is_file():
-        return None
-    record = json.loads((source / RECORD).read_text())
-    recipe = {k: v for k, v in record["recipe"].items() if k not in ("params", "description")}
-    return CompressionLineage(
-        variant=record["name"],
-        family=record["recipe"]["family"],
-        recipe=recipe,
-        measured_in=record["engine"],
-        perplexity=record["perplexity"],
-        weight_bytes=record["weight_bytes"],
-        tokens_per_s=record["tokens_per_s"],
-        p50_latency_ms=record["p50_latency_ms"],
-        ratios=record["ratios"],
-        base_model=record["lineage"]["base_model"],
-    )
+    record = record_of(source)
+    return None if record is None else CompressionLineage.of(record)
 
 
 def speculative_lineage(
-    source: Path, draft: tuple[Path, dict] | None, speculative: SpeculativeConfig | None
+    source: Path, draft: tuple[Path, VariantRecord] | None, speculative: SpeculativeConfig | None
 ) -> SpeculativeLineage | None:
     """The draft a model generates with, and what the compress stage measured when it drafted for this very
     model with as many tokens per step (nothing measured otherwise)."""
@@ -127,14 +112,14 @@ def speculative_lineage(
         return None
     path, record = draft
     tokens = speculative.num_speculative_tokens
-    measured = record.get("speculative")
+    measured = record.speculative
     matches = (
         measured is not None
-        and Path(record["lineage"]["base_model"]) == source
+        and Path(record.lineage.base_model) == source
         and measured["num_speculative_tokens"] == tokens
     )
     return SpeculativeLineage(
-        draft=record["name"],
+        draft=record.name,
         draft_source=str(path),
         num_speculative_tokens=tokens,
         measured_acceptance_rate=measured["acceptance_rate"] if matches else None,
@@ -148,7 +133,7 @@ def lineage(source: Path, run: RunDir, speculative: SpeculativeLineage | None = 
     stages = run.manifest()["stages"]
     train = stages.get("train", {})
     compression = compression_lineage(source)
-    trained = Path(train.get("outputs", {}).get("model", ""))
+    trained = TrainedModel.at(run).path if run.is_complete("train") else None
     if trained != source and (compression is None or Path(compression.base_model) != trained):
         return ModelLineage(source=str(source), speculative=speculative)
     return ModelLineage(
@@ -234,7 +219,7 @@ def serve_app_args(config: ServeConfig, run: RunDir) -> ServeAppArgs:
         model_id: draft_source(model_id, config.models[model_id], source, run) for model_id, source in sources.items()
     }
     return ServeAppArgs(
-        audit_path=config.audit.path or str(run.stage_dir("serve") / "audit.jsonl"),
+        audit_path=config.audit.path or str(run.stage_dir(SERVE) / "audit.jsonl"),
         serve_config=config,
         model_sources={model_id: str(source) for model_id, source in sources.items()},
         draft_sources={model_id: str(draft[0]) for model_id, draft in drafts.items() if draft},
@@ -256,7 +241,7 @@ def run_serve(config: ServeConfig, run: RunDir) -> StageResult:
     host = bind_host(config, keys)
     check_tls_files(config)
     options = http_options(config, host)
-    out = run.begin("serve")
+    out = run.begin(SERVE)
     config_path = out / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(serve_deploy_config(args, options), sort_keys=False))
 

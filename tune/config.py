@@ -131,49 +131,9 @@ class TuneConfig(StrictModel):
         return self
 
 
-def apply_params(train: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    """``train`` (a TrainConfig dump) with each dotted ``train.*`` key of ``params`` set; a copy."""
-    result = {**train}
-    for key, value in params.items():
-        *parents, leaf = key.split(".")[1:]
-        node = result
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                raise KeyError(f"train has no section {part!r}")
-            node[part] = {**node[part]}
-            node = node[part]
-        if leaf not in node:
-            raise KeyError(f"train has no field {leaf!r}")
-        node[leaf] = value
-    return result
-
-
-def trial_train_config(train: TrainConfig, tune: TuneConfig, params: dict[str, Any]) -> TrainConfig:
-    """The recipe's training setup with a trial's values, shortened to the trial's budget.
-
-    A trial keeps the recipe's global batch size (accumulation absorbs a different worker count or
-    micro-batch) and evaluates at every report, so the objective is in every result Tune sees.
-    """
-    values = apply_params(train.model_dump(), params)
-    steps = tune.max_steps_per_trial
-    report_every = max(1, min(train.log_every, steps))
-    per_pass = values["micro_batch_size"] * tune.workers_per_trial
-    if train.effective_global_batch_size % per_pass:
-        raise ValueError(
-            f"the global batch of {train.effective_global_batch_size} sequences is not a whole number of "
-            f"micro_batch_size ({values['micro_batch_size']}) x tune.workers_per_trial ({tune.workers_per_trial})"
-        )
-    values.update(
-        max_steps=steps,
-        num_workers=tune.workers_per_trial,
-        gradient_accumulation_steps=train.effective_global_batch_size // per_pass,
-        global_batch_size=None,
-        warmup_steps=min(values["warmup_steps"], steps // 4),
-        checkpoint_every=steps,
-        log_every=report_every,
-        eval_every=report_every,
-    )
-    return TrainConfig.model_validate(values)
+def trial_of(train: TrainConfig, tune: TuneConfig, params: dict[str, Any]) -> TrainConfig:
+    """The training config one of this sweep's trials runs (``TrainConfig.for_trial`` at the sweep's budget)."""
+    return train.for_trial(params, steps=tune.max_steps_per_trial, workers=tune.workers_per_trial)
 
 
 def space_problems(tune: TuneConfig, train: TrainConfig) -> list[tuple[str, str]]:
@@ -183,7 +143,7 @@ def space_problems(tune: TuneConfig, train: TrainConfig) -> list[tuple[str, str]
     for key, distribution in tune.space.items():
         for value in distribution.extremes():
             try:
-                trial_train_config(train, tune, {key: value})
+                trial_of(train, tune, {key: value})
             except KeyError as error:
                 problems.append((f"tune.space.{key}", error.args[0]))
                 break

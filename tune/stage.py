@@ -9,14 +9,14 @@ whose driver was killed resumes where it stopped when ``loom tune`` runs it agai
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
+from pipelines.artifacts import DataOutputs, TuneBest
 from pipelines.runs import RunDir, StageResult, hash_dir
+from pipelines.sweeps import optuna_sampler, resumable_sweep, sweep_identity, trial_progress_callback
 from pipelines.train.config import TrainConfig
-from tune.config import TuneConfig, trial_train_config
-from tune.sweeps import resumable_sweep, sweep_identity, trial_progress_callback
+from tune.config import TuneConfig, trial_of
 from tune.trials import TrialRecord, finite, param_importances, plot_sweep, write_trials_table
 
 
@@ -28,7 +28,7 @@ def run_trial(params: dict[str, Any], *, train: dict[str, Any], tune_config: dic
     from pipelines.train.trainer import build_trainer
 
     run = RunDir(run_root)
-    config = trial_train_config(TrainConfig.model_validate(train), TuneConfig.model_validate(tune_config), params)
+    config = trial_of(TrainConfig.model_validate(train), TuneConfig.model_validate(tune_config), params)
     trainer = build_trainer(
         config,
         run,
@@ -43,14 +43,6 @@ def run_trial(params: dict[str, Any], *, train: dict[str, Any], tune_config: dic
 def objective(has_val: bool) -> str:
     """Held-out loss at the trial's budget; the training loss only when the data has no held-out split."""
     return "val_loss" if has_val else "loss"
-
-
-def _sampler(config: TuneConfig, seed: int):
-    import optuna
-
-    if config.search == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=config.startup_trials)
 
 
 def _scheduler(config: TuneConfig, metric: str):
@@ -95,12 +87,10 @@ def run_tune(config: TuneConfig, train: TrainConfig, run: RunDir, seed: int) -> 
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    from pipelines.train.trainer import data_outputs
-
-    inputs = data_outputs(run)
+    data = DataOutputs.of(run)
     out = run.begin("tune")
-    metric = objective(inputs["val"].is_dir())
-    shards = hash_dir(inputs["train"])
+    metric = objective(data.has_val)
+    shards = hash_dir(data.train)
     trainable = tune.with_parameters(
         run_trial,
         train=train.model_dump(mode="json"),
@@ -116,7 +106,9 @@ def run_tune(config: TuneConfig, train: TrainConfig, run: RunDir, seed: int) -> 
             trainable,
             param_space={key: distribution.sampler() for key, distribution in config.space.items()},
             tune_config=tune.TuneConfig(
-                search_alg=OptunaSearch(metric=metric, mode="min", sampler=_sampler(config, seed)),
+                search_alg=OptunaSearch(
+                    metric=metric, mode="min", sampler=optuna_sampler(config.search, seed, config.startup_trials)
+                ),
                 scheduler=_scheduler(config, metric),
                 num_samples=config.num_trials,
                 max_concurrent_trials=config.max_concurrent_trials,
@@ -148,12 +140,12 @@ def _summarise(records: list[TrialRecord], config: TuneConfig, metric: str, shar
     best = min(finished, key=lambda t: t[metric])
     importances = param_importances(records, {k: d.optuna() for k, d in config.space.items()}, metric, budget)
     summary = {"metric": metric, "mode": "min", "best": best, "importances": importances, "trials": trials}
-    (out / "best.json").write_text(json.dumps(summary, indent=2) + "\n")
+    best_path = TuneBest.write(run, summary)
     table = write_trials_table(records, out / "trials.parquet", budget, metric, config.scheduler)
     plot = plot_sweep(records, importances, run.root / "report" / "tune_sweep.png", metric, budget)
     return StageResult(
         inputs={"train_shards": shards},
-        outputs={"best": str(out / "best.json"), "trials": str(table), "plot": str(plot), "sweep": str(out / "sweep")},
+        outputs={"best": str(best_path), "trials": str(table), "plot": str(plot), "sweep": str(out / "sweep")},
         metrics={
             "best_params": best["params"],
             f"best_{metric}": best[metric],
@@ -163,21 +155,3 @@ def _summarise(records: list[TrialRecord], config: TuneConfig, metric: str, shar
             "trial_steps": sum(record.last_step for record in records),
         },
     )
-
-
-def best_trial(run: RunDir) -> dict[str, Any]:
-    """The finished sweep's best trial (``params``, ``trial_id``, losses), which the train stage trains with."""
-    from pipelines.train.trainer import MissingInputError
-
-    best = run.stage_dir("tune") / "best.json"
-    if not run.is_complete("tune") or not best.is_file():
-        raise MissingInputError(
-            f"tune is enabled and has not completed in {run.root}: run `loom tune` first (the sweep picks the "
-            "training run's values), or set tune.enabled=false to train with the recipe's own"
-        )
-    found = json.loads(best.read_text())["best"]
-    if "params" not in found:
-        raise MissingInputError(
-            f"{best} was written by an earlier Loom (no params): redo the sweep with `loom tune --force`"
-        )
-    return found

@@ -1,4 +1,4 @@
-"""`python -m tune.compress --config RECIPE [key=value ...]`: the compress stage alone."""
+"""`python -m pipelines.compress --config RECIPE [key=value ...]`: the compress stage alone."""
 
 import sys
 

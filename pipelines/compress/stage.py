@@ -23,12 +23,20 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipelines.compress.variants import DISTILLED_PREFIX, FIXED_NAMES, PRUNED_PREFIX, RECORD, servable_on_vllm
+from pipelines.artifacts import (
+    CompressionFront,
+    DataOutputs,
+    MissingInputError,
+    TrainedModel,
+    VariantLineage,
+    VariantRecord,
+)
+from pipelines.compress.config import FAMILIES, CompressConfig
+from pipelines.compress.front import OBJECTIVES, Candidate, judge, pareto_front, plot_front
+from pipelines.compress.variants import DISTILLED_PREFIX, FIXED_NAMES, PRUNED_PREFIX, servable_on_vllm
 from pipelines.runs import RunDir, StageResult, hash_dir
+from pipelines.sweeps import optuna_sampler, resumable_sweep, sweep_identity, trial_progress_callback
 from pipelines.train.config import TrainConfig
-from tune.compress.config import FAMILIES, CompressConfig
-from tune.compress.front import OBJECTIVES, Candidate, judge, pareto_front, plot_front
-from tune.sweeps import resumable_sweep, sweep_identity, trial_progress_callback
 
 
 def suggest(trial, families: list[str], prune: dict[str, Any], distill: dict[str, Any]) -> None:
@@ -60,29 +68,19 @@ def distill_into(
     (a pruned model's recovery)."""
     import ray.tune
 
+    from pipelines.train.config import DistillConfig
     from pipelines.train.trainer import build_trainer, copy_export
 
-    base = run.stage_dir("train") / "model"
     knobs = settings.distill
-    values = train.model_dump(mode="json")
-    values["model"] = {**values["model"], **(model or {})}
-    values.update(
-        init_from=str(init_from) if init_from else None,
-        lora=None,
-        sft=None,
-        distill={"teacher": str(base), "temperature": knobs.temperature, "alpha": knobs.alpha},
-        lr=knobs.lr or train.lr,
-        max_steps=steps,
-        warmup_steps=min(train.warmup_steps, steps // 4),
-        checkpoint_every=max(1, steps // 2),
-        log_every=steps,
-        eval_every=steps,
+    teacher = DistillConfig(teacher=str(TrainedModel.of(run).path), temperature=knobs.temperature, alpha=knobs.alpha)
+    student = train.for_student(
+        teacher, steps, lr=knobs.lr, shape=model, init_from=str(init_from) if init_from else None
     )
     trainer = build_trainer(
-        TrainConfig.model_validate(values),
+        student,
         run,
         seed,
-        storage_path=run.stage_dir("compress") / "students",
+        storage_path=CompressionFront.at(run).root / "students",
         name=ray.tune.get_context().get_trial_id(),
     )
     result = trainer.fit()
@@ -104,7 +102,7 @@ def build_candidate(
     from pipelines.compress.prune import prune_structured, pruned_shape
     from pipelines.compress.quantize import bnb_quantize, w8a8_int8
 
-    base = run.stage_dir("train") / "model"
+    base = TrainedModel.of(run).path
     family = params["family"]
     recipe: dict[str, Any] = {"family": family, "description": FAMILIES[family]}
     if family in ("bnb_int8", "bnb_nf4"):
@@ -157,7 +155,7 @@ def train_student(
 
     from pipelines.compress.distill import student_shape
 
-    teacher = AutoConfig.from_pretrained(run.stage_dir("train") / "model")
+    teacher = AutoConfig.from_pretrained(TrainedModel.of(run).path)
     layers, width = params["distill.layers_kept"], params["distill.width_kept"]
     shape = student_shape(teacher, layers, width)
     knobs = settings.distill
@@ -202,7 +200,7 @@ def run_candidate(
     settings = CompressConfig.model_validate(config)
     run = RunDir(run_root)
     rows = held_out_rows(Path(val_dir), max(settings.eval_rows, settings.calibration_rows))
-    candidate_dir = run.stage_dir("compress") / "candidates" / ray.tune.get_context().get_trial_id()
+    candidate_dir = CompressionFront.at(run).root / "candidates" / ray.tune.get_context().get_trial_id()
     shutil.rmtree(candidate_dir, ignore_errors=True)
     train_config = TrainConfig.model_validate(train)
     if params["family"] == "distill":
@@ -237,12 +235,8 @@ def _measure_base(base_model: str, val_dir: str, config: dict[str, Any]) -> dict
 
 
 def _inputs(run: RunDir) -> dict[str, Path]:
-    from pipelines.train.trainer import MissingInputError, data_outputs
-
-    model = run.stage_dir("train") / "model"
-    if not run.is_complete("train") or not (model / "config.json").is_file():
-        raise MissingInputError(f"the train stage has not completed in {run.root}; run `loom train` first")
-    val = data_outputs(run)["val"]
+    model = TrainedModel.of(run).path
+    val = DataOutputs.of(run).val
     if not val.is_dir():
         raise MissingInputError(f"the data stage wrote no held-out split in {val}: compress measures perplexity on it")
     return {"model": model, "val": val}
@@ -350,15 +344,9 @@ def _draft_measurement(
 
 def _new_sweep(trainable, config: CompressConfig, seed: int, out: Path):
     """The Tuner: Optuna's multi-objective search over the conditional space, one trial at a time."""
-    import optuna
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    sampler = (
-        optuna.samplers.RandomSampler(seed=seed)
-        if config.search == "random"
-        else optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(4, config.num_trials))
-    )
     settings = config.model_dump(mode="json")
     return tune.Tuner(
         trainable,
@@ -369,7 +357,7 @@ def _new_sweep(trainable, config: CompressConfig, seed: int, out: Path):
                 ),
                 metric=list(OBJECTIVES),
                 mode=list(OBJECTIVES.values()),
-                sampler=sampler,
+                sampler=optuna_sampler(config.search, seed, startup_trials=min(4, config.num_trials)),
                 points_to_evaluate=[point.params() for point in config.try_first] or None,
             ),
             num_samples=config.num_trials,
@@ -426,7 +414,8 @@ def _summarise(
 ) -> StageResult:
     """Judge every candidate against the base, keep the front (and the measured draft) as variants, write
     pareto.json and the plot."""
-    out = run.stage_dir("compress")
+    front_dir = CompressionFront.at(run)
+    out = front_dir.root
     judge(candidates, bases, config.max_perplexity_increase)
     reference = bases["vllm"]
     judge([reference], bases, config.max_perplexity_increase)
@@ -442,16 +431,14 @@ def _summarise(
         kept[draft["variant"]] = next(c for c in candidates if c.trial_id == draft["trial_id"])
     for name, member in kept.items():
         shutil.copytree(Path(out / "candidates" / member.trial_id), variants / name)
-    lineage = {
-        "base_model": base["model"],
-        "base_model_hash": base["base_model"],
-        "val_shards_hash": base["val_shards"],
-    }
+    lineage = VariantLineage(
+        base_model=base["model"], base_model_hash=base["base_model"], val_shards_hash=base["val_shards"]
+    )
     for name, member in kept.items():
-        record = {**member.as_dict(), "lineage": lineage, "path": str(variants / name)}
-        if draft is not None and name == draft["variant"]:
-            record["speculative"] = draft
-        (variants / name / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        speculative = draft if draft is not None and name == draft["variant"] else None
+        front_dir.write_variant(
+            VariantRecord(**member.as_dict(), lineage=lineage, path=str(variants / name), speculative=speculative)
+        )
     summary = {
         "objectives": OBJECTIVES,
         "constraint": {"max_perplexity_increase": config.max_perplexity_increase},
@@ -461,7 +448,7 @@ def _summarise(
         "draft": draft,
         "trials": [c.as_dict() for c in candidates],
         "failed": failed,
-        "lineage": lineage,
+        "lineage": lineage.model_dump(),
     }
     (out / "pareto.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot = plot_front([reference, *candidates], run.root / "report" / "compress_pareto.png")

@@ -16,6 +16,7 @@ import ast
 import glob
 import hashlib
 import json
+import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -325,9 +326,20 @@ def list_source(spec: SourceConfig) -> list[SourceFile]:
     return files
 
 
-def source_fingerprint(config: DataConfig) -> str:
-    """What the data stage read, as one hash: local files by content, remote ones by their listing
-    (path, size, ETag or modification time), the stdlib by the files it takes."""
+#: Beside a run's manifest: the content digests of its local source files, by size and modification time.
+SOURCES_CACHE = "sources-cache.json"
+
+
+def source_fingerprint(config: DataConfig, cache: Path | None = None) -> str:
+    """What the data stage reads, as one hash: local files by content, remote ones by their listing (path,
+    size, ETag or modification time), the stdlib by the files it takes.
+
+    With ``cache`` (a JSON file), a local file's content digest is reused while its size and modification
+    time are those it was hashed at: checking a large corpus again lists it and reads only what changed (a
+    touched file is re-read once and is still the same input).
+    """
+    known = _read_cache(cache)
+    seen: dict[str, list] = {}
     digest = hashlib.sha256()
     for spec in config.sources:
         digest.update(f"{spec.format}:{spec.name}\0".encode())
@@ -338,10 +350,34 @@ def source_fingerprint(config: DataConfig) -> str:
         else:
             entries = list_source(spec)
         for entry in entries:
-            # Local files by content (a touched file is the same input); remote ones by what the store reports.
-            identity = _file_digest(entry.path).hex() if entry.local else f"{entry.size}\0{entry.version}"
+            identity = _local_identity(entry.path, known, seen) if entry.local else f"{entry.size}\0{entry.version}"
             digest.update(f"{entry.path}\0{identity}\0".encode())
+    if cache is not None and seen != known:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps(seen))
+        os.replace(tmp, cache)
     return digest.hexdigest()[:16]
+
+
+def _read_cache(cache: Path | None) -> dict[str, list]:
+    if cache is None or not cache.is_file():
+        return {}
+    try:
+        return json.loads(cache.read_text())
+    except ValueError:
+        return {}  # a cache cut short by a crash: hash again
+
+
+def _local_identity(path: str, known: dict[str, list], seen: dict[str, list]) -> str:
+    stat = os.stat(path)
+    cached = known.get(path)
+    if cached is not None and cached[:2] == [stat.st_size, stat.st_mtime_ns]:
+        seen[path] = cached
+        return cached[2]
+    identity = _file_digest(path).hex()
+    seen[path] = [stat.st_size, stat.st_mtime_ns, identity]
+    return identity
 
 
 def _file_digest(path: str) -> bytes:

@@ -14,11 +14,12 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+from pipelines.artifacts import DataOutputs
 from pipelines.data.config import DataConfig
 from pipelines.data.metrics import export_gauges
 from pipelines.data.pack import Tokenize, keep_until_cutoff, mix_cutoffs, mix_token_targets, pack
 from pipelines.data.perplexity import plot_histogram
-from pipelines.data.readers import read_documents, source_fingerprint
+from pipelines.data.readers import SOURCES_CACHE, read_documents, source_fingerprint
 from pipelines.data.steps import reason_key, split_kept
 from pipelines.datasets import read_parquet
 from pipelines.progress import progress
@@ -143,9 +144,9 @@ def plot_funnel(funnel: list[dict], path: Path, title: str) -> Path:
     return path
 
 
-def write_tokenizer(config: DataConfig, kept, out: Path) -> Path:
+def write_tokenizer(config: DataConfig, kept, outputs: DataOutputs) -> Path:
     """The run's tokenizer: the configured one copied, or a byte-level BPE trained on the kept text."""
-    tokenizer_dir = out / "tokenizer"
+    tokenizer_dir = outputs.tokenizer
     if config.tokenizer_path:
         shutil.copytree(config.tokenizer_path, tokenizer_dir)
     else:
@@ -194,7 +195,7 @@ def tokenize_and_mix(config: DataConfig, kept, tokenizer_dir: Path, seed: int):
     return tokenized, mixed, mix_stats
 
 
-def pack_and_split(config: DataConfig, tokenized, out: Path, seed: int) -> dict[str, int]:
+def pack_and_split(config: DataConfig, tokenized, outputs: DataOutputs, seed: int) -> dict[str, int]:
     """Pack into ``seq_len`` sequences, shuffle, hold out ``val_fraction``, write the shards; the counts."""
     packed = tokenized.map_batches(
         pack, fn_kwargs={"seq_len": config.seq_len}, batch_size=config.batch_size, batch_format="pyarrow"
@@ -210,15 +211,15 @@ def pack_and_split(config: DataConfig, tokenized, out: Path, seed: int) -> dict[
             f"data: no training sequence of {config.seq_len} tokens could be packed from the curated "
             "documents; add text or lower data.seq_len"
         )
-    train.write_parquet(str(out / "train"), min_rows_per_file=config.rows_per_shard)
+    train.write_parquet(str(outputs.train), min_rows_per_file=config.rows_per_shard)
     if sequences["val"]:
-        val.write_parquet(str(out / "val"), min_rows_per_file=config.rows_per_shard)
+        val.write_parquet(str(outputs.val), min_rows_per_file=config.rows_per_shard)
     return sequences
 
 
 def write_report(run: RunDir, stats: dict, step_stats: dict[str, dict]) -> Path:
     """``stats.json`` and the plots: the funnel, and each perplexity step's histogram."""
-    (run.stage_dir("data") / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    DataOutputs.at(run).stats.write_text(json.dumps(stats, indent=2) + "\n")
     plot = plot_funnel(stats["funnel"], run.root / "report" / "data_funnel.png", f"{run.root.name}: data funnel")
     for name, found in step_stats.items():
         if found.get("histogram", {}).get("counts"):
@@ -232,27 +233,28 @@ def run_data(config: DataConfig, run: RunDir, seed: int) -> StageResult:
 
     # Deterministic output for the same input and seed (limits, shuffles and splits see rows in order).
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    out = run.begin("data")
-    for name in ("train", "val", "rejects", "tokenizer"):  # steps/ is kept: it is how a rerun resumes
-        shutil.rmtree(out / name, ignore_errors=True)  # half-written outputs of an earlier attempt
+    out = run.begin(DataOutputs.stage)
+    outputs = DataOutputs.at(run)
+    for half_written in (outputs.train, outputs.val, outputs.rejects, outputs.tokenizer):  # steps/ is kept: it
+        shutil.rmtree(half_written, ignore_errors=True)  # is how a rerun resumes after a crash
 
     # read, each curation step, then the tokenizer, tokenize + mix, pack + split
     with progress(len(config.steps) + 4, "data", "steps") as bar:
         marked, funnel, step_stats = curate(config, out, bar)
         documents_in = funnel[0]["documents"]
         kept, rejects = split_kept(marked)
-        rejects.write_parquet(str(out / "rejects"))
+        rejects.write_parquet(str(outputs.rejects))
         documents_out = kept.count()
         log.info("data: %d documents in, %d kept", documents_in, documents_out)
 
         bar.set_postfix_str(f"{documents_out:,} documents kept; tokenizer", refresh=False)
-        tokenizer_dir = write_tokenizer(config, kept, out)
+        tokenizer_dir = write_tokenizer(config, kept, outputs)
         bar.update()
         bar.set_postfix_str("tokenize", refresh=False)
         tokenized, tokens_per_source, mix_stats = tokenize_and_mix(config, kept, tokenizer_dir, seed)
         bar.update()
         bar.set_postfix_str(f"{sum(tokens_per_source.values()):,} tokens; pack", refresh=False)
-        sequences = pack_and_split(config, tokenized, out, seed)
+        sequences = pack_and_split(config, tokenized, outputs, seed)
         bar.set_postfix_str(f"{sequences['train']:,} + {sequences['val']:,} sequences", refresh=False)
         bar.update()
 
@@ -278,13 +280,13 @@ def run_data(config: DataConfig, run: RunDir, seed: int) -> StageResult:
     plot = write_report(run, stats, step_stats)
     export_gauges(run.root.name, stats)
     return StageResult(
-        inputs={"sources": source_fingerprint(config)},
+        inputs={"sources": source_fingerprint(config, cache=run.root / SOURCES_CACHE)},
         outputs={
-            "train": str(out / "train"),
-            "val": str(out / "val") if sequences["val"] else "",
+            "train": str(outputs.train),
+            "val": str(outputs.val) if sequences["val"] else "",
             "tokenizer": str(tokenizer_dir),
-            "rejects": str(out / "rejects"),
-            "stats": str(out / "stats.json"),
+            "rejects": str(outputs.rejects),
+            "stats": str(outputs.stats),
             "funnel_plot": str(plot),
         },
         metrics={k: stats[k] for k in ("documents_in", "documents_out", "tokens", "tokens_packed", "sequences")},

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -141,3 +141,79 @@ class TrainConfig(StrictModel):
     @property
     def effective_global_batch_size(self) -> int:
         return self.micro_batch_size * self.gradient_accumulation_steps * self.num_workers
+
+    def _derive(self, **changes: Any) -> TrainConfig:
+        """A validated copy with ``changes`` (top-level fields; sections as models or mappings)."""
+        values = self.model_dump()
+        for key, value in changes.items():
+            if key not in values:
+                raise KeyError(f"train has no field {key!r}")
+            values[key] = value.model_dump() if isinstance(value, StrictModel) else value
+        return TrainConfig.model_validate(values)
+
+    def with_params(self, params: dict[str, Any]) -> TrainConfig:
+        """This config with each dotted ``train.*`` key of ``params`` set (a sweep's trial or its winner)."""
+        values = self.model_dump()
+        for key, value in params.items():
+            *parents, leaf = key.split(".")[1:]
+            node = values
+            for part in parents:
+                if not isinstance(node.get(part), dict):
+                    raise KeyError(f"train has no section {part!r}")
+                node = node[part]
+            if leaf not in node:
+                raise KeyError(f"train has no field {leaf!r}")
+            node[leaf] = value
+        return TrainConfig.model_validate(values)
+
+    def shortened(self, steps: int, report_every: int | None = None) -> TrainConfig:
+        """The same run cut to ``steps`` optimizer steps: warm-up within the first quarter, a checkpoint at the
+        end, reports (with an evaluation) every ``report_every`` steps (default: once, at the end)."""
+        every = report_every or steps
+        return self._derive(
+            max_steps=steps,
+            warmup_steps=min(self.warmup_steps, steps // 4),
+            checkpoint_every=steps,
+            log_every=every,
+            eval_every=every,
+        )
+
+    def for_trial(self, params: dict[str, Any], steps: int, workers: int) -> TrainConfig:
+        """A sweep trial: the trial's values, ``steps`` long on ``workers`` workers, keeping this config's global
+        batch (accumulation absorbs another worker count or micro-batch), evaluated at every report so the
+        objective is in every result Tune sees."""
+        trial = self.with_params(params)
+        per_pass = trial.micro_batch_size * workers
+        if self.effective_global_batch_size % per_pass:
+            raise ValueError(
+                f"the global batch of {self.effective_global_batch_size} sequences is not a whole number of "
+                f"micro_batch_size ({trial.micro_batch_size}) x tune.workers_per_trial ({workers})"
+            )
+        return trial._derive(
+            num_workers=workers,
+            gradient_accumulation_steps=self.effective_global_batch_size // per_pass,
+            global_batch_size=None,
+        ).shortened(steps, report_every=max(1, min(self.log_every, steps)))
+
+    def for_student(
+        self,
+        distill: DistillConfig,
+        steps: int,
+        lr: float | None = None,
+        shape: dict[str, int] | None = None,
+        init_from: str | None = None,
+    ) -> TrainConfig:
+        """A model trained against ``distill.teacher``'s logits with this config's workers, batch and fault tolerance: a
+        fresh student of ``shape``, or ``init_from``'s weights (a pruned model's recovery)."""
+        return (
+            self._derive(
+                model=self.model.model_copy(update=shape or {}),
+                init_from=init_from,
+                lora=None,
+                sft=None,
+                distill=distill,
+                lr=lr or self.lr,
+            )
+            .shortened(steps, report_every=steps)
+            ._derive(checkpoint_every=max(1, steps // 2))
+        )

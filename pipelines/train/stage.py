@@ -12,10 +12,11 @@ import logging
 import time
 from pathlib import Path
 
+from pipelines.artifacts import DataOutputs, TrainedModel
 from pipelines.progress import follow_steps
 from pipelines.runs import RunDir, StageResult, hash_dir, hash_files
 from pipelines.train.config import TrainConfig
-from pipelines.train.trainer import build_trainer, copy_export, data_outputs
+from pipelines.train.trainer import build_trainer, copy_export
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,8 @@ def train_inputs(config: TrainConfig, run: RunDir) -> dict[str, str]:
         path = Path(config.sft.path).expanduser()
         hashes["sft_pairs"] = hash_dir(path) if path.is_dir() else hash_files([path], root=path.parent)
     else:
-        inputs = data_outputs(run)
-        hashes.update(train_shards=hash_dir(inputs["train"]), tokenizer=hash_dir(inputs["tokenizer"]))
+        data = DataOutputs.of(run)
+        hashes.update(train_shards=hash_dir(data.train), tokenizer=hash_dir(data.tokenizer))
     if config.init_from is not None:
         hashes["init_from"] = hash_dir(Path(config.init_from))
     return hashes
@@ -98,7 +99,7 @@ def run_train(config: TrainConfig, run: RunDir, seed: int) -> StageResult:
     trainer = build_trainer(config, run, seed, storage_path=out, name="ray", callbacks=[metrics_log_callback(history)])
     with follow_steps(history, config.max_steps, "train"):
         result = trainer.fit()
-    model_dir = copy_export(result, out / "model")
+    model_dir = copy_export(result, TrainedModel.at(run).path)
 
     curve = read_loss_curve(history)
     plot = plot_loss(
@@ -110,6 +111,7 @@ def run_train(config: TrainConfig, run: RunDir, seed: int) -> StageResult:
         metrics["first_loss"], metrics["last_loss"] = curve[0]["loss"], curve[-1]["loss"]
     outputs = {
         "model": str(model_dir),
+        "model_hash": hash_dir(model_dir),  # what the stages built on it key on (TrainedModel.fingerprint)
         "checkpoints": str(out / "ray"),
         "metrics": str(history),
         "loss_plot": str(plot),

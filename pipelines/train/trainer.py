@@ -6,29 +6,18 @@ trials from the same trainer without importing another stage's entry point.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
+from pipelines.artifacts import DataOutputs
 from pipelines.datasets import read_parquet
 from pipelines.runs import RunDir
 from pipelines.train.config import TrainConfig
 from pipelines.train.loop import FINAL_EXPORT_MARKER, train_loop_per_worker
 
 log = logging.getLogger(__name__)
-
-
-class MissingInputError(RuntimeError):
-    pass
-
-
-def data_outputs(run: RunDir) -> dict[str, Path]:
-    data = run.stage_dir("data")
-    if not run.is_complete("data"):
-        raise MissingInputError(f"the data stage has not completed in {run.root}; run `loom data` first")
-    return {"train": data / "train", "val": data / "val", "tokenizer": data / "tokenizer", "stats": data / "stats.json"}
 
 
 def check_same_tokenizer(model_dir: Path, tokenizer_dir: Path) -> None:
@@ -65,16 +54,16 @@ def build_trainer(
             log.warning("train.sft: %d lines rejected, kept with reasons in %s", rejected, storage_path / "sft_rejects")
             rejects.write_parquet(str(storage_path / "sft_rejects"))
     else:
-        inputs = data_outputs(run)
+        data = DataOutputs.of(run)
         if config.init_from is not None:
-            check_same_tokenizer(Path(config.init_from), inputs["tokenizer"])
+            check_same_tokenizer(Path(config.init_from), data.tokenizer)
         if config.distill is not None:
-            check_same_tokenizer(Path(config.distill.teacher), inputs["tokenizer"])
-        tokenizer_dir = str(config.init_from or inputs["tokenizer"])
-        seq_len = json.loads(inputs["stats"].read_text())["seq_len"]
-        datasets = {"train": read_parquet(str(inputs["train"]))}
-        if inputs["val"].is_dir():
-            datasets["val"] = read_parquet(str(inputs["val"]))
+            check_same_tokenizer(Path(config.distill.teacher), data.tokenizer)
+        tokenizer_dir = str(config.init_from or data.tokenizer)
+        seq_len = data.seq_len
+        datasets = {"train": read_parquet(str(data.train))}
+        if data.has_val:
+            datasets["val"] = read_parquet(str(data.val))
     has_val = "val" in datasets
     execution = ray.train.DataConfig.default_ingest_options()
     execution.preserve_order = True  # the same order after a restart, so the data position means something

@@ -4,11 +4,22 @@ and a stage's key chains its upstream stages' keys."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 
-from cluster.chain import STAGES, StageConfigChangedError, chain_stages, own_hash, run_stage, stage_key, upstream_keys
+from cluster.chain import (
+    STAGES,
+    Keys,
+    StageConfigChangedError,
+    chain_stages,
+    own_hash,
+    run_stage,
+    stage_key,
+    upstream_keys,
+)
 from cluster.recipe import load_config
+from pipelines.artifacts import TuneBest
 from pipelines.runs import RunDir, StageResult
 from tests.conftest import TINY
 
@@ -58,28 +69,30 @@ def test_train_key_ignores_serve_changes_and_follows_data_changes():
     assert stage_key("tune", a) != stage_key("tune", changed_data)
 
 
-def test_upstream_change_refuses_downstream_naming_it_and_force_reruns(tmp_path, fake_stages):
+def test_an_upstream_change_reruns_downstream_naming_it(tmp_path, fake_stages, capsys):
     base = [f"storage={tmp_path}", "run_name=chained"]
     config = load_config(TINY, base)
     for name in ("data", "tune", "train"):
         run_stage(name, config)
     assert fake_stages == ["data", "tune", "train"]
 
-    # `loom data --force` with another data config: the shards the model was trained on are gone.
+    # `loom data --force` with another data config: the shards the sweep and the model were built on are gone.
     changed = load_config(TINY, [*base, "data.seq_len=64"])
     run_stage("data", changed, force=True)
-    for downstream in ("tune", "train"):
-        with pytest.raises(StageConfigChangedError, match="upstream stage 'data' changed.*--force"):
-            run_stage(downstream, changed)
+    # train is not built on the stale sweep: tune has to run again first, and the error says why.
+    with pytest.raises(
+        StageConfigChangedError, match="depends on stage 'tune'.*upstream stage 'data' changed.*loom tune"
+    ):
+        run_stage("train", changed)
     # The recipe the old stages were built from no longer matches the data on disk either.
     with pytest.raises(StageConfigChangedError, match="depends on stage 'data'.*completed under another config"):
         run_stage("serve", config)
 
-    # train builds on the sweep too: the stale sweep is refused before train runs.
-    with pytest.raises(StageConfigChangedError, match="depends on stage 'tune'"):
-        run_stage("train", changed, force=True)
-    assert run_stage("tune", changed, force=True)["metrics"] == {"ran": "tune"}
-    assert run_stage("train", changed, force=True)["metrics"] == {"ran": "train"}
+    capsys.readouterr()
+    assert run_stage("tune", changed)["metrics"] == {"ran": "tune"}
+    assert "tune: upstream stage 'data' changed" in capsys.readouterr().out
+    assert run_stage("train", changed)["metrics"] == {"ran": "train"}
+    assert "train: upstream stage 'data' changed" in capsys.readouterr().out
     record = RunDir(changed.run_dir()).manifest()["stages"]["train"]
     assert record["upstream"] == {"data": stage_key("data", changed), "tune": stage_key("tune", changed)}
     assert record["key"] == stage_key("train", changed)
@@ -121,7 +134,7 @@ def test_train_takes_the_best_trial_and_needs_the_sweep_first(tmp_path, capsys):
 
     from cluster.chain import tuned_train_config
     from cluster.cli import main
-    from pipelines.train.trainer import MissingInputError
+    from pipelines.artifacts import MissingInputError
 
     config = load_config(TINY, [f"storage={tmp_path}", "run_name=handoff"])
     run = RunDir(config.run_dir())
@@ -142,3 +155,100 @@ def test_train_takes_the_best_trial_and_needs_the_sweep_first(tmp_path, capsys):
         load_config(TINY).train,
         None,
     )
+
+
+def _jsonl_recipe(tmp_path, corpus):
+    source = f"data.sources=[{{format: jsonl, path: '{corpus}', name: docs}}]"
+    return [f"storage={tmp_path / 'runs'}", "run_name=grown", source]
+
+
+def test_appending_to_a_source_reruns_data_and_downstream_naming_the_input(tmp_path, fake_stages, capsys, monkeypatch):
+    import json
+
+    import pipelines.data.readers as readers
+
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document number {i}"}) + "\n" for i in range(100)))
+    config = load_config(TINY, _jsonl_recipe(tmp_path, corpus))
+    for name in ("data", "tune", "train"):
+        run_stage(name, config)
+
+    # Unchanged: everything is skipped, and checking the corpus reads no file's contents (listing only).
+    read: list[str] = []
+    digest = readers._file_digest
+    monkeypatch.setattr(readers, "_file_digest", lambda path: read.append(path) or digest(path))
+    capsys.readouterr()
+    assert all(run_stage(name, config) is None for name in ("data", "tune", "train"))
+    assert read == []
+
+    with corpus.open("a") as handle:  # 100 more documents
+        handle.write("".join(json.dumps({"text": f"appended document {i}"}) + "\n" for i in range(100)))
+    assert run_stage("data", config)["metrics"] == {"ran": "data"}
+    out = capsys.readouterr().out
+    assert "data: input 'sources' changed" in out and "running it again" in out
+    assert read == [str(corpus)]  # the changed file, read once
+    assert run_stage("tune", config) is not None and run_stage("train", config) is not None
+    assert "upstream stage 'data' changed" in capsys.readouterr().out
+    assert fake_stages == ["data", "tune", "train"] * 2
+
+    # A touched file (same bytes, new modification time) is the same input.
+    corpus.touch()
+    assert run_stage("data", config) is None
+
+
+def test_a_sweep_with_another_winner_reruns_train_and_the_same_winner_does_not(tmp_path, monkeypatch, capsys):
+    import json
+
+    winners = iter([{"train.lr": 0.001}, {"train.lr": 0.002}, {"train.lr": 0.002}])
+    ran: list[str] = []
+
+    def tune(cfg, run):
+        ran.append("tune")
+        best = {"trial_id": f"t{len(ran)}", "params": next(winners), "val_loss": 5.0}
+        run.begin("tune")
+        TuneBest.write(run, {"metric": "val_loss", "best": best})
+        return StageResult()
+
+    def train(cfg, run):
+        ran.append("train")
+        return StageResult(outputs={"model_hash": f"model-{len(ran)}"})
+
+    def other(cfg, run, name="?"):
+        ran.append(name)
+        return StageResult()
+
+    for name, work in {"data": functools.partial(other, name="data"), "tune": tune, "train": train}.items():
+        monkeypatch.setitem(STAGES, name, dataclasses.replace(STAGES[name], run=work))
+    config = load_config(TINY, [f"storage={tmp_path}", "run_name=winner"])
+    for name in ("data", "tune", "train"):
+        run_stage(name, config)
+
+    run_stage("tune", config, force=True)  # another winner
+    capsys.readouterr()
+    assert run_stage("train", config) is not None
+    assert "train: input 'tune.best' changed" in capsys.readouterr().out
+    record = RunDir(config.run_dir()).manifest()["stages"]["train"]
+    assert record["read"]["tune.best"] == TuneBest.fingerprint(RunDir(config.run_dir()))
+    assert json.loads(TuneBest.path_in(RunDir(config.run_dir())).read_text())["best"]["params"] == {"train.lr": 0.002}
+
+    run_stage("tune", config, force=True)  # the sweep again, the same winner: the model stands
+    assert run_stage("train", config) is None
+    assert ran == ["data", "tune", "train", "tune", "train", "tune"]
+
+
+def test_compress_key_follows_the_trained_model(tmp_path, fake_stages, monkeypatch):
+    hashes = iter(["aaaa", "bbbb"])
+
+    def train(cfg, run):
+        fake_stages.append("train")
+        return StageResult(outputs={"model_hash": next(hashes)})
+
+    monkeypatch.setitem(STAGES, "train", dataclasses.replace(STAGES["train"], run=train))
+    config = load_config(TINY, [f"storage={tmp_path}", "run_name=model", "tune.enabled=false"])
+    for name in ("data", "train", "compress"):
+        run_stage(name, config)
+    run_stage("train", config, force=True)  # retrained: another model
+    # train's config and upstream are the same: only the model it wrote differs, and compress runs again.
+    assert Keys(config).changes("compress") == ([], ["input 'train.model' changed (aaaa -> bbbb)"])
+    assert run_stage("compress", config) is not None
+    assert fake_stages == ["data", "train", "compress", "train", "compress"]

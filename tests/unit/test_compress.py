@@ -134,7 +134,7 @@ def test_pruning_removes_the_least_important_heads_and_channels(base, rows, tmp_
 
 
 def _candidate(name, ppl, size, speed, engine="vllm"):
-    from tune.compress.front import Candidate
+    from pipelines.compress.front import Candidate
 
     return Candidate(name, {}, engine, engine == "vllm", ppl, size, speed, 1.0, trial_id=name)
 
@@ -146,7 +146,7 @@ def _dominates(a, b) -> bool:
 
 
 def test_front_is_exactly_the_feasible_non_dominated_candidates():
-    from tune.compress.front import judge, pareto_front
+    from pipelines.compress.front import judge, pareto_front
 
     generator = random.Random(1)
     candidates = [
@@ -169,7 +169,7 @@ def test_front_is_exactly_the_feasible_non_dominated_candidates():
 
 
 def test_plot_marks_every_candidate(tmp_path):
-    from tune.compress.front import pareto_front, plot_front
+    from pipelines.compress.front import pareto_front, plot_front
 
     candidates = [_candidate("a", 10, 100, 50), _candidate("b", 11, 50, 60, engine="transformers")]
     pareto_front(candidates)
@@ -195,20 +195,32 @@ def test_try_first_points_must_lie_in_the_space():
     assert "compress.try_first.1.family: bnb_nf4 is not among families" in message
 
 
-def _front():
-    def record(family, ppl_ratio, size, speed):
-        return {
-            "recipe": {"family": family},
-            "ratios": {"perplexity": ppl_ratio},
-            "weight_bytes": size,
-            "tokens_per_s": speed,
-        }
+def variant_record(name, family, ppl_ratio=1.0, size=100, speed=10.0, base_model="/run/train/model", **extra):
+    """A compress stage's record of a kept variant, as ``compression.json`` holds it."""
+    from pipelines.artifacts import VariantLineage, VariantRecord
 
+    return VariantRecord(
+        name=name,
+        recipe={"family": family},
+        engine="vllm",
+        servable=True,
+        perplexity=10.0 * ppl_ratio,
+        weight_bytes=size,
+        tokens_per_s=speed,
+        p50_latency_ms=5.0,
+        ratios={"perplexity": ppl_ratio},
+        lineage=VariantLineage(base_model=base_model, base_model_hash="0" * 16, val_shards_hash="1" * 16),
+        path=f"/run/compress/variants/{name}",
+        **extra,
+    )
+
+
+def _front():
     return {
-        "bnb-nf4": record("bnb_nf4", 1.001, 40, 50),
-        "w8a8-int8": record("w8a8", 1.004, 60, 90),
-        "pruned-g1of2-m128of256": record("prune", 1.015, 70, 150),
-        "pruned-g1of2-m64of256-w8a8": record("prune", 1.3, 20, 200),
+        "bnb-nf4": variant_record("bnb-nf4", "bnb_nf4", 1.001, 40, 50),
+        "w8a8-int8": variant_record("w8a8-int8", "w8a8", 1.004, 60, 90),
+        "pruned-g1of2-m128of256": variant_record("pruned-g1of2-m128of256", "prune", 1.015, 70, 150),
+        "pruned-g1of2-m64of256-w8a8": variant_record("pruned-g1of2-m64of256-w8a8", "prune", 1.3, 20, 200),
     }
 
 
@@ -254,21 +266,23 @@ def test_serving_a_variant_vllm_cannot_load_here_is_refused_at_validation():
 def _compress_dir(tmp_path, draft):
     import json
 
+    from pipelines.artifacts import CompressionFront
+
+    front = CompressionFront(tmp_path)
     for name, family in (("w8a8-int8", "w8a8"), ("distilled-l1-h64", "distill"), ("distilled-l1-h32", "distill")):
-        (tmp_path / "variants" / name).mkdir(parents=True)
-        record = {"name": name, "recipe": {"family": family}}
-        (tmp_path / "variants" / name / "compression.json").write_text(json.dumps(record))
-    (tmp_path / "pareto.json").write_text(json.dumps({"variants": ["w8a8-int8"], "draft": draft}))
-    return tmp_path
+        front.variant_dir(name).mkdir(parents=True)
+        front.write_variant(variant_record(name, family))
+    front.pareto.write_text(json.dumps({"variants": ["w8a8-int8"], "draft": draft}))
+    return front
 
 
 def test_the_draft_is_the_measured_student_or_a_kept_distilled_variant_by_name(tmp_path):
     from pipelines.compress.variants import VariantUnavailableError, choose_draft
 
     measured = _compress_dir(tmp_path / "measured", {"variant": "distilled-l1-h64"})
-    assert choose_draft(measured)[0] == "distilled-l1-h64"
-    name, record = choose_draft(measured, "distilled-l1-h32")
-    assert name == record["name"] == "distilled-l1-h32"
+    assert choose_draft(measured).name == "distilled-l1-h64"
+    assert choose_draft(measured, "distilled-l1-h32").name == "distilled-l1-h32"
+    assert set(measured.kept()) == {"w8a8-int8"}
     with pytest.raises(VariantUnavailableError, match="no distilled variant 'distilled-l2-h64'.*distilled-l1-h32"):
         choose_draft(measured, "distilled-l2-h64")
     with pytest.raises(VariantUnavailableError, match="no distilled variant 'w8a8-int8'"):
@@ -278,8 +292,8 @@ def test_the_draft_is_the_measured_student_or_a_kept_distilled_variant_by_name(t
 
 
 def test_the_draft_measured_is_the_student_closest_to_the_base():
-    from tune.compress.front import Candidate
-    from tune.compress.stage import best_student
+    from pipelines.compress.front import Candidate
+    from pipelines.compress.stage import best_student
 
     def candidate(name, family, perplexity):
         return Candidate(name, {"family": family}, "vllm", True, perplexity, 100, 10.0, 5.0, trial_id=name)

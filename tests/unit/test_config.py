@@ -181,7 +181,7 @@ def test_a_search_space_is_refused_before_any_trial_names_its_key():
 
 
 def test_a_trial_keeps_the_global_batch_and_takes_its_values():
-    from tune.config import trial_train_config
+    from tune.config import trial_of
 
     config = load_config(
         TINY,
@@ -190,7 +190,7 @@ def test_a_trial_keeps_the_global_batch_and_takes_its_values():
         ],
     )
     assert config.train.effective_global_batch_size == 32  # 16 x 1 x 2 workers
-    trial = trial_train_config(config.train, config.tune, {"train.lr": 0.005, "train.model.num_layers": 3})
+    trial = trial_of(config.train, config.tune, {"train.lr": 0.005, "train.model.num_layers": 3})
     assert (trial.lr, trial.model.num_layers, trial.model.hidden_size) == (0.005, 3, config.train.model.hidden_size)
     # One worker per trial: accumulation doubles, so the trial steps on the recipe's 32 sequences.
     assert (trial.num_workers, trial.gradient_accumulation_steps, trial.effective_global_batch_size) == (1, 2, 32)

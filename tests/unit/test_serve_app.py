@@ -51,9 +51,10 @@ def test_a_drafting_model_gets_vllms_draft_model_method_and_needs_its_draft():
 def test_the_measured_acceptance_is_shown_only_for_the_pair_and_tokens_measured(tmp_path):
     from serve.config import SpeculativeConfig
     from serve.stage import speculative_lineage
+    from tests.unit.test_compress import variant_record
 
     measured = {"num_speculative_tokens": 3, "acceptance_rate": 0.6, "ratios": {"tokens_per_s": 1.4}}
-    record = {"name": "distilled-l1-h64", "lineage": {"base_model": "/run/train/model"}, "speculative": measured}
+    record = variant_record("distilled-l1-h64", "distill", base_model="/run/train/model", speculative=measured)
     draft = (tmp_path / "distilled-l1-h64", record)
     same = speculative_lineage(Path("/run/train/model"), draft, SpeculativeConfig(num_speculative_tokens=3))
     assert (same.draft, same.measured_acceptance_rate, same.measured_tokens_per_s_ratio) == (

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 def test_trial_progress_pickles_without_its_bar_and_reopens_it_on_setup():
     import cloudpickle
 
-    from tune.sweeps import trial_progress_callback
+    from pipelines.sweeps import trial_progress_callback
 
     callback = trial_progress_callback("tune")
     callback.setup(num_samples=3, total_num_samples=3)
