@@ -30,7 +30,11 @@ class Candidate:
     ratios: dict[str, float] = field(default_factory=dict)
 
     def objectives(self) -> list[float]:
-        return [float(getattr(self, name)) for name in OBJECTIVES]
+        """The objectives as ratios to the base measured in the same engine (``judge`` sets them): tokens/s in
+        transformers and in vLLM are not comparable, a candidate's gain over its own engine's base is."""
+        if set(self.ratios) != set(OBJECTIVES):
+            raise ValueError(f"candidate {self.name} has not been judged against a base in {self.engine}")
+        return [float(self.ratios[name]) for name in OBJECTIVES]
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,7 +60,8 @@ def judge(candidates: list[Candidate], bases: dict[str, Candidate], max_perplexi
 
 
 def pareto_front(candidates: list[Candidate]) -> list[Candidate]:
-    """The feasible candidates no other feasible candidate dominates on every objective; each is marked."""
+    """The feasible candidates no other feasible candidate dominates on every objective (each as a ratio to the
+    base measured in its own engine); each is marked."""
     import optuna
 
     feasible = [c for c in candidates if c.feasible]

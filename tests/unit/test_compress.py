@@ -140,8 +140,17 @@ def _candidate(name, ppl, size, speed, engine="vllm"):
 
 
 def _dominates(a, b) -> bool:
-    at_least = a.perplexity <= b.perplexity and a.weight_bytes <= b.weight_bytes and a.tokens_per_s >= b.tokens_per_s
-    better = a.perplexity < b.perplexity or a.weight_bytes < b.weight_bytes or a.tokens_per_s > b.tokens_per_s
+    a, b = a.ratios, b.ratios
+    at_least = (
+        a["perplexity"] <= b["perplexity"]
+        and a["weight_bytes"] <= b["weight_bytes"]
+        and a["tokens_per_s"] >= b["tokens_per_s"]
+    )
+    better = (
+        a["perplexity"] < b["perplexity"]
+        or a["weight_bytes"] < b["weight_bytes"]
+        or a["tokens_per_s"] > b["tokens_per_s"]
+    )
     return at_least and better
 
 
@@ -168,10 +177,25 @@ def test_front_is_exactly_the_feasible_non_dominated_candidates():
     assert candidates[0].ratios["weight_bytes"] == candidates[0].weight_bytes / 400
 
 
+def test_the_front_compares_each_candidate_with_the_base_of_its_own_engine():
+    """A bitsandbytes variant measured in transformers (slow there) is not dominated by a vLLM one for its raw
+    tokens/s: what counts is its speed over the base measured in transformers."""
+    from pipelines.compress.front import judge, pareto_front
+
+    bases = {"vllm": _candidate("base", 10.0, 400, 100.0), "transformers": _candidate("base", 10.0, 400, 20.0)}
+    vllm = _candidate("w8a8", 10.1, 150, 90.0)  # 0.9x its base's speed
+    bnb = _candidate("bnb-int8", 10.1, 150, 30.0, engine="transformers")  # 1.5x its base's speed
+    judge([vllm, bnb], bases, max_perplexity_increase=0.05)
+    assert [c.name for c in pareto_front([vllm, bnb])] == ["bnb-int8"]  # raw tokens/s would have kept w8a8 alone
+    with pytest.raises(ValueError, match="not been judged"):
+        pareto_front([_candidate("unjudged", 10.0, 100, 10.0)])
+
+
 def test_plot_marks_every_candidate(tmp_path):
-    from pipelines.compress.front import pareto_front, plot_front
+    from pipelines.compress.front import judge, pareto_front, plot_front
 
     candidates = [_candidate("a", 10, 100, 50), _candidate("b", 11, 50, 60, engine="transformers")]
+    judge(candidates, {"vllm": _candidate("base", 10, 200, 50), "transformers": _candidate("base", 10, 200, 20)}, 0.2)
     pareto_front(candidates)
     path = plot_front(candidates, tmp_path / "pareto.png")
     assert path.stat().st_size > 10_000
