@@ -1,4 +1,5 @@
-"""What tests build again and again: document tables, union-find components, waits, and Tune's saved state."""
+"""What tests build again and again: document tables, union-find components, waits, placement groups, and Tune's
+saved state."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -54,6 +56,64 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str, poll_s:
             return
         time.sleep(poll_s)
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+#: How long a test waits for Ray to give back what a stage reserved. Ray does it asynchronously (Ray Train's
+#: placement-group cleaner polls every second; Serve stops replicas one control loop at a time), and on a machine
+#: that other work loads, seconds become minutes: a ceiling, not an expectation.
+RELEASE_S = 300
+
+
+def placement_groups() -> dict[str, dict]:
+    """Every placement group of this process's Ray cluster, by id, from the GCS (``placement_group_table``).
+
+    Not Ray's State API (``ray.util.state``): called without an address, that finds "the" cluster on the machine
+    by looking for GCS processes, and fails ("Found multiple active Ray instances") when another Ray runs there.
+    """
+    import ray
+
+    return ray.util.placement_group_table()
+
+
+@contextmanager
+def placement_groups_created() -> Iterator[set[str]]:
+    """The ids of the placement groups created inside the ``with`` block (filled in when it ends)."""
+    before = set(placement_groups())
+    created: set[str] = set()
+    try:
+        yield created
+    finally:
+        created.update(set(placement_groups()) - before)
+
+
+def reserved(ids: Iterable[str]) -> list[dict]:
+    """Those of ``ids`` that still hold, or wait for, their bundles: every state but REMOVED (the GCS forgets a
+    removed group after a while, so one no longer in the table is released too)."""
+    table = placement_groups()
+    return [table[pg] for pg in ids if pg in table and table[pg]["state"] != "REMOVED"]
+
+
+def describe_placement_groups(groups: Iterable[dict]) -> str:
+    return "; ".join(
+        f"{g['placement_group_id']} name={g['name']!r} state={g['state']} strategy={g['strategy']} "
+        f"bundles={list(g['bundles'].values())}"
+        for g in groups
+    )
+
+
+def wait_released(ids: Iterable[str], what: str, timeout_s: float = RELEASE_S) -> None:
+    """Wait until every placement group of ``ids`` is removed; fail naming those still reserved."""
+    ids = set(ids)
+    held: list[dict] = []
+
+    def released() -> bool:
+        held[:] = reserved(ids)
+        return not held
+
+    try:
+        wait_for(released, timeout_s, what, poll_s=1)
+    except AssertionError as error:
+        raise AssertionError(f"{error}; still reserved: {describe_placement_groups(held)}") from None
 
 
 def finished_trials(sweep: Path) -> dict[str, Path]:

@@ -13,15 +13,53 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from unittest import mock
 
 import pytest
 import yaml
 
 from cluster.recipe import LoomConfig, load_config
 from tests.conftest import REPO_ROOT, SMALL_MODEL, TINY, free_port
-from tests.helpers import kill_after_first_finished_trial, wait_for
+from tests.helpers import RELEASE_S, kill_after_first_finished_trial, placement_groups_created, wait_for
 
 PLANTED_TEXT = "A planted document that appears twice with identical content, so exact dedup drops one copy."
+
+
+#: Ray's variable for where its State API clients (``ray.util.state``, ``ray job``) find the dashboard.
+API_SERVER = "RAY_API_SERVER_ADDRESS"
+
+
+@contextmanager
+def state_api_of_its_own(ray) -> Iterator[None]:
+    """Start the embedded cluster (inside the block) on a dashboard port of its own, and tell its processes where.
+
+    Ray's State API, asked without an address, looks for "the" cluster on the machine: /tmp/ray/ray_current_cluster
+    (written by any `ray start`), else the one GCS process it finds, and with two it fails ("Found multiple active
+    Ray instances"). Ray Train's placement-group cleaner asks it whether a training controller is alive; with another
+    Ray on the machine its monitor thread dies of that ConnectionError (it catches only RayStateApiException), and a
+    trial that ASHA stopped keeps its workers' placement group, and their CPUs, for the cluster's lifetime (or, with
+    a `ray start` cluster's address file, it asks that other cluster, finds no such actor, and removes a running
+    trial's group). The cluster's raylet, and every worker it starts, inherits ``RAY_API_SERVER_ADDRESS`` from this
+    process's environment at ``ray.init``: it is set for that call only, so that this process's own clients
+    (``loom submit --address`` in a subprocess, which the variable would override) keep their addresses.
+    """
+    real_init = ray.init
+    ours = API_SERVER not in os.environ
+
+    def init(*args, **kwargs):
+        port = kwargs.setdefault("dashboard_port", free_port())
+        if ours:
+            os.environ[API_SERVER] = f"http://127.0.0.1:{port}"
+        return real_init(*args, **kwargs)
+
+    try:
+        with mock.patch.object(ray, "init", init):
+            yield
+    finally:
+        if ours:
+            os.environ.pop(API_SERVER, None)
 
 
 @pytest.fixture(scope="package")
@@ -33,7 +71,8 @@ def ray_cluster():
 
     # Logical CPUs, for Ray's scheduling: the serve tests' endpoint reserves 2 per vLLM replica (Ray Serve LLM
     # merges the replica's CPU into its engine's bundle), 8 for three models and a second replica of one.
-    connect(ClusterConfig(num_cpus=10))
+    with state_api_of_its_own(ray):
+        connect(ClusterConfig(num_cpus=10))
     yield ray
     ray.shutdown()
 
@@ -129,32 +168,42 @@ def prometheus(ray_cluster, tmp_path_factory):
     session_dir = ray_cluster._private.worker.global_worker.node.get_session_dir_path()
     server = PrometheusServer(tmp_path_factory.mktemp("prometheus"), session_dir, free_port())
     try:
-        wait_for(server.ready, 60, "Prometheus to be ready")
+        wait_for(server.ready, 180, "Prometheus to be ready")
         yield server
     finally:
         server.stop()
 
 
 @pytest.fixture(scope="package")
-def data_done(ray_cluster, prometheus, tiny_config):
-    from cluster.chain import run_stage
-
-    return run_stage("data", tiny_config)
-
-
-@pytest.fixture(scope="package")
-def tune_done(data_done, tiny_config):
-    from cluster.chain import run_stage
-
-    return run_stage("tune", tiny_config)
+def stage_placement_groups(ray_cluster) -> dict[str, set[str]]:
+    """The placement groups each stage fixture below created while it ran, by stage (tests/ray/test_release.py
+    checks that every one of them is removed once its stage ended)."""
+    return {}
 
 
 @pytest.fixture(scope="package")
-def train_done(tune_done, tiny_config):
+def data_done(ray_cluster, prometheus, tiny_config, stage_placement_groups):
+    from cluster.chain import run_stage
+
+    with placement_groups_created() as stage_placement_groups["data"]:
+        return run_stage("data", tiny_config)
+
+
+@pytest.fixture(scope="package")
+def tune_done(data_done, tiny_config, stage_placement_groups):
+    from cluster.chain import run_stage
+
+    with placement_groups_created() as stage_placement_groups["tune"]:
+        return run_stage("tune", tiny_config)
+
+
+@pytest.fixture(scope="package")
+def train_done(tune_done, tiny_config, stage_placement_groups):
     """The run's training, with the sweep's best learning rate."""
     from cluster.chain import run_stage
 
-    return run_stage("train", tiny_config)
+    with placement_groups_created() as stage_placement_groups["train"]:
+        return run_stage("train", tiny_config)
 
 
 @pytest.fixture(scope="package")
@@ -185,7 +234,7 @@ def write_sft_pairs(path, pairs: int = 96) -> None:
 
 
 @pytest.fixture(scope="package")
-def lora_done(train_done, tiny_config, tmp_path_factory):
+def lora_done(train_done, tiny_config, tmp_path_factory, stage_placement_groups):
     """LoRA SFT of the run's trained model on planted prompt/response pairs (its own run directory)."""
     from cluster.chain import run_stage
 
@@ -207,7 +256,8 @@ def lora_done(train_done, tiny_config, tmp_path_factory):
             "train.log_every=2",
         ],
     )
-    return config, run_stage("train", config)
+    with placement_groups_created() as stage_placement_groups["lora"]:
+        return config, run_stage("train", config)
 
 
 def _probes() -> list[str]:
@@ -216,8 +266,8 @@ def _probes() -> list[str]:
 
 
 @pytest.fixture(scope="package")
-def compress_done(train_done, tiny_config, tmp_path_factory):
-    """The compression sweep as a user meets an interruption: ``python -m tune.compress`` killed once Tune's
+def compress_done(train_done, tiny_config, tmp_path_factory, stage_placement_groups):
+    """The compression sweep as a user meets an interruption: ``python -m pipelines.compress`` killed once Tune's
     saved state records a finished candidate, then the stage run again, which resumes the sweep."""
     import ray
 
@@ -229,10 +279,12 @@ def compress_done(train_done, tiny_config, tmp_path_factory):
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # the driver joins this cluster
     sweep = tiny_config.run_dir() / "compress" / "sweep"
     command = [sys.executable, "-m", "tune.compress", str(recipe)]
-    kept = kill_after_first_finished_trial(command, sweep, scratch / "driver.log", 600, cwd=REPO_ROOT, env=env)
-    ((kept_id, kept_dir),) = kept.items()
-    reports_before = (kept_dir / "result.json").read_text()
-    # Ray kills a dead driver's trials; the engine a trial was measuring with must go with it.
-    wait_for(lambda: not _probes(), 120, "the killed sweep's vLLM measurement to end")
-    record = run_stage("compress", tiny_config)
+    # The killed driver's reservations count as the stage's: its job's placement groups must go with it.
+    with placement_groups_created() as stage_placement_groups["compress"]:
+        kept = kill_after_first_finished_trial(command, sweep, scratch / "driver.log", 900, cwd=REPO_ROOT, env=env)
+        ((kept_id, kept_dir),) = kept.items()
+        reports_before = (kept_dir / "result.json").read_text()
+        # Ray kills a dead driver's trials; the engine a trial was measuring with must go with it.
+        wait_for(lambda: not _probes(), RELEASE_S, "the killed sweep's vLLM measurement to end")
+        record = run_stage("compress", tiny_config)
     return {"record": record, "kept_id": kept_id, "kept_dir": kept_dir, "reports_before": reports_before}

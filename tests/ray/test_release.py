@@ -1,0 +1,34 @@
+"""Every stage gives back what it reserved: once a stage ends, each placement group it created is removed.
+
+A group left behind holds its CPUs for the cluster's lifetime, and every later stage waits for them: the serve
+tests' deployment, or a user's next stage on a laptop's embedded Ray. Each stage fixture records the groups
+created while it ran (tests/ray/conftest.py, ``stage_placement_groups``); the compression sweep's include those
+of the driver killed half-way.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import wait_released
+
+pytestmark = pytest.mark.ray
+
+#: Stage -> the fixture that runs it, and whether it reserves placement groups at all (Ray Data does not;
+#: every trial of a sweep and every Ray Train run does).
+STAGES = {
+    "data": ("data_done", False),
+    "tune": ("tune_done", True),
+    "train": ("train_done", True),
+    "lora": ("lora_done", True),
+    "compress": ("compress_done", True),
+}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_finished_stage_leaves_none_of_its_placement_groups_reserved(stage, request, stage_placement_groups):
+    fixture, reserves = STAGES[stage]
+    request.getfixturevalue(fixture)
+    created = stage_placement_groups[stage]
+    assert created or not reserves, f"the {stage} stage created no placement group: nothing was checked"
+    wait_released(created, f"the {stage} stage's placement groups to be removed")
