@@ -65,7 +65,7 @@ def second_head(flags: list[str], env: dict[str, str], token: str, temp_dir: Pat
     )  # fmt: skip
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 300  # a ceiling for a loaded machine, not an expectation
         while not _dashboard_ready(address, token):
             if time.monotonic() > deadline or head.poll() is not None:
                 head.kill()

@@ -24,7 +24,7 @@ import yaml
 from cluster.chain import run_stage
 from tests.browser import render
 from tests.conftest import REPO_ROOT, free_port
-from tests.helpers import wait_for
+from tests.helpers import RELEASE_S, placement_groups, placement_groups_created, wait_for, wait_released
 from tests.metrics import scrape, total
 
 pytestmark = pytest.mark.ray
@@ -90,15 +90,19 @@ def endpoint(ray_cluster, train_done, lora_done, compress_done, tiny_config, tmp
         }
     )
     config = tiny_config.model_validate({**tiny_config.model_dump(), "serve": serve.model_dump()})
-    # Ray Train releases a finished run's placement group asynchronously: deploy once the fine-tune's CPUs are
-    # back, so the autoscaler test below finds room for its second replica.
-    cpus = ray_cluster.cluster_resources()["CPU"]
-    wait_for(lambda: ray_cluster.available_resources().get("CPU", 0) >= cpus, 120, "every CPU free before deploying")
-    try:
-        record = run_stage("serve", config)
-        yield config, record
-    finally:
-        shutdown()
+    # Ray releases a finished Train run's or sweep trial's placement group asynchronously: deploy once every group
+    # the earlier stages of this package reserved is removed (all this cluster has), so the autoscaler test below
+    # finds room for its second replica.
+    wait_released(placement_groups(), "the earlier stages' placement groups to be removed before deploying")
+    with placement_groups_created() as reserved_by_serve:
+        try:
+            record = run_stage("serve", config)
+            yield config, record
+        finally:
+            shutdown()
+    # What the endpoint reserved (every replica's bundle, the autoscaled and the replacement ones too) is given
+    # back once Serve is shut down: the tests after these find the cluster as the stages left it.
+    wait_released(reserved_by_serve, "the endpoint's placement groups to be removed after serve.shutdown()")
 
 
 def https(config, timeout: float = 60) -> httpx.Client:
@@ -378,15 +382,15 @@ def test_autoscaler_goes_up_under_a_burst_and_back_down(endpoint):
     load = threading.Thread(target=waves)
     load.start()
     try:
-        wait_for(lambda: running_replicas(MAIN) == 2, 480, "a second replica under load")
+        wait_for(lambda: running_replicas(MAIN) == 2, 900, "a second replica under load")
         # The decision is visible in Prometheus (a gauge: read while it holds).
-        wait_for(lambda: autoscaler_target(MAIN) == 2, 60, "the autoscaler's target in the metrics")
+        wait_for(lambda: autoscaler_target(MAIN) == 2, 180, "the autoscaler's target in the metrics")
     finally:
         stop.set()
         load.join()
     assert outcomes and all(outcomes), f"{outcomes.count(False)} of {len(outcomes)} answers fell short"
     assert running_replicas(SECOND) == 1  # its own autoscaling: untouched by MAIN's load
-    wait_for(lambda: running_replicas(MAIN) == 1, 120, "scale-down after the load stopped")
+    wait_for(lambda: running_replicas(MAIN) == 1, RELEASE_S, "scale-down after the load stopped")
 
 
 def test_a_killed_replica_is_replaced_while_requests_keep_succeeding(endpoint):
@@ -412,7 +416,7 @@ def test_a_killed_replica_is_replaced_while_requests_keep_succeeding(endpoint):
         ray.kill(victim, no_restart=True)
         outcomes = list(results)
     assert sum(outcomes) / len(outcomes) >= 0.99, f"{outcomes.count(False)} of {len(outcomes)} failed"
-    wait_for(lambda: running_replicas(SECOND) == 1, 300, "the replacement replica")
+    wait_for(lambda: running_replicas(SECOND) == 1, 600, "the replacement replica")
 
 
 def test_requests_rejects_latency_engine_and_scaling_metrics_reach_prometheus(endpoint):
@@ -424,7 +428,7 @@ def test_requests_rejects_latency_engine_and_scaling_metrics_reach_prometheus(en
             and total(samples, "ray_loom_serve_time_to_first_token_s_count", model=MAIN) > 0
         )
 
-    wait_for(complete, 90, "the ingress metrics to be exported")
+    wait_for(complete, 180, "the ingress metrics to be exported")
     samples = scrape()
     for reason in (
         "invalid-key",
@@ -462,7 +466,7 @@ def test_requests_rejects_latency_engine_and_scaling_metrics_reach_prometheus(en
         return not missing
 
     try:
-        wait_for(every_plotted_series_exported, 90, "every series the dashboard plots")
+        wait_for(every_plotted_series_exported, 180, "every series the dashboard plots")
     except AssertionError as error:
         raise AssertionError(f"{error}; never exported: {missing}") from None
 
