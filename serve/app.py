@@ -195,6 +195,10 @@ def build_app(args: dict[str, Any]):
                     "audit": parsed.serve_config.audit.model_dump(mode="json"),
                     "audit_path": parsed.audit_path or parsed.serve_config.audit.path,
                     "max_replicas": {model_id: model.autoscaling.max_replicas for model_id, model in models.items()},
+                    "pricing": {
+                        model_id: {"tokenizer": sources[model_id], "context": model.engine.max_model_len}
+                        for model_id, model in models.items()
+                    },
                 },
             },
         )

@@ -33,7 +33,8 @@ class AuditRecord:
     status: int
     reason: str | None  # the refusal's reason code (None when answered)
     latency_ms: float
-    prompt_tokens: int | None = None
+    priced_tokens: int | None = None  # what the request was charged when admitted (serve.pricing)
+    prompt_tokens: int | None = None  # and what was served, from the answer's usage
     completion_tokens: int | None = None
     prompt: Any = None  # only with audit.include_prompts
 

@@ -213,6 +213,9 @@ class JwtConfig(StrictModel):
     rate_claim: str = Field(
         default="rpm", description="Claim with the caller's own requests per minute (unset: requests_per_minute)."
     )
+    tokens_claim: str = Field(
+        default="tpm", description="Claim with the caller's own tokens per minute (unset: tokens_per_minute)."
+    )
     leeway_s: float = Field(default=30, ge=0, description="Clock skew allowed on exp and nbf.")
 
     @model_validator(mode="after")
@@ -236,7 +239,8 @@ class ProtectionConfig(StrictModel):
     )
     api_keys_file: str | None = Field(
         default=None,
-        description="File read at ingress start (on every node): one 'KEY [REQUESTS_PER_MINUTE [BURST]]' per line.",
+        description="File read at ingress start (on every node): one 'KEY [REQUESTS_PER_MINUTE [BURST "
+        "[TOKENS_PER_MINUTE]]]' per line.",
     )
     requests_per_minute: float = Field(
         default=600, gt=0, description="Sustained request rate allowed per API key (unless its file line sets one)."
@@ -267,6 +271,21 @@ class ProtectionConfig(StrictModel):
         description="Largest output a request may ask for in all: max(n, best_of) x max_tokens (an unset "
         "max_tokens counts as the max_tokens limit), so n cannot multiply one request's cost beyond this.",
     )
+    tokens_per_minute: float = Field(
+        default=100_000,
+        gt=0,
+        description="Tokens a key (or JWT subject) may be charged per minute, each request at its price: every "
+        "prompt x max(n, best_of) x (its prompt tokens + max_tokens), charged when admitted. A full minute's "
+        "worth may be spent at once; more gets 429 with Retry-After and x-ratelimit-* headers.",
+    )
+    max_request_tokens: int = Field(
+        default=16_384,
+        ge=1,
+        description="Most tokens one request may be priced at (400 above, naming its price).",
+    )
+    max_prompts: int = Field(
+        default=16, ge=1, description="Most prompts in one completions request (a list of strings or of token lists)."
+    )
     max_logprobs: int = Field(
         default=5, ge=0, description="Largest logprobs (completions) or top_logprobs (chat) a request may ask for."
     )
@@ -277,15 +296,24 @@ class ProtectionConfig(StrictModel):
 
     @model_validator(mode="after")
     def _total_holds_one_answer(self) -> ProtectionConfig:
+        problems = []
         if self.max_total_tokens < self.max_tokens:
-            raise field_problems(
-                [
-                    (
-                        "max_total_tokens",
-                        f"{self.max_total_tokens} is below max_tokens ({self.max_tokens}): no request fits",
-                    )
-                ]
+            problems.append(
+                (
+                    "max_total_tokens",
+                    f"{self.max_total_tokens} is below max_tokens ({self.max_tokens}): no request fits",
+                )
             )
+        if self.max_request_tokens > self.tokens_per_minute:
+            problems.append(
+                (
+                    "max_request_tokens",
+                    f"{self.max_request_tokens} is above tokens_per_minute ({self.tokens_per_minute:g}): a request "
+                    "priced that high could never be admitted",
+                )
+            )
+        if problems:
+            raise field_problems(problems)
         return self
 
 

@@ -31,7 +31,8 @@ from vllm.exceptions import VLLMClientError
 from pipelines.gauges import held_gauges
 from serve.audit import AuditLog, AuditRecord, now, usage_of
 from serve.config import AuditConfig, ProtectionConfig
-from serve.protection import Protection, Rejection, load_api_keys
+from serve.pricing import ModelPricing, Pricer
+from serve.protection import Protection, Rejection, load_api_keys, requested_tokens
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +59,34 @@ def error_type(status: int) -> str:
     return ERROR_TYPES.get(status, "invalid_request_error")
 
 
-def error_response(status: int, reason: str, message: str, retry_after_s: float | None = None) -> JSONResponse:
-    """The one error constructor: an OpenAI-style error body."""
-    headers = {"Retry-After": str(max(1, round(retry_after_s)))} if retry_after_s is not None else None
+def error_response(
+    status: int,
+    reason: str,
+    message: str,
+    retry_after_s: float | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """The one error constructor: an OpenAI-style error body (with Retry-After and any x-ratelimit-* headers)."""
+    headers = dict(headers or {})
+    if retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, round(retry_after_s + 0.49)))  # never sooner than the bucket allows
     body = {"error": {"message": message, "type": error_type(status), "code": reason, "param": None}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(body, status_code=status, headers=headers or None)
+
+
+#: vLLM's refusals can name its environment variables and classes; a client gets Loom's words instead.
+ENGINE_INTERNALS = re.compile(r"\bVLLM_[A-Z0-9_]+\b|\b[A-Za-z_]+(Error|Exception)\b|\bvllm\b|\bvLLM\b")
+
+
+def engine_refusal(status: int, message: str) -> Rejection:
+    """An engine's 4xx in Loom's words: its text when it names no internals, else what the status says."""
+    if ENGINE_INTERNALS.search(message):
+        log.info("engine refusal reworded for the client: %s", message[:500])
+        message = {
+            404: "the model or route asked for is not served here",
+            413: "the request is too large for the model",
+        }.get(status, "the model cannot take this request as sent (check its prompt length and sampling fields)")
+    return Rejection(status, "engine", message[:2000])
 
 
 def as_rejection(err: Exception) -> Rejection:
@@ -75,7 +99,7 @@ def as_rejection(err: Exception) -> Rejection:
     if isinstance(status, int) and 400 <= status < 500:
         # The stock ingress's and the engine's own refusals (unknown model, prompt over the context).
         message = getattr(err, "message", None)
-        return Rejection(status, "engine", message if isinstance(message, str) else str(err))
+        return engine_refusal(status, message if isinstance(message, str) else str(err))
     log.error("request failed", exc_info=err)
     return Rejection(500, "internal", "the server could not answer this request; it has been logged")
 
@@ -217,8 +241,10 @@ def answered(route: str):
                     self.metrics.rejects.inc(tags={"reason": refusal.reason})
                 self.metrics.answered(model, route, refusal.status, started)
                 self._audit(request, route, model, refusal.status, started, reason=refusal.reason)
-                return error_response(refusal.status, refusal.reason, refusal.message, refusal.retry_after_s)
+                headers = refusal.headers or getattr(request.state, "ratelimit", None)
+                return error_response(refusal.status, refusal.reason, refusal.message, refusal.retry_after_s, headers)
             model = getattr(request.state, "model", kwargs.get("model", ""))
+            response.headers.update(getattr(request.state, "ratelimit", None) or {})
             if isinstance(response, StreamingResponse):
                 response.body_iterator = self._measured_stream(response.body_iterator, request, model, route, started)
             else:
@@ -245,6 +271,7 @@ class LoomIngress(OpenAiIngress):
         audit: dict[str, Any] | None = None,
         audit_path: str | None = None,
         max_replicas: dict[str, int] | None = None,
+        pricing: dict[str, dict[str, Any]] | None = None,
         lora_paths=None,
     ):
         for model_id, card in model_cards.items():
@@ -253,6 +280,13 @@ class LoomIngress(OpenAiIngress):
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
         config = ProtectionConfig.model_validate(protection)
         self.protection = Protection(config, load_api_keys(config))
+        self.pricer = Pricer(
+            {model_id: ModelPricing(**found) for model_id, found in (pricing or {}).items()},
+            default_max_tokens=config.max_tokens,
+            max_prompts=config.max_prompts,
+        )
+        for model_id in self.pricer.models:  # load the tokenizers now, not on a model's first request
+            self.pricer.tokenizer(model_id)
         if not self.protection.keys.enabled:
             log.warning("NO API KEYS OR JWT CONFIGURED: the endpoint accepts every request; bind it to loopback only")
         self.metrics = IngressMetrics(max_replicas or {})
@@ -286,6 +320,7 @@ class LoomIngress(OpenAiIngress):
                 reason=reason,
                 latency_ms=round((time.monotonic() - started) * 1000, 1),
                 prompt=getattr(request.state, "prompt", None),
+                priced_tokens=getattr(request.state, "priced", None),
                 **usage_of(body),
             )
         )
@@ -295,7 +330,7 @@ class LoomIngress(OpenAiIngress):
         ``answered`` (or, for a stream, its last chunk) releases it."""
         caller = self.protection.identify(request.headers.get("authorization"))
         request.state.caller = caller  # known from here on, so a refusal below is audited under its caller
-        self.protection.limit(caller, request.headers.get("content-length"))
+        request.state.requests = self.protection.limit(caller, request.headers.get("content-length"))
         self.protection.hold(caller)
         request.state.held = caller
 
@@ -318,7 +353,7 @@ class LoomIngress(OpenAiIngress):
         payload = parse_json(await self._read_body(request))
         if self.audit.config.include_prompts and isinstance(payload, dict):
             request.state.prompt = payload.get("messages", payload.get("prompt"))
-        return checked_request(
+        body = checked_request(
             payload,
             request_type,
             protection=self.protection,
@@ -326,6 +361,22 @@ class LoomIngress(OpenAiIngress):
             served=self._model_cards,
             state=request.state,
         )
+        self._charge(request, payload, body)
+        return body
+
+    def _charge(self, request: Request, payload: dict[str, Any], body: Any) -> None:
+        """Price the request, take the price from its caller's token budget, and hold the engine to the
+        max_tokens it was priced at (an unset one is set)."""
+        model = request.state.model
+        if model not in self.pricer.models:
+            raise Rejection(500, "internal", f"no pricing is configured for model {model!r}")
+        price = self.pricer.price(model, payload)
+        request.state.ratelimit = self.protection.charge(
+            request.state.caller, price.total, price.describe(), request.state.requests
+        )
+        request.state.priced = price.total
+        if requested_tokens(payload) is None:
+            body.max_tokens = price.max_tokens
 
     @answered("models")
     async def models(self, request: Request) -> Response:

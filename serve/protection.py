@@ -25,12 +25,20 @@ log = logging.getLogger(__name__)
 class Rejection(Exception):
     """A request refused before it reaches a model."""
 
-    def __init__(self, status: int, reason: str, message: str, retry_after_s: float | None = None):
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        message: str,
+        retry_after_s: float | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.reason = reason
         self.message = message
         self.retry_after_s = retry_after_s
+        self.headers = headers or {}
 
 
 def _digest(key: str) -> str:
@@ -39,24 +47,30 @@ def _digest(key: str) -> str:
 
 @dataclass(frozen=True)
 class ApiKey:
-    """A key and its own rate limit (unset: the configured defaults)."""
+    """A key and its own limits (unset: the configured defaults)."""
 
     key: str = field(repr=False)
     requests_per_minute: float | None = None
     burst: int | None = None
+    tokens_per_minute: float | None = None
+
+
+KEY_LINE = "'KEY [REQUESTS_PER_MINUTE [BURST [TOKENS_PER_MINUTE]]]'"
 
 
 def _parse_key_line(line: str, path: Path, number: int) -> ApiKey:
-    """``KEY [REQUESTS_PER_MINUTE [BURST]]``"""
+    """``KEY [REQUESTS_PER_MINUTE [BURST [TOKENS_PER_MINUTE]]]``"""
     key, *limits = line.split()
     try:
         per_minute = float(limits[0]) if limits else None
         burst = int(limits[1]) if len(limits) > 1 else None
+        tokens = float(limits[2]) if len(limits) > 2 else None
     except ValueError:
-        raise RuntimeError(f"{path}:{number}: expected 'KEY [REQUESTS_PER_MINUTE [BURST]]'") from None
-    if len(limits) > 2 or (per_minute is not None and per_minute <= 0) or (burst is not None and burst < 1):
-        raise RuntimeError(f"{path}:{number}: expected 'KEY [REQUESTS_PER_MINUTE [BURST]]' with positive limits")
-    return ApiKey(key, per_minute, burst)
+        raise RuntimeError(f"{path}:{number}: expected {KEY_LINE}") from None
+    positive = all(v is None or v > 0 for v in (per_minute, tokens)) and (burst is None or burst >= 1)
+    if len(limits) > 3 or not positive:
+        raise RuntimeError(f"{path}:{number}: expected {KEY_LINE} with positive limits")
+    return ApiKey(key, per_minute, burst, tokens)
 
 
 def load_api_keys(config: ProtectionConfig, environ: Mapping[str, str] | None = None) -> list[ApiKey]:
@@ -87,15 +101,16 @@ class Caller:
     id: str
     requests_per_minute: float
     burst: int
+    tokens_per_minute: float = float("inf")
     models: frozenset[str] | None = None  # the models it may use (None: all)
 
 
 class TokenVerifier:
     """Bearer JWTs (PyJWT): signature, issuer, audience, expiry; the claims say who and what."""
 
-    def __init__(self, config: JwtConfig, requests_per_minute: float, burst: int, environ: Mapping[str, str]):
+    def __init__(self, config: JwtConfig, defaults: ProtectionConfig, environ: Mapping[str, str]):
         self.config = config
-        self.requests_per_minute, self.burst = requests_per_minute, burst
+        self.defaults = defaults
         self.keys: dict[str, Any] = {}
         if "HS256" in config.algorithms:
             secret = environ.get(config.secret_env or "", "")
@@ -145,26 +160,34 @@ class TokenVerifier:
         models = claims.get(self.config.models_claim)
         if isinstance(models, str):
             models = models.split()
-        rate = claims.get(self.config.rate_claim)
-        per_minute = float(rate) if isinstance(rate, int | float) and not isinstance(rate, bool) and rate > 0 else None
         return Caller(
             id=f"sub:{claims['sub']}"[:128],
-            requests_per_minute=per_minute or self.requests_per_minute,
-            burst=self.burst,
+            requests_per_minute=_positive(claims.get(self.config.rate_claim)) or self.defaults.requests_per_minute,
+            burst=self.defaults.burst,
+            tokens_per_minute=_positive(claims.get(self.config.tokens_claim)) or self.defaults.tokens_per_minute,
             models=frozenset(map(str, models)) if isinstance(models, list) else None,
         )
+
+
+def _positive(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) and value > 0 else None
 
 
 class KeyRing:
     """Bearer check: static API keys (only their SHA-256 digests are kept, so a key never sits in memory
     dumps or logs) and, when configured, JWTs."""
 
-    def __init__(self, keys: list[ApiKey], requests_per_minute: float, burst: int, tokens: TokenVerifier | None = None):
+    def __init__(self, keys: list[ApiKey], defaults: ProtectionConfig, tokens: TokenVerifier | None = None):
         self._callers = {
-            _digest(k.key): Caller(_digest(k.key)[:12], k.requests_per_minute or requests_per_minute, k.burst or burst)
+            _digest(k.key): Caller(
+                _digest(k.key)[:12],
+                k.requests_per_minute or defaults.requests_per_minute,
+                k.burst or defaults.burst,
+                k.tokens_per_minute or defaults.tokens_per_minute,
+            )
             for k in keys
         }
-        self._anonymous = Caller("anonymous", requests_per_minute, burst)
+        self._anonymous = Caller("anonymous", defaults.requests_per_minute, defaults.burst, defaults.tokens_per_minute)
         self._tokens = tokens
 
     @property
@@ -191,33 +214,69 @@ class KeyRing:
 
 @dataclass
 class _Bucket:
-    tokens: float
+    level: float
     updated: float
 
 
+@dataclass(frozen=True)
+class Allowance:
+    """One bucket's state after a charge: what OpenAI's ``x-ratelimit-*`` headers report."""
+
+    limit: float  # per minute
+    remaining: float
+    reset_s: float  # until the bucket is full again
+
+
 @dataclass
-class RateLimiter:
-    """Token bucket per caller (per ingress replica: with N ingress replicas a key gets up to N x its rate)."""
+class Buckets:
+    """A token bucket per caller (per ingress replica: with N ingress replicas a caller gets up to N x its limit).
+    ``charge`` takes ``cost`` from the caller's bucket, which holds at most ``capacity`` and refills at ``per_minute``."""
 
     clock: Any = time.monotonic
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
 
-    def take(self, caller: Caller) -> None:
+    def _level(self, caller: str, capacity: float, per_minute: float) -> _Bucket:
         now = self.clock()
-        bucket = self._buckets.setdefault(caller.id, _Bucket(tokens=float(caller.burst), updated=now))
-        rate = caller.requests_per_minute / 60.0
-        bucket.tokens = min(float(caller.burst), bucket.tokens + (now - bucket.updated) * rate)
+        bucket = self._buckets.setdefault(caller, _Bucket(level=capacity, updated=now))
+        bucket.level = min(capacity, bucket.level + (now - bucket.updated) * per_minute / 60.0)
         bucket.updated = now
-        if bucket.tokens < 1.0:
-            wait = (1.0 - bucket.tokens) / rate
-            raise Rejection(
-                429,
-                "rate-limit",
-                f"rate limit of {caller.requests_per_minute:g} requests/minute (burst {caller.burst}) exceeded; "
-                f"retry in {wait:.1f} s",
-                retry_after_s=wait,
-            )
-        bucket.tokens -= 1.0
+        return bucket
+
+    def charge(self, caller: str, cost: float, capacity: float, per_minute: float) -> Allowance | float:
+        """The allowance left after taking ``cost``, or the seconds until it could be taken (nothing taken)."""
+        bucket = self._level(caller, capacity, per_minute)
+        if bucket.level < cost:
+            return (cost - bucket.level) * 60.0 / per_minute
+        bucket.level -= cost
+        return Allowance(per_minute, bucket.level, (capacity - bucket.level) * 60.0 / per_minute)
+
+    def peek(self, caller: str, capacity: float, per_minute: float) -> Allowance:
+        bucket = self._level(caller, capacity, per_minute)
+        return Allowance(per_minute, bucket.level, (capacity - bucket.level) * 60.0 / per_minute)
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: ``1s``, ``6m0s``, ``120ms``."""
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}m{rest:.0f}s" if minutes else f"{rest:.0f}s"
+
+
+def ratelimit_headers(requests: Allowance, tokens: Allowance | None) -> dict[str, str]:
+    """OpenAI-style ``x-ratelimit-*`` headers for the request and (once priced) token buckets."""
+    headers = {
+        "x-ratelimit-limit-requests": f"{requests.limit:g}",
+        "x-ratelimit-remaining-requests": str(int(requests.remaining)),
+        "x-ratelimit-reset-requests": _duration(requests.reset_s),
+    }
+    if tokens is not None:
+        headers |= {
+            "x-ratelimit-limit-tokens": f"{tokens.limit:g}",
+            "x-ratelimit-remaining-tokens": str(int(tokens.remaining)),
+            "x-ratelimit-reset-tokens": _duration(tokens.reset_s),
+        }
+    return headers
 
 
 def prompt_text(payload: Mapping[str, Any]) -> str:
@@ -261,14 +320,13 @@ class Protection:
     def __init__(self, config: ProtectionConfig, keys: list[ApiKey], environ: Mapping[str, str] | None = None):
         self.config = config
         tokens = (
-            TokenVerifier(
-                config.jwt, config.requests_per_minute, config.burst, environ if environ is not None else os.environ
-            )
+            TokenVerifier(config.jwt, config, environ if environ is not None else os.environ)
             if config.jwt is not None
             else None
         )
-        self.keys = KeyRing(keys, config.requests_per_minute, config.burst, tokens)
-        self.limiter = RateLimiter()
+        self.keys = KeyRing(keys, config, tokens)
+        self.requests = Buckets()
+        self.tokens = Buckets()
         self._in_flight: dict[str, int] = {}
         self._patterns = (
             {
@@ -288,11 +346,56 @@ class Protection:
     def identify(self, authorization: str | None) -> Caller:
         return self.keys.identify(authorization)
 
-    def limit(self, caller: Caller, content_length: str | None) -> None:
-        """The caller's rate, and the size the request declares."""
-        self.limiter.take(caller)
+    def limit(self, caller: Caller, content_length: str | None) -> Allowance:
+        """The caller's request rate, and the size the request declares; the request allowance left."""
+        taken = self.requests.charge(caller.id, 1.0, caller.burst, caller.requests_per_minute)
+        if not isinstance(taken, Allowance):
+            raise Rejection(
+                429,
+                "rate-limit",
+                f"rate limit of {caller.requests_per_minute:g} requests/minute (burst {caller.burst}) exceeded; "
+                f"retry in {taken:.1f} s",
+                retry_after_s=taken,
+                headers=ratelimit_headers(
+                    self.requests.peek(caller.id, caller.burst, caller.requests_per_minute), None
+                ),
+            )
         if content_length is not None and content_length.isdigit():
             self.check_size(int(content_length))
+        return taken
+
+    def charge(self, caller: Caller, total: int, described: str, requests: Allowance) -> dict[str, str]:
+        """Take a request's price (``total`` tokens, ``described`` as its formula) from the caller's token budget;
+        the ``x-ratelimit-*`` headers to answer with.
+
+        Charged in full when admitted (as OpenAI's limits count max_tokens), so a caller cannot have more work
+        in flight than its budget allows; what is not generated is not refunded."""
+        budget = caller.tokens_per_minute
+        if total > self.config.max_request_tokens:
+            raise Rejection(
+                400,
+                "request-tokens",
+                f"this request is priced at {described}, above this endpoint's limit of "
+                f"{self.config.max_request_tokens} tokens per request",
+            )
+        if total > budget:
+            raise Rejection(
+                400,
+                "request-tokens",
+                f"this request is priced at {described}, above this key's budget of {budget:g} tokens per minute",
+            )
+        taken = self.tokens.charge(caller.id, total, budget, budget)
+        if not isinstance(taken, Allowance):
+            left = self.tokens.peek(caller.id, budget, budget)
+            raise Rejection(
+                429,
+                "token-budget",
+                f"this request is priced at {total} tokens; this key has {int(left.remaining)} of its "
+                f"{budget:g} tokens per minute left; retry in {taken:.1f} s",
+                retry_after_s=taken,
+                headers=ratelimit_headers(requests, left),
+            )
+        return ratelimit_headers(requests, taken)
 
     def hold(self, caller: Caller) -> None:
         """Count a request as in progress for its caller; refused past the per-key concurrency limit.

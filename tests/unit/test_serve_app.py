@@ -11,7 +11,7 @@ import yaml
 from cluster.recipe import ConfigError, load_config
 from serve.app import ServeAppArgs, llm_config
 from serve.config import ProtectionConfig
-from serve.protection import ApiKey, Caller, KeyRing, Protection, RateLimiter, Rejection, load_api_keys
+from serve.protection import ApiKey, Caller, KeyRing, Protection, Rejection, load_api_keys
 from serve.stage import base_url, bind_host, check_tls_files, http_options, serve_deploy_config
 from tests.conftest import TINY
 
@@ -142,22 +142,25 @@ def test_https_reaches_serves_proxy_and_missing_certificate_files_are_named(tmp_
 
 def test_keys_come_from_the_environment_and_the_secrets_file(tmp_path):
     secrets = tmp_path / "keys"
-    secrets.write_text("# team keys\nfile-key\n\nslow-key 30 2\n")
+    secrets.write_text("# team keys\nfile-key\n\nslow-key 30 2\nsmall-key 30 2 5000\n")
     config = ProtectionConfig(api_keys_env="MY_KEYS", api_keys_file=str(secrets))
     keys = load_api_keys(config, {"MY_KEYS": "env-a, env-b,"})
-    assert [(k.key, k.requests_per_minute, k.burst) for k in keys] == [
-        ("env-a", None, None), ("env-b", None, None), ("file-key", None, None), ("slow-key", 30.0, 2)
+    assert [(k.key, k.requests_per_minute, k.burst, k.tokens_per_minute) for k in keys] == [
+        ("env-a", None, None, None), ("env-b", None, None, None), ("file-key", None, None, None),
+        ("slow-key", 30.0, 2, None), ("small-key", 30.0, 2, 5000.0),
     ]  # fmt: skip
     assert "slow-key" not in repr(keys)
     with pytest.raises(RuntimeError, match="cannot read it"):
         load_api_keys(ProtectionConfig(api_keys_file=str(tmp_path / "missing")), {})
     secrets.write_text("key fast\n")
-    with pytest.raises(RuntimeError, match=r"keys:1: expected 'KEY \[REQUESTS_PER_MINUTE \[BURST\]\]'"):
+    with pytest.raises(
+        RuntimeError, match=r"keys:1: expected 'KEY \[REQUESTS_PER_MINUTE \[BURST \[TOKENS_PER_MINUTE\]\]\]'"
+    ):
         load_api_keys(ProtectionConfig(api_keys_env=None, api_keys_file=str(secrets)), {})
 
 
 def test_key_ring_knows_callers_by_digest_only():
-    ring = KeyRing([ApiKey("secret-1"), ApiKey("secret-2", 30, 3)], requests_per_minute=600, burst=60)
+    ring = KeyRing([ApiKey("secret-1"), ApiKey("secret-2", 30, 3)], ProtectionConfig(requests_per_minute=600, burst=60))
     caller = ring.identify("Bearer secret-1")
     assert (
         len(caller.id) == 12 and "secret" not in caller.id and (caller.requests_per_minute, caller.burst) == (600, 60)
@@ -167,21 +170,25 @@ def test_key_ring_knows_callers_by_digest_only():
         with pytest.raises(Rejection) as caught:
             ring.identify(header)
         assert (caught.value.status, caught.value.reason) == (401, reason)
-    assert KeyRing([], 600, 60).identify(None).id == "anonymous"
+    assert KeyRing([], ProtectionConfig()).identify(None).id == "anonymous"
 
 
 def test_rate_limit_is_a_token_bucket_per_key():
+    from serve.protection import Buckets
+
     now = [0.0]
-    limiter = RateLimiter(clock=lambda: now[0])
+    protection = Protection(ProtectionConfig(), [])
+    protection.requests = Buckets(clock=lambda: now[0])
     a, b = Caller("a", requests_per_minute=60, burst=2), Caller("b", requests_per_minute=60, burst=2)
-    limiter.take(a)
-    limiter.take(a)
+    protection.limit(a, None)
+    protection.limit(a, None)
     with pytest.raises(Rejection) as caught:
-        limiter.take(a)
+        protection.limit(a, None)
     assert caught.value.status == 429 and 0.9 < caught.value.retry_after_s <= 1.0
-    limiter.take(b)  # other keys keep their own bucket
+    assert caught.value.headers["x-ratelimit-remaining-requests"] == "0"
+    protection.limit(b, None)  # other keys keep their own bucket
     now[0] = 1.0  # one request per second refills
-    limiter.take(a)
+    protection.limit(a, None)
 
 
 def test_a_key_may_hold_only_so_many_requests_at_once():
