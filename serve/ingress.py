@@ -285,6 +285,9 @@ class LoomIngress(OpenAiIngress):
             default_max_tokens=config.max_tokens,
             max_prompts=config.max_prompts,
         )
+        unpriced = sorted(set(model_cards) - set(self.pricer.models))
+        if unpriced:  # a Serve config written without pricing: refuse to start rather than serve unpriced
+            raise ValueError(f"LoomIngress: no pricing (tokenizer, context) for model(s) {', '.join(unpriced)}")
         for model_id in self.pricer.models:  # load the tokenizers now, not on a model's first request
             self.pricer.tokenizer(model_id)
         if not self.protection.keys.enabled:
@@ -368,8 +371,6 @@ class LoomIngress(OpenAiIngress):
         """Price the request, take the price from its caller's token budget, and hold the engine to the
         max_tokens it was priced at (an unset one is set)."""
         model = request.state.model
-        if model not in self.pricer.models:
-            raise Rejection(500, "internal", f"no pricing is configured for model {model!r}")
         price = self.pricer.price(model, payload)
         request.state.ratelimit = self.protection.charge(
             request.state.caller, price.total, price.describe(), request.state.requests
