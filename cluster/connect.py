@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
+from collections.abc import Iterator
 
 from cluster.auth import warn_if_embedded_unauthenticated
 from cluster.config import ClusterConfig
@@ -87,11 +90,52 @@ def connect(config: ClusterConfig, address: str | None = None, log_to_driver: bo
         )
         return f"Ray cluster at {target}"
     num_cpus = embedded_num_cpus(config)
-    memory = config.object_store_memory_gib
     # The embedded cluster's processes inherit this process's environment.
     for name, value in config.ray_env_vars().items():
         os.environ.setdefault(name, value)
     warn_if_embedded_unauthenticated()
+    dashboard_port = _free_loopback_port()
+    with _state_api_at(f"http://127.0.0.1:{dashboard_port}"):
+        _init_embedded(config, num_cpus, dashboard_port, log_to_driver)
+    return f"embedded local Ray ({num_cpus} logical CPUs)"
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+#: Where Ray's State API clients look for the dashboard before searching the machine for "the" cluster.
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+
+
+@contextlib.contextmanager
+def _state_api_at(url: str) -> Iterator[None]:
+    """Point the embedded cluster's processes at its own dashboard, for the State API.
+
+    Asked without an address, Ray's State API looks for "the" cluster on the machine (the address file any
+    `ray start` writes, else the one GCS process it finds) and fails with two ("Found multiple active Ray
+    instances"). Ray Train's placement-group cleaner asks it whether a training controller is alive, and dies of
+    that error: a trial that Tune stops (ASHA) then keeps its workers' placement group, and their CPUs, for the
+    cluster's lifetime; next to a `ray start` cluster it would ask that one, and remove a running trial's group.
+    The raylet and every worker inherit the variable at ``ray.init``; it is set for that call only, so that this
+    process's own clients (a `loom submit --address` it starts) keep their addresses.
+    """
+    if API_SERVER_ENV in os.environ:  # the caller chose
+        yield
+        return
+    os.environ[API_SERVER_ENV] = url
+    try:
+        yield
+    finally:
+        os.environ.pop(API_SERVER_ENV, None)
+
+
+def _init_embedded(config: ClusterConfig, num_cpus: int, dashboard_port: int, log_to_driver: bool) -> None:
+    import ray
+
+    memory = config.object_store_memory_gib
     ray.init(
         num_cpus=num_cpus,
         object_store_memory=int(memory * 2**30) if memory else None,
@@ -100,10 +144,10 @@ def connect(config: ClusterConfig, address: str | None = None, log_to_driver: bo
         # placement group, and its CPUs, for the cluster's lifetime. Loopback only, like every Loom port.
         include_dashboard=True,
         dashboard_host="127.0.0.1",
+        dashboard_port=dashboard_port,
         log_to_driver=log_to_driver,
         _system_config={
             "idle_worker_killing_time_threshold_ms": int(config.idle_worker_keep_s * 1000),
             "metrics_report_interval_ms": int(config.metrics_report_interval_s * 1000),
         },
     )
-    return f"embedded local Ray ({num_cpus} logical CPUs)"

@@ -13,9 +13,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from unittest import mock
 
 import pytest
 import yaml
@@ -27,41 +24,6 @@ from tests.helpers import RELEASE_S, kill_after_first_finished_trial, placement_
 PLANTED_TEXT = "A planted document that appears twice with identical content, so exact dedup drops one copy."
 
 
-#: Ray's variable for where its State API clients (``ray.util.state``, ``ray job``) find the dashboard.
-API_SERVER = "RAY_API_SERVER_ADDRESS"
-
-
-@contextmanager
-def state_api_of_its_own(ray) -> Iterator[None]:
-    """Start the embedded cluster (inside the block) on a dashboard port of its own, and tell its processes where.
-
-    Ray's State API, asked without an address, looks for "the" cluster on the machine: /tmp/ray/ray_current_cluster
-    (written by any `ray start`), else the one GCS process it finds, and with two it fails ("Found multiple active
-    Ray instances"). Ray Train's placement-group cleaner asks it whether a training controller is alive; with another
-    Ray on the machine its monitor thread dies of that ConnectionError (it catches only RayStateApiException), and a
-    trial that ASHA stopped keeps its workers' placement group, and their CPUs, for the cluster's lifetime (or, with
-    a `ray start` cluster's address file, it asks that other cluster, finds no such actor, and removes a running
-    trial's group). The cluster's raylet, and every worker it starts, inherits ``RAY_API_SERVER_ADDRESS`` from this
-    process's environment at ``ray.init``: it is set for that call only, so that this process's own clients
-    (``loom submit --address`` in a subprocess, which the variable would override) keep their addresses.
-    """
-    real_init = ray.init
-    ours = API_SERVER not in os.environ
-
-    def init(*args, **kwargs):
-        port = kwargs.setdefault("dashboard_port", free_port())
-        if ours:
-            os.environ[API_SERVER] = f"http://127.0.0.1:{port}"
-        return real_init(*args, **kwargs)
-
-    try:
-        with mock.patch.object(ray, "init", init):
-            yield
-    finally:
-        if ours:
-            os.environ.pop(API_SERVER, None)
-
-
 @pytest.fixture(scope="package")
 def ray_cluster():
     import ray
@@ -71,8 +33,7 @@ def ray_cluster():
 
     # Logical CPUs, for Ray's scheduling: the serve tests' endpoint reserves 2 per vLLM replica (Ray Serve LLM
     # merges the replica's CPU into its engine's bundle), 8 for three models and a second replica of one.
-    with state_api_of_its_own(ray):
-        connect(ClusterConfig(num_cpus=10))
+    connect(ClusterConfig(num_cpus=10))  # on a dashboard port of its own (connect: Ray's State API)
     yield ray
     ray.shutdown()
 
@@ -278,7 +239,7 @@ def compress_done(train_done, tiny_config, tmp_path_factory, stage_placement_gro
     recipe.write_text(yaml.safe_dump(tiny_config.model_dump(mode="json", exclude_none=True)))
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # the driver joins this cluster
     sweep = tiny_config.run_dir() / "compress" / "sweep"
-    command = [sys.executable, "-m", "tune.compress", str(recipe)]
+    command = [sys.executable, "-m", "pipelines.compress", str(recipe)]
     # The killed driver's reservations count as the stage's: its job's placement groups must go with it.
     with placement_groups_created() as stage_placement_groups["compress"]:
         kept = kill_after_first_finished_trial(command, sweep, scratch / "driver.log", 900, cwd=REPO_ROOT, env=env)

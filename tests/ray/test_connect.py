@@ -15,6 +15,33 @@ from tests.ray.heads import env_without_ray_settings
 pytestmark = pytest.mark.ray
 
 
+def test_the_embedded_clusters_processes_ask_its_own_dashboard_for_ray_state(ray_cluster):
+    """With another Ray on the machine, Ray's State API would otherwise search for "the" cluster (and Ray Train's
+    placement-group cleaner would die of it); this process's own environment stays as it was."""
+    import os
+
+    import ray
+    from ray.util.state import get_actor
+
+    @ray.remote(num_cpus=0)
+    class Asker:
+        def where(self):
+            return os.environ.get("RAY_API_SERVER_ADDRESS")
+
+        def state_of(self, actor_id):
+            return get_actor(actor_id).state
+
+    asker = Asker.remote()
+    try:
+        where = ray.get(asker.where.remote())
+        dashboard = ray._private.worker.global_worker.node.address_info["webui_url"]  # host:port, no scheme
+        assert where == f"http://{dashboard}" and dashboard.startswith("127.0.0.1:")
+        assert ray.get(asker.state_of.remote(asker._actor_id.hex())) == "ALIVE"
+        assert "RAY_API_SERVER_ADDRESS" not in os.environ
+    finally:
+        ray.kill(asker)
+
+
 def test_connect_again_names_the_cluster_and_refuses_another(ray_cluster):
     import ray
 
