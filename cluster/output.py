@@ -89,13 +89,21 @@ class Output:
 
             ray.data.DataContext.get_current().enable_progress_bars = False
         self.quiet_libraries()
-        # Where Ray writes every worker's output on this machine; a remote cluster keeps them on its nodes.
-        session_logs = Path("/tmp/ray/session_latest/logs").resolve()
+        # Where this cluster writes every worker's output (not /tmp/ray/session_latest, which is whichever cluster
+        # started last on the machine); a remote cluster keeps them on its nodes.
+        session_logs = Path(ray_session_dir()) / "logs" if embedded else None
         link = self.logs / "ray"
-        if embedded and session_logs.is_dir():
+        if session_logs is not None and session_logs.is_dir():
             if link.is_symlink() or link.exists():
                 link.unlink()
             link.symlink_to(session_logs, target_is_directory=True)
 
     def where(self) -> str:
         return f"[loom] logs: {self.log_file}; Ray workers, vLLM and DeepSpeed: {self.logs / 'ray'}/"
+
+
+def ray_session_dir() -> str:
+    """This process's Ray session folder (its logs, its metrics discovery file)."""
+    import ray
+
+    return ray._private.worker.global_worker.node.get_session_dir_path()  # no public API names it
