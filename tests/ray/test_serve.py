@@ -29,7 +29,9 @@ from tests.metrics import scrape, total
 
 pytestmark = pytest.mark.ray
 
-KEY, OTHER_KEY = "loom-test-key-0123456789", "loom-second-key-abcdef"
+KEY, OTHER_KEY, BUDGET_KEY = "loom-test-key-0123456789", "loom-second-key-abcdef", "loom-budget-key-987654"
+#: The endpoint's price ceiling per request, and the small token budget of BUDGET_KEY (per minute).
+MAX_REQUEST_TOKENS, SMALL_BUDGET = 500, 600
 MAIN, SECOND, SMALL = "loom-tiny", "loom-tiny-b", "loom-tiny-small"
 DOC_PATHS = ("/docs", "/redoc", "/openapi.json")
 FULL = {"ignore_eos": True}  # token counts as a property of the server, not of what the tiny model learned
@@ -53,7 +55,8 @@ def endpoint(ray_cluster, train_done, lora_done, compress_done, tiny_config, tmp
     certificate.private_key_pem.write_to_path(tls["keyfile"])
     ca.cert_pem.write_to_path(tls["ca_file"])
     secrets = folder / "api-keys"
-    secrets.write_text(f"# keys of the test team\n{KEY}\n{OTHER_KEY} 60 5\n")  # the second key: 60/minute, burst 5
+    # The second key: 60 requests/minute, burst 5; the third: the default rate, 600 tokens/minute.
+    secrets.write_text(f"# keys of the test team\n{KEY}\n{OTHER_KEY} 60 5\n{BUDGET_KEY} 6000 200 {SMALL_BUDGET}\n")
     fast_scaling = {
         "min_replicas": 1,
         "max_replicas": 2,
@@ -84,6 +87,7 @@ def endpoint(ray_cluster, train_done, lora_done, compress_done, tiny_config, tmp
                 "burst": 200,
                 "max_body_bytes": 32_768,
                 "max_tokens": 64,
+                "max_request_tokens": MAX_REQUEST_TOKENS,
             },
             "port": free_port(),
             "tls": tls,
@@ -309,6 +313,50 @@ def test_rate_limit_is_per_key(endpoint):
         assert http.get(url, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200  # the other key's bucket
 
 
+def test_prompt_lists_token_ids_and_chat_are_priced_and_refused_above_the_limit(endpoint):
+    config, _ = endpoint
+    chat = [{"role": "user", "content": "import os\n" * 40}]
+    for route, body in (
+        ("/completions", {"model": MAIN, "prompt": ["def f(x):"] * 16, "max_tokens": 64}),  # 16 x (tokens + 64)
+        ("/completions", {"model": MAIN, "prompt": [[5] * 100] * 4, "max_tokens": 64}),  # 4 x (100 + 64) = 656
+        ("/chat/completions", {"model": MAIN, "messages": chat, "max_tokens": 64, "n": 4}),  # 4 x (tokens + 64)
+    ):
+        refused = post(config, route, json.dumps(body).encode())
+        assert refused.status_code == 400, (route, refused.text)
+        error = refused.json()["error"]
+        assert (
+            error["code"] == "request-tokens"
+            and f"limit of {MAX_REQUEST_TOKENS} tokens per request" in error["message"]
+        )
+        assert (
+            re.search(r"= (\d+) tokens", error["message"])
+            and int(re.search(r"= (\d+) tokens", error["message"])[1]) > 500
+        )
+        assert refused.headers["x-ratelimit-limit-requests"] == "6000"  # the budgets' headers on a refusal too
+    ids = [[5] * 100] * 3  # 3 x (100 + 64) = 492: within the limit
+    answered = post(config, "/completions", json.dumps({"model": MAIN, "prompt": ids, "max_tokens": 64}).encode())
+    assert answered.status_code == 200 and len(answered.json()["choices"]) == 3
+    too_long = post(config, "/completions", json.dumps({"model": MAIN, "prompt": [5] * 250, "max_tokens": 10}).encode())
+    assert too_long.status_code == 400 and "exceeds loom-tiny's context of 256 tokens" in too_long.text
+    assert "VLLM" not in too_long.text
+
+
+def test_a_keys_token_budget_answers_429_with_retry_after_and_ratelimit_headers(endpoint):
+    config, _ = endpoint
+    body = json.dumps({"model": MAIN, "prompt": [[5] * 40] * 4, "max_tokens": 8}).encode()  # 4 x (40 + 8) = 192
+    answers = [post(config, "/completions", body, key=BUDGET_KEY) for _ in range(4)]
+    assert [a.status_code for a in answers] == [200, 200, 200, 429], [a.text[:200] for a in answers]
+    first, refused = answers[0], answers[-1]
+    assert first.headers["x-ratelimit-limit-tokens"] == str(SMALL_BUDGET)
+    assert int(first.headers["x-ratelimit-remaining-tokens"]) == SMALL_BUDGET - 192
+    assert first.headers["x-ratelimit-reset-tokens"].endswith("s")
+    assert refused.json()["error"]["code"] == "token-budget" and refused.json()["error"]["type"] == "rate_limit_error"
+    assert "priced at 192 tokens" in refused.json()["error"]["message"]
+    assert int(refused.headers["Retry-After"]) >= 1 and int(refused.headers["x-ratelimit-remaining-tokens"]) < 192
+    # Another key's budget is its own.
+    assert post(config, "/completions", body).status_code == 200
+
+
 def test_every_request_answered_or_refused_has_an_audit_line_without_secrets(endpoint, tiny_config):
     import hashlib
 
@@ -332,6 +380,12 @@ def test_every_request_answered_or_refused_has_an_audit_line_without_secrets(end
     assert (429, "rate-limit", other_id) in refused
     assert (400, "guard:ignore-instructions", key_id) in refused and (400, "n", key_id) in refused
     assert all(line["latency_ms"] >= 0 and line["time"].endswith("+00:00") for line in lines)
+    budget_id = hashlib.sha256(BUDGET_KEY.encode()).hexdigest()[:12]
+    assert (429, "token-budget", budget_id) in refused and (400, "request-tokens", key_id) in refused
+    # Each admitted request's price beside what was served: 4 prompts x (40 + 8) tokens.
+    priced = [line for line in lines if line["caller"] == budget_id and line["status"] == 200]
+    assert priced and all(line["priced_tokens"] == 192 for line in priced)
+    assert all(line["prompt_tokens"] + line["completion_tokens"] <= line["priced_tokens"] for line in priced)
 
 
 def running_replicas(model_id: str) -> int:
