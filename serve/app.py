@@ -126,6 +126,7 @@ def llm_config(model_id: str, model: ModelConfig, source: str, draft: str | None
         "tensor_parallel_size": engine.tensor_parallel_size,
         "max_num_seqs": engine.max_num_seqs,
         "enforce_eager": engine.enforce_eager,
+        "scheduling_policy": "priority" if engine.scheduling == "fair" else "fcfs",
     }
     if engine.speculative is not None:
         if draft is None:
@@ -196,7 +197,11 @@ def build_app(args: dict[str, Any]):
                     "audit_path": parsed.audit_path or parsed.serve_config.audit.path,
                     "max_replicas": {model_id: model.autoscaling.max_replicas for model_id, model in models.items()},
                     "pricing": {
-                        model_id: {"tokenizer": sources[model_id], "context": model.engine.max_model_len}
+                        model_id: {
+                            "tokenizer": sources[model_id],
+                            "context": model.engine.max_model_len,
+                            "fair": model.engine.scheduling == "fair",
+                        }
                         for model_id, model in models.items()
                     },
                 },

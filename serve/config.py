@@ -47,6 +47,12 @@ class EngineConfig(StrictModel):
     )
     tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs per replica (GPU only).")
     max_num_seqs: int = Field(default=32, ge=1, description="Sequences one engine batches at once.")
+    scheduling: Literal["fair", "fcfs"] = Field(
+        default="fair",
+        description="fair: vLLM's priority scheduling, each request's priority set by the ingress from the tokens its "
+        "caller already has in flight (a caller with less work waiting goes first, so one key flooding within its "
+        "budget cannot starve another); fcfs: first come, first served.",
+    )
     enforce_eager: bool = Field(
         default=False,
         description="Run the model eagerly, without torch.compile: a replica starts tens of seconds sooner on CPU "

@@ -342,6 +342,10 @@ class LoomIngress(OpenAiIngress):
         if held is not None:
             request.state.held = None
             self.protection.release(held)
+            work = getattr(request.state, "work", None)
+            if work:
+                request.state.work = None
+                self.protection.end_work(held, work)
 
     async def _read_body(self, request: Request) -> bytes:
         body = bytearray()
@@ -371,6 +375,14 @@ class LoomIngress(OpenAiIngress):
         """Price the request, take the price from its caller's token budget, and hold the engine to the
         max_tokens it was priced at (an unset one is set)."""
         model = request.state.model
+        if payload.get("priority") not in (None, 0):
+            raise Rejection(
+                400,
+                "priority",
+                f"priority is set by this endpoint (fair between callers), not by a request; got {payload['priority']!r}"[
+                    :200
+                ],
+            )
         price = self.pricer.price(model, payload)
         request.state.ratelimit = self.protection.charge(
             request.state.caller, price.total, price.describe(), request.state.requests
@@ -378,6 +390,9 @@ class LoomIngress(OpenAiIngress):
         request.state.priced = price.total
         if requested_tokens(payload) is None:
             body.max_tokens = price.max_tokens
+        if self.pricer.models[model].fair:
+            body.priority = self.protection.start_work(request.state.caller, price.total)
+            request.state.work = price.total
 
     @answered("models")
     async def models(self, request: Request) -> Response:

@@ -43,10 +43,12 @@ class Price:
 
 @dataclass(frozen=True)
 class ModelPricing:
-    """What pricing needs of a served model: its tokenizer's directory and its context length."""
+    """What pricing needs of a served model: its tokenizer's directory, its context length, and whether its engine
+    schedules by the priority the ingress gives (``engine.scheduling: fair``)."""
 
     tokenizer: str
     context: int
+    fair: bool = False
 
 
 def _choices(payload: Mapping[str, Any]) -> int:

@@ -21,6 +21,10 @@ from serve.config import JwtConfig, ProtectionConfig
 
 log = logging.getLogger(__name__)
 
+#: Tokens in flight per step of engine priority (fair scheduling), and the largest priority given.
+FAIR_STEP_TOKENS = 64
+MAX_PRIORITY = 1_000_000
+
 
 class Rejection(Exception):
     """A request refused before it reaches a model."""
@@ -328,6 +332,7 @@ class Protection:
         self.requests = Buckets()
         self.tokens = Buckets()
         self._in_flight: dict[str, int] = {}
+        self._work: dict[str, int] = {}  # priced tokens of each caller's requests in progress
         self._patterns = (
             {
                 reason: re.compile(pattern, re.IGNORECASE | re.DOTALL)
@@ -410,6 +415,21 @@ class Protection:
                 retry_after_s=1.0,
             )
         self._in_flight[caller.id] = held + 1
+
+    def start_work(self, caller: Caller, tokens: int) -> int:
+        """Count a priced request as in progress; its engine priority: the tokens its caller already had in progress,
+        in steps of ``FAIR_STEP_TOKENS`` (vLLM serves lower numbers first, ties in arrival order). A caller with
+        nothing waiting gets 0, whatever another caller has queued: fair queuing by work in flight."""
+        before = self._work.get(caller.id, 0)
+        self._work[caller.id] = before + tokens
+        return min(before // FAIR_STEP_TOKENS, MAX_PRIORITY)
+
+    def end_work(self, caller: Caller, tokens: int) -> None:
+        left = self._work.get(caller.id, 0) - tokens
+        if left > 0:
+            self._work[caller.id] = left
+        else:
+            self._work.pop(caller.id, None)
 
     def release(self, caller: Caller) -> None:
         held = self._in_flight.get(caller.id, 0) - 1

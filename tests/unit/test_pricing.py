@@ -134,3 +134,25 @@ def test_engine_refusals_never_reach_the_client_with_engine_internals():
         assert "vllm" not in refusal.message.lower()
     response = error_response(429, "token-budget", "slow down", 14.2, {"x-ratelimit-remaining-tokens": "0"})
     assert response.headers["Retry-After"] == "15" and response.headers["x-ratelimit-remaining-tokens"] == "0"
+
+
+def test_fair_priority_puts_a_caller_with_less_work_in_flight_first():
+    protection = Protection(ProtectionConfig(), [])
+    heavy = Caller("heavy", requests_per_minute=600, burst=60, tokens_per_minute=10**6)
+    light = Caller("light", requests_per_minute=600, burst=60, tokens_per_minute=10**6)
+    flood = [protection.start_work(heavy, 500) for _ in range(4)]
+    assert flood == [0, 7, 15, 23]  # tokens already in flight, in steps of 64: later numbers are served later
+    assert protection.start_work(light, 20) == 0  # nothing of its own waiting: ahead of the flood's queue
+    for _ in range(4):
+        protection.end_work(heavy, 500)
+    assert protection.start_work(heavy, 500) == 0  # its work done, it is back at the front
+
+
+def test_the_app_asks_vllm_for_priority_scheduling_only_when_fair():
+    from serve.app import llm_config
+    from serve.config import ModelConfig
+
+    fair = llm_config("m", ModelConfig(), "/models/m")
+    assert fair.engine_kwargs["scheduling_policy"] == "priority"
+    fcfs = llm_config("m", ModelConfig.model_validate({"engine": {"scheduling": "fcfs"}}), "/models/m")
+    assert fcfs.engine_kwargs["scheduling_policy"] == "fcfs"
