@@ -32,7 +32,7 @@ from pipelines.gauges import held_gauges
 from serve.audit import AuditLog, AuditRecord, now, usage_of
 from serve.config import AuditConfig, ProtectionConfig
 from serve.pricing import ModelPricing, Pricer
-from serve.protection import Protection, Rejection, load_api_keys, requested_tokens
+from serve.protection import Protection, Rejection, load_api_keys, ratelimit_headers, requested_tokens
 
 log = logging.getLogger(__name__)
 
@@ -334,6 +334,7 @@ class LoomIngress(OpenAiIngress):
         caller = self.protection.identify(request.headers.get("authorization"))
         request.state.caller = caller  # known from here on, so a refusal below is audited under its caller
         request.state.requests = self.protection.limit(caller, request.headers.get("content-length"))
+        request.state.ratelimit = ratelimit_headers(request.state.requests, None)  # the token budget's once priced
         self.protection.hold(caller)
         request.state.held = caller
 

@@ -376,18 +376,21 @@ class Protection:
         Charged in full when admitted (as OpenAI's limits count max_tokens), so a caller cannot have more work
         in flight than its budget allows; what is not generated is not refunded."""
         budget = caller.tokens_per_minute
+        headers = ratelimit_headers(requests, self.tokens.peek(caller.id, budget, budget))
         if total > self.config.max_request_tokens:
             raise Rejection(
                 400,
                 "request-tokens",
                 f"this request is priced at {described}, above this endpoint's limit of "
                 f"{self.config.max_request_tokens} tokens per request",
+                headers=headers,
             )
         if total > budget:
             raise Rejection(
                 400,
                 "request-tokens",
                 f"this request is priced at {described}, above this key's budget of {budget:g} tokens per minute",
+                headers=headers,
             )
         taken = self.tokens.charge(caller.id, total, budget, budget)
         if not isinstance(taken, Allowance):

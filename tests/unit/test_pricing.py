@@ -89,6 +89,7 @@ def test_a_request_priced_above_the_limits_is_a_400_naming_its_price(pricer):
             protection.charge(caller, price.total, price.describe(), protection.limit(caller, None))
         assert (caught.value.status, caught.value.reason) == (400, "request-tokens")
         assert f"= {price.total} tokens, above this endpoint's limit of 1000 tokens per request" in caught.value.message
+        assert caught.value.headers["x-ratelimit-limit-tokens"] == "5000"  # the budgets' state, on a refusal too
     exactly = pricer.price("m", {"prompt": [[7] * 100] * 4, "max_tokens": 150})
     assert exactly.total == 1000 and _charged(protection, caller, exactly.total)  # the limit itself is allowed
     small = Caller("s", requests_per_minute=600, burst=60, tokens_per_minute=500)
