@@ -28,6 +28,7 @@ HEADLINES = [
     ("parquet_read", "first-batch seconds"),
     ("serve_load", "output tokens/s, Ray Serve vs vLLM server"),
     ("tune_asha", "trial steps, TPE + ASHA / random + FIFO"),
+    ("recovery", "seconds to progress after a kill"),
 ]
 REQUIRED = (
     "benchmark",
