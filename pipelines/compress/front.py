@@ -81,7 +81,8 @@ def pareto_front(candidates: list[Candidate]) -> list[Candidate]:
 
 
 def plot_front(candidates: list[Candidate], path: Path) -> Path:
-    """Perplexity against weight bytes and against tokens/s: every candidate, the front joined, the base a star;
+    """Perplexity against weight bytes and against tokens/s, each as a ratio to the base measured in the
+    candidate's own engine (what the front compares): every candidate, the front in red, the base a star at 1;
     circles were measured in vLLM, triangles in transformers (not servable here)."""
     import matplotlib
 
@@ -91,24 +92,20 @@ def plot_front(candidates: list[Candidate], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for axis, (x, label) in zip(
-        axes, (("weight_bytes", "weight bytes (MB)"), ("tokens_per_s", "tokens/s")), strict=True
+        axes,
+        (("weight_bytes", "weight bytes / the base's"), ("tokens_per_s", "tokens/s / the base's (same engine)")),
+        strict=True,
     ):
-        scale = 1e6 if x == "weight_bytes" else 1.0
         for candidate in candidates:
             style = {"marker": "*" if candidate.trial_id is None else ("o" if candidate.engine == "vllm" else "^")}
             style["s"] = 220 if candidate.trial_id is None else 60
             style["color"] = "tab:red" if candidate.on_front else ("tab:gray" if candidate.feasible else "lightgray")
-            axis.scatter(getattr(candidate, x) / scale, candidate.perplexity, edgecolors="black", **style)
+            point = (candidate.ratios[x], candidate.ratios["perplexity"])
+            axis.scatter(*point, edgecolors="black", **style)
             if candidate.on_front or candidate.trial_id is None:
-                axis.annotate(
-                    candidate.name,
-                    (getattr(candidate, x) / scale, candidate.perplexity),
-                    fontsize=7,
-                    xytext=(4, 4),
-                    textcoords="offset points",
-                )
+                axis.annotate(candidate.name, point, fontsize=7, xytext=(4, 4), textcoords="offset points")
         axis.set_xlabel(label)
-        axis.set_ylabel("held-out perplexity")
+        axis.set_ylabel("held-out perplexity / the base's")
         axis.grid(alpha=0.3)
     axes[0].set_title("perplexity vs size (red: Pareto front, star: base)")
     axes[1].set_title("perplexity vs speed (circle: vLLM, triangle: transformers)")

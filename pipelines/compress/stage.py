@@ -191,8 +191,10 @@ def run_candidate(
     train: dict[str, Any],
     run_root: str,
     seed: int,
+    base: dict[str, dict[str, Any]],
 ) -> None:
-    """Tune trainable: build one candidate into ``candidates/<trial>/`` and report its measured objectives."""
+    """Tune trainable: build one candidate into ``candidates/<trial>/`` and report its measured objectives, and
+    each as a ratio to ``base`` measured in the same engine, which is what Optuna steers on."""
     import ray.tune
 
     from pipelines.compress.measure import held_out_rows
@@ -220,8 +222,14 @@ def run_candidate(
             "servable": servable,
             "candidate_dir": str(candidate_dir),
             **measured.__dict__,
+            **{ratio_metric(k): getattr(measured, k) / base[engine][k] for k in OBJECTIVES},
         }
     )
+
+
+def ratio_metric(objective: str) -> str:
+    """The name a trial reports an objective's ratio to the base under (what the search compares)."""
+    return f"{objective}_ratio"
 
 
 def _measure_base(base_model: str, val_dir: str, config: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -250,7 +258,8 @@ def run_compress(config: CompressConfig, train: TrainConfig, run: RunDir, seed: 
     out = run.begin("compress")
     hashes = {"base_model": hash_dir(inputs["model"]), "val_shards": hash_dir(inputs["val"])}
     settings = config.model_dump(mode="json")
-    described = {**settings, **hashes, "seed": seed, "train": train.model_dump(mode="json")}
+    # "steers_on": a sweep from before its trials reported ratios to the base is started afresh, not resumed.
+    described = {**settings, **hashes, "seed": seed, "train": train.model_dump(mode="json"), "steers_on": "ratios"}
     identity = sweep_identity(described)
     resources = {"CPU": config.cpus_per_trial, "GPU": 1 if config.use_gpu else 0}
     base = _base_measurement(out, inputs, settings, identity, resources, hashes)
@@ -262,6 +271,7 @@ def run_compress(config: CompressConfig, train: TrainConfig, run: RunDir, seed: 
             train=train.model_dump(mode="json"),
             run_root=str(run.root),
             seed=seed,
+            base=base["engines"],
         ),
         resources,
     )
@@ -355,7 +365,7 @@ def _new_sweep(trainable, config: CompressConfig, seed: int, out: Path):
                 space=functools.partial(
                     suggest, families=settings["families"], prune=settings["prune"], distill=settings["distill"]
                 ),
-                metric=list(OBJECTIVES),
+                metric=[ratio_metric(k) for k in OBJECTIVES],  # like with like: each engine's own base
                 mode=list(OBJECTIVES.values()),
                 sampler=optuna_sampler(config.search, seed, startup_trials=min(4, config.num_trials)),
                 points_to_evaluate=[point.params() for point in config.try_first] or None,
