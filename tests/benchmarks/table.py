@@ -27,6 +27,7 @@ HEADLINES = [
     ("train_throughput", "tokens/s, 1 worker vs plain torch"),
     ("parquet_read", "first-batch seconds"),
     ("serve_load", "output tokens/s, Ray Serve vs vLLM server"),
+    ("serve_fairness", "light key's p99 under a flood / alone, fair scheduling"),
     ("tune_asha", "trial steps, TPE + ASHA / random + FIFO"),
     ("recovery", "seconds to progress after a kill"),
 ]
