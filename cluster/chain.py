@@ -1,8 +1,9 @@
 """How a stage runs in the chain: skip it when complete under the same key, else run it and record it.
 
 A stage's key (Marin's executor's "version") is its own config (``Stage.sections``), the fingerprints
-of what it reads (its sources, by listing; the artifacts of other stages it reads, e.g. the sweep's winner
-or the trained model's hash) and the keys of its upstream stages. When a completed stage's key no longer
+of what it reads (its sources: listed, and a local file's contents hashed once and reused while its size and
+modification time stay the same; the artifacts of other stages it reads, e.g. the sweep's winner or the
+trained model's hash) and the keys of its upstream stages. When a completed stage's key no longer
 matches, the chain says what changed:
 
 - its own config: refused until ``--force`` (an edit to an expensive stage's config should be deliberate);
@@ -46,9 +47,11 @@ class Keys:
     """Keys and inputs of one recipe's stages against one run directory, each computed once (listing a
     large corpus is cheap, but not free)."""
 
-    def __init__(self, cfg: LoomConfig, run: RunDir | None = None):
+    def __init__(self, cfg: LoomConfig, run: RunDir | None = None, running: str | None = None):
         self.cfg = cfg
         self.run = run or RunDir(cfg.run_dir())
+        #: The stage about to run: its sources must be there; another's may be gone once it completed.
+        self.running = running
         self._inputs: dict[str, dict[str, str]] = {}
         self._keys: dict[str, str] = {}
 
@@ -58,12 +61,24 @@ class Keys:
         if name not in self._inputs:
             stage = STAGES[name]
             upstream = upstream_of(name, self.cfg)
-            found = dict(sorted(stage.sources(self.cfg).items())) if stage.sources else {}
+            found = dict(sorted(self._sources(name).items())) if stage.sources else {}
             for artifact in stage.reads:
                 if artifact.stage in upstream and not artifact.by_key:
                     found[artifact.label()] = artifact.fingerprint(self.run) or "absent"
             self._inputs[name] = found
         return self._inputs[name]
+
+    def _sources(self, name: str) -> dict[str, str]:
+        """The stage's sources' fingerprints; for a completed upstream whose raw sources are gone (or out of reach),
+        the ones it recorded, with a warning: a finished stage's outputs do not need its inputs any more."""
+        try:
+            return STAGES[name].sources(self.cfg)
+        except Exception as error:  # a missing file, an unreachable store, refused credentials
+            recorded = self.run.manifest()["stages"].get(name, {}).get("read", {})
+            if name == self.running or not recorded or not self.run.is_complete(name):
+                raise
+            log.warning("stage %s: its sources cannot be listed (%s); using the fingerprints it recorded", name, error)
+            return {label: value for label, value in recorded.items() if "." not in label}
 
     def upstream_keys(self, name: str) -> dict[str, str]:
         return {upstream: self.key(upstream) for upstream in upstream_of(name, self.cfg)}
@@ -91,10 +106,15 @@ class Keys:
         for label, fingerprint in self.inputs(name).items():
             if recorded_inputs.get(label) != fingerprint:
                 inputs.append(f"input '{label}' changed ({recorded_inputs.get(label, 'absent')} -> {fingerprint})")
+        for label in sorted(set(recorded_inputs) - set(self.inputs(name))):
+            inputs.append(f"input '{label}' is no longer read")
         recorded = record.get("upstream", {})
-        for upstream, key in self.upstream_keys(name).items():
+        current = self.upstream_keys(name)
+        for upstream, key in current.items():
             if recorded.get(upstream) != key:
                 inputs.append(f"upstream stage '{upstream}' changed ({recorded.get(upstream)} -> {key})")
+        for upstream in sorted(set(recorded) - set(current)):
+            inputs.append(f"stage '{upstream}' is no longer upstream (switched off)")
         return own, inputs
 
     def what_changed(self, name: str) -> str:
@@ -142,8 +162,9 @@ def run_stage(name: str, cfg: LoomConfig, force: bool = False) -> dict[str, Any]
     stage = STAGES[name]
     run = RunDir(cfg.run_dir())
     if force:
+        _check_upstream(name, Keys(cfg, run, running=name))  # before anything is removed
         run.reset(name)
-    keys = Keys(cfg, run)
+    keys = Keys(cfg, run, running=name)
     done = run.completed_hash(name)
     if done is not None and not stage.always_runs:
         if done == keys.key(name):

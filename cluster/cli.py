@@ -37,7 +37,8 @@ def cmd_validate(cfg: LoomConfig, args: argparse.Namespace) -> int:
 
     print(f"{args.recipe}: valid. run directory: {cfg.run_dir()}")
     run = RunDir(cfg.run_dir())
-    if cfg.tune.enabled and run.completed_hash("tune") == stage_key("tune", cfg):  # this recipe's finished sweep
+    done = run.completed_hash("tune")
+    if cfg.tune.enabled and done is not None and done == stage_key("tune", cfg):  # this recipe's finished sweep
         _, tuned = tuned_train_config(cfg, run)
         print(f"train will use the sweep's best trial {tuned['trial_id']}: {tuned['params']}")
     return 0

@@ -4,7 +4,8 @@ The chain's order, the CLI's stage commands, ``loom submit``'s entrypoints, the 
 the recipe's stage checks are all derived from ``STAGES``; nothing else lists the stages.
 
 A stage declares here, in one place, what its key is made of: the recipe sections it is configured by
-(``sections``), what it reads from outside the run (``sources``, fingerprinted by listing), and the
+(``sections``), what it reads from outside the run (``sources``: listed, with local contents hashed once per
+size and modification time), and the
 artifacts of other stages it reads (``reads``, typed in ``pipelines.artifacts``). Its upstream stages are
 the producers of those artifacts.
 """
@@ -36,7 +37,8 @@ class Stage:
     sections: tuple[str, ...]
     #: Artifacts of other stages this one reads; their producers are its upstream stages.
     reads: tuple[type[Artifact], ...] = ()
-    #: What it reads from outside the run, by name: a cheap fingerprint of each (file listings, not contents).
+    #: What it reads from outside the run, by name: a fingerprint of each (listings; a local file's content hash is
+    #: cached by size and modification time, so checking again reads only what changed).
     sources: Callable[[LoomConfig], dict[str, str]] | None = None
     #: The recipe switch that turns the stage on (``tune.enabled``); None: always part of the chain.
     switch: str | None = None

@@ -249,7 +249,10 @@ class ProtectionConfig(StrictModel):
         "[TOKENS_PER_MINUTE]]]' per line.",
     )
     requests_per_minute: float = Field(
-        default=600, gt=0, description="Sustained request rate allowed per API key (unless its file line sets one)."
+        default=600,
+        gt=0,
+        allow_inf_nan=False,
+        description="Sustained request rate allowed per API key (unless its file line sets one).",
     )
     burst: int = Field(
         default=60, ge=1, description="Requests a key may send at once above its rate (unless its file line sets one)."
@@ -280,6 +283,7 @@ class ProtectionConfig(StrictModel):
     tokens_per_minute: float = Field(
         default=100_000,
         gt=0,
+        allow_inf_nan=False,
         description="Tokens a key (or JWT subject) may be charged per minute, each request at its price: every "
         "prompt x max(n, best_of) x (its prompt tokens + max_tokens), charged when admitted. A full minute's "
         "worth may be spent at once; more gets 429 with Retry-After and x-ratelimit-* headers.",

@@ -15,6 +15,7 @@ import asyncio
 import functools
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
@@ -32,7 +33,7 @@ from pipelines.gauges import held_gauges
 from serve.audit import AuditLog, AuditRecord, now, usage_of
 from serve.config import AuditConfig, ProtectionConfig
 from serve.pricing import ModelPricing, Pricer
-from serve.protection import Protection, Rejection, load_api_keys, ratelimit_headers, requested_tokens
+from serve.protection import Protection, Rejection, load_api_keys, ratelimit_headers
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def error_response(
     """The one error constructor: an OpenAI-style error body (with Retry-After and any x-ratelimit-* headers)."""
     headers = dict(headers or {})
     if retry_after_s is not None:
-        headers["Retry-After"] = str(max(1, round(retry_after_s + 0.49)))  # never sooner than the bucket allows
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))  # never sooner than the bucket allows
     body = {"error": {"message": message, "type": error_type(status), "code": reason, "param": None}}
     return JSONResponse(body, status_code=status, headers=headers or None)
 
@@ -233,6 +234,9 @@ def answered(route: str):
             started = time.monotonic()
             try:
                 response = await method(self, *args, **kwargs)
+            except asyncio.CancelledError:  # the client went away while the engine worked: its hold ends here
+                self._release(request)
+                raise
             except Exception as err:
                 self._release(request)
                 refusal = as_rejection(err)
@@ -247,6 +251,10 @@ def answered(route: str):
             response.headers.update(getattr(request.state, "ratelimit", None) or {})
             if isinstance(response, StreamingResponse):
                 response.body_iterator = self._measured_stream(response.body_iterator, request, model, route, started)
+                # Released however the stream ends, also when it is cancelled before its first chunk (then the
+                # iterator's own cleanup never runs); releasing twice is a no-op.
+                response.__class__ = ReleasingStream
+                response.release = functools.partial(self._release, request)
             else:
                 self._release(request)
                 self.metrics.answered(model, route, response.status_code, started)
@@ -256,6 +264,19 @@ def answered(route: str):
         return route_method
 
     return decorate
+
+
+class ReleasingStream(StreamingResponse):
+    """A streamed answer that releases its request's hold (concurrency and work in flight) when sending ends,
+    however it ends."""
+
+    release: Callable[[], None]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
 
 
 class LoomIngress(OpenAiIngress):
@@ -384,13 +405,16 @@ class LoomIngress(OpenAiIngress):
                     :200
                 ],
             )
-        price = self.pricer.price(model, payload)
+        chat = isinstance(body, ChatCompletionRequest)
+        price = self.pricer.price(model, payload, chat)
         request.state.ratelimit = self.protection.charge(
             request.state.caller, price.total, price.describe(), request.state.requests
         )
         request.state.priced = price.total
-        if requested_tokens(payload) is None:
-            body.max_tokens = price.max_tokens
+        # Held to what was priced, whichever bound the request set (or none): the engine cannot generate more.
+        body.max_tokens = price.max_tokens
+        if chat:
+            body.max_completion_tokens = price.max_tokens
         if self.pricer.models[model].fair:
             body.priority = self.protection.start_work(request.state.caller, price.total)
             request.state.work = price.total

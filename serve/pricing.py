@@ -75,10 +75,11 @@ class Pricer:
             self._tokenizers[model] = AutoTokenizer.from_pretrained(self.models[model].tokenizer)
         return self._tokenizers[model]
 
-    def prompt_lengths(self, model: str, payload: Mapping[str, Any]) -> list[int]:
-        """Tokens of each prompt the request carries, as the engine will see them."""
+    def prompt_lengths(self, model: str, payload: Mapping[str, Any], chat: bool) -> list[int]:
+        """Tokens of each prompt the request carries, as the engine will see them: a chat request's messages, a
+        completions request's prompt (each route's engine reads only its own field)."""
         tokenizer = self.tokenizer(model)
-        if "messages" in payload:
+        if chat:
             messages = [_text_message(m) for m in payload.get("messages") or []]
             try:
                 ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -113,12 +114,13 @@ class Pricer:
                 raise Rejection(400, "prompt", "each prompt must be a string or a list of token ids")
         return lengths
 
-    def price(self, model: str, payload: Mapping[str, Any]) -> Price:
-        """The request's cost; a prompt that leaves no room in the model's context is refused here."""
+    def price(self, model: str, payload: Mapping[str, Any], chat: bool) -> Price:
+        """The request's cost (``chat``: the chat route's, else completions'); a prompt that leaves no room in the
+        model's context is refused here. The caller holds the engine to ``Price.max_tokens``."""
         context = self.models[model].context
-        lengths = self.prompt_lengths(model, payload)
+        lengths = self.prompt_lengths(model, payload, chat)
         longest = max(lengths, default=0)
-        asked = requested_tokens(payload)
+        asked = requested_tokens(payload, chat)
         if longest >= context:
             raise Rejection(
                 400,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import os
 import re
 import time
@@ -71,7 +72,7 @@ def _parse_key_line(line: str, path: Path, number: int) -> ApiKey:
         tokens = float(limits[2]) if len(limits) > 2 else None
     except ValueError:
         raise RuntimeError(f"{path}:{number}: expected {KEY_LINE}") from None
-    positive = all(v is None or v > 0 for v in (per_minute, tokens)) and (burst is None or burst >= 1)
+    positive = all(v is None or 0 < v < math.inf for v in (per_minute, tokens)) and (burst is None or burst >= 1)
     if len(limits) > 3 or not positive:
         raise RuntimeError(f"{path}:{number}: expected {KEY_LINE} with positive limits")
     return ApiKey(key, per_minute, burst, tokens)
@@ -174,7 +175,11 @@ class TokenVerifier:
 
 
 def _positive(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) and value > 0 else None
+    """A claim's limit: a finite positive number, else None (the configured default)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    number = float(value) if abs(value) < 1e300 else math.inf
+    return number if 0 < number < math.inf else None
 
 
 class KeyRing:
@@ -263,8 +268,8 @@ def _duration(seconds: float) -> str:
     """OpenAI's reset format: ``1s``, ``6m0s``, ``120ms``."""
     if seconds < 1:
         return f"{max(0, round(seconds * 1000))}ms"
-    minutes, rest = divmod(seconds, 60)
-    return f"{int(minutes)}m{rest:.0f}s" if minutes else f"{rest:.0f}s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes}m{rest}s" if minutes else f"{rest}s"
 
 
 def ratelimit_headers(requests: Allowance, tokens: Allowance | None) -> dict[str, str]:
@@ -311,9 +316,14 @@ def _whole_number(payload: Mapping[str, Any], name: str) -> int | None:
     return value
 
 
-def requested_tokens(payload: Mapping[str, Any]) -> Any:
-    """The output-token bound a payload asks for (chat's max_completion_tokens wins over max_tokens)."""
-    if payload.get("max_completion_tokens") is not None:
+#: The fields that bound a request's output tokens: completions read max_tokens, chat max_completion_tokens first.
+OUTPUT_BOUNDS = ("max_tokens", "max_completion_tokens")
+
+
+def requested_tokens(payload: Mapping[str, Any], chat: bool = True) -> Any:
+    """The output-token bound the engine would apply: chat's max_completion_tokens wins over max_tokens;
+    completions know only max_tokens (a max_completion_tokens there is ignored by the engine)."""
+    if chat and payload.get("max_completion_tokens") is not None:
         return payload["max_completion_tokens"]
     return payload.get("max_tokens")
 
@@ -490,19 +500,20 @@ class Protection:
         """Limits and guard on a decoded JSON body."""
         if not isinstance(payload, Mapping):
             raise Rejection(400, "malformed", "request body must be a JSON object")
-        max_tokens = requested_tokens(payload)
-        if max_tokens is not None:
-            if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
-                raise Rejection(400, "max-tokens", f"max_tokens must be an integer, got {max_tokens!r}")
-            if max_tokens < 1:
-                raise Rejection(400, "max-tokens", f"max_tokens must be at least 1, got {max_tokens}")
-            if max_tokens > self.config.max_tokens:
+        bounds = [payload.get(name) for name in OUTPUT_BOUNDS if payload.get(name) is not None]
+        for name in OUTPUT_BOUNDS:  # each bound on its own: the route decides which one the engine reads
+            value = payload.get(name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise Rejection(400, "max-tokens", f"{name} must be an integer, got {value!r}"[:200])
+            if value < 1:
+                raise Rejection(400, "max-tokens", f"{name} must be at least 1, got {value}")
+            if value > self.config.max_tokens:
                 raise Rejection(
-                    400,
-                    "max-tokens",
-                    f"max_tokens {max_tokens} exceeds this endpoint's limit of {self.config.max_tokens}",
+                    400, "max-tokens", f"{name} {value} exceeds this endpoint's limit of {self.config.max_tokens}"
                 )
-        self._check_amplification(payload, max_tokens)
+        self._check_amplification(payload, max(bounds) if bounds else None)
         text = prompt_text(payload)
         if len(text) > self.config.max_prompt_chars:
             raise Rejection(

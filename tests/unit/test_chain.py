@@ -252,3 +252,36 @@ def test_compress_key_follows_the_trained_model(tmp_path, fake_stages, monkeypat
     assert Keys(config).changes("compress") == ([], ["input 'train.model' changed (aaaa -> bbbb)"])
     assert run_stage("compress", config) is not None
     assert fake_stages == ["data", "train", "compress", "train", "compress"]
+
+
+def test_switching_the_sweep_off_reruns_train_naming_it(tmp_path, fake_stages, capsys):
+    base = [f"storage={tmp_path}", "run_name=switched"]
+    for name in ("data", "tune", "train"):
+        run_stage(name, load_config(TINY, base))
+    capsys.readouterr()
+    assert run_stage("train", load_config(TINY, [*base, "tune.enabled=false"])) is not None
+    assert "stage 'tune' is no longer upstream (switched off)" in capsys.readouterr().out
+
+
+def test_a_completed_data_stage_whose_corpus_is_gone_does_not_block_the_stages_after_it(tmp_path, fake_stages):
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text('{"text": "one document"}\n')
+    config = load_config(TINY, _jsonl_recipe(tmp_path, corpus))
+    for name in ("data", "tune"):
+        run_stage(name, config)
+    corpus.unlink()  # the raw text is archived elsewhere once curated
+    assert run_stage("train", config) is not None  # data's recorded fingerprint stands in for the listing
+    from pipelines.data.readers import SourceNotFoundError
+
+    with pytest.raises(SourceNotFoundError, match="matches no file"):
+        run_stage("data", config, force=True)  # data itself needs its sources
+
+
+def test_force_on_a_stale_upstream_is_refused_before_anything_is_removed(tmp_path, fake_stages):
+    base = [f"storage={tmp_path}", "run_name=forced", "tune.enabled=false"]
+    for name in ("data", "train"):
+        run_stage(name, load_config(TINY, base))
+    changed = load_config(TINY, [*base, "data.seq_len=64"])
+    with pytest.raises(StageConfigChangedError, match="depends on stage 'data'"):
+        run_stage("train", changed, force=True)
+    assert RunDir(changed.run_dir()).is_complete("train")  # the model is still there
