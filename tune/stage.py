@@ -14,7 +14,13 @@ from typing import Any
 
 from pipelines.artifacts import DataOutputs, TuneBest
 from pipelines.runs import RunDir, StageResult, hash_dir
-from pipelines.sweeps import optuna_sampler, resumable_sweep, sweep_identity, trial_progress_callback
+from pipelines.sweeps import (
+    optuna_sampler,
+    releasing_trials_placement_groups,
+    resumable_sweep,
+    sweep_identity,
+    trial_progress_callback,
+)
 from pipelines.train.config import TrainConfig
 from tune.config import TuneConfig, trial_of
 from tune.trials import TrialRecord, finite, param_importances, plot_sweep, write_trials_table
@@ -118,7 +124,8 @@ def run_tune(config: TuneConfig, train: TrainConfig, run: RunDir, seed: int) -> 
                 name="sweep", storage_path=str(out), verbose=0, callbacks=[trial_progress_callback("tune")]
             ),
         )
-    results = tuner.fit()
+    with releasing_trials_placement_groups("tune"):
+        results = tuner.fit()
     return _summarise([_record(result, config.space) for result in results], config, metric, shards, run)
 
 

@@ -35,7 +35,13 @@ from pipelines.compress.config import FAMILIES, CompressConfig
 from pipelines.compress.front import OBJECTIVES, Candidate, judge, pareto_front, plot_front
 from pipelines.compress.variants import DISTILLED_PREFIX, FIXED_NAMES, PRUNED_PREFIX, servable_on_vllm
 from pipelines.runs import RunDir, StageResult, hash_dir
-from pipelines.sweeps import optuna_sampler, resumable_sweep, sweep_identity, trial_progress_callback
+from pipelines.sweeps import (
+    optuna_sampler,
+    releasing_trials_placement_groups,
+    resumable_sweep,
+    sweep_identity,
+    trial_progress_callback,
+)
 from pipelines.train.config import TrainConfig
 
 
@@ -276,7 +282,8 @@ def run_compress(config: CompressConfig, train: TrainConfig, run: RunDir, seed: 
         resources,
     )
     tuner = resumable_sweep(out, trainable, identity, "compress", also_clear=("candidates", "variants", "students"))
-    results = (tuner or _new_sweep(trainable, config, seed, out)).fit()
+    with releasing_trials_placement_groups("compress"):
+        results = (tuner or _new_sweep(trainable, config, seed, out)).fit()
     candidates, bases, failed = _candidates(results, base)
     student = best_student(candidates) if config.draft.enabled else None
     draft = _draft_measurement(out, student, inputs, settings, resources, bases["vllm"]) if student else None

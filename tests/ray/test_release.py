@@ -32,3 +32,21 @@ def test_a_finished_stage_leaves_none_of_its_placement_groups_reserved(stage, re
     created = stage_placement_groups[stage]
     assert created or not reserves, f"the {stage} stage created no placement group: nothing was checked"
     wait_released(created, f"the {stage} stage's placement groups to be removed")
+
+
+def test_what_a_finished_sweeps_trials_left_reserved_is_released_and_nothing_else(ray_cluster):
+    import ray
+    from ray.util.placement_group import placement_group
+
+    from pipelines.sweeps import releasing_trials_placement_groups
+
+    before = placement_group([{"CPU": 0.01}])  # another holder of this job's, from before the sweep
+    ray.get(before.ready())
+    try:
+        with releasing_trials_placement_groups("tune"):
+            left = placement_group([{"CPU": 0.01}])  # as a stopped trial's worker group is left
+            ray.get(left.ready())
+        wait_released([left.id.hex()], "the trial's leftover group to be removed")
+        assert ray.util.placement_group_table()[before.id.hex()]["state"] == "CREATED"
+    finally:
+        ray.util.remove_placement_group(before)
