@@ -30,7 +30,6 @@ from tests.metrics import scrape, total
 pytestmark = pytest.mark.ray
 
 KEY, OTHER_KEY, BUDGET_KEY = "loom-test-key-0123456789", "loom-second-key-abcdef", "loom-budget-key-987654"
-FLOOD_KEY = "loom-flood-key-13579"
 #: The endpoint's price ceiling per request, and the small token budget of BUDGET_KEY (per minute).
 MAX_REQUEST_TOKENS, SMALL_BUDGET = 500, 600
 MAIN, SECOND, SMALL = "loom-tiny", "loom-tiny-b", "loom-tiny-small"
@@ -57,9 +56,7 @@ def endpoint(ray_cluster, train_done, lora_done, compress_done, tiny_config, tmp
     ca.cert_pem.write_to_path(tls["ca_file"])
     secrets = folder / "api-keys"
     # The second key: 60 requests/minute, burst 5; the third: the default rate, 600 tokens/minute.
-    secrets.write_text(
-        f"# keys of the test team\n{KEY}\n{OTHER_KEY} 60 5\n{BUDGET_KEY} 6000 200 {SMALL_BUDGET}\n{FLOOD_KEY}\n"
-    )
+    secrets.write_text(f"# keys of the test team\n{KEY}\n{OTHER_KEY} 60 5\n{BUDGET_KEY} 6000 200 {SMALL_BUDGET}\n")
     fast_scaling = {
         "min_replicas": 1,
         "max_replicas": 2,
@@ -76,12 +73,7 @@ def endpoint(ray_cluster, train_done, lora_done, compress_done, tiny_config, tmp
         update={
             "models": {
                 MAIN: {**served, "autoscaling": fast_scaling},
-                # Two sequences at a time: a few concurrent requests already queue in its engine (the fairness test).
-                SECOND: {
-                    **served,
-                    "source": lora_done[1]["outputs"]["model"],
-                    "engine": {**served["engine"], "max_num_seqs": 2},
-                },
+                SECOND: {**served, "source": lora_done[1]["outputs"]["model"]},
                 SMALL: {
                     **served,
                     "variant": {"rule": "smallest", "max_perplexity_increase": 0.05},
@@ -363,34 +355,6 @@ def test_a_keys_token_budget_answers_429_with_retry_after_and_ratelimit_headers(
     assert int(refused.headers["Retry-After"]) >= 1 and int(refused.headers["x-ratelimit-remaining-tokens"]) < 192
     # Another key's budget is its own.
     assert post(config, "/completions", body).status_code == 200
-
-
-def test_a_caller_with_less_work_in_flight_is_served_before_another_callers_queue(endpoint):
-    """SECOND's engine runs two sequences at once: one key's eight concurrent requests fill it and queue six. The
-    other key's request, sent after them, gets priority 0 (nothing of its own in flight) and the next free slot,
-    where first come, first served would put it behind all six."""
-    config, _ = endpoint
-    finished: list[str] = []
-    lock = threading.Lock()
-
-    def ask(key: str, name: str, tokens: int) -> None:
-        body = {"model": SECOND, "prompt": f"x {name}", "max_tokens": tokens, **FULL}
-        answer = post(config, "/completions", json.dumps(body).encode(), key=key)
-        assert answer.status_code == 200, answer.text
-        with lock:
-            finished.append(name)
-
-    with concurrent.futures.ThreadPoolExecutor(9) as pool:
-        flood = [pool.submit(ask, FLOOD_KEY, f"flood-{i}", 48) for i in range(8)]
-        wait_for(lambda: sum(f.running() for f in flood) == 8, 30, "the flood's requests to be sent")
-        time.sleep(1.0)  # they reach the engine and queue there
-        light = pool.submit(ask, KEY, "light", 4)
-        for future in (*flood, light):
-            future.result(timeout=600)
-    assert finished.index("light") < 5, finished  # fcfs would finish it last, behind the six queued
-    # A request may not pick its own priority.
-    chosen = post(config, "/completions", json.dumps({"model": SECOND, "prompt": "x", "priority": -9}).encode())
-    assert chosen.status_code == 400 and chosen.json()["error"]["code"] == "priority"
 
 
 def test_every_request_answered_or_refused_has_an_audit_line_without_secrets(endpoint, tiny_config):
