@@ -252,13 +252,15 @@ class CompressionFront(Artifact):
         (self.variant_dir(record.name) / RECORD).write_text(record.model_dump_json(indent=2) + "\n")
 
     def record(self, name: str) -> VariantRecord | None:
-        path = self.variant_dir(name) / RECORD
-        return VariantRecord.model_validate_json(path.read_text()) if path.is_file() else None
+        return record_of(self.variant_dir(name))
 
     def kept(self) -> dict[str, VariantRecord]:
         """The kept variants on the front, by name."""
-        return {name: VariantRecord.model_validate_json((self.variant_dir(name) / RECORD).read_text())
-                for name in self.summary()["variants"]}  # fmt: skip
+        kept = {name: self.record(name) for name in self.summary()["variants"]}
+        missing = sorted(name for name, record in kept.items() if record is None)
+        if missing:
+            raise MissingInputError(f"{self.pareto} lists variants without their {RECORD}: {', '.join(missing)}")
+        return kept  # type: ignore[return-value]
 
     @classmethod
     def fingerprint(cls, run: RunDir) -> str | None:

@@ -24,7 +24,6 @@ def test_text_prompts_are_counted_with_the_models_tokenizer(pricer):
     tokenizer = pricer.tokenizer("m")
     one = "def function_3(x): return x"
     tokens = len(tokenizer(one)["input_ids"])
-    assert 1 < tokens < len(one)  # BPE merges: fewer tokens than characters
     price = pricer.price("m", {"prompt": one, "max_tokens": 10}, chat=False)
     assert (price.prompts, price.choices, price.prompt_tokens, price.total) == (1, 1, [tokens], tokens + 10)
 
