@@ -7,6 +7,7 @@
     loom export kuberay RECIPE [key=value ...] --image IMAGE --storage-claim PVC [--out DIR]
     loom monitor RECIPE [key=value ...] [--check]
     loom dashboards push RECIPE --grafana-url URL [--prometheus-url URL]
+    loom serve promote|rollback MODEL [--address ADDR];  loom serve status [--address ADDR]
 
 ``python -m pipelines.data --config RECIPE ...`` (and the other stage modules)
 call the same functions.
@@ -327,8 +328,51 @@ def stages_used(args: argparse.Namespace) -> tuple[str, ...]:
     return (command,) if command in STAGES else STAGE_NAMES
 
 
+CANARY_ACTIONS = ("promote", "rollback", "status")
+
+
+def release_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loom serve", description="Decide a running canary release by hand (serve.models.<id>.canary)."
+    )
+    parser.add_argument("action", choices=CANARY_ACTIONS, help="promote: weight 100; rollback: weight 0; status")
+    parser.add_argument("model", nargs="?", help="the model id whose canary is decided")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS)")
+    return parser
+
+
+def cmd_release(argv: list[str]) -> int:
+    """``loom serve promote|rollback MODEL`` / ``loom serve status``: against the cluster the endpoint runs on."""
+    import json
+
+    from cluster.config import ClusterConfig
+    from cluster.connect import connect
+    from serve.stage import canary_status, decide_canary
+
+    args = release_parser().parse_args(argv)
+    if args.action != "status" and not args.model:
+        print(f"loom serve {args.action}: name the model whose canary to {args.action}", file=sys.stderr)
+        return EXIT_CONFIG
+    import ray
+
+    if not (ray.is_initialized() or args.address or os.environ.get("RAY_ADDRESS")):
+        print(f"loom serve {args.action}: give the endpoint's cluster with --address or RAY_ADDRESS", file=sys.stderr)
+        return EXIT_CONFIG
+    connect(ClusterConfig(), args.address, log_to_driver=False)
+    try:
+        answer = canary_status() if args.action == "status" else decide_canary(args.model, args.action)
+    except RuntimeError as err:
+        print(f"loom serve {args.action}: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(answer, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)  # stage commands send it to the run's log file
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"] and argv[1:2] and argv[1] in CANARY_ACTIONS:
+        return cmd_release(argv[1:])
     args = build_parser().parse_args(argv)
     handler, _ = COMMANDS[args.command]
     try:

@@ -100,10 +100,10 @@ class ServeAppArgs(StrictModel):
 
     @model_validator(mode="after")
     def _every_model_has_a_source(self) -> ServeAppArgs:
-        missing = sorted(set(self.serve_config.models) - set(self.model_sources))
+        missing = sorted(set(self.serve_config.versions) - set(self.model_sources))
         if missing:
             raise ValueError(f"model_sources lacks a directory for: {', '.join(missing)}")
-        models = self.serve_config.models
+        models = self.serve_config.versions
         drafting = {model_id for model_id, model in models.items() if model.engine.speculative is not None}
         if drafting != set(self.draft_sources):
             raise ValueError(
@@ -169,19 +169,44 @@ def llm_config(model_id: str, model: ModelConfig, source: str, draft: str | None
     )
 
 
+def canaries(parsed: ServeAppArgs, lineage: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each canary's start: its weight, its gate, and the candidate's perplexity over the stable version's."""
+    from serve.canary import canary_id, perplexity_ratio
+
+    return {
+        model_id: {
+            "weight": model.canary.weight,
+            "gate": model.canary.gate.model_dump(mode="json") if model.canary.gate else None,
+            "perplexity_ratio": perplexity_ratio(lineage[model_id], lineage[canary_id(model_id)]),
+        }
+        for model_id, model in parsed.serve_config.models.items()
+        if model.canary is not None
+    }
+
+
 def build_app(args: dict[str, Any]):
     """Serve application builder (``import_path: serve.app:build_app``)."""
+    from ray import serve
     from ray.serve.llm import LLMServingArgs, build_openai_app
 
+    from serve.canary import CanaryController
     from serve.ingress import LoomIngress
 
     parsed = ServeAppArgs.model_validate(args)
     sources = parsed.model_sources
-    models = parsed.serve_config.models
+    models = parsed.serve_config.versions
     lineage = {
         model_id: (parsed.lineage.get(model_id) or ModelLineage(source=sources[model_id])).model_dump()
         for model_id in models
     }
+    releases = canaries(parsed, lineage)
+    controller = (
+        serve.deployment(
+            CanaryController, name="CanaryController", num_replicas=1, ray_actor_options={"num_cpus": 0}
+        ).bind(releases)
+        if releases
+        else None
+    )
     return build_openai_app(
         LLMServingArgs(
             llm_configs=[
@@ -196,6 +221,11 @@ def build_app(args: dict[str, Any]):
                     "audit": parsed.serve_config.audit.model_dump(mode="json"),
                     "audit_path": parsed.audit_path or parsed.serve_config.audit.path,
                     "max_replicas": {model_id: model.autoscaling.max_replicas for model_id, model in models.items()},
+                    "engine_slots": {
+                        model_id: model.engine.max_num_seqs * model.autoscaling.max_replicas
+                        for model_id, model in models.items()
+                        if model.engine.scheduling == "fair"
+                    },
                     "pricing": {
                         model_id: {
                             "tokenizer": sources[model_id],
@@ -204,6 +234,8 @@ def build_app(args: dict[str, Any]):
                         }
                         for model_id, model in models.items()
                     },
+                    "canaries": {model_id: release["weight"] for model_id, release in releases.items()},
+                    "canary_controller": controller,
                 },
             },
         )

@@ -11,6 +11,9 @@ from pydantic import Field, field_validator, model_validator
 from pipelines.compress.variants import family_of, servable_on_vllm
 from pipelines.schema import StrictModel, field_problems
 
+#: The candidate's model id beside ``MODEL`` (a canary release); '@' is outside the ids a recipe may give.
+CANARY = "@canary"
+
 
 class SpeculativeConfig(StrictModel):
     """Speculative decoding with a distilled student of the run's compress stage as the draft (vLLM's
@@ -109,6 +112,59 @@ class VariantChoice(StrictModel):
         return self
 
 
+class CanaryGate(StrictModel):
+    """When the candidate has answered ``requests`` requests, it is promoted if every bound holds, else rolled back.
+    Each decision is an audit line with its figures."""
+
+    requests: int = Field(default=200, ge=1, description="Candidate answers judged before deciding.")
+    max_error_ratio: float = Field(
+        default=0.01,
+        ge=0,
+        le=1,
+        description="Largest share of the candidate's requests that may fail: a 5xx, or a refusal by its engine "
+        "(a request the candidate cannot take is its regression, not the caller's).",
+    )
+    max_p99_ratio: float | None = Field(
+        default=1.5,
+        gt=0,
+        description="Largest candidate p99 latency / the stable version's p99 over the same window (checked once "
+        "the stable version has answered 10 requests in it). Unset: not checked.",
+    )
+    max_p99_s: float | None = Field(default=None, gt=0, description="Largest candidate p99 latency in seconds.")
+    max_perplexity_ratio: float | None = Field(
+        default=None,
+        gt=0,
+        description="Largest held-out perplexity of the candidate / the stable version's, from their lineage (a "
+        "compressed variant's own ratio to its base, or both runs' train metrics). A candidate without that "
+        "measurement fails the check. Unset: not checked.",
+    )
+
+
+class CanaryConfig(StrictModel):
+    """A second version of a model: a weight of its callers, each always the same ones (by a hash of the caller
+    and the model), is answered by the candidate. Answers name the version: ``MODEL`` or ``MODEL@canary``."""
+
+    source: str | None = Field(
+        default=None, description="Local Hugging Face directory of the candidate (e.g. another run's model)."
+    )
+    variant: VariantChoice | None = Field(
+        default=None, description="The candidate is a variant of this run's compress stage."
+    )
+    weight: float = Field(
+        default=10, ge=0, le=100, description="Percent of the model's callers the candidate answers at start."
+    )
+    gate: CanaryGate | None = Field(
+        default_factory=CanaryGate,
+        description="Automatic promotion or rollback (unset: only `loom serve promote` / `rollback` decide).",
+    )
+
+    @model_validator(mode="after")
+    def _one_candidate(self) -> CanaryConfig:
+        if (self.source is None) == (self.variant is None):
+            raise ValueError("give the candidate as either source or variant")
+        return self
+
+
 class ModelConfig(StrictModel):
     """One model on the endpoint; clients pick it by its key in ``serve.models``."""
 
@@ -129,6 +185,10 @@ class ModelConfig(StrictModel):
     )
     max_queued_requests: int = Field(
         default=256, ge=-1, description="Requests waiting for a replica before new ones get 503 (-1: no bound)."
+    )
+    canary: CanaryConfig | None = Field(
+        default=None,
+        description="A candidate version beside this one, answering a weight of the callers (unset: one version).",
     )
     stream_batching_ms: float = Field(
         default=50,
@@ -268,6 +328,14 @@ class ProtectionConfig(StrictModel):
         description="Requests one key may have in progress at once (per ingress replica), streams until their "
         "last chunk; more get 429. Bounds what one key holds of the engines, whatever its rate.",
     )
+    reserved_engine_slots: int = Field(
+        default=1,
+        ge=0,
+        description="With fair scheduling: engine slots (a model's max_num_seqs x max_replicas, per ingress replica) "
+        "no one key may fill, so another key's request starts at once instead of waiting for the flood's answers to "
+        "finish; when a slot frees, the key with the fewest requests in the engines goes next. 0: a key may fill "
+        "them all.",
+    )
     max_body_bytes: int = Field(default=1 << 20, ge=256, description="Largest request body accepted (413 above).")
     max_prompt_chars: int = Field(default=32_768, ge=1, description="Longest prompt (all messages) in characters.")
     max_tokens: int = Field(default=1024, ge=1, description="Largest max_tokens a request may ask for.")
@@ -388,3 +456,16 @@ class ServeConfig(StrictModel):
     @property
     def demo_model(self) -> str:
         return next(iter(self.models))
+
+    @property
+    def versions(self) -> dict[str, ModelConfig]:
+        """Every version deployed: each model under its own id, its canary's candidate under ``MODEL@canary``
+        (the model's settings, the candidate's weights)."""
+        versions = {}
+        for model_id, model in self.models.items():
+            versions[model_id] = model
+            if model.canary is not None:
+                versions[f"{model_id}{CANARY}"] = model.model_copy(
+                    update={"source": model.canary.source, "variant": model.canary.variant, "canary": None}
+                )
+        return versions

@@ -30,7 +30,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from vllm.exceptions import VLLMClientError
 
 from pipelines.gauges import held_gauges
+from serve.admission import EngineSlots
 from serve.audit import AuditLog, AuditRecord, now, usage_of
+from serve.canary import Releases
 from serve.config import AuditConfig, ProtectionConfig
 from serve.pricing import ModelPricing, Pricer
 from serve.protection import Protection, Rejection, load_api_keys, ratelimit_headers
@@ -129,11 +131,17 @@ class IngressMetrics:
             LATENCY_BOUNDARIES,
             ("model",),
         )
+        self._canary_weight = Gauge(
+            "loom_serve_canary_weight", "Percent of a model's callers its canary (MODEL@canary) answers.", ("model",)
+        )
         # The autoscaler's ceiling, for the "replicas pinned at max" alert (Ray exports only the target);
         # held, since Ray drops a gauge that is not set again.
         ceiling = Gauge("loom_serve_max_replicas", "max_replicas of each model's autoscaling.", ("model",))
         for model, replicas in max_replicas.items():
             held_gauges().set(ceiling, replicas, {"model": model})
+
+    def canary_weight(self, model: str, weight: float) -> None:
+        held_gauges().set(self._canary_weight, weight, {"model": model})
 
     def answered(self, model: str, route: str, status: int, started: float) -> None:
         self.requests.inc(tags={"model": model, "route": route, "status": str(status)})
@@ -243,7 +251,7 @@ def answered(route: str):
                 model = getattr(request.state, "model", kwargs.get("model", ""))
                 if refusal.status < 500:
                     self.metrics.rejects.inc(tags={"reason": refusal.reason})
-                self.metrics.answered(model, route, refusal.status, started)
+                self._finished(request, model, route, refusal.status, started, refusal.reason)
                 self._audit(request, route, model, refusal.status, started, reason=refusal.reason)
                 headers = refusal.headers or getattr(request.state, "ratelimit", None)
                 return error_response(refusal.status, refusal.reason, refusal.message, refusal.retry_after_s, headers)
@@ -257,7 +265,7 @@ def answered(route: str):
                 response.release = functools.partial(self._release, request)
             else:
                 self._release(request)
-                self.metrics.answered(model, route, response.status_code, started)
+                self._finished(request, model, route, response.status_code, started)
                 self._audit(request, route, model, response.status_code, started, body=response.body)
             return response
 
@@ -293,6 +301,9 @@ class LoomIngress(OpenAiIngress):
         audit_path: str | None = None,
         max_replicas: dict[str, int] | None = None,
         pricing: dict[str, dict[str, Any]] | None = None,
+        engine_slots: dict[str, int] | None = None,
+        canaries: dict[str, float] | None = None,
+        canary_controller: Any = None,
         lora_paths=None,
     ):
         for model_id, card in model_cards.items():
@@ -313,7 +324,12 @@ class LoomIngress(OpenAiIngress):
             self.pricer.tokenizer(model_id)
         if not self.protection.keys.enabled:
             log.warning("NO API KEYS OR JWT CONFIGURED: the endpoint accepts every request; bind it to loopback only")
+        self.slots = {
+            model_id: EngineSlots(slots, config.reserved_engine_slots)
+            for model_id, slots in (engine_slots or {}).items()
+        }
         self.metrics = IngressMetrics(max_replicas or {})
+        self.releases = Releases(canaries or {}, canary_controller, self.metrics.canary_weight)
         self.audit = AuditLog(AuditConfig.model_validate(audit or {}), audit_path, logging.getLogger("ray.serve"))
 
     def _set_asgi_app(self, app: Any) -> None:
@@ -368,6 +384,10 @@ class LoomIngress(OpenAiIngress):
             if work:
                 request.state.work = None
                 self.protection.end_work(held, work)
+            slots = getattr(request.state, "slots", None)
+            if slots is not None:
+                request.state.slots = None
+                slots.leave(held.id)
 
     async def _read_body(self, request: Request) -> bytes:
         body = bytearray()
@@ -390,8 +410,33 @@ class LoomIngress(OpenAiIngress):
             served=self._model_cards,
             state=request.state,
         )
+        if self.releases.weights:
+            self.releases.start(self._audit_event)
+            body.model = request.state.model = self.releases.route(request.state.model, request.state)
         self._charge(request, payload, body)
         return body
+
+    def _finished(
+        self, request: Request, model: str, route: str, status: int, started: float, reason: str | None = None
+    ) -> None:
+        """A request's outcome: its metrics, and the canary gate's window if a canary answered for its model."""
+        self.metrics.answered(model, route, status, started)
+        self.releases.outcome(request.state, status, reason, time.monotonic() - started)
+
+    def _audit_event(self, event: dict[str, Any]) -> None:
+        """A canary's weight changed (by its gate or an operator): one audit line."""
+        self.audit.write(
+            AuditRecord(
+                time=now(),
+                caller=event["by"],
+                client=None,
+                route="canary",
+                model=event["model"],
+                status=200,
+                reason=f"{event['decision']} to weight {event['weight']:g}: {event['reason']}"[:2000],
+                latency_ms=0.0,
+            )
+        )
 
     def _charge(self, request: Request, payload: dict[str, Any], body: Any) -> None:
         """Price the request, take the price from its caller's token budget, and hold the engine to the
@@ -464,6 +509,10 @@ class LoomIngress(OpenAiIngress):
         Generation has no side effects, so a request that never produced a byte is safe to resend; the
         router stops picking a dead replica within moments, and the queue holds requests meanwhile.
         """
+        slots = self.slots.get(request.state.model)
+        if slots is not None:  # fair between callers: wait for this caller's turn at the engines
+            await slots.enter(request.state.caller.id)
+            request.state.slots = slots
         deadline = time.monotonic() + FAILOVER_S
         while True:
             try:
@@ -489,5 +538,5 @@ class LoomIngress(OpenAiIngress):
                 yield chunk
         finally:  # also when the client goes away mid-stream
             self._release(request)
-        self.metrics.answered(model, route, 200, started)
+        self._finished(request, model, route, 200, started)
         self._audit(request, route, model, 200, started, body=usage)

@@ -76,7 +76,7 @@ def model_sources(config: ServeConfig, run: RunDir) -> dict[str, Path]:
     """Model id -> the directory it is served from; a model without ``source`` is the run's trained model,
     or the compressed variant it asks for."""
     sources = {}
-    for model_id, model in config.models.items():
+    for model_id, model in config.versions.items():
         if model.source:
             source = Path(model.source).expanduser().resolve()
         elif model.variant is not None:
@@ -215,9 +215,8 @@ def base_url(config: ServeConfig) -> str:
 def serve_app_args(config: ServeConfig, run: RunDir) -> ServeAppArgs:
     """The application's builder arguments for ``run``'s models, their drafts and the audit log's path."""
     sources = model_sources(config, run)
-    drafts = {
-        model_id: draft_source(model_id, config.models[model_id], source, run) for model_id, source in sources.items()
-    }
+    versions = config.versions
+    drafts = {model_id: draft_source(model_id, versions[model_id], source, run) for model_id, source in sources.items()}
     return ServeAppArgs(
         audit_path=config.audit.path or str(run.stage_dir(SERVE) / "audit.jsonl"),
         serve_config=config,
@@ -225,7 +224,7 @@ def serve_app_args(config: ServeConfig, run: RunDir) -> ServeAppArgs:
         draft_sources={model_id: str(draft[0]) for model_id, draft in drafts.items() if draft},
         lineage={
             model_id: lineage(
-                source, run, speculative_lineage(source, drafts[model_id], config.models[model_id].engine.speculative)
+                source, run, speculative_lineage(source, drafts[model_id], versions[model_id].engine.speculative)
             )
             for model_id, source in sources.items()
         },
@@ -277,3 +276,28 @@ def shutdown() -> None:
     from ray import serve
 
     serve.shutdown()
+
+
+def canary_controller():
+    """The handle of the running app's canary controller, or an error saying why there is none."""
+    from ray import serve
+
+    try:
+        return serve.get_deployment_handle("CanaryController", app_name=APP_NAME)
+    except Exception as err:  # Serve names a missing app or deployment in a ValueError/RayServeException
+        raise RuntimeError(
+            f"no canary controller in the Serve app {APP_NAME!r} on this cluster (is a model with serve.models.<id>."
+            f"canary deployed?): {str(err)[:300]}"
+        ) from None
+
+
+def decide_canary(model_id: str, decision: str) -> dict[str, Any]:
+    """Promote or roll back ``model_id``'s canary by hand (the ingress audits the change)."""
+    answer = canary_controller().decide.remote(model_id, decision).result(timeout_s=30)
+    if "error" in answer:
+        raise RuntimeError(answer["error"])
+    return answer
+
+
+def canary_status() -> dict[str, dict[str, Any]]:
+    return canary_controller().status.remote().result(timeout_s=30)

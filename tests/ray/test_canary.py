@@ -1,0 +1,220 @@
+"""Canary releases and scale to zero against the real vLLM engine on CPU.
+
+One deployment (its own, after the serve tests' endpoint is gone): NEXT is the run's trained model with a canary,
+the smallest compressed variant vLLM on CPU serves, answering half of its callers; its gate judges the
+candidate's perplexity ratio against a bound no compressed variant meets, so it rolls back once it has answered
+GATE_REQUESTS requests. COLD starts with no replica and may go back to none. The tests run in file order.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cluster.chain import run_stage
+from tests.conftest import free_port
+from tests.helpers import placement_groups, placement_groups_created, wait_for, wait_released
+
+pytestmark = pytest.mark.ray
+
+NEXT, COLD = "loom-next", "loom-cold"
+KEYS = [f"loom-canary-key-{i:04d}-abcdef" for i in range(12)]
+#: Candidate answers the gate judges; more than the stickiness test sends to the candidate.
+GATE_REQUESTS = 40
+#: A bound on the candidate's perplexity / the trained model's that no compressed variant meets.
+PERPLEXITY_BOUND = 0.5
+ASK = {"prompt": "def fibonacci(n):", "max_tokens": 4, "ignore_eos": True}
+
+
+def caller_id(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:12]  # serve.protection.KeyRing: the key's digest prefix
+
+
+@pytest.fixture(scope="module")
+def releases(ray_cluster, train_done, compress_done, tiny_config, tmp_path_factory):
+    from serve.stage import shutdown
+
+    folder = tmp_path_factory.mktemp("canary")
+    secrets = folder / "api-keys"
+    secrets.write_text("".join(f"{key}\n" for key in KEYS))
+    engine = {"dtype": "float32", "max_model_len": 256, "enforce_eager": True}
+    serve = tiny_config.serve.model_copy(
+        update={
+            "models": {
+                NEXT: {
+                    "engine": engine,
+                    "canary": {
+                        "variant": {"rule": "smallest", "max_perplexity_increase": 0.05},
+                        "weight": 50,
+                        "gate": {
+                            "requests": GATE_REQUESTS,
+                            "max_error_ratio": 0,
+                            "max_p99_ratio": None,  # latency on a shared 2-core machine is no verdict to test on
+                            "max_perplexity_ratio": PERPLEXITY_BOUND,
+                        },
+                    },
+                },
+                COLD: {
+                    "engine": engine,
+                    "autoscaling": {
+                        "min_replicas": 0,
+                        "max_replicas": 1,
+                        "upscale_delay_s": 0,
+                        "downscale_delay_s": 5,
+                        "metrics_interval_s": 0.5,
+                        "look_back_period_s": 2,
+                    },
+                },
+            },
+            "protection": {
+                "api_keys_env": None,
+                "api_keys_file": str(secrets),
+                "requests_per_minute": 60_000,
+                "burst": 1000,
+            },
+            "audit": {"path": str(folder / "audit.jsonl")},  # apart from the serve tests' audit log in the run
+            "port": free_port(),
+            "tls": None,
+        }
+    )
+    config = tiny_config.model_validate({**tiny_config.model_dump(), "serve": serve.model_dump()})
+    wait_released(placement_groups(), "the earlier stages' placement groups to be removed before deploying")
+    with placement_groups_created() as reserved:
+        try:
+            record = run_stage("serve", config)
+            yield config, record
+        finally:
+            shutdown()
+    wait_released(reserved, "the canary endpoint's placement groups to be removed after serve.shutdown()")
+
+
+def ask(config, key: str, model: str = NEXT, timeout: float = 120) -> httpx.Response:
+    from serve.stage import base_url
+
+    with httpx.Client(timeout=timeout) as http:
+        return http.post(
+            base_url(config.serve) + "/completions",
+            json={"model": model, **ASK},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+
+
+def canary_status() -> dict:
+    from serve.stage import canary_status as status
+
+    return status()[NEXT]
+
+
+def audit_lines(record) -> list[dict]:
+    return [json.loads(line) for line in Path(record["outputs"]["audit_log"]).read_text().splitlines()]
+
+
+class Load:
+    """Every key asking in turn from a few threads until stopped; every answer's status and version kept."""
+
+    def __init__(self, config, threads: int = 3):
+        self.config, self.answers, self._stop = config, [], threading.Event()
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads)
+        self._workers = [self._pool.submit(self._work, i) for i in range(threads)]
+
+    def _work(self, worker: int) -> None:
+        sent = 0
+        while not self._stop.is_set():
+            key = KEYS[(worker + sent * 3) % len(KEYS)]
+            answer = ask(self.config, key)
+            model = answer.json().get("model") if answer.status_code == 200 else None
+            self.answers.append((time.monotonic(), key, answer.status_code, model))
+            sent += 1
+
+    def stop(self) -> list[tuple[float, str, int, str | None]]:
+        self._stop.set()
+        for worker in self._workers:
+            worker.result(timeout=300)
+        self._pool.shutdown()
+        return self.answers
+
+
+def test_each_caller_keeps_its_version_and_both_versions_answer(releases):
+    from serve.canary import route
+
+    config, record = releases
+    assert canary_status()["weight"] == 50
+    seen = {}
+    for key in KEYS:
+        versions = {ask(config, key).json()["model"] for _ in range(2)}
+        assert versions == {route(NEXT, caller_id(key), 50)}, f"{key} was answered by {versions}"
+        seen[key] = versions.pop()
+    assert set(seen.values()) == {NEXT, f"{NEXT}@canary"}
+    assert canary_status()["status"] == "canary"  # fewer than GATE_REQUESTS candidate answers so far
+
+
+def test_the_gate_rolls_the_candidate_back_under_load_without_a_failed_request(releases):
+    config, record = releases
+    ratio = canary_status()["perplexity_ratio"]
+    assert ratio is not None and ratio > PERPLEXITY_BOUND, "the candidate's measured perplexity ratio is the verdict"
+    load = Load(config)
+    try:
+        wait_for(lambda: canary_status()["status"] == "rolled back", 240, "the gate to roll the candidate back")
+        decided = time.monotonic()
+        time.sleep(3)  # the ingress follows within a sync; then every caller is answered by the stable version
+    finally:
+        answers = load.stop()
+    assert answers and all(status == 200 for _, _, status, _ in answers), [a for a in answers if a[2] != 200][:5]
+    assert {model for at, _, _, model in answers if at > decided + 1.5} == {NEXT}
+    assert canary_status()["candidate_requests"] >= GATE_REQUESTS
+    [event] = [line for line in audit_lines(record) if line["route"] == "canary"]
+    assert event["model"] == NEXT and event["caller"] == "gate"
+    assert event["reason"].startswith("rollback to weight 0") and "perplexity / stable's" in event["reason"]
+
+
+def test_an_operator_promotes_and_rolls_back_under_load_without_a_failed_request(releases, capsys):
+    from cluster.cli import main
+
+    config, record = releases
+    load = Load(config)
+    try:
+        assert main(["serve", "promote", NEXT]) == 0
+        promoted = time.monotonic()
+        time.sleep(3)
+        assert main(["serve", "rollback", NEXT]) == 0
+        rolled_back = time.monotonic()
+        time.sleep(3)
+    finally:
+        answers = load.stop()
+    assert all(status == 200 for _, _, status, _ in answers), [a for a in answers if a[2] != 200][:5]
+    assert {m for at, _, _, m in answers if promoted + 1.5 < at < rolled_back} == {f"{NEXT}@canary"}
+    assert {m for at, _, _, m in answers if at > rolled_back + 1.5} == {NEXT}
+    operator = [line for line in audit_lines(record) if line["route"] == "canary" and line["caller"] == "operator"]
+    assert [line["reason"].split(":")[0] for line in operator] == ["promote to weight 100", "rollback to weight 0"]
+    assert main(["serve", "promote", COLD]) == 1
+    assert f"'{COLD}' has no canary" in capsys.readouterr().err
+
+
+def _cold_replicas() -> int:
+    from ray import serve
+
+    from serve.stage import APP_NAME
+
+    deployments = serve.status().applications[APP_NAME].deployments
+    [name] = [name for name in deployments if COLD in name]
+    return sum(count for state, count in deployments[name].replica_states.items() if str(state).endswith("RUNNING"))
+
+
+def test_a_model_scales_to_zero_and_its_first_request_waits_for_a_replica(releases):
+    config, _ = releases
+    wait_for(lambda: _cold_replicas() == 0, 120, f"{COLD} to have no replica while idle")
+    started = time.monotonic()
+    answer = ask(config, KEYS[0], COLD, timeout=300)
+    cold_start = time.monotonic() - started
+    assert answer.status_code == 200, answer.text[:300]
+    assert answer.json()["model"] == COLD and _cold_replicas() == 1
+    print(f"cold start of {COLD}: {cold_start:.1f} s")
+    wait_for(lambda: _cold_replicas() == 0, 120, f"{COLD} to give its replica back once idle")
+    assert ask(config, KEYS[1], COLD, timeout=300).status_code == 200  # and back again
