@@ -28,6 +28,7 @@ HEADLINES = [
     ("parquet_read", "first-batch seconds"),
     ("serve_load", "output tokens/s, Ray Serve vs vLLM server"),
     ("serve_fairness", "light key's p99 under a flood / alone, fair scheduling"),
+    ("serve_cold_start", "cold start"),
     ("tune_asha", "trial steps, TPE + ASHA / random + FIFO"),
     ("recovery", "seconds to progress after a kill"),
 ]

@@ -3,7 +3,8 @@
 One deployment (its own, after the serve tests' endpoint is gone): NEXT is the run's trained model with a canary,
 the smallest compressed variant vLLM on CPU serves, answering half of its callers; its gate judges the
 candidate's perplexity ratio against a bound no compressed variant meets, so it rolls back once it has answered
-GATE_REQUESTS requests. COLD starts with no replica and may go back to none. The tests run in file order.
+GATE_REQUESTS requests. COLD starts with no replica and may go back to none; its engine runs two sequences at once,
+so a few requests fill it (the fairness test). The tests run in file order.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def releases(ray_cluster, train_done, compress_done, tiny_config, tmp_path_facto
                     },
                 },
                 COLD: {
-                    "engine": engine,
+                    "engine": {**engine, "max_num_seqs": 2},
                     "autoscaling": {
                         "min_replicas": 0,
                         "max_replicas": 1,
@@ -95,13 +96,17 @@ def releases(ray_cluster, train_done, compress_done, tiny_config, tmp_path_facto
     wait_released(reserved, "the canary endpoint's placement groups to be removed after serve.shutdown()")
 
 
-def ask(config, key: str, model: str = NEXT, timeout: float = 120) -> httpx.Response:
+def _completions(config) -> str:
     from serve.stage import base_url
 
+    return base_url(config.serve) + "/completions"
+
+
+def ask(config, key: str, model: str = NEXT, timeout: float = 120, **fields) -> httpx.Response:
     with httpx.Client(timeout=timeout) as http:
         return http.post(
-            base_url(config.serve) + "/completions",
-            json={"model": model, **ASK},
+            _completions(config),
+            json={"model": model, **ASK, **fields},
             headers={"Authorization": f"Bearer {key}"},
         )
 
@@ -195,6 +200,39 @@ def test_an_operator_promotes_and_rolls_back_under_load_without_a_failed_request
     assert [line["reason"].split(":")[0] for line in operator] == ["promote to weight 100", "rollback to weight 0"]
     assert main(["serve", "promote", COLD]) == 1
     assert f"'{COLD}' has no canary" in capsys.readouterr().err
+
+
+def test_a_flooding_key_leaves_an_engine_slot_to_another_key(releases):
+    """COLD's engine runs two sequences: one key's eight concurrent long requests get one of them (the other is
+    reserved) and wait at the ingress. Another key's short request, sent after them, starts at once in the reserved
+    slot and finishes before every flood request but the one already running; first come, first served would
+    put it behind all seven waiting."""
+    config, _ = releases
+    finished: list[str] = []
+    lock = threading.Lock()
+
+    def flood_or_light(key: str, name: str, tokens: int) -> None:
+        answer = ask(config, key, COLD, timeout=600, max_tokens=tokens)
+        assert answer.status_code == 200, answer.text[:300]
+        with lock:
+            finished.append(name)
+
+    with concurrent.futures.ThreadPoolExecutor(9) as pool:
+        flood = [pool.submit(flood_or_light, KEYS[0], f"flood-{i}", 48) for i in range(8)]
+        wait_for(lambda: sum(f.running() for f in flood) == 8, 30, "the flood's requests to be sent")
+        time.sleep(2.0)  # they reach the ingress (and COLD's replica starts, if it had none)
+        light = pool.submit(flood_or_light, KEYS[1], "light", 4)
+        for future in (*flood, light):
+            future.result(timeout=900)
+    assert finished.index("light") <= 1, finished
+    # A request may not pick its own priority.
+    chosen = httpx.post(
+        _completions(config),
+        json={"model": COLD, "prompt": "x", "priority": -9},
+        headers={"Authorization": f"Bearer {KEYS[1]}"},
+        timeout=60,
+    )
+    assert chosen.status_code == 400 and chosen.json()["error"]["code"] == "priority"
 
 
 def _cold_replicas() -> int:
