@@ -238,5 +238,13 @@ def build_app(args: dict[str, Any]):
                     "canary_controller": controller,
                 },
             },
+            ingress_deployment_config=ingress_options(parsed.serve_config.ingress_replicas),
         )
     )
+
+
+def ingress_options(replicas: int) -> dict[str, Any]:
+    """The ingress deployment's options: Ray's defaults for one replica, else exactly ``replicas``."""
+    if replicas == 1:
+        return {}
+    return {"autoscaling_config": {"min_replicas": replicas, "initial_replicas": replicas, "max_replicas": replicas}}

@@ -438,6 +438,14 @@ class ServeConfig(StrictModel):
     )
     port: int = Field(default=8000, ge=1, le=65535, description="Port of the OpenAI-compatible endpoint.")
     tls: TlsConfig | None = Field(default=None, description="Serve HTTPS from this certificate (unset: plain HTTP).")
+    ingress_replicas: int = Field(
+        default=1,
+        ge=1,
+        description="Replicas of the ingress (Loom's checks in front of every model), spread by Serve's proxy. More "
+        "take the per-request cost of the checks off one process; each keeps its own rate buckets, concurrency "
+        "counts and engine slots, so every per-key limit holds per replica. 1: Ray's default, which scales to zero "
+        "with the models.",
+    )
     demo_prompts: list[str] = Field(
         default_factory=lambda: ["def fibonacci(n):", "import os\nimport sys\n", "The standard library"],
         description="Prompts the demo sends after deployment (completions and chat).",

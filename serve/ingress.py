@@ -33,7 +33,7 @@ from pipelines.gauges import held_gauges
 from serve.admission import EngineSlots
 from serve.audit import AuditLog, AuditRecord, now, usage_of
 from serve.canary import Releases
-from serve.config import AuditConfig, ProtectionConfig
+from serve.config import CANARY, AuditConfig, ProtectionConfig
 from serve.pricing import ModelPricing, Pricer
 from serve.protection import Protection, Rejection, load_api_keys, ratelimit_headers
 
@@ -330,6 +330,9 @@ class LoomIngress(OpenAiIngress):
         }
         self.metrics = IngressMetrics(max_replicas or {})
         self.releases = Releases(canaries or {}, canary_controller, self.metrics.canary_weight)
+        for model_id in model_cards:  # a model without a canary sends none of its callers to one
+            if model_id not in self.releases.weights and CANARY not in model_id:
+                self.metrics.canary_weight(model_id, 0.0)
         self.audit = AuditLog(AuditConfig.model_validate(audit or {}), audit_path, logging.getLogger("ray.serve"))
 
     def _set_asgi_app(self, app: Any) -> None:
