@@ -84,7 +84,7 @@ def test_a_model_scaled_to_zero_answers_its_first_request_after_a_cold_start(
             "port": port,
         }
     )
-    connect(ClusterConfig(num_cpus=os.cpu_count() or 2))
+    connect(ClusterConfig(num_cpus=2 * (os.cpu_count() or 2)))  # a vLLM replica reserves 2 (its own and its engine's)
     cold, warm = [], []
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
