@@ -153,7 +153,7 @@ def loom(model: Path, ingress_replicas: int, keys: Path) -> Iterator[tuple[str, 
             "port": port,
         }
     )
-    connect(ClusterConfig(num_cpus=2 * (os.cpu_count() or 2)))
+    connect(ClusterConfig(num_cpus=3 * (os.cpu_count() or 2)))  # logical: the replica, its engine, 1-2 ingresses
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         args = ServeAppArgs(serve_config=config, model_sources={"bench": str(model)})

@@ -90,3 +90,23 @@ def test_the_perplexity_ratio_comes_from_the_lineage():
     assert perplexity_ratio(stable, variant) == 1.02
     assert perplexity_ratio(stable, {"source": "/other", "eval": {"val_perplexity": 12.0}}) == pytest.approx(1.2)
     assert perplexity_ratio(stable, {"source": "/outside"}) is None
+
+
+def test_the_app_deploys_each_version_and_a_fixed_ingress_count_when_asked(tmp_path):
+    from serve.app import ServeAppArgs, canaries, ingress_options
+
+    config = ServeConfig.model_validate(
+        {
+            "models": {"m": {"canary": {"source": str(tmp_path / "next"), "weight": 25, "gate": None}}},
+            "ingress_replicas": 3,
+        }
+    )
+    args = ServeAppArgs(
+        serve_config=config, model_sources={"m": str(tmp_path / "m"), "m@canary": str(tmp_path / "next")}
+    )
+    lineage = {version: {"source": source} for version, source in args.model_sources.items()}
+    assert canaries(args, lineage) == {"m": {"weight": 25, "gate": None, "perplexity_ratio": None}}
+    with pytest.raises(ValidationError, match="m@canary"):
+        ServeAppArgs(serve_config=config, model_sources={"m": str(tmp_path / "m")})
+    assert ingress_options(1) == {}  # Ray's default: one replica, to zero with the models
+    assert ingress_options(3)["autoscaling_config"] == {"min_replicas": 3, "initial_replicas": 3, "max_replicas": 3}
