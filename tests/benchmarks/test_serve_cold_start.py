@@ -29,7 +29,7 @@ def _replicas(app: str) -> int:
     return sum(
         count
         for name, deployment in deployments.items()
-        if name.startswith("LLM")
+        if "LLMServer" in name  # LoomLLMServer:<model>, not the ingress
         for state, count in deployment.replica_states.items()
         if str(state).endswith("RUNNING")
     )
