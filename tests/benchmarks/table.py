@@ -27,6 +27,7 @@ HEADLINES = [
     ("train_throughput", "tokens/s, 1 worker vs plain torch"),
     ("parquet_read", "first-batch seconds"),
     ("serve_load", "output tokens/s, Ray Serve vs vLLM server"),
+    ("serve_paths", "output tokens/s, Loom vs bare vLLM"),
     ("serve_fairness", "light key's p99 under a flood / alone, fair scheduling"),
     ("serve_cold_start", "cold start"),
     ("tune_asha", "trial steps, TPE + ASHA / random + FIFO"),
