@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -132,7 +134,9 @@ def serve_endpoint(
         ray.shutdown()
 
 
-def plain_vllm(model_dir: Path, texts: list[str]):
+@contextmanager
+def vllm_server(model_dir: Path) -> Iterator[str]:
+    """vLLM's own OpenAI server on the model, with the engine settings Loom's endpoints get here; its base URL."""
     port = free_port()
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
@@ -143,10 +147,15 @@ def plain_vllm(model_dir: Path, texts: list[str]):
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_healthy(f"http://127.0.0.1:{port}/health", process)
-        return load(f"http://127.0.0.1:{port}/v1", "bench", texts)
+        yield f"http://127.0.0.1:{port}/v1"
     finally:
         process.terminate()
         process.wait(timeout=60)
+
+
+def plain_vllm(model_dir: Path, texts: list[str]):
+    with vllm_server(model_dir) as url:
+        return load(url, "bench", texts)
 
 
 def hf_generate(model_dir: Path, texts: list[str], batches: int = 3) -> dict[str, float]:

@@ -27,7 +27,7 @@ from tests.benchmarks.test_serve_load import (  # noqa: F401 (model_dir: a fixtu
     REQUESTS,
     model_dir,
     prompts,
-    wait_healthy,
+    vllm_server,
 )
 from tests.conftest import REPO_ROOT, free_port
 
@@ -189,20 +189,8 @@ def direct_streaming(model: Path) -> Iterator[tuple[str, str | None]]:
 
 @contextmanager
 def bare_vllm(model: Path) -> Iterator[tuple[str, str | None]]:
-    port = free_port()
-    command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-        "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-        "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(CONCURRENCY),
-    ]  # fmt: skip
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}/health", process)
-        yield f"http://127.0.0.1:{port}/v1", None
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
+    with vllm_server(model) as url:
+        yield url, None
 
 
 def path(server: Callable[[], object], texts: list[str]) -> dict[str, float]:
