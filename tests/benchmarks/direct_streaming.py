@@ -23,7 +23,7 @@ def main(model_dir: str, port: int, max_model_len: int, max_num_seqs: int) -> No
     from serve.app import llm_config
     from serve.config import ModelConfig
 
-    ray.init(num_cpus=2 * (os.cpu_count() or 2), include_dashboard=False)
+    ray.init(num_cpus=2 * (os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         model = ModelConfig.model_validate(

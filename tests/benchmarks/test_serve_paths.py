@@ -178,9 +178,13 @@ def direct_streaming(model: Path) -> Iterator[tuple[str, str | None]]:
     ]
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        line = process.stdout.readline()
-        if line.strip() != "ready":
-            raise RuntimeError(f"direct streaming did not start (exit {process.poll()}): {line[:300]}")
+        last = ""
+        for line in process.stdout:  # Ray's own lines, then ours
+            if line.strip() == "ready":
+                break
+            last = line
+        else:
+            raise RuntimeError(f"direct streaming did not start (exit {process.wait(timeout=60)}): {last[:300]}")
         yield f"http://127.0.0.1:{port}/v1", None
     finally:
         process.stdin.close()
