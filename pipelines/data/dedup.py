@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.data.components import connected_components
+from pipelines.data.components import _distinct, connected_components
 from pipelines.data.minhash import EMPTY, LSHParams, band_keys, permutations, signatures
 from pipelines.data.steps import Step, split_kept, with_columns
 from pipelines.data.utils import LOCAL_EDGES, small_side_join
@@ -96,25 +96,52 @@ def _bucket_edges(table: pa.Table) -> pa.Table:
     return pa.table({"u": pa.array(node[keep], pa.uint64()), "v": pa.array(root[keep], pa.uint64())})
 
 
-def shingle_sets(table: pa.Table, ngram: int) -> pa.Table:
-    """Ray Data batch function: each live document's sorted distinct shingle hashes (for verification)."""
+def shingle_sets(table: pa.Table, ngram: int, nodes: np.ndarray | None = None) -> pa.Table:
+    """Ray Data batch function: each live document's sorted distinct shingle hashes (for verification);
+    only those of ``nodes`` (sorted), when given: the documents some candidate pair names."""
     from pipelines.data.minhash import shingle_hashes, word_hashes
 
     table = _live(table)
+    if nodes is not None:
+        wanted = doc_node(table.column("doc_id"))
+        index = np.searchsorted(nodes, wanted).clip(0, max(len(nodes) - 1, 0))
+        table = table.filter(pa.array(nodes[index] == wanted if len(nodes) else np.zeros(len(wanted), bool)))
     hashes, doc_of = shingle_hashes(*word_hashes(table.column("text")), ngram)
-    sets = [np.unique(hashes[doc_of == i]) for i in range(table.num_rows)]
+    # One sort of the whole batch (by document, then hash) instead of a scan of it per document.
+    order = np.lexsort((hashes, doc_of))
+    hashes, doc_of = hashes[order], doc_of[order]
+    first = np.ones(len(hashes), dtype=bool)
+    first[1:] = (hashes[1:] != hashes[:-1]) | (doc_of[1:] != doc_of[:-1])
+    hashes, doc_of = hashes[first], doc_of[first]
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(doc_of, minlength=table.num_rows))]).astype(np.int64)
+    sets = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(hashes, pa.uint32()))
     nodes = pa.array(doc_node(table.column("doc_id")), pa.uint64())
-    return pa.table({"node": nodes, "shingles": pa.array(sets, pa.list_(pa.uint32()))})
+    return pa.table({"node": nodes, "shingles": sets.cast(pa.list_(pa.uint32()))})
 
 
 def _verified(table: pa.Table, threshold: float) -> pa.Table:
-    """Keep candidate edges whose true Jaccard similarity over shingle sets reaches ``threshold``."""
-    keep = []
-    for left, right in zip(table.column("shingles_u").to_pylist(), table.column("shingles_v").to_pylist(), strict=True):
-        union = len(set(left) | set(right))
-        keep.append(union > 0 and len(np.intersect1d(left, right, assume_unique=True)) / union >= threshold)
-    mask = pa.array(keep, pa.bool_())
-    return table.select(["u", "v"]).filter(mask)
+    """Keep candidate edges whose true Jaccard similarity over shingle sets reaches ``threshold``.
+
+    Vectorised over the batch: each side's (pair, shingle) keys are concatenated and sorted; as each
+    set holds distinct values, a key seen twice is one shared shingle of that pair."""
+    pairs = table.num_rows
+    if pairs == 0:
+        return table.select(["u", "v"])
+    sides = [table.column(name).combine_chunks() for name in ("shingles_u", "shingles_v")]
+    lengths = [pc.list_value_length(side).fill_null(0).to_numpy().astype(np.int64) for side in sides]
+    keys = np.concatenate(
+        [
+            (np.repeat(np.arange(pairs, dtype=np.uint64), length) << np.uint64(32))
+            | side.flatten().to_numpy(zero_copy_only=False).astype(np.uint64)
+            for side, length in zip(sides, lengths, strict=True)
+        ]
+    )
+    keys.sort()
+    shared = keys[1:][keys[1:] == keys[:-1]] >> np.uint64(32)
+    intersection = np.bincount(shared.astype(np.int64), minlength=pairs)
+    union = lengths[0] + lengths[1] - intersection
+    keep = (union > 0) & (intersection / np.maximum(union, 1) >= threshold)
+    return table.select(["u", "v"]).filter(pa.array(keep))
 
 
 class NearDedup(Step):
@@ -174,8 +201,9 @@ class NearDedup(Step):
 
 
 class MinHashDedup(NearDedup):
-    """MinHash signatures, LSH bands grouped across the cluster; optionally each candidate pair's
-    true Jaccard similarity is checked before it joins a cluster."""
+    """MinHash signatures, LSH bands grouped across the cluster; each candidate pair's true Jaccard
+    similarity is checked before it joins a cluster (``verify``, on by default). The defaults are the
+    recipe's (``MinHashDedupStep``): bands that lean to recall at the threshold, verification for precision."""
 
     name = "minhash_dedup"
 
@@ -185,8 +213,8 @@ class MinHashDedup(NearDedup):
         num_perm: int = 128,
         ngram: int = 5,
         seed: int = 1,
-        false_positive_weight: float = 0.5,
-        verify: bool = False,
+        false_positive_weight: float = 0.05,
+        verify: bool = True,
         num_partitions: int = 8,
         local_components_edges: int = LOCAL_EDGES,
     ):
@@ -204,8 +232,17 @@ class MinHashDedup(NearDedup):
         edges = self._shared_buckets(buckets).map_batches(_bucket_edges, batch_format="pyarrow")
         if not self.verify:
             return edges
-        sets = ds.map_batches(shingle_sets, fn_kwargs={"ngram": self.ngram}, batch_format="pyarrow")
-        sets = sets.materialize()
+        # A pair sharing several bands arrives once per band: each distinct pair is verified once.
+        edges = _nonempty_blocks(_distinct(edges, self.num_partitions))
+        if edges is None:
+            return _empty_edges()
+        # Shingle sets only of the documents a candidate pair names: the rest are never looked up.
+        nodes = _edge_nodes(edges)
+        sets = _nonempty_blocks(
+            ds.map_batches(shingle_sets, fn_kwargs={"ngram": self.ngram, "nodes": nodes}, batch_format="pyarrow")
+        )
+        if sets is None:
+            return _empty_edges()
         with_u = edges.join(
             sets.rename_columns({"node": "u", "shingles": "shingles_u"}), "inner", self.num_partitions, on=("u",)
         )
@@ -213,6 +250,37 @@ class MinHashDedup(NearDedup):
             sets.rename_columns({"node": "v", "shingles": "shingles_v"}), "inner", self.num_partitions, on=("v",)
         )
         return both.map_batches(_verified, fn_kwargs={"threshold": self.threshold}, batch_format="pyarrow")
+
+
+def _nonempty_blocks(ds):
+    """``ds`` materialised without its empty blocks, or None when every block is empty.
+
+    A map over an empty block passes it on without calling the function, so it has no columns;
+    Ray Data's hash join then fails on a partition that only such blocks reach ("unable to find
+    column"). The blocks' metadata says which are empty; no block is read."""
+    import ray.data
+
+    kept = [
+        entry.ref
+        for bundle in ds.materialize().iter_internal_ref_bundles()
+        for entry in bundle.blocks
+        if entry.metadata.num_rows is None or entry.metadata.num_rows > 0
+    ]
+    return ray.data.from_arrow_refs(kept) if kept else None
+
+
+def _edge_nodes(edges) -> np.ndarray:
+    """The sorted distinct nodes of an edge list (gathered in the driver: 8 bytes a node)."""
+    import ray
+
+    tables = ray.get(edges.to_arrow_refs())
+    return np.unique(np.concatenate([t.column(name).to_numpy() for t in tables for name in ("u", "v")]))
+
+
+def _empty_edges():
+    import ray.data
+
+    return ray.data.from_arrow(pa.table({"u": pa.array([], pa.uint64()), "v": pa.array([], pa.uint64())}))
 
 
 def simhash_fingerprints(texts: pa.Array | pa.ChunkedArray, ngram: int) -> tuple[np.ndarray, np.ndarray]:

@@ -5,6 +5,10 @@ number of permutations. Three rounds, each running both pipelines on the same co
 (alternately first). Reported per round: documents/s, per core, precision, recall and
 F1 against the planted duplicates, agreement of the two duplicate sets; and, from one
 run each, the peak memory of the Ray run at two corpus sizes.
+
+``test_minhash_dedup_defaults_at_the_threshold``: the recipe's default minhash_dedup
+against the old defaults on near-duplicates planted at the threshold (true Jaccard
+spread over [0.80, 0.95]) and hard negatives just below 0.5: F1 and documents/s.
 """
 
 from __future__ import annotations
@@ -50,10 +54,21 @@ def as_dataset(documents: list[tuple[str, str]]):
     return ray.data.from_arrow(table).repartition(16).materialize()
 
 
-def loom_drops(ds) -> set[str]:
+def loom_drops(ds, step=None) -> set[str]:
+    """Documents ``step`` marks as near-duplicates; by default the step with datasketch's own settings
+    (bands for equal false-positive and false-negative weights, no verification), like for like."""
     from pipelines.data.dedup import MinHashDedup
 
-    marked = MinHashDedup(threshold=THRESHOLD, num_perm=NUM_PERM, ngram=NGRAM, num_partitions=4).apply(ds)
+    if step is None:
+        step = MinHashDedup(
+            threshold=THRESHOLD,
+            num_perm=NUM_PERM,
+            ngram=NGRAM,
+            num_partitions=4,
+            false_positive_weight=0.5,
+            verify=False,
+        )
+    marked = step.apply(ds)
     dropped = set()
     for batch in marked.select_columns(["doc_id", "reject_reason"]).iter_batches(batch_format="pyarrow"):
         for doc_id, reason in zip(
@@ -226,5 +241,103 @@ def test_signature_kernel_against_datasketch(record_benchmark):
                 "Loom docs/s",
                 "datasketch docs/s",
             )
+        ],  # fmt: skip
+    )
+
+
+def test_minhash_dedup_defaults_at_the_threshold(record_benchmark):
+    """What the defaults cost and buy: the recipe's minhash_dedup at its defaults (bands leaning to recall
+    at the threshold, every candidate verified) against the old defaults (bands for equal error weights,
+    no verification), side by side on one corpus of near-duplicates planted at the threshold."""
+    import ray
+
+    from cluster.config import ClusterConfig
+    from cluster.connect import connect
+    from pipelines.data.config import MinHashDedupStep
+
+    connect(ClusterConfig(num_cpus=8))
+    new = MinHashDedupStep(type="minhash_dedup")
+    old = MinHashDedupStep(type="minhash_dedup", false_positive_weight=0.5, verify=False)
+    documents_wanted, bases = 50_000, 5_000
+    positive, negative = (THRESHOLD, 0.95), (0.4, 0.5)
+    corpus = planted_corpus(
+        bases=bases, variants_per_base=2, hard_negatives=bases, uniques=documents_wanted - 4 * bases, seed=24,
+        positive_jaccard=positive, negative_jaccard=negative,
+    )  # fmt: skip
+    documents, expected, negatives = corpus.documents, corpus.expected_drops(), set(corpus.hard_negatives)
+    loom_drops(as_dataset(planted_corpus(bases=200, uniques=1000, seed=1).documents), new.build())  # warm-up
+    ds = as_dataset(documents)
+    runs = side_by_side(
+        {
+            "old defaults": timed(lambda: loom_drops(ds, old.build())),
+            "new defaults": timed(lambda: loom_drops(ds, new.build())),
+        }
+    )
+    ray.shutdown()
+    quantities: dict[str, list[float]] = {}
+    for name, values in runs.items():
+        quantities[f"{name} docs/s"] = [len(documents) / seconds for seconds, _ in values]
+        quantities[f"{name} F1"] = [f1(found, expected)[2] for _, found in values]
+        quantities[f"{name} precision"] = [f1(found, expected)[0] for _, found in values]
+        quantities[f"{name} recall"] = [f1(found, expected)[1] for _, found in values]
+        quantities[f"{name} hard negatives removed"] = [len(found & negatives) for _, found in values]
+    assert min(quantities["new defaults F1"]) >= 0.95 and max(quantities["new defaults hard negatives removed"]) == 0
+    positives = sorted(corpus.positive_jaccards.values())
+    record_benchmark(
+        "dedup_defaults",
+        stage="data: dedup",
+        measure="minhash_dedup at its defaults vs the old defaults, near-duplicates planted at the threshold",
+        inputs={
+            "documents": len(documents),
+            "planted_duplicates": len(expected),
+            "hard_negatives": len(negatives),
+            "positive_jaccard_range": [round(positives[0], 4), round(positives[-1], 4)],
+            "positives_below_0.85": sum(j < 0.85 for j in positives),
+            "negative_jaccard_range": [
+                round(min(corpus.negative_jaccards.values()), 4),
+                round(corpus.max_negative_jaccard, 4),
+            ],
+            "threshold": THRESHOLD,
+            "num_perm": NUM_PERM,
+            "ngram": NGRAM,
+            "new_defaults": {
+                "false_positive_weight": new.false_positive_weight,
+                "verify": new.verify,
+                "bands": new.build().params.bands,
+                "rows": new.build().params.rows,
+            },
+            "old_defaults": {
+                "false_positive_weight": old.false_positive_weight,
+                "verify": old.verify,
+                "bands": old.build().params.bands,
+                "rows": old.build().params.rows,
+            },
+            "ray_cores": os.cpu_count() or 1,
+        },  # fmt: skip
+        quantities=quantities,
+        comparisons=[
+            comparison(
+                "F1 at the threshold, new defaults vs old",
+                "F1 on near-duplicates planted at the threshold",
+                quantities,
+                "new defaults F1",
+                "old defaults F1",
+                kind="difference",
+            ),
+            comparison(
+                "recall at the threshold, new defaults vs old",
+                "recall on near-duplicates planted at the threshold",
+                quantities,
+                "new defaults recall",
+                "old defaults recall",
+                kind="difference",
+            ),
+            comparison(
+                "documents/s, new defaults / old",
+                "documents/s of near-dedup, new defaults / old (the cost of verification)",
+                quantities,
+                "new defaults docs/s",
+                "old defaults docs/s",
+            ),
         ],  # fmt: skip
     )

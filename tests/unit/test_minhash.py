@@ -7,7 +7,10 @@ import pyarrow as pa
 from datasketch import MinHashLSH
 
 from pipelines.data.components import _both_directions
+from pipelines.data.config import MinHashDedupStep
+from pipelines.data.dedup import _verified, shingle_sets
 from pipelines.data.minhash import EMPTY, LSHParams, band_keys, estimated_jaccard, permutations, signatures
+from tests.helpers import document_table
 from tests.planted_corpus import jaccard, planted_corpus
 
 
@@ -59,3 +62,50 @@ def test_edges_are_made_undirected_without_self_loops():
     assert sorted(zip(out.column("u").to_pylist(), out.column("v").to_pylist(), strict=True)) == [
         (1, 2), (1, 3), (2, 1), (3, 1)
     ]  # fmt: skip
+
+
+def test_planted_near_duplicates_spread_over_the_range_asked_for():
+    corpus = planted_corpus(
+        bases=60, hard_negatives=60, uniques=20, seed=4, positive_jaccard=(0.8, 0.95), negative_jaccard=(0.4, 0.5)
+    )
+    texts = dict(corpus.documents)
+    for cluster in corpus.clusters:
+        base = texts[cluster[0]]
+        for variant in cluster[1:]:  # computed, not assumed
+            assert corpus.positive_jaccards[variant] == jaccard(base, texts[variant])
+    similarities = sorted(corpus.positive_jaccards.values())
+    assert len(similarities) == 120 and 0.8 <= similarities[0] and similarities[-1] <= 0.95
+    # Spread, not bunched: every third of the range holds some.
+    for low, high in ((0.8, 0.85), (0.85, 0.9), (0.9, 0.95)):
+        assert sum(low <= s < high for s in similarities) >= 10, (low, high)
+    assert 0.4 <= min(corpus.negative_jaccards.values()) and corpus.max_negative_jaccard < 0.5
+    # Existing callers get the corpus they always had.
+    again = planted_corpus(bases=40, variants_per_base=2, hard_negatives=40, uniques=80, seed=7)
+    assert again.min_positive_jaccard >= 0.9 and again.max_negative_jaccard <= 0.5
+
+
+def test_default_bands_lean_to_recall_at_the_threshold_and_candidates_are_verified():
+    step = MinHashDedupStep(type="minhash_dedup")
+    params = step.build().params
+    at_threshold = 1 - (1 - step.threshold**params.rows) ** params.bands
+    assert at_threshold >= 0.9 and step.verify, (params, at_threshold)
+
+
+def test_verification_keeps_exactly_the_pairs_at_or_above_the_threshold():
+    corpus = planted_corpus(bases=10, hard_negatives=10, uniques=5, seed=2, positive_jaccard=(0.8, 0.95))
+    texts = [text for _, text in corpus.documents] + ["", "two words"]
+    table = document_table(texts, [f"{i:016x}" for i in range(len(texts))])
+    sets = shingle_sets(table, 5).column("shingles").to_pylist()
+    pairs = [(i, j) for i in range(len(texts)) for j in range(len(texts)) if i != j]
+    candidates = pa.table(
+        {
+            "u": pa.array([i for i, _ in pairs], pa.uint64()),
+            "v": pa.array([j for _, j in pairs], pa.uint64()),
+            "shingles_u": pa.array([sets[i] for i, _ in pairs], pa.list_(pa.uint32())),
+            "shingles_v": pa.array([sets[j] for _, j in pairs], pa.list_(pa.uint32())),
+        }
+    )
+    kept = _verified(candidates, 0.8)
+    found = set(zip(kept.column("u").to_pylist(), kept.column("v").to_pylist(), strict=True))
+    expected = {(i, j) for i, j in pairs if texts[i] and texts[j] and jaccard(texts[i], texts[j]) >= 0.8}
+    assert found == expected and len(expected) >= 20
