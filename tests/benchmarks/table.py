@@ -23,6 +23,7 @@ MIN_RUNS = 3
 #: The README's table: (result file, comparison name), in this order; those without a file are left out.
 HEADLINES = [
     ("dedup", "documents/s per core"),
+    ("dedup_defaults", "F1 at the threshold, new defaults vs old"),
     ("tokenize_pack", "tokens/s, stdlib + packages, vs encode_batch"),
     ("train_throughput", "tokens/s, 1 worker vs plain torch"),
     ("parquet_read", "first-batch seconds"),
