@@ -381,6 +381,19 @@ def cli_reference() -> str:
         if rows:
             lines += _table(["argument", "notes", "help"], rows)
             lines.append("")
+    release = cli.release_parser()
+    lines += [
+        "## loom serve promote | rollback | status {#loom-serve-canary}",
+        "",
+        _escape(release.description or ""),
+        "",
+        "```",
+        _usage(release),
+        "```",
+        "",
+        *_table(["argument", "notes", "help"], _argument_rows(release)),
+        "",
+    ]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
