@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from pipelines.data.utils import LOCAL_EDGES
-from pipelines.schema import StrictModel
+from pipelines.schema import StrictModel, field_problems
 
 
 class SourceConfig(StrictModel):
@@ -237,6 +237,74 @@ class PerplexityStep(StrictModel):
         return PerplexityFilter(**self.model_dump(exclude={"type"}))
 
 
+class QualityClassifierStep(StrictModel):
+    type: Literal["quality_classifier"] = Field(
+        description="A learned quality filter: a linear classifier over hashed word n-grams (fastText-style), trained "
+        "on documents of named reference sources (positives) against a named junk source and/or the rejects of named "
+        "earlier steps (negatives), then scoring every kept document in an actor pool; low scores are dropped."
+    )
+    positive_sources: list[str] = Field(
+        min_length=1, description="Source names whose kept documents are the positives (the reference of quality)."
+    )
+    negative_sources: list[str] = Field(
+        default_factory=list, description="Source names whose kept documents are negatives (a junk source)."
+    )
+    negatives_from_steps: list[str] = Field(
+        default_factory=list,
+        description="Names of earlier steps (e.g. gopher_quality, repetition) whose rejects are negatives too: the "
+        "heuristics' rejects teach the classifier what they catch, and it generalises to what they miss.",
+    )
+    threshold: float | None = Field(
+        default=None, gt=0, lt=1, description="Drop kept documents whose score (probability of quality) is below this."
+    )
+    keep_fraction: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Keep this share of the scored documents, the highest-scoring (approximate quantile across the "
+        "cluster); instead of threshold.",
+    )
+    word_ngrams: int = Field(default=2, ge=1, le=5, description="Word n-grams hashed as features: 1 to this n.")
+    hash_bits: int = Field(default=18, ge=10, le=24, description="Hashed feature space of 2**hash_bits dimensions.")
+    regularization: float = Field(
+        default=1.0, gt=0, description="Inverse regularization strength C of the logistic regression."
+    )
+    max_train_documents: int = Field(
+        default=20_000,
+        ge=2,
+        description="Most training documents per class, the same ones on every run (smallest hash of doc_id).",
+    )
+    holdout_fraction: float = Field(
+        default=0.2, ge=0, lt=1, description="Share of the labelled documents held out to report precision and recall."
+    )
+    max_chars: int = Field(
+        default=10_000, ge=100, description="Characters of each document featurized (its beginning)."
+    )
+    actors: int = Field(default=1, ge=1, description="Scoring actors, each holding the model once.")
+    batch_size: int = Field(default=256, ge=1, description="Documents per scoring batch.")
+
+    @model_validator(mode="after")
+    def _labels_and_rule(self) -> QualityClassifierStep:
+        problems = []
+        if (self.threshold is None) == (self.keep_fraction is None):
+            problems.append(("threshold", "set exactly one of threshold, keep_fraction"))
+        if not self.negative_sources and not self.negatives_from_steps:
+            problems.append(("negative_sources", "name negatives: negative_sources and/or negatives_from_steps"))
+        both = sorted(set(self.positive_sources) & set(self.negative_sources))
+        if both:
+            problems.append(("negative_sources", f"sources cannot be positives and negatives: {', '.join(both)}"))
+        if "quality_classifier" in self.negatives_from_steps:
+            problems.append(("negatives_from_steps", "a quality_classifier's rejects cannot teach another one"))
+        if problems:
+            raise field_problems(problems)
+        return self
+
+    def build(self):
+        from pipelines.data.quality import QualityClassifier
+
+        return QualityClassifier(**self.model_dump(exclude={"type"}))
+
+
 class SimHashDedupStep(StrictModel):
     type: Literal["simhash_dedup"] = Field(description="Near-duplicate removal with 64-bit SimHash fingerprints.")
     max_hamming: int = Field(
@@ -254,7 +322,7 @@ class SimHashDedupStep(StrictModel):
 
 StepConfig = Annotated[
     NormalizeStep | LengthStep | GopherQualityStep | RepetitionStep | BlocklistStep | CharsetStep
-    | PerplexityStep | ExactDedupStep | MinHashDedupStep | SimHashDedupStep,
+    | PerplexityStep | QualityClassifierStep | ExactDedupStep | MinHashDedupStep | SimHashDedupStep,
     Field(discriminator="type"),
 ]  # fmt: skip
 
@@ -282,7 +350,7 @@ class DataConfig(StrictModel):
     steps: list[StepConfig] = Field(
         default_factory=default_steps,
         description="Curation steps in order, each chosen by 'type': normalize, length, gopher_quality, "
-        "repetition, blocklist, charset, perplexity, exact_dedup, minhash_dedup, simhash_dedup.",
+        "repetition, blocklist, charset, perplexity, quality_classifier, exact_dedup, minhash_dedup, simhash_dedup.",
     )
     vocab_size: int = Field(
         default=4096, ge=300, le=1_000_000, description="BPE vocabulary size, special tokens included."
@@ -321,4 +389,34 @@ class DataConfig(StrictModel):
             problems.append(f"mix needs distinct source names (got {names})")
         if problems:
             raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _classifier_labels_exist(self) -> DataConfig:
+        """Every quality_classifier names sources of this recipe and steps that come before it."""
+        names = [source.name for source in self.sources]
+        problems = []
+        for index, step in enumerate(self.steps):
+            if not isinstance(step, QualityClassifierStep):
+                continue
+            for field in ("positive_sources", "negative_sources"):
+                unknown = [name for name in getattr(step, field) if name not in names]
+                if unknown:
+                    problems.append(
+                        (
+                            f"steps.{index}.{field}",
+                            f"unknown source(s) {', '.join(unknown)} (sources: {', '.join(names)})",
+                        )
+                    )
+            earlier = [s.type for s in self.steps[:index]]
+            missing = [name for name in step.negatives_from_steps if name not in earlier]
+            if missing:
+                problems.append(
+                    (
+                        f"steps.{index}.negatives_from_steps",
+                        f"{', '.join(missing)} not among the earlier steps ({', '.join(earlier) or 'none'})",
+                    )
+                )
+        if problems:
+            raise field_problems(problems)
         return self

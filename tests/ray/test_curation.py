@@ -259,3 +259,72 @@ def test_documents_keep_their_identity_through_steps_rejects_and_dedup(ray_clust
     assert rejected["rec-3"]["reject_reason"].startswith("length: too_short")
     assert json.loads(rejected["7"]["metadata"]) == {"lang": "it"}
     assert {row["source_id"] for row in kept.take_all()} == {twins[0], near[0]}
+
+
+def test_quality_classifier_drops_planted_junk_with_the_score_in_the_reason(ray_cluster):
+    """The quality_classifier step through the data-step machinery: trained on a reference source against a
+    junk source, it scores every kept row in its actor pool and drops the web corpus's planted junk, each
+    reject carrying its score. Clear-cut junk kinds (word salad, which bag-of-n-grams features cannot tell
+    from prose, is measured by the benchmark)."""
+    import ray.data
+
+    from pipelines.data.config import QualityClassifierStep
+    from tests.quality_corpus import JUNK_KINDS, quality_corpus
+
+    corpus = quality_corpus(reference=120, junk=120, web=200, junk_share=0.25, seed=4, kinds=JUNK_KINDS[:4])
+    tables = [
+        document_table([t for _, t in docs], [d for d, _ in docs], source=source)
+        for source, docs in corpus.sources.items()
+    ]
+    ds = ray.data.from_arrow(pa.concat_tables(tables)).repartition(3)
+    step = QualityClassifierStep(
+        type="quality_classifier", positive_sources=["reference"], negative_sources=["junk"], threshold=0.5,
+        hash_bits=16, batch_size=64,
+    ).build()  # fmt: skip
+    rows = {row["doc_id"]: row for row in step.apply(ds).take_all()}
+    web = {doc_id for doc_id, _ in corpus.sources["web"]}
+    dropped = {doc_id for doc_id in web if rows[doc_id]["reject_reason"] is not None}
+    hits = len(dropped & corpus.planted_junk)
+    precision, recall = hits / max(1, len(dropped)), hits / len(corpus.planted_junk)
+    assert 2 * precision * recall / (precision + recall) >= 0.95, (precision, recall)
+    for doc_id in dropped:
+        score = rows[doc_id]["quality_score"]
+        assert rows[doc_id]["reject_reason"] == f"quality_classifier: low_score (score {score:.3f} < 0.500, threshold)"
+    assert all(rows[d]["reject_reason"] for d, _ in corpus.sources["junk"])  # the junk source goes too
+    stats = step.stats()
+    assert stats["train_documents"]["positive"] + stats["holdout_documents"]["positive"] == 120
+    assert stats["holdout"]["f1"] >= 0.95, stats
+
+
+def test_quality_classifier_learns_from_the_heuristics_rejects_and_keeps_a_fraction(ray_cluster):
+    """Negatives from the rejects of earlier steps (gopher_quality, repetition), keep_fraction instead of a
+    threshold: about that share of the scored rows is kept, and the rows the heuristics dropped keep their
+    first reason."""
+    import ray.data
+
+    from pipelines.data.config import GopherQualityStep, QualityClassifierStep, RepetitionStep
+    from tests.quality_corpus import quality_corpus
+
+    corpus = quality_corpus(reference=100, junk=0, web=200, junk_share=0.4, seed=5, kinds=("symbol_soup", "log_lines"))
+    tables = [
+        document_table([t for _, t in docs], [d for d, _ in docs], source=source)
+        for source, docs in corpus.sources.items()
+        if docs
+    ]
+    ds = ray.data.from_arrow(pa.concat_tables(tables)).repartition(2)
+    for config in (GopherQualityStep(type="gopher_quality"), RepetitionStep(type="repetition")):
+        ds = config.build().apply(ds)
+    before = {row["doc_id"]: row["reject_reason"] for row in ds.take_all()}
+    heuristics = {doc_id for doc_id, reason in before.items() if reason}
+    assert len(heuristics & corpus.planted_junk) >= 40  # enough negatives to learn from
+    step = QualityClassifierStep(
+        type="quality_classifier", positive_sources=["reference"], negatives_from_steps=["gopher_quality", "repetition"],
+        keep_fraction=0.9, hash_bits=16, holdout_fraction=0.0,
+    ).build()  # fmt: skip
+    rows = step.apply(ds).take_all()
+    scored = [row for row in rows if row["quality_score"] is not None]
+    kept = [row for row in scored if row["reject_reason"] is None]
+    assert abs(len(kept) / len(scored) - 0.9) <= 0.05, (len(kept), len(scored))
+    assert all(row["reject_reason"] == before[row["doc_id"]] for row in rows if row["doc_id"] in heuristics)
+    assert all("keep_fraction 0.9)" in row["reject_reason"] for row in scored if row["reject_reason"])
+    assert step.stats()["rule"] == "keep_fraction 0.9"
