@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -22,13 +23,16 @@ def _reserved_by_this_job() -> set[str]:
     return {
         pg_id
         for pg_id, info in ray.util.placement_group_table().items()
-        if info.get("state") == "CREATED" and pg_id.endswith(job)  # an id ends with its creator job's id
+        # Not only CREATED: a group a stopped trial asked for just before the end can still be PENDING then, and
+        # be created after the sweep (seen in a fresh clone's tests: registered 11 s before a sweep ended, never
+        # removed, holding its CPUs until the cluster stopped). Removing a pending group cancels it.
+        if info.get("state") != "REMOVED" and pg_id.endswith(job)  # an id ends with its creator job's id
     }
 
 
 @contextlib.contextmanager
 def releasing_trials_placement_groups(stage: str) -> Iterator[None]:
-    """When the sweep has ended, remove the placement groups its trials left reserved.
+    """When the sweep has ended, remove the placement groups its trials left reserved (or still waiting to be).
 
     Ray Train 2.60 removes a Train run's worker group from a cleaner actor that watches the run's controller;
     a trial Tune stops (ASHA) kills that controller, and the cleaner does not always remove its group (seen in
@@ -43,9 +47,12 @@ def releasing_trials_placement_groups(stage: str) -> Iterator[None]:
     try:
         yield
     finally:
-        for pg_id in sorted(_reserved_by_this_job() - before):
-            log.warning("%s: removing placement group %s a finished sweep's trial left reserved", stage, pg_id)
-            ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
+        # Twice: a stopped trial's controller, torn down as the sweep returns, may still register its group.
+        for look in range(2):
+            time.sleep(look * 2.0)
+            for pg_id in sorted(_reserved_by_this_job() - before):
+                log.warning("%s: removing placement group %s a finished sweep's trial left reserved", stage, pg_id)
+                ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
 
 
 def optuna_sampler(search: Literal["tpe", "random"], seed: int, startup_trials: int):

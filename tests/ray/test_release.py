@@ -46,7 +46,9 @@ def test_what_a_finished_sweeps_trials_left_reserved_is_released_and_nothing_els
         with releasing_trials_placement_groups("tune"):
             left = placement_group([{"CPU": 0.01}])  # as a stopped trial's worker group is left
             ray.get(left.ready())
-        wait_released([left.id.hex()], "the trial's leftover group to be removed")
+            # and one still waiting for room when the sweep ends, which would hold its CPUs once created
+            pending = placement_group([{"CPU": 10_000}])
+        wait_released([left.id.hex(), pending.id.hex()], "the trial's leftover groups to be removed")
         assert ray.util.placement_group_table()[before.id.hex()]["state"] == "CREATED"
     finally:
         ray.util.remove_placement_group(before)
