@@ -17,7 +17,7 @@ from pydantic import Field, model_validator
 
 from pipelines.artifacts import VariantRecord
 from pipelines.schema import StrictModel
-from serve.config import ModelConfig, ServeConfig
+from serve.config import ModelConfig, ServeConfig, canary_id
 
 
 class CompressionLineage(StrictModel):
@@ -171,7 +171,7 @@ def llm_config(model_id: str, model: ModelConfig, source: str, draft: str | None
 
 def canaries(parsed: ServeAppArgs, lineage: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Each canary's start: its weight, its gate, and the candidate's perplexity over the stable version's."""
-    from serve.canary import canary_id, perplexity_ratio
+    from serve.canary import perplexity_ratio
 
     return {
         model_id: {

@@ -22,22 +22,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from serve.config import CANARY, CanaryGate
+from serve.config import CanaryGate, canary_id
 
 log = logging.getLogger(__name__)
 #: Seconds between an ingress replica's syncs with the controller.
 SYNC_S = 0.5
 #: The stable version's answers the gate needs in its window to compare p99 latencies.
 MIN_STABLE_SAMPLES = 10
-
-
-def canary_id(model_id: str) -> str:
-    return f"{model_id}{CANARY}"
-
-
-def public_id(version: str) -> str:
-    """The model id a version answers for."""
-    return version.removesuffix(CANARY)
 
 
 def caller_place(model_id: str, caller: str) -> float:

@@ -15,6 +15,10 @@ from pipelines.schema import StrictModel, field_problems
 CANARY = "@canary"
 
 
+def canary_id(model_id: str) -> str:
+    return f"{model_id}{CANARY}"
+
+
 class SpeculativeConfig(StrictModel):
     """Speculative decoding with a distilled student of the run's compress stage as the draft (vLLM's
     draft-model method): the draft proposes tokens, the served model checks them all in one step."""
@@ -473,7 +477,7 @@ class ServeConfig(StrictModel):
         for model_id, model in self.models.items():
             versions[model_id] = model
             if model.canary is not None:
-                versions[f"{model_id}{CANARY}"] = model.model_copy(
+                versions[canary_id(model_id)] = model.model_copy(
                     update={"source": model.canary.source, "variant": model.canary.variant, "canary": None}
                 )
         return versions
