@@ -5,7 +5,6 @@ next one (warm)."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -13,8 +12,7 @@ import httpx
 import pytest
 
 from tests.benchmarks.conftest import comparison
-from tests.benchmarks.test_serve_load import MAX_MODEL_LEN, model_dir  # noqa: F401 (model_dir: a fixture)
-from tests.conftest import free_port
+from tests.benchmarks.test_serve_load import MAX_MODEL_LEN, bench_app, model_dir  # noqa: F401 (model_dir: a fixture)
 from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.benchmark, pytest.mark.timeout(3600)]
@@ -39,7 +37,7 @@ def _ask(url: str) -> float:
     started = time.perf_counter()
     answer = httpx.post(
         url,
-        json={"model": "cold", "prompt": "def fibonacci(n):", "max_tokens": TOKENS, "ignore_eos": True},
+        json={"model": "bench", "prompt": "def fibonacci(n):", "max_tokens": TOKENS, "ignore_eos": True},
         headers={"Authorization": f"Bearer {KEY}"},
         timeout=600,
     )
@@ -53,51 +51,26 @@ def test_a_model_scaled_to_zero_answers_its_first_request_after_a_cold_start(
     record_benchmark,
     tmp_path: Path,
 ):
-    import ray
-    from ray import serve
-
-    from cluster.config import ClusterConfig
-    from cluster.connect import connect
-    from serve.app import ServeAppArgs, build_app
-    from serve.config import ServeConfig
-
     keys = tmp_path / "keys"
     keys.write_text(f"{KEY}\n")
-    port = free_port()
-    config = ServeConfig.model_validate(
-        {
-            "models": {
-                "cold": {
-                    "source": str(model_dir),
-                    "engine": {"dtype": "float32", "max_model_len": MAX_MODEL_LEN},
-                    "autoscaling": {
-                        "min_replicas": 0,
-                        "max_replicas": 1,
-                        "upscale_delay_s": 0,
-                        "downscale_delay_s": 5,
-                        "metrics_interval_s": 0.5,
-                        "look_back_period_s": 2,
-                    },
-                }
-            },
-            "protection": {"api_keys_env": None, "api_keys_file": str(keys)},
-            "port": port,
-        }
-    )
-    connect(ClusterConfig(num_cpus=2 * (os.cpu_count() or 2)))  # a vLLM replica reserves 2 (its own and its engine's)
+    model = {
+        "engine": {"dtype": "float32", "max_model_len": MAX_MODEL_LEN},
+        "autoscaling": {
+            "min_replicas": 0,
+            "max_replicas": 1,
+            "upscale_delay_s": 0,
+            "downscale_delay_s": 5,
+            "metrics_interval_s": 0.5,
+            "look_back_period_s": 2,
+        },
+    }
     cold, warm = [], []
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        args = ServeAppArgs(serve_config=config, model_sources={"cold": str(model_dir)})
-        serve.run(build_app(args.model_dump(mode="json")), name="bench", route_prefix="/")
-        url = f"http://127.0.0.1:{port}/v1/completions"
+    with bench_app(model_dir, model, {"api_keys_file": str(keys)}) as base:
+        url = f"{base}/completions"
         for _ in range(ROUNDS):
             wait_for(lambda: _replicas("bench") == 0, 300, "the idle model to reach zero replicas")
             cold.append(_ask(url))
             warm.append(_ask(url))
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     quantities = {"first request after zero replicas s": cold, "next request s": warm}
     record_benchmark(
         "serve_cold_start",

@@ -18,8 +18,12 @@ import numpy as np
 import pytest
 
 from tests.benchmarks.conftest import comparison, side_by_side
-from tests.benchmarks.test_serve_load import MAX_MODEL_LEN, model_dir, prompts  # noqa: F401 (model_dir: a fixture)
-from tests.conftest import free_port
+from tests.benchmarks.test_serve_load import (  # noqa: F401 (model_dir: a fixture)
+    MAX_MODEL_LEN,
+    bench_app,
+    model_dir,
+    prompts,
+)
 
 pytestmark = [pytest.mark.benchmark, pytest.mark.timeout(3600)]
 HEAVY, LIGHT = "loom-bench-heavy-key-0001", "loom-bench-light-key-0002"
@@ -47,72 +51,46 @@ def _light_p99(http: httpx.Client, url: str, texts: list[str]) -> float:
 
 def fairness(model: Path, texts: list[str], scheduling: str, keys_file: Path) -> dict[str, float]:
     """Deploy Loom's endpoint with ``scheduling``; the light key's p99 alone, then under the heavy key's flood."""
-    import ray
-    from ray import serve
-
-    from cluster.config import ClusterConfig
-    from cluster.connect import connect
-    from serve.app import ServeAppArgs, build_app
-    from serve.config import ServeConfig
-
-    port = free_port()
-    config = ServeConfig.model_validate(
-        {
-            "models": {
-                "bench": {
-                    "source": str(model),
-                    "cpus_per_replica": os.cpu_count(),
-                    "engine": {
-                        "dtype": "float32",
-                        "max_model_len": MAX_MODEL_LEN,
-                        "max_num_seqs": MAX_NUM_SEQS,
-                        "scheduling": scheduling,
-                    },
-                }
-            },
-            "protection": {
-                "api_keys_env": None,
-                "api_keys_file": str(keys_file),
-                "max_tokens": FLOOD_TOKENS,
-                "requests_per_minute": 60_000,
-                "burst": 1000,
-                "tokens_per_minute": 10_000_000,  # the flood stays within its budget: the engine is what it fills
-                "max_request_tokens": 100_000,
-            },
-            "port": port,
-        }
-    )
-    connect(ClusterConfig(num_cpus=2 * (os.cpu_count() or 2)))
+    engine = {
+        "dtype": "float32",
+        "max_model_len": MAX_MODEL_LEN,
+        "max_num_seqs": MAX_NUM_SEQS,
+        "scheduling": scheduling,
+    }
+    protection = {
+        "api_keys_file": str(keys_file),
+        "max_tokens": FLOOD_TOKENS,
+        "requests_per_minute": 60_000,
+        "burst": 1000,
+        "tokens_per_minute": 10_000_000,  # the flood stays within its budget: the engine is what it fills
+        "max_request_tokens": 100_000,
+    }
     stop = threading.Event()
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        args = ServeAppArgs(serve_config=config, model_sources={"bench": str(model)})
-        serve.run(build_app(args.model_dump(mode="json")), name="bench", route_prefix="/")
-        url = f"http://127.0.0.1:{port}/v1/completions"
-        with httpx.Client(timeout=300) as http:
-            for _ in range(3):  # warm-up
-                _ask(http, url, LIGHT, texts[0][:80], LIGHT_TOKENS)
-            alone = _light_p99(http, url, texts)
+    with bench_app(model, {"cpus_per_replica": os.cpu_count(), "engine": engine}, protection) as base:
+        url = f"{base}/completions"
+        try:
+            with httpx.Client(timeout=300) as http:
+                for _ in range(3):  # warm-up
+                    _ask(http, url, LIGHT, texts[0][:80], LIGHT_TOKENS)
+                alone = _light_p99(http, url, texts)
 
-            def flood(worker: int) -> int:
-                sent = 0
-                with httpx.Client(timeout=300) as own:
-                    while not stop.is_set():
-                        _ask(own, url, HEAVY, texts[(worker + sent) % len(texts)], FLOOD_TOKENS)
-                        sent += 1
-                return sent
+                def flood(worker: int) -> int:
+                    sent = 0
+                    with httpx.Client(timeout=300) as own:
+                        while not stop.is_set():
+                            _ask(own, url, HEAVY, texts[(worker + sent) % len(texts)], FLOOD_TOKENS)
+                            sent += 1
+                    return sent
 
-            with concurrent.futures.ThreadPoolExecutor(FLOOD_CONCURRENCY) as pool:
-                flooding = [pool.submit(flood, worker) for worker in range(FLOOD_CONCURRENCY)]
-                time.sleep(5)  # the flood fills the engine and its queue
-                loaded = _light_p99(http, url, texts)
-                stop.set()
-                flood_requests = sum(f.result(timeout=600) for f in flooding)
-        return {"alone_p99_s": alone, "loaded_p99_s": loaded, "slowdown": loaded / alone, "flood": flood_requests}
-    finally:
-        stop.set()
-        serve.shutdown()
-        ray.shutdown()
+                with concurrent.futures.ThreadPoolExecutor(FLOOD_CONCURRENCY) as pool:
+                    flooding = [pool.submit(flood, worker) for worker in range(FLOOD_CONCURRENCY)]
+                    time.sleep(5)  # the flood fills the engine and its queue
+                    loaded = _light_p99(http, url, texts)
+                    stop.set()
+                    flood_requests = sum(f.result(timeout=600) for f in flooding)
+        finally:
+            stop.set()
+    return {"alone_p99_s": alone, "loaded_p99_s": loaded, "slowdown": loaded / alone, "flood": flood_requests}
 
 
 def test_a_flooding_key_does_not_starve_another(model_dir, record_benchmark, tmp_path):  # noqa: F811

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -76,12 +76,19 @@ def load(base_url: str, model: str, texts: list[str]):
     return result
 
 
-def serve_endpoint(
-    model_dir: Path, texts: list[str], stock_ingress: bool = False, stream_batching_ms: float | None = None
-):
-    """Loom's application (``stream_batching_ms`` unset: the config's default); with ``stock_ingress``,
-    ``ray.serve.llm.build_openai_app`` on the same LLMConfig (no keys, limits or Loom metrics), to tell
-    the ingress's share of the cost from Serve's."""
+@contextmanager
+def bench_app(
+    model_dir: Path,
+    model: dict,
+    protection: dict,
+    *,
+    num_cpus: int | None = None,
+    build: Callable | None = None,
+    **serve_fields,
+) -> Iterator[str]:
+    """Loom's application serving ``model_dir`` as "bench" on loopback, on an embedded Ray of ``num_cpus`` logical
+    CPUs (default: twice the cores, since a vLLM replica reserves its own and its engine's); ``model`` and ``protection`` are the recipe's fields for them, ``build(config)``
+    another application on the same config. Yields the base URL; Serve and Ray are shut down after."""
     import ray
     from ray import serve
 
@@ -93,45 +100,54 @@ def serve_endpoint(
     port = free_port()
     config = ServeConfig.model_validate(
         {
-            "models": {
-                "bench": {
-                    "source": str(model_dir),
-                    "cpus_per_replica": os.cpu_count(),
-                    "engine": {"dtype": "float32", "max_model_len": MAX_MODEL_LEN, "max_num_seqs": CONCURRENCY},
-                    **({"stream_batching_ms": stream_batching_ms} if stream_batching_ms is not None else {}),
-                }
-            },
-            # Limits high enough that every round passes: the checks still run, none refuses.
-            "protection": {
-                "api_keys_env": None,
-                "max_tokens": MAX_TOKENS,
-                "requests_per_minute": 60_000,
-                "burst": 1000,
-            },
+            "models": {"bench": {"source": str(model_dir), **model}},
+            "protection": {"api_keys_env": None, **protection},
             "port": port,
+            **serve_fields,
         }
     )
-    connect(ClusterConfig(num_cpus=2 * (os.cpu_count() or 2)))
+    connect(ClusterConfig(num_cpus=num_cpus or 2 * (os.cpu_count() or 2)))
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        args = ServeAppArgs(serve_config=config, model_sources={"bench": str(model_dir)})
-        if stock_ingress:
-            from ray.serve.llm import build_openai_app
-
-            from serve.app import llm_config
-
-            # Ray's own LLMServer too (its batcher holds the first chunk for the interval).
-            stock_config = llm_config("bench", config.models["bench"], str(model_dir)).model_copy(
-                update={"server_cls": None}
-            )
-            app = build_openai_app({"llm_configs": [stock_config]})
-        else:
+        if build is None:
+            args = ServeAppArgs(serve_config=config, model_sources={"bench": str(model_dir)})
             app = build_app(args.model_dump(mode="json"))
+        else:
+            app = build(config)
         serve.run(app, name="bench", route_prefix="/")
-        return load(f"http://127.0.0.1:{port}/v1", "bench", texts)
+        yield f"http://127.0.0.1:{port}/v1"
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def _stock_app(model_dir: Path, config):
+    """``ray.serve.llm.build_openai_app`` on the LLMConfig Loom would give, with Ray's own LLMServer too (its
+    batcher holds the first chunk for the interval)."""
+    from ray.serve.llm import build_openai_app
+
+    from serve.app import llm_config
+
+    stock_config = llm_config("bench", config.models["bench"], str(model_dir)).model_copy(update={"server_cls": None})
+    return build_openai_app({"llm_configs": [stock_config]})
+
+
+def serve_endpoint(
+    model_dir: Path, texts: list[str], stock_ingress: bool = False, stream_batching_ms: float | None = None
+):
+    """Loom's application (``stream_batching_ms`` unset: the config's default); with ``stock_ingress``,
+    ``ray.serve.llm.build_openai_app`` on the same LLMConfig (no keys, limits or Loom metrics), to tell
+    the ingress's share of the cost from Serve's."""
+    model = {
+        "cpus_per_replica": os.cpu_count(),
+        "engine": {"dtype": "float32", "max_model_len": MAX_MODEL_LEN, "max_num_seqs": CONCURRENCY},
+        **({"stream_batching_ms": stream_batching_ms} if stream_batching_ms is not None else {}),
+    }
+    # Limits high enough that every round passes: the checks still run, none refuses.
+    protection = {"max_tokens": MAX_TOKENS, "requests_per_minute": 60_000, "burst": 1000}
+    build = partial(_stock_app, model_dir) if stock_ingress else None
+    with bench_app(model_dir, model, protection, build=build) as url:
+        return load(url, "bench", texts)
 
 
 @contextmanager

@@ -25,6 +25,7 @@ from tests.benchmarks.test_serve_load import (  # noqa: F401 (model_dir: a fixtu
     MAX_MODEL_LEN,
     MAX_TOKENS,
     REQUESTS,
+    bench_app,
     model_dir,
     prompts,
     vllm_server,
@@ -119,49 +120,26 @@ def measured_load(base_url: str, texts: list[str], api_key: str | None) -> dict[
 
 @contextmanager
 def loom(model: Path, ingress_replicas: int, keys: Path) -> Iterator[tuple[str, str | None]]:
-    import ray
-    from ray import serve
-
-    from cluster.config import ClusterConfig
-    from cluster.connect import connect
-    from serve.app import ServeAppArgs, build_app
-    from serve.config import ServeConfig
-
-    port = free_port()
-    config = ServeConfig.model_validate(
-        {
-            "models": {
-                "bench": {
-                    "source": str(model),
-                    "cpus_per_replica": os.cpu_count(),
-                    "engine": {"dtype": "float32", "max_model_len": MAX_MODEL_LEN, "max_num_seqs": CONCURRENCY},
-                }
-            },
-            # Every check runs (key, rate, price, budget, guard, audit off: no run folder); none refuses.
-            "protection": {
-                "api_keys_env": None,
-                "api_keys_file": str(keys),
-                "max_tokens": MAX_TOKENS,
-                "requests_per_minute": 60_000,
-                "burst": 1000,
-                "tokens_per_minute": 10_000_000,
-                "max_request_tokens": 100_000,
-                # One key alone: the slot kept for other keys would only idle (a fairness policy, not the path).
-                "reserved_engine_slots": 0,
-            },
-            "ingress_replicas": ingress_replicas,
-            "port": port,
-        }
-    )
-    connect(ClusterConfig(num_cpus=3 * (os.cpu_count() or 2)))  # logical: the replica, its engine, 1-2 ingresses
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        args = ServeAppArgs(serve_config=config, model_sources={"bench": str(model)})
-        serve.run(build_app(args.model_dump(mode="json")), name="bench", route_prefix="/")
-        yield f"http://127.0.0.1:{port}/v1", KEY
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    engine = {"dtype": "float32", "max_model_len": MAX_MODEL_LEN, "max_num_seqs": CONCURRENCY}
+    # Every check runs (key, rate, price, budget, guard, audit off: no run folder); none refuses.
+    protection = {
+        "api_keys_file": str(keys),
+        "max_tokens": MAX_TOKENS,
+        "requests_per_minute": 60_000,
+        "burst": 1000,
+        "tokens_per_minute": 10_000_000,
+        "max_request_tokens": 100_000,
+        # One key alone: the slot kept for other keys would only idle (a fairness policy, not the path).
+        "reserved_engine_slots": 0,
+    }
+    with bench_app(
+        model,
+        {"cpus_per_replica": os.cpu_count(), "engine": engine},
+        protection,
+        num_cpus=3 * (os.cpu_count() or 2),  # logical: the replica, its engine, 1-2 ingresses
+        ingress_replicas=ingress_replicas,
+    ) as url:
+        yield url, KEY
 
 
 @contextmanager
