@@ -38,6 +38,25 @@ BOILERPLATE = [
 SPAM = "cheap best free buy online discount deal offer casino viagra loan crypto win prize bonus sale click now".split()
 
 
+def docstring_prose(source: str) -> list[str]:
+    """The prose paragraphs of a Python file's triple-quoted strings: runs of words, not code, doctest or list lines."""
+    paragraphs = []
+    for block in _TRIPLE_QUOTED.findall(source):
+        for paragraph in re.split(r"\n\s*\n", block):
+            lines = [line.strip() for line in paragraph.strip().splitlines()]
+            if any(line.startswith((">>>", "...", "$", "-", "*", ":", "|")) for line in lines):
+                continue
+            text = " ".join(lines)
+            words = text.split()
+            if len(words) < 30:
+                continue
+            alpha = sum(bool(_WORD.fullmatch(w.strip(".,;:()'\"`"))) for w in words) / len(words)
+            if alpha < 0.85 or sum(w.lower() in STOP for w in words) < 4:
+                continue
+            paragraphs.append(text)
+    return paragraphs
+
+
 @lru_cache(maxsize=1)
 def prose_paragraphs() -> tuple[str, ...]:
     """Prose paragraphs of the standard library's docstrings, deduplicated, in file order."""
@@ -49,18 +68,8 @@ def prose_paragraphs() -> tuple[str, ...]:
             source = open(path, encoding="utf-8").read()  # noqa: SIM115
         except (OSError, UnicodeDecodeError):
             continue
-        for block in _TRIPLE_QUOTED.findall(source):
-            for paragraph in re.split(r"\n\s*\n", block):
-                lines = [line.strip() for line in paragraph.strip().splitlines()]
-                if any(line.startswith((">>>", "...", "$", "-", "*", ":", "|")) for line in lines):
-                    continue
-                text = " ".join(lines)
-                words = text.split()
-                if len(words) < 30 or text in seen:
-                    continue
-                alpha = sum(bool(_WORD.fullmatch(w.strip(".,;:()'\"`"))) for w in words) / len(words)
-                if alpha < 0.85 or sum(w.lower() in STOP for w in words) < 4:
-                    continue
+        for text in docstring_prose(source):
+            if text not in seen:
                 seen.add(text)
                 paragraphs.append(text)
     return tuple(paragraphs)
