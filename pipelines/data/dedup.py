@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from pipelines.data.components import _distinct, connected_components
 from pipelines.data.minhash import EMPTY, LSHParams, band_keys, permutations, signatures
-from pipelines.data.steps import Step, split_kept, with_columns
+from pipelines.data.steps import Step, with_columns
 from pipelines.data.utils import LOCAL_EDGES, small_side_join
 
 _WHITESPACE = re.compile(r"\s+")
@@ -36,7 +36,14 @@ def doc_node(doc_ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 
 class ExactDedup(Step):
-    """Keep one document per content hash: the one with the smallest doc_id."""
+    """Keep one document per content hash: the one with the smallest doc_id.
+
+    Only the narrow (hash, doc_id) table is shuffled, and aggregated by Ray Data (count and smallest
+    doc_id per hash); the hashes held more than once come back to the driver (a few MB at a million
+    documents with a few percent duplicated) and every block marks its duplicates against them. A
+    ``map_groups`` over the documents called Python once per distinct text and moved every text
+    through the shuffle: 41 s for 40,000 documents.
+    """
 
     name = "exact_dedup"
 
@@ -44,24 +51,46 @@ class ExactDedup(Step):
         # Ray's default (200 hash partitions) costs minutes of task overhead on small corpora.
         self.num_partitions = num_partitions
 
-    def _hash(self, table: pa.Table) -> pa.Table:
-        texts = table.column("text").to_pylist()
-        return with_columns(table, content_hash=[content_hash(t) for t in texts])
-
     @staticmethod
-    def _mark(group: pa.Table) -> pa.Table:
-        group = group.sort_by("doc_id")
-        keeper = group.column("doc_id")[0].as_py()
-        reasons = [None] + [f"exact_dedup: duplicate (of {keeper})"] * (group.num_rows - 1)
-        return with_columns(group, reject_reason=reasons)
+    def _hash(table: pa.Table) -> pa.Table:
+        live = pc.is_null(table.column("reject_reason")).to_pylist()
+        texts = table.column("text").to_pylist()
+        return with_columns(
+            table, content_hash=[content_hash(t) if keep else None for t, keep in zip(texts, live, strict=True)]
+        )
 
     def apply(self, ds):
-        kept, rejected = split_kept(ds, materialize=False)
-        hashed = kept.map_batches(self._hash, batch_format="pyarrow")
-        marked = hashed.groupby("content_hash", num_partitions=self.num_partitions).map_groups(
-            self._mark, batch_format="pyarrow"
+        from ray.data.aggregate import Count, Min
+        from ray.data.expressions import col
+
+        hashed = ds.map_batches(self._hash, batch_format="pyarrow").materialize()
+        held_twice = (
+            hashed.select_columns(["content_hash", "doc_id"])
+            .filter(expr=col("content_hash").is_not_null())
+            .groupby("content_hash", num_partitions=self.num_partitions)
+            .aggregate(Count(), Min("doc_id"))
+            .filter(expr=col("count()") > 1)
+            .select_columns(["content_hash", "min(doc_id)"])
+            .take_all()
         )
-        return marked.drop_columns(["content_hash"]).union(rejected)
+        keepers = pa.table(
+            {
+                "content_hash": pa.array([row["content_hash"] for row in held_twice], pa.string()),
+                "keeper": pa.array([row["min(doc_id)"] for row in held_twice], pa.string()),
+            }
+        )
+        return hashed.map_batches(mark_exact_duplicates, fn_kwargs={"keepers": keepers}, batch_format="pyarrow")
+
+
+def mark_exact_duplicates(table: pa.Table, keepers: pa.Table) -> pa.Table:
+    """Ray Data batch function: a live row whose hash has a keeper other than itself becomes a reject."""
+    position = pc.index_in(table.column("content_hash"), value_set=keepers.column("content_hash"))
+    keeper = pc.take(keepers.column("keeper"), position)
+    duplicate = pc.fill_null(pc.not_equal(table.column("doc_id"), keeper), False)
+    reason = pc.binary_join_element_wise("exact_dedup: duplicate (of ", keeper, ")", "")
+    marked = pc.if_else(duplicate, reason, table.column("reject_reason")).cast(pa.string())
+    table = table.drop_columns(["content_hash"])
+    return table.set_column(table.schema.get_field_index("reject_reason"), "reject_reason", marked)
 
 
 def _live(table: pa.Table) -> pa.Table:

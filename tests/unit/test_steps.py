@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pipelines.data.dedup import ExactDedup, content_hash
+from pipelines.data.dedup import ExactDedup, content_hash, mark_exact_duplicates
 from pipelines.data.filters import LengthFilter
 from pipelines.data.pack import pack
 from pipelines.data.steps import Normalize, reason_key
@@ -30,11 +30,19 @@ def test_filter_marks_drops_with_step_and_reason_and_keeps_first_reason():
     assert reason_key(reasons[1]) == "length: too_short"
 
 
-def test_exact_dedup_keeps_smallest_doc_id_per_hash():
-    group = docs("same text", "same text", "same text").take([2, 0, 1])
-    marked = ExactDedup._mark(group)
-    rows = {r["doc_id"]: r["reject_reason"] for r in marked.to_pylist()}
-    assert rows == {"d0": None, "d1": "exact_dedup: duplicate (of d0)", "d2": "exact_dedup: duplicate (of d0)"}
+def test_exact_dedup_marks_every_copy_but_its_keeper_and_leaves_earlier_rejects():
+    table = docs("same text", "same text", "other", "same text", reasons=[None, None, None, "length: too_short"])
+    hashed = ExactDedup._hash(table)
+    assert hashed.column("content_hash").to_pylist()[3] is None  # a reject takes no part
+    keepers = pa.table({"content_hash": [content_hash("same text")], "keeper": ["d0"]})
+    marked = mark_exact_duplicates(hashed.take([1, 2, 0, 3]), keepers)
+    assert "content_hash" not in marked.column_names
+    assert {r["doc_id"]: r["reject_reason"] for r in marked.to_pylist()} == {
+        "d0": None,
+        "d1": "exact_dedup: duplicate (of d0)",
+        "d2": None,
+        "d3": "length: too_short",
+    }
 
 
 def test_content_hash_ignores_case_and_whitespace_runs_only():
