@@ -16,6 +16,8 @@ from pipelines.data.steps import Filter, Verdict
 
 _WORD = re.compile(r"\S+")
 _PARAGRAPHS = re.compile(r"\n{2,}")
+#: ASCII's control characters (category Cc) other than tab, newline and carriage return.
+_ASCII_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 SYMBOLS = ("#", "...", "\u2026")
 BULLETS = ("\u2022", "\u2023", "\u25b6", "\u25cf", "\u25e6", "\u25aa", "-", "*")
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
@@ -243,6 +245,18 @@ class CharsetFilter(Filter):
         text = row["text"]
         if not text:
             return _fail("empty", "0 chars")
+        if text.isascii():
+            # The same verdict without a Python step per character (most of a code or English corpus):
+            # ASCII has no replacement, surrogate or private-use character, and its letters are Latin.
+            bad = len(_ASCII_CONTROL.findall(text))
+            if bad / len(text) > self.max_bad_char_fraction:
+                return _fail(
+                    "bad_chars", f"{bad / len(text):.3f} control/replacement chars > {self.max_bad_char_fraction}"
+                )
+            has_letters = any(c.isalpha() for c in text)
+            if not has_letters or "latin" in self.scripts or self.min_script_fraction <= 0:
+                return True
+            return _fail("script", f"0.000 of letters in {sorted(self.scripts)} < {self.min_script_fraction}")
         bad = sum(c == "\ufffd" or (unicodedata.category(c) in ("Cc", "Cs", "Co") and c not in "\n\t\r") for c in text)
         if bad / len(text) > self.max_bad_char_fraction:
             return _fail("bad_chars", f"{bad / len(text):.3f} control/replacement chars > {self.max_bad_char_fraction}")
