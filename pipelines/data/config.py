@@ -359,6 +359,13 @@ class DataConfig(StrictModel):
         default=None,
         description="Local directory of an existing Hugging Face tokenizer to use instead of training one.",
     )
+    tokenizer_train_chars: int = Field(
+        default=200_000_000,
+        ge=1_000,
+        description="Train the BPE on at most about this many characters of the kept text: a sample of "
+        "the documents (by doc_id hash, so the same for any block layout) when there is more. BPE merges "
+        "settle long before a corpus of gigabytes is read, and training reads every character.",
+    )
     seq_len: int = Field(default=128, ge=8, description="Tokens per packed training sequence.")
     val_fraction: float = Field(
         default=0.05, ge=0.0, lt=0.5, description="Share of packed sequences held out for evaluation."

@@ -145,17 +145,40 @@ def plot_funnel(funnel: list[dict], path: Path, title: str) -> Path:
 
 
 def write_tokenizer(config: DataConfig, kept, outputs: DataOutputs) -> Path:
-    """The run's tokenizer: the configured one copied, or a byte-level BPE trained on the kept text."""
+    """The run's tokenizer: the configured one copied, or a byte-level BPE trained on the kept text
+    (a sample of it past ``tokenizer_train_chars``)."""
     tokenizer_dir = outputs.tokenizer
     if config.tokenizer_path:
         shutil.copytree(config.tokenizer_path, tokenizer_dir)
     else:
         from pipelines.model.tokenizer import iter_texts, train_bpe
 
-        train_bpe(
-            iter_texts(kept.select_columns(["text"]).iter_batches(batch_size=256)), config.vocab_size, tokenizer_dir
-        )
+        texts = kept.select_columns(["doc_id", "text"])
+        total = texts.map_batches(_text_chars, batch_format="pyarrow").sum("chars") or 0
+        if total > config.tokenizer_train_chars:
+            fraction = config.tokenizer_train_chars / total
+            texts = texts.map_batches(_doc_id_sample, fn_kwargs={"fraction": fraction}, batch_format="pyarrow")
+            log.info("data: tokenizer trained on a %.1f%% sample of %d characters", 100 * fraction, total)
+        train_bpe(iter_texts(texts.iter_batches(batch_size=256)), config.vocab_size, tokenizer_dir)
     return tokenizer_dir
+
+
+def _text_chars(table):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pa.table({"chars": pc.utf8_length(table.column("text")).cast(pa.int64())})
+
+
+def _doc_id_sample(table, fraction: float):
+    """The rows whose doc_id's CRC-32, as a fraction of 2**32, is below ``fraction``."""
+    import zlib
+
+    import pyarrow as pa
+
+    bound = fraction * 2**32
+    keep = [zlib.crc32(doc_id.encode()) < bound for doc_id in table.column("doc_id").to_pylist()]
+    return table.filter(pa.array(keep, pa.bool_()))
 
 
 def tokenize_and_mix(config: DataConfig, kept, tokenizer_dir: Path, seed: int):
