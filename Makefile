@@ -25,7 +25,7 @@ endif
 SYSTEM_PACKAGES := chromium prometheus openssh-server rsync netcat-openbsd
 APT := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
 
-.PHONY: setup system-packages demo test bench lint clean
+.PHONY: setup system-packages demo test bench bench-scale lint clean
 
 system-packages:
 	@missing=""; for tool in chromium prometheus promtool sshd rsync nc; do command -v $$tool >/dev/null || test -x /usr/sbin/$$tool || missing=1; done; \
@@ -58,7 +58,13 @@ test: setup system-packages
 	$(VENV)/bin/pytest tests -m "not benchmark" --durations=15 $(PYTEST_ARGS)
 
 bench: setup
-	$(VENV)/bin/pytest tests/benchmarks -m benchmark -s $(PYTEST_ARGS) || { $(PY) -m tests.benchmarks.table; exit 1; }
+	$(VENV)/bin/pytest tests/benchmarks -m "benchmark and not scale" -s $(PYTEST_ARGS) || { $(PY) -m tests.benchmarks.table; exit 1; }
+	$(PY) -m tests.benchmarks.table
+
+# The data stage at 100k, 300k and 1M generated documents (LOOM_SCALE_SIZES, LOOM_SCALE_RUNS): corpora
+# cached under bench-results/scale/ (about 3 GB of text per million documents, as jsonl.gz and parquet).
+bench-scale: setup
+	$(VENV)/bin/pytest tests/benchmarks -m scale -s $(PYTEST_ARGS) || { $(PY) -m tests.benchmarks.table; exit 1; }
 	$(PY) -m tests.benchmarks.table
 
 # The README's and docs/src/benchmarks.md's tables, from the result files in docs/results/.

@@ -160,13 +160,14 @@ def record_benchmark(request):
         comparisons: list[dict[str, Any]],
         rows: list[dict] | None = None,
         runs_over: str = "runs",
+        command: str | None = None,
         **extra,
     ) -> Path:
         result = {
             "benchmark": name,
             "stage": stage,
             "measure": measure,
-            "command": f'make bench PYTEST_ARGS="-k {request.node.originalname}"',
+            "command": command or f'make bench PYTEST_ARGS="-k {request.node.originalname}"',
             "date": datetime.date.today().isoformat(),
             "runs": min(len(values) for values in quantities.values()),
             "runs_over": runs_over,  # "runs" side by side, or "seeds" where the result is statistical

@@ -1,0 +1,286 @@
+"""The data stage at scale: `loom data` with a full recipe on generated corpora of growing size.
+
+``make bench-scale`` (sizes from ``LOOM_SCALE_SIZES``, default 100,000, 300,000 and 1,000,000 documents;
+``LOOM_SCALE_RUNS`` rounds, default 3). Each round runs every size once, as users run it: the CLI in its own
+process with an embedded Ray, on the corpus of tests/scale_corpus.py (made once, cached under
+``bench-results/scale/``). Sampled once a second while it runs: the machine's used memory, the driver's
+resident memory, the summed resident memory of Ray's worker processes (which counts object-store pages each
+one maps), the object store's shared memory (``/dev/shm``), and the spill directory. Read after: the step
+times from the progress line, the ETA it showed at half the run's wall time against the time that was
+really left, and Ray's logs for workers killed for memory.
+
+Goals (issue 24): documents/s per core at the largest size within 15% of the smallest; machine memory in
+use never above 16 GiB; no worker killed for memory; the ETA at halfway within 25%.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.benchmarks.conftest import RUNS, comparison
+from tests.conftest import REPO_ROOT
+from tests.scale_corpus import ScaleCorpusSpec, ensure_corpus
+
+pytestmark = [pytest.mark.benchmark, pytest.mark.scale, pytest.mark.timeout(6 * 3600)]
+
+SIZES = tuple(int(size) for size in os.environ.get("LOOM_SCALE_SIZES", "100000,300000,1000000").split(","))
+ROUNDS = int(os.environ.get("LOOM_SCALE_RUNS", RUNS))
+CACHE = REPO_ROOT / "bench-results" / "scale"
+#: A progress update: "[loom] data: 3/10 steps |███   | 00:13<00:27, length".
+PROGRESS = re.compile(r"\[loom\] data: (\d+)/(\d+) steps \|[^|]*\| ([\d:]+)<([\d:?]+)(?:, (.*))?")
+OOM = re.compile(r"killed due to (?:memory|node running low on memory)|OutOfMemoryError|memory monitor", re.I)
+
+
+def recipe(corpus: Path, storage: Path, name: str) -> str:
+    """The full data recipe: filters, exact and near dedup (defaults), a domain mix, BPE training, packing."""
+    return f"""run_name: {name}
+storage: {storage}
+seed: 0
+data:
+  sources:
+    - {{format: jsonl, path: {corpus}/jsonl/code, name: code, id_field: id}}
+    - {{format: jsonl, path: {corpus}/jsonl/prose, name: prose, id_field: id}}
+  steps:
+    - {{type: normalize}}
+    - {{type: length, min_chars: 200, max_chars: 100000}}
+    - {{type: charset, scripts: [latin], min_script_fraction: 0.9}}
+    - {{type: repetition}}
+    - {{type: exact_dedup}}
+    - {{type: minhash_dedup}}
+  mix: {{code: 0.6, prose: 0.4}}
+  vocab_size: 8192
+  seq_len: 512
+  val_fraction: 0.01
+train:
+  model: {{hidden_size: 64, num_heads: 4, num_kv_heads: 4}}
+"""
+
+
+def _seconds(clock: str) -> float | None:
+    if "?" in clock:
+        return None
+    parts = [int(p) for p in clock.split(":")]
+    return float(sum(value * 60**power for power, value in enumerate(reversed(parts))))
+
+
+@dataclass
+class Peaks:
+    machine_used: int = 0
+    driver_rss: int = 0
+    workers_rss: int = 0
+    shm: int = 0
+    spill_files: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def spilled(self) -> int:
+        """Bytes spilled: every spill file at the largest size it was seen at (a lower bound: a file
+        written and deleted between two samples is missed)."""
+        return sum(self.spill_files.values())
+
+
+class Sampler(threading.Thread):
+    """Once a second: the machine's memory in use, the driver's and its Ray workers' resident memory,
+    ``/dev/shm`` in use and the spill directory's files."""
+
+    def __init__(self, driver_pid: int, spill_dir: Path):
+        super().__init__(daemon=True)
+        import psutil
+
+        self.driver, self.spill_dir, self.peaks = psutil.Process(driver_pid), spill_dir, Peaks()
+        self.stop = threading.Event()
+        memory = psutil.virtual_memory()
+        self.baseline_used = memory.total - memory.available
+        self.baseline_shm = shutil.disk_usage("/dev/shm").used
+
+    def run(self):
+        import psutil
+
+        while not self.stop.wait(1.0):
+            peaks = self.peaks
+            memory = psutil.virtual_memory()
+            peaks.machine_used = max(peaks.machine_used, memory.total - memory.available - self.baseline_used)
+            try:
+                peaks.driver_rss = max(peaks.driver_rss, self.driver.memory_info().rss)
+                workers = 0
+                for child in self.driver.children(recursive=True):
+                    try:
+                        if "ray::" in " ".join(child.cmdline()):
+                            workers += child.memory_info().rss
+                    except psutil.Error:
+                        continue
+                peaks.workers_rss = max(peaks.workers_rss, workers)
+            except psutil.Error:
+                pass
+            peaks.shm = max(peaks.shm, shutil.disk_usage("/dev/shm").used - self.baseline_shm)
+            for path in self.spill_dir.rglob("*") if self.spill_dir.is_dir() else ():
+                try:
+                    size = path.stat().st_size if path.is_file() else 0
+                except OSError:
+                    continue
+                peaks.spill_files[str(path)] = max(peaks.spill_files.get(str(path), 0), size)
+
+
+@dataclass
+class ScaleRun:
+    documents: int
+    wall_s: float
+    peaks: Peaks
+    #: (seconds since start, steps done, ETA shown in seconds or None, what the step line says)
+    updates: list[tuple[float, int, float | None, str]]
+    oom_lines: list[str]
+    documents_out: int
+
+    #: Seconds from the driver's start to the end of each part of the stage, read from the files it wrote.
+    finished_at: dict[str, float] = field(default_factory=dict)
+
+    def step_seconds(self) -> dict[str, float]:
+        """Each part's own seconds: Ray's start and the read, every curation step, the tokenizer, then
+        tokenize + mix + pack + write."""
+        seconds, last = {}, 0.0
+        for name, at in self.finished_at.items():
+            seconds[name], last = round(at - last, 1), at
+        return seconds
+
+    def eta_error_at_halfway(self) -> float | None:
+        """|ETA shown - time really left| / time really left, at the first update past half the wall time."""
+        for t, _, eta, _ in self.updates:
+            if t >= self.wall_s / 2 and eta is not None:
+                left = self.wall_s - t
+                return abs(eta - left) / left if left > 0 else None
+        return None
+
+
+def run_loom_data(corpus: Path, work: Path, name: str, documents: int) -> ScaleRun:
+    shutil.rmtree(work / name, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    recipe_path = work / f"{name}.yaml"
+    recipe_path.write_text(recipe(corpus, work, name))
+    spill_dir = work / f"{name}-spill"
+    shutil.rmtree(spill_dir, ignore_errors=True)
+    env = {name: value for name, value in os.environ.items() if not name.startswith("RAY_ADDRESS")}
+    # Ray reads any of its system settings from RAY_<name>: the spill files land where the sampler looks.
+    env["RAY_object_spilling_config"] = '{"type": "filesystem", "params": {"directory_path": "' + str(spill_dir) + '"}}'
+    env["PYTHONUNBUFFERED"] = "1"  # each progress update as it happens
+    start, start_epoch = time.monotonic(), time.time()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cluster", "data", str(recipe_path)],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    sampler = Sampler(process.pid, spill_dir)
+    sampler.start()
+    updates: list[tuple[float, int, float | None, str]] = []
+    log: list[str] = []
+    buffer = b""
+    while chunk := process.stdout.read1(65536):
+        buffer += chunk
+        *pieces, buffer = re.split(rb"[\r\n]", buffer)
+        for piece in pieces:
+            text = piece.decode(errors="replace")
+            log.append(text)
+            for match in PROGRESS.finditer(text):
+                eta = _seconds(match.group(4))
+                updates.append((time.monotonic() - start, int(match.group(1)), eta, match.group(5) or ""))
+    returncode = process.wait()
+    wall = time.monotonic() - start
+    sampler.stop.set()
+    sampler.join()
+    if returncode != 0:
+        raise AssertionError(f"loom data failed ({returncode}):\n" + "\n".join(log[-60:]))
+    run_dir = work / name
+    oom = [line for line in log if OOM.search(line)]
+    for path in (run_dir / "logs").rglob("*"):
+        if path.is_file() and path.suffix in (".out", ".err", ".log"):
+            oom += [line for line in path.read_text(errors="replace").splitlines() if OOM.search(line)]
+    stats = (run_dir / "data" / "stats.json").read_text()
+    documents_out = int(re.search(r'"documents_out": (\d+)', stats).group(1))
+    shutil.rmtree(spill_dir, ignore_errors=True)
+    data = run_dir / "data"
+    finished = {step.name: (step / "_COMPLETE").stat().st_mtime for step in sorted((data / "steps").iterdir())}
+    finished["tokenizer"] = (data / "tokenizer" / "tokenizer.json").stat().st_mtime
+    finished["tokenize, mix, pack"] = (data / "stats.json").stat().st_mtime
+    run = ScaleRun(documents, wall, sampler.peaks, updates, oom, documents_out)
+    run.finished_at = {name: at - start_epoch for name, at in finished.items()}
+    return run
+
+
+def test_data_stage_at_scale(record_benchmark):
+    corpora = {size: ensure_corpus(ScaleCorpusSpec(documents=size), CACHE) for size in SIZES}
+    cores = os.cpu_count() or 1
+    runs: dict[int, list[ScaleRun]] = {size: [] for size in SIZES}
+    for round_ in range(ROUNDS):
+        for size in SIZES:
+            run = run_loom_data(corpora[size], CACHE / "runs", f"scale-{size}", size)
+            runs[size].append(run)
+            print(
+                f"round {round_ + 1} {size:,} documents: {run.wall_s:.0f} s, {size / run.wall_s / cores:.0f} docs/s/core, "
+                f"steps {run.step_seconds()}, peak machine memory {run.peaks.machine_used / 2**30:.2f} GiB",
+                flush=True,
+            )
+    gib = 2**30
+    quantities: dict[str, list[float]] = {}
+    for size in SIZES:
+        done = runs[size]
+        quantities[f"{size} docs/s/core"] = [size / run.wall_s / cores for run in done]
+        quantities[f"{size} seconds"] = [run.wall_s for run in done]
+        quantities[f"{size} peak machine memory GiB"] = [run.peaks.machine_used / gib for run in done]
+        quantities[f"{size} peak driver RSS GiB"] = [run.peaks.driver_rss / gib for run in done]
+        quantities[f"{size} peak workers RSS GiB"] = [run.peaks.workers_rss / gib for run in done]
+        quantities[f"{size} peak object store shm GiB"] = [run.peaks.shm / gib for run in done]
+        quantities[f"{size} spilled GiB"] = [run.peaks.spilled / gib for run in done]
+        quantities[f"{size} workers killed for memory"] = [float(len(run.oom_lines)) for run in done]
+        errors = [run.eta_error_at_halfway() for run in done]
+        assert None not in errors, f"{size}: no ETA was shown past half the run: {[r.updates for r in done]}"
+        quantities[f"{size} ETA error at halfway"] = errors
+    smallest, largest = min(SIZES), max(SIZES)
+    record_benchmark(
+        "data_scale",
+        stage="data",
+        measure="`loom data`, full recipe, on generated corpora of growing size",
+        inputs={
+            "sizes": list(SIZES),
+            "corpus": "tests/scale_corpus.py defaults (code and prose from installed packages, planted copies and junk)",
+            "recipe": recipe(Path("CORPUS"), Path("RUNS"), "scale"),
+            "cores": cores,
+        },
+        quantities=quantities,
+        comparisons=[
+            comparison(
+                f"documents/s per core, {largest:,} vs {smallest:,} documents",
+                "throughput at the largest size over the smallest (goal: within 15%)",
+                quantities,
+                f"{largest} docs/s/core",
+                f"{smallest} docs/s/core",
+            ),
+            comparison(
+                f"peak machine memory at {largest:,} documents (GiB)",
+                "machine memory in use above the idle baseline (goal: at most 16)",
+                quantities,
+                f"{largest} peak machine memory GiB",
+                better="lower",
+            ),
+            comparison(
+                f"ETA error at halfway, {largest:,} documents",
+                "|ETA shown - time left| / time left at half the wall time (goal: at most 0.25)",
+                quantities,
+                f"{largest} ETA error at halfway",
+                better="lower",
+            ),
+        ],
+        command="make bench-scale",
+        step_seconds={size: [run.step_seconds() for run in runs[size]] for size in SIZES},
+        documents_out={size: [run.documents_out for run in runs[size]] for size in SIZES},
+        oom_lines={size: [line for run in runs[size] for line in run.oom_lines][:20] for size in SIZES},
+    )
