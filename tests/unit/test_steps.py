@@ -85,3 +85,16 @@ def test_mix_must_name_known_sources():
 
     with pytest.raises(ConfigError, match="mix names unknown source 'prose'"):
         load_config(TINY, ["data.mix={stdlib: 0.5, prose: 0.5}"])
+
+
+def test_the_tokenizer_sample_is_a_fraction_of_the_documents_whatever_the_blocks():
+    from pipelines.data.stage import _doc_id_sample
+
+    table = document_table([f"text {i}" for i in range(20_000)], [f"{i:016x}" for i in range(20_000)], source="s")
+    whole = set(_doc_id_sample(table, fraction=0.25).column("doc_id").to_pylist())
+    assert 0.23 < len(whole) / table.num_rows < 0.27
+    in_blocks = set()
+    for start in range(0, table.num_rows, 777):
+        in_blocks.update(_doc_id_sample(table.slice(start, 777), fraction=0.25).column("doc_id").to_pylist())
+    assert in_blocks == whole
+    assert _doc_id_sample(table, fraction=1.0).num_rows == table.num_rows
