@@ -149,3 +149,59 @@ def test_empty_documents_are_dropped_not_crashing(text):
     assert dropped(run(GopherQualityStep(type="gopher_quality").build(), {"empty": text})) == {
         "empty": "gopher_quality: no_words"
     }
+
+
+def _gopher_ngram_verdict(text: str, top: dict[int, float], duplicate: dict[int, float]) -> str | None:
+    """The n-gram checks as first written, a Python tuple per position: the reference NGrams must match."""
+    from collections import Counter
+
+    words = [w.lower() for w in text.split()]
+    total_chars = sum(len(w) for w in words) or 1
+    for n, limit in sorted(top.items()):
+        grams = Counter(zip(*(words[i:] for i in range(n)), strict=False))
+        if not grams:
+            continue
+        gram, count = grams.most_common(1)[0]
+        share = count * sum(len(w) for w in gram) / total_chars
+        if count > 1 and share > limit:
+            return f"top_{n}gram ({share:.3f} of chars > {limit})"
+    for n, limit in sorted(duplicate.items()):
+        seen, covered = set(), [False] * len(words)
+        for i in range(len(words) - n + 1):
+            gram = tuple(words[i : i + n])
+            if gram in seen:
+                covered[i : i + n] = [True] * n
+            seen.add(gram)
+        share = sum(len(w) for w, hit in zip(words, covered, strict=True) if hit) / total_chars
+        if share > limit:
+            return f"duplicate_{n}grams ({share:.3f} of chars > {limit})"
+    return None
+
+
+def test_the_repetition_ngram_checks_give_the_verdicts_of_the_tuple_per_position_reference():
+    import random
+
+    from tests.scale_corpus import ScaleCorpusSpec, document, plan
+
+    step = RepetitionStep(
+        type="repetition",
+        max_duplicate_line_fraction=None,
+        max_duplicate_line_char_fraction=None,
+        max_duplicate_paragraph_fraction=None,
+        max_duplicate_paragraph_char_fraction=None,
+    )
+    spec = ScaleCorpusSpec(documents=300, seed=5, pool_blocks=3000)
+    layout = plan(spec)
+    rng = random.Random(0)
+    vocabulary = "the a of to in is it and or not Foo BAR baz x y z 1 2 == ( ) return self".split()
+    texts = [document(spec, layout, i)["record"]["text"] for i in range(spec.documents)]
+    for _ in range(700):  # short texts, few words: ties, repeats and n-grams near the document's length
+        words = rng.choices(vocabulary[: rng.randint(2, len(vocabulary))], k=rng.randint(0, 60))
+        texts.append(" ".join(words))
+    outcomes = set()
+    for text in texts:
+        ours = step.build().keep({"text": text})
+        expected = _gopher_ngram_verdict(text, step.max_top_ngram_char_fraction, step.max_duplicate_ngram_char_fraction)
+        assert (None if ours is True else ours[1]) == expected, text[:200]
+        outcomes.add(expected.split(" ")[0] if expected else "kept")
+    assert len(outcomes) >= 4, outcomes  # kept, and several different checks failing
