@@ -24,6 +24,7 @@ MIN_RUNS = 3
 HEADLINES = [
     ("dedup", "documents/s per core"),
     ("dedup_defaults", "F1 at the threshold, new defaults vs old"),
+    ("dedup_scale", "documents/s per core vs datatrove"),
     ("tokenize_pack", "tokens/s, stdlib + packages, vs encode_batch"),
     ("train_throughput", "tokens/s, 1 worker vs plain torch"),
     ("parquet_read", "first-batch seconds"),
