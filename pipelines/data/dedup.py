@@ -36,7 +36,8 @@ def doc_node(doc_ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 
 class ExactDedup(Step):
-    """Keep one document per content hash: the one with the smallest doc_id.
+    """Keep one document per content hash: the one with the smallest doc_id (then source: a file two
+    sources both list gives two rows with one doc_id, and only one of them is kept).
 
     Only the narrow (hash, doc_id) table is shuffled, and aggregated by Ray Data (count and smallest
     doc_id per hash); the hashes held more than once come back to the driver (a few MB at a million
@@ -55,9 +56,10 @@ class ExactDedup(Step):
     def _hash(table: pa.Table) -> pa.Table:
         live = pc.is_null(table.column("reject_reason")).to_pylist()
         texts = table.column("text").to_pylist()
-        return with_columns(
-            table, content_hash=[content_hash(t) if keep else None for t, keep in zip(texts, live, strict=True)]
-        )
+        hashes = [content_hash(t) if keep else None for t, keep in zip(texts, live, strict=True)]
+        # The keeper's rank: doc_id, then source (the unit separator sorts below every printable character).
+        rank = pc.binary_join_element_wise(table.column("doc_id"), table.column("source"), KEY_SEPARATOR)
+        return with_columns(table, content_hash=hashes, keeper_rank=rank)
 
     def apply(self, ds):
         from ray.data.aggregate import Count, Min
@@ -65,31 +67,35 @@ class ExactDedup(Step):
 
         hashed = ds.map_batches(self._hash, batch_format="pyarrow").materialize()
         held_twice = (
-            hashed.select_columns(["content_hash", "doc_id"])
+            hashed.select_columns(["content_hash", "keeper_rank"])
             .filter(expr=col("content_hash").is_not_null())
             .groupby("content_hash", num_partitions=self.num_partitions)
-            .aggregate(Count(), Min("doc_id"))
+            .aggregate(Count(), Min("keeper_rank"))
             .filter(expr=col("count()") > 1)
-            .select_columns(["content_hash", "min(doc_id)"])
+            .select_columns(["content_hash", "min(keeper_rank)"])
             .take_all()
         )
         keepers = pa.table(
             {
                 "content_hash": pa.array([row["content_hash"] for row in held_twice], pa.string()),
-                "keeper": pa.array([row["min(doc_id)"] for row in held_twice], pa.string()),
+                "keeper_rank": pa.array([row["min(keeper_rank)"] for row in held_twice], pa.string()),
             }
         )
         return hashed.map_batches(mark_exact_duplicates, fn_kwargs={"keepers": keepers}, batch_format="pyarrow")
 
 
+KEY_SEPARATOR = "\x1f"
+
+
 def mark_exact_duplicates(table: pa.Table, keepers: pa.Table) -> pa.Table:
     """Ray Data batch function: a live row whose hash has a keeper other than itself becomes a reject."""
     position = pc.index_in(table.column("content_hash"), value_set=keepers.column("content_hash"))
-    keeper = pc.take(keepers.column("keeper"), position)
-    duplicate = pc.fill_null(pc.not_equal(table.column("doc_id"), keeper), False)
+    keeper_rank = pc.take(keepers.column("keeper_rank"), position)
+    duplicate = pc.fill_null(pc.not_equal(table.column("keeper_rank"), keeper_rank), False)
+    keeper = pc.list_element(pc.split_pattern(keeper_rank, KEY_SEPARATOR, max_splits=1), 0)
     reason = pc.binary_join_element_wise("exact_dedup: duplicate (of ", keeper, ")", "")
     marked = pc.if_else(duplicate, reason, table.column("reject_reason")).cast(pa.string())
-    table = table.drop_columns(["content_hash"])
+    table = table.drop_columns(["content_hash", "keeper_rank"])
     return table.set_column(table.schema.get_field_index("reject_reason"), "reject_reason", marked)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines.data.dedup import ExactDedup, content_hash, mark_exact_duplicates
 from pipelines.data.filters import LengthFilter
@@ -30,19 +31,34 @@ def test_filter_marks_drops_with_step_and_reason_and_keeps_first_reason():
     assert reason_key(reasons[1]) == "length: too_short"
 
 
+def _keepers(hashed: pa.Table) -> pa.Table:
+    """What ExactDedup.apply's aggregation hands the marking: the smallest rank per hash held twice."""
+    live = hashed.filter(pc.is_valid(hashed.column("content_hash")))
+    grouped = live.group_by("content_hash").aggregate([("keeper_rank", "min"), ("keeper_rank", "count")])
+    twice = grouped.filter(pc.greater(grouped.column("keeper_rank_count"), 1))
+    return pa.table({"content_hash": twice.column("content_hash"), "keeper_rank": twice.column("keeper_rank_min")})
+
+
 def test_exact_dedup_marks_every_copy_but_its_keeper_and_leaves_earlier_rejects():
     table = docs("same text", "same text", "other", "same text", reasons=[None, None, None, "length: too_short"])
     hashed = ExactDedup._hash(table)
     assert hashed.column("content_hash").to_pylist()[3] is None  # a reject takes no part
-    keepers = pa.table({"content_hash": [content_hash("same text")], "keeper": ["d0"]})
-    marked = mark_exact_duplicates(hashed.take([1, 2, 0, 3]), keepers)
-    assert "content_hash" not in marked.column_names
+    marked = mark_exact_duplicates(hashed.take([1, 2, 0, 3]), _keepers(hashed))
+    assert marked.column_names == table.column_names
     assert {r["doc_id"]: r["reject_reason"] for r in marked.to_pylist()} == {
         "d0": None,
         "d1": "exact_dedup: duplicate (of d0)",
         "d2": None,
         "d3": "length: too_short",
     }
+
+
+def test_exact_dedup_keeps_one_of_two_rows_with_one_doc_id():
+    """A file two sources both list: two rows, one doc_id, the same text; one is kept."""
+    table = pa.concat_tables([document_table(["same"], ["d0"], source=name) for name in ("b", "a")])
+    hashed = ExactDedup._hash(table)
+    marked = mark_exact_duplicates(hashed, _keepers(hashed))
+    assert marked.column("reject_reason").to_pylist() == ["exact_dedup: duplicate (of d0)", None]
 
 
 def test_content_hash_ignores_case_and_whitespace_runs_only():
