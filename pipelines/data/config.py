@@ -121,6 +121,18 @@ class RepetitionStep(StrictModel):
         description="n -> most characters covered by repeated word n-grams.",
     )
 
+    @model_validator(mode="after")
+    def _ngram_limits(self) -> RepetitionStep:
+        problems = [
+            f"{field}: n must be at least 1 and its limit in [0, 1], got {n}: {limit}"
+            for field in ("max_top_ngram_char_fraction", "max_duplicate_ngram_char_fraction")
+            for n, limit in getattr(self, field).items()
+            if n < 1 or not 0 <= limit <= 1
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     def build(self):
         from pipelines.data.filters import RepetitionFilter
 

@@ -205,3 +205,11 @@ def test_the_repetition_ngram_checks_give_the_verdicts_of_the_tuple_per_position
         assert (None if ours is True else ours[1]) == expected, text[:200]
         outcomes.add(expected.split(" ")[0] if expected else "kept")
     assert len(outcomes) >= 4, outcomes  # kept, and several different checks failing
+
+
+def test_repetition_refuses_an_ngram_size_below_one_or_a_limit_outside_zero_to_one():
+    with pytest.raises(ValueError) as refused:
+        RepetitionStep(
+            type="repetition", max_top_ngram_char_fraction={0: 0.2}, max_duplicate_ngram_char_fraction={5: 1.5}
+        )
+    assert "got 0: 0.2" in str(refused.value) and "got 5: 1.5" in str(refused.value)
