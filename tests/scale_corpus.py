@@ -330,6 +330,7 @@ class DedupScore:
     precision: float
     recall: float
     f1: float
+    #: Hard-negative pairs (below the threshold) of which either document was dropped.
     negatives_dropped: int
 
 
@@ -348,8 +349,11 @@ def dedup_score(dropped: set[str], truth, roles: tuple[str, ...] = ("exact", "ne
     precision = true_positives / len(dropped) if dropped else 1.0
     recall = true_positives / len(pairs) if len(pairs) else 1.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    negatives = set(truth.loc[truth["role"] == "negative", "id"])
-    return DedupScore(precision, recall, f1, len(negatives & dropped))
+    negatives = truth[truth["role"] == "negative"]
+    merged = sum(
+        copy in dropped or base in dropped for copy, base in zip(negatives["id"], negatives["base_id"], strict=True)
+    )
+    return DedupScore(precision, recall, f1, merged)
 
 
 def main() -> None:
