@@ -25,6 +25,8 @@ HEADLINES = [
     ("dedup", "documents/s per core"),
     ("dedup_defaults", "F1 at the threshold, new defaults vs old"),
     ("dedup_scale", "documents/s per core vs datatrove"),
+    ("data_scale", "documents/s per core, 300,000 vs 100,000 documents"),
+    ("data_scale", "peak machine memory at 300,000 documents (GiB)"),
     ("tokenize_pack", "tokens/s, stdlib + packages, vs encode_batch"),
     ("train_throughput", "tokens/s, 1 worker vs plain torch"),
     ("parquet_read", "first-batch seconds"),

@@ -259,21 +259,21 @@ def test_data_stage_at_scale(record_benchmark):
         comparisons=[
             comparison(
                 f"documents/s per core, {largest:,} vs {smallest:,} documents",
-                "throughput at the largest size over the smallest (goal: within 15%)",
+                f"`loom data` documents/s per core, {largest:,} vs {smallest:,} generated documents (goal: within 15%)",
                 quantities,
                 f"{largest} docs/s/core",
                 f"{smallest} docs/s/core",
             ),
             comparison(
                 f"peak machine memory at {largest:,} documents (GiB)",
-                "machine memory in use above the idle baseline (goal: at most 16)",
+                f"peak machine memory in use by `loom data` at {largest:,} documents, GiB (goal: at most 16)",
                 quantities,
                 f"{largest} peak machine memory GiB",
                 better="lower",
             ),
             comparison(
                 f"ETA error at halfway, {largest:,} documents",
-                "|ETA shown - time left| / time left at half the wall time (goal: at most 0.25)",
+                f"progress ETA error at half the run, |shown - real| / real, {largest:,} documents (goal: at most 0.25)",
                 quantities,
                 f"{largest} ETA error at halfway",
                 better="lower",
