@@ -279,7 +279,7 @@ def test_data_stage_at_scale(record_benchmark):
                 better="lower",
             ),
         ],
-        command="make bench-scale",
+        command=f'LOOM_SCALE_SIZES={",".join(map(str, SIZES))} make bench-scale PYTEST_ARGS="-k test_data_stage_at_scale"',
         step_seconds={size: [run.step_seconds() for run in runs[size]] for size in SIZES},
         documents_out={size: [run.documents_out for run in runs[size]] for size in SIZES},
         oom_lines={size: [line for run in runs[size] for line in run.oom_lines][:20] for size in SIZES},

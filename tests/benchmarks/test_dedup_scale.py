@@ -204,5 +204,5 @@ def test_near_dedup_side_by_side_with_datasketch_and_datatrove(record_benchmark)
                 "Loom F1",
             ),
         ],
-        command="make bench-scale",
+        command=f'LOOM_DEDUP_SIZE={SIZE} make bench-scale PYTEST_ARGS="-k test_near_dedup_side_by_side_with_datasketch_and_datatrove"',
     )

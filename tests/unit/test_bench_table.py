@@ -5,6 +5,7 @@ result files, and a result file that lacks what the table needs is refused with 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -28,7 +29,10 @@ def test_the_tables_are_the_ones_the_result_files_give(results, page):
 def test_every_committed_result_has_three_runs_and_a_command(results):
     for result in results:
         assert result["runs"] >= table.MIN_RUNS
-        assert result["command"].startswith('make bench PYTEST_ARGS="-k ')
+        # `make bench` or `make bench-scale`, with the sizes the scale benchmarks were run at.
+        assert re.match(r'(?:LOOM_[A-Z_]+=\S+ )*make bench(?:-scale)? PYTEST_ARGS="-k \w+"$', result["command"]), (
+            result["command"]
+        )
         for compared in result["comparisons"]:
             assert len(compared["values"]) == result["runs"], (result["benchmark"], compared["name"])
 
