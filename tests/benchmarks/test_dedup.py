@@ -28,11 +28,12 @@ pytestmark = pytest.mark.benchmark
 THRESHOLD, NUM_PERM, NGRAM = 0.8, 128, 5
 
 
-def datasketch_drops(documents: list[tuple[str, str]]) -> set[str]:
-    """The textbook single-process pipeline: MinHash per document, LSH insert + query, union-find."""
+def datasketch_drops(documents: list[tuple[str, str]], bands: tuple[int, int] | None = None) -> set[str]:
+    """The textbook single-process pipeline: MinHash per document, LSH insert + query, union-find.
+    ``bands`` (bands, rows) fixes the LSH split; unset, datasketch derives it from the threshold."""
     from datasketch import MinHash, MinHashLSH
 
-    lsh = MinHashLSH(threshold=THRESHOLD, num_perm=NUM_PERM)
+    lsh = MinHashLSH(threshold=THRESHOLD, num_perm=NUM_PERM, params=bands)
     signatures = {}
     for doc_id, text in documents:
         words = text.lower().split()

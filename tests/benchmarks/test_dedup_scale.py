@@ -28,6 +28,7 @@ import pytest
 
 from tests.benchmarks.conftest import comparison, side_by_side, timed
 from tests.benchmarks.datatrove_dedup import ensure_datatrove_venv
+from tests.benchmarks.test_dedup import NGRAM, datasketch_drops
 from tests.conftest import REPO_ROOT
 from tests.scale_corpus import ScaleCorpusSpec, dedup_score, ensure_corpus, read_truth
 
@@ -35,7 +36,7 @@ pytestmark = [pytest.mark.benchmark, pytest.mark.scale, pytest.mark.timeout(6 * 
 
 SIZE = int(os.environ.get("LOOM_DEDUP_SIZE", "1000000"))
 CACHE = REPO_ROOT / "bench-results" / "scale"
-BANDS, ROWS, NGRAM = 16, 8, 5
+BANDS, ROWS = 16, 8  # what Loom's defaults choose for threshold 0.8 over 128 permutations
 
 
 def corpus_dataset(corpus: Path):
@@ -65,27 +66,6 @@ def loom_dropped(ds) -> set[str]:
         ids, reasons = batch.column("source_id").to_pylist(), batch.column("reject_reason").to_pylist()
         dropped.update(doc for doc, reason in zip(ids, reasons, strict=True) if reason is not None)
     return dropped
-
-
-def datasketch_dropped(documents: list[tuple[str, str]]) -> set[str]:
-    """MinHash + MinHashLSH with Loom's bands, one process; every document in a candidate pair but the
-    smallest id of its connected component is dropped."""
-    from datasketch import MinHash, MinHashLSH
-
-    from tests.helpers import union_find_roots
-
-    lsh = MinHashLSH(num_perm=BANDS * ROWS, params=(BANDS, ROWS))
-    signatures = {}
-    for doc_id, text in documents:
-        words = text.lower().split()
-        grams = {" ".join(words[i : i + NGRAM]).encode() for i in range(max(1, len(words) - NGRAM + 1))}
-        minhash = MinHash(num_perm=BANDS * ROWS, seed=1)
-        minhash.update_batch(grams)
-        signatures[doc_id] = minhash
-        lsh.insert(doc_id, minhash)
-    pairs = [(doc_id, other) for doc_id, minhash in signatures.items() for other in lsh.query(minhash)]
-    roots = union_find_roots((doc_id for doc_id, _ in documents), pairs)
-    return {doc_id for doc_id, root in roots.items() if root != doc_id}
 
 
 def datatrove_dropped(python: Path, corpus: Path, work: Path, cores: int) -> tuple[set[str], float]:
@@ -144,7 +124,7 @@ def test_near_dedup_side_by_side_with_datasketch_and_datatrove(record_benchmark)
         runs = side_by_side(
             {
                 "Loom": timed(partial(loom_dropped, ds)),
-                "datasketch": timed(partial(datasketch_dropped, documents)),
+                "datasketch": timed(partial(datasketch_drops, documents, (BANDS, ROWS))),
                 "datatrove": datatrove,
             }
         )
