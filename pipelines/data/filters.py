@@ -161,87 +161,135 @@ class RepetitionFilter(Filter):
         return True
 
     def keep(self, row: dict[str, Any]) -> Verdict:
-        text = row["text"]
-        for code, units, limits in (
-            ("paragraph", [p for p in _PARAGRAPHS.split(text) if p.strip()], self.paragraph_limits),
-            ("line", [line for line in text.split("\n") if line.strip()], self.line_limits),
-        ):
-            verdict = self._check_units(code, units, limits)
-            if verdict is not True:
-                return verdict
-        words = [w.lower() for w in _words(text)]
-        if not words:
-            return True
-        grams = NGrams(words)
+        return self.keep_batch([row])[0]
+
+    def keep_batch(self, rows: list[dict[str, Any]]) -> list[Verdict]:
+        """Lines and paragraphs a document at a time; the n-gram checks for the whole batch at once."""
+        verdicts: list[Verdict] = []
+        words_of: dict[int, list[str]] = {}
+        for index, row in enumerate(rows):
+            text = row["text"]
+            verdict: Verdict = True
+            for code, units, limits in (
+                ("paragraph", [p for p in _PARAGRAPHS.split(text) if p.strip()], self.paragraph_limits),
+                ("line", [line for line in text.split("\n") if line.strip()], self.line_limits),
+            ):
+                verdict = self._check_units(code, units, limits)
+                if verdict is not True:
+                    break
+            verdicts.append(verdict)
+            if verdict is True:
+                words = [w.lower() for w in _words(text)]
+                if words:
+                    words_of[index] = words
+        indices = list(words_of)
+        # A few hundred documents at a time: larger arrays fall out of the CPU's caches and run slower.
+        for chunk in range(0, len(indices), self.NGRAM_CHUNK):
+            part = indices[chunk : chunk + self.NGRAM_CHUNK]
+            for doc, reason in self._ngram_failures([words_of[i] for i in part]).items():
+                verdicts[part[doc]] = (False, reason)
+        return verdicts
+
+    NGRAM_CHUNK = 128
+
+    def _ngram_failures(self, documents: list[list[str]]) -> dict[int, str]:
+        """Document index -> reason, for the documents that fail an n-gram check (the first that fails)."""
+        grams = NGrams(documents)
+        failed: dict[int, str] = {}
         for n, limit in sorted(self.top_ngram.items()):
             count, chars = grams.most_common(n)
             share = count * chars / grams.total_chars
-            if count > 1 and share > limit:
-                return _fail(f"top_{n}gram", f"{share:.3f} of chars > {limit}")
+            for doc in np.flatnonzero((count > 1) & (share > limit)):
+                failed.setdefault(int(doc), f"top_{n}gram ({share[doc]:.3f} of chars > {limit})")
         for n, limit in sorted(self.duplicate_ngram.items()):
             share = grams.duplicate_chars(n) / grams.total_chars
-            if share > limit:
-                return _fail(f"duplicate_{n}grams", f"{share:.3f} of chars > {limit}")
-        return True
+            for doc in np.flatnonzero(share > limit):
+                failed.setdefault(int(doc), f"duplicate_{n}grams ({share[doc]:.3f} of chars > {limit})")
+        return failed
 
 
 class NGrams:
-    """A document's word n-grams as dense integer labels, level by level, for Gopher's n-gram checks.
+    """The word n-grams of a batch of documents as dense integer labels, for Gopher's n-gram checks.
 
-    Level n labels the pair (level n-1 label at i, word i+n-1) by ``np.unique``: exact, no hash
-    collisions. Built on demand and kept, so the checks for n = 2..10 cost one ``np.unique`` a level
-    instead of a Python tuple per position per n (the repetition filter was two thirds of a
-    million-document run's curation time).
+    The documents' words are laid end to end. Level 1 labels (document, word); level n labels the
+    pair (level n-1 label at i, word i+n-1) by ``np.unique``: exact (no hash collisions), and never
+    across two documents because every label carries its document. So the checks for n = 2..10 cost
+    one ``np.unique`` a level for the whole batch: one a level per document, and before that a
+    Python tuple per position, made the repetition filter the costliest step of a large run.
+    Every per-document figure comes back as an array indexed by document.
     """
 
-    def __init__(self, words: list[str]):
+    def __init__(self, documents: list[list[str]]):
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        array = pa.array(words, pa.string())
+        lengths = np.fromiter((len(words) for words in documents), np.int64, len(documents))
+        array = pa.array([word for words in documents for word in words], pa.string())
         encoded = array.dictionary_encode()
+        vocabulary = max(1, len(encoded.dictionary))
+        self.doc = np.repeat(np.arange(len(documents), dtype=np.int64), lengths)
+        self.vocabulary = vocabulary
         self.words = encoded.indices.to_numpy().astype(np.int64)
-        self.vocabulary = max(1, len(encoded.dictionary))
-        lengths = pc.utf8_length(array).to_numpy().astype(np.int64)
-        self.chars_before = np.concatenate(([0], np.cumsum(lengths)))  # chars of words [0, i)
-        self.total_chars = int(self.chars_before[-1]) or 1
-        self.levels: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # n -> (labels, first, counts)
+        self.documents = len(documents)
+        word_chars = pc.utf8_length(array).to_numpy().astype(np.int64)
+        self.word_chars = word_chars
+        self.chars_before = np.concatenate(([0], np.cumsum(word_chars)))  # chars of words [0, i)
+        totals = np.bincount(self.doc, weights=word_chars, minlength=self.documents).astype(np.int64)
+        self.total_chars = np.maximum(totals, 1)
+        ends = np.cumsum(lengths)
+        #: Words from each position to its document's end.
+        self.remaining = np.repeat(ends, lengths) - np.arange(len(self.words))
+        self.levels: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
 
-    def level(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(label of the n-gram at each start, first start of each label, occurrences of each label)."""
+    def level(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(starts of the n-grams, label of each, first start of each label, occurrences of each label)."""
         if n not in self.levels:
+            starts = np.flatnonzero(self.remaining >= n)
             if n == 1:
-                codes = self.words
+                codes = self.doc * self.vocabulary + self.words
             else:
-                previous = self.level(n - 1)[0][:-1]  # the (n-1)-grams that have a next word
-                codes = previous * self.vocabulary + self.words[n - 1 :]
+                # Every n-gram start is an (n-1)-gram start: its label there, then the next word.
+                codes = self._labels_at(n - 1)[starts] * self.vocabulary + self.words[starts + n - 1]
             _, first, labels, counts = np.unique(codes, return_index=True, return_inverse=True, return_counts=True)
-            self.levels[n] = (labels.reshape(-1), first, counts)
+            self.levels[n] = (starts, labels.reshape(-1), starts[first], counts)
         return self.levels[n]
 
-    def most_common(self, n: int) -> tuple[int, int]:
-        """(occurrences, characters) of the most frequent n-gram; on a tie the one seen first."""
-        if len(self.words) < n:
-            return 0, 0
-        _, first, counts = self.level(n)
-        top = counts.max()
-        start = int(first[counts == top].min())
-        return int(top), int(self.chars_before[start + n] - self.chars_before[start])
+    def _labels_at(self, n: int) -> np.ndarray:
+        """Level n's labels by word position (-1 where no n-gram starts)."""
+        starts, labels, _, _ = self.level(n)
+        by_position = np.full(len(self.words), -1, np.int64)
+        by_position[starts] = labels
+        return by_position
 
-    def duplicate_chars(self, n: int) -> int:
-        """Characters of words covered by an n-gram that occurred before (each word counted once)."""
-        if len(self.words) < n:
-            return 0
-        labels, first, _ = self.level(n)
-        starts = np.flatnonzero(first[labels] < np.arange(len(labels)))
+    def most_common(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per document, (occurrences, characters) of its most frequent n-gram; on a tie the one seen
+        first; (0, 0) for a document shorter than n words."""
+        count = np.zeros(self.documents, np.int64)
+        chars = np.zeros(self.documents, np.int64)
+        starts, labels, _, counts = self.level(n)
         if not len(starts):
-            return 0
+            return count, chars
+        occurrences = counts[labels]
+        doc = self.doc[starts]
+        np.maximum.at(count, doc, occurrences)
+        # The first start (in order) of a label with the top count is the top label's first start.
+        top = np.flatnonzero(occurrences == count[doc])
+        first_doc, first = np.unique(doc[top], return_index=True)
+        start = starts[top[first]]
+        chars[first_doc] = self.chars_before[start + n] - self.chars_before[start]
+        return count, chars
+
+    def duplicate_chars(self, n: int) -> np.ndarray:
+        """Per document, characters of words covered by an n-gram that occurred before (each word once)."""
+        starts, labels, first, _ = self.level(n)
+        repeats = starts[first[labels] < starts]
         depth = np.zeros(len(self.words) + 1, np.int64)
-        np.add.at(depth, starts, 1)
-        np.add.at(depth, starts + n, -1)
+        np.add.at(depth, repeats, 1)
+        np.add.at(depth, repeats + n, -1)  # n-grams end inside their document
         covered = np.cumsum(depth[:-1]) > 0
-        lengths = np.diff(self.chars_before)
-        return int(lengths[covered].sum())
+        return np.bincount(self.doc[covered], weights=self.word_chars[covered], minlength=self.documents).astype(
+            np.int64
+        )
 
 
 class BlocklistFilter(Filter):

@@ -7,11 +7,14 @@ row with its reason) and ``stats.json``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import shutil
+import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipelines.artifacts import DataOutputs
@@ -22,13 +25,23 @@ from pipelines.data.perplexity import plot_histogram
 from pipelines.data.readers import SOURCES_CACHE, read_documents, source_fingerprint
 from pipelines.data.steps import reason_key, split_kept
 from pipelines.datasets import read_parquet
-from pipelines.progress import progress
+from pipelines.progress import PartsProgress
 from pipelines.runs import MARKER, RunDir, StageResult
 
 log = logging.getLogger(__name__)
 
 
+@contextlib.contextmanager
+def _timed(part: str) -> Iterator[None]:
+    """Logs how long a part of the stage took: the log shows where a long run's time went."""
+    start = time.perf_counter()
+    yield
+    log.info("data: %s took %.1f s", part, time.perf_counter() - start)
+
+
 STEPS_DIR = "steps"
+#: Under the storage root: each part's seconds in the last data stage there, which weigh the progress line.
+PROGRESS_PROFILE = Path(".loom") / "data-progress.json"
 
 
 def _step_key(previous: str, step_config: dict) -> str:
@@ -69,33 +82,39 @@ def _counts(directory: Path) -> tuple[int, int]:
     return files.count_rows(), files.count_rows(filter=pads.field("reject_reason").is_null())
 
 
-def curate(config: DataConfig, out: Path, bar=None) -> tuple[object, list[dict], dict[str, dict]]:
+def step_dir_names(config: DataConfig) -> list[str]:
+    """``steps/`` subdirectories in order: ``00-read``, then ``NN-name`` for each configured step."""
+    return ["00-read"] + [f"{index:02d}-{step.type}" for index, step in enumerate(config.steps, start=1)]
+
+
+def curate(
+    config: DataConfig, out: Path, bar: PartsProgress | None = None
+) -> tuple[object, list[dict], dict[str, dict]]:
     """Read, then run every configured step; each step's output is materialised under
     ``steps/NN-name/`` with a completion marker, so a rerun after a crash resumes after the
     last finished step. Returns (marked dataset, funnel, per-step stats)."""
     steps_dir = out / STEPS_DIR
     steps_dir.mkdir(parents=True, exist_ok=True)
+    names = step_dir_names(config)
     key = _step_key("", {"sources": [s.model_dump(mode="json") for s in config.sources], "max": config.max_documents})
-    ds, produced = _cached(steps_dir / "00-read", key, lambda: read_documents(config))
+    ds, produced = _cached(steps_dir / names[0], key, lambda: read_documents(config))
     if produced:
-        _mark_done(steps_dir / "00-read", key, {})
-    documents_in, kept = _counts(steps_dir / "00-read")
+        _mark_done(steps_dir / names[0], key, {})
+    documents_in, kept = _counts(steps_dir / names[0])
     funnel = [{"step": "read", "documents": documents_in, "kept": kept}]
     if bar is not None:
-        bar.set_postfix_str(f"read {documents_in:,} documents", refresh=False)
-        bar.update()
+        bar.done(names[0], f"read {documents_in:,} documents", resumed=not produced)
     step_stats: dict[str, dict] = {}
     for index, step_config in enumerate(config.steps, start=1):
         step = step_config.build()
         key = _step_key(key, step_config.model_dump(mode="json"))
-        directory = steps_dir / f"{index:02d}-{step.name}"
+        directory = steps_dir / names[index]
         upstream = ds
         ds, produced = _cached(directory, key, lambda step=step, upstream=upstream: step.apply(upstream))
         if produced:
             _mark_done(directory, key, step.stats())
         if bar is not None:
-            bar.set_postfix_str(f"{step.name}{'' if produced else ' (resumed)'}", refresh=False)
-            bar.update()
+            bar.done(directory.name, resumed=not produced)
         step_stats[f"{index:02d}-{step.name}"] = json.loads((directory / "step_stats.json").read_text())
         rows, kept = _counts(directory)
         if rows != documents_in:
@@ -186,23 +205,27 @@ def tokenize_and_mix(config: DataConfig, kept, tokenizer_dir: Path, seed: int):
     to the configured source mix. Returns (tokenized, tokens per source, mix stats or None)."""
     import ray.data
 
-    tokenized = kept.map_batches(
-        Tokenize,
-        fn_constructor_kwargs={"tokenizer_dir": str(tokenizer_dir)},
-        batch_size=config.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=config.tokenize_actors),
-    ).materialize()
-    tokens_per_source = _tokens_by_source(tokenized)
+    with _timed("tokenize"):
+        tokenized = kept.map_batches(
+            Tokenize,
+            fn_constructor_kwargs={"tokenizer_dir": str(tokenizer_dir)},
+            batch_size=config.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=config.tokenize_actors),
+        ).materialize()
+    with _timed("token count"):
+        tokens_per_source = _tokens_by_source(tokenized)
     if not config.mix:
         return tokenized, tokens_per_source, None
     targets = mix_token_targets(tokens_per_source, config.mix)
     to_cut = {source: target for source, target in targets.items() if target < tokens_per_source[source]}
-    cutoffs = mix_cutoffs(tokenized, to_cut, seed)
-    tokenized = tokenized.map_batches(
-        keep_until_cutoff, fn_kwargs={"cutoffs": cutoffs, "seed": seed}, batch_format="pyarrow"
-    ).materialize()
-    mixed = _tokens_by_source(tokenized)
+    with _timed("mix cutoffs"):
+        cutoffs = mix_cutoffs(tokenized, to_cut, seed)
+    with _timed("mix cut"):
+        tokenized = tokenized.map_batches(
+            keep_until_cutoff, fn_kwargs={"cutoffs": cutoffs, "seed": seed}, batch_format="pyarrow"
+        ).materialize()
+        mixed = _tokens_by_source(tokenized)
     total = sum(mixed.values()) or 1
     weight_sum = sum(config.mix.values())
     mix_stats = {
@@ -223,10 +246,11 @@ def pack_and_split(config: DataConfig, tokenized, outputs: DataOutputs, seed: in
     packed = tokenized.map_batches(
         pack, fn_kwargs={"seq_len": config.seq_len}, batch_size=config.batch_size, batch_format="pyarrow"
     ).random_shuffle(seed=seed)
-    if config.val_fraction > 0:
-        train, val = packed.split_proportionately([1.0 - config.val_fraction])
-    else:
-        train, val = packed.materialize(), None
+    with _timed("pack, shuffle and split"):
+        if config.val_fraction > 0:
+            train, val = packed.split_proportionately([1.0 - config.val_fraction])
+        else:
+            train, val = packed.materialize(), None
     # Both halves are materialised by the split: counting them is cheap, and done once.
     sequences = {"train": train.count(), "val": val.count() if val is not None else 0}
     if sequences["train"] == 0:
@@ -234,9 +258,10 @@ def pack_and_split(config: DataConfig, tokenized, outputs: DataOutputs, seed: in
             f"data: no training sequence of {config.seq_len} tokens could be packed from the curated "
             "documents; add text or lower data.seq_len"
         )
-    train.write_parquet(str(outputs.train), min_rows_per_file=config.rows_per_shard)
-    if sequences["val"]:
-        val.write_parquet(str(outputs.val), min_rows_per_file=config.rows_per_shard)
+    with _timed("write"):
+        train.write_parquet(str(outputs.train), min_rows_per_file=config.rows_per_shard)
+        if sequences["val"]:
+            val.write_parquet(str(outputs.val), min_rows_per_file=config.rows_per_shard)
     return sequences
 
 
@@ -261,25 +286,23 @@ def run_data(config: DataConfig, run: RunDir, seed: int) -> StageResult:
     for half_written in (outputs.train, outputs.val, outputs.rejects, outputs.tokenizer):  # steps/ is kept: it
         shutil.rmtree(half_written, ignore_errors=True)  # is how a rerun resumes after a crash
 
-    # read, each curation step, then the tokenizer, tokenize + mix, pack + split
-    with progress(len(config.steps) + 4, "data", "steps") as bar:
+    parts = [*step_dir_names(config), "tokenizer", "tokenize and mix", "pack and write"]
+    with PartsProgress("data", parts, run.root.parent / PROGRESS_PROFILE) as bar:
         marked, funnel, step_stats = curate(config, out, bar)
         documents_in = funnel[0]["documents"]
         kept, rejects = split_kept(marked)
-        rejects.write_parquet(str(outputs.rejects))
-        documents_out = kept.count()
+        with _timed("rejects and count"):
+            rejects.write_parquet(str(outputs.rejects))
+            documents_out = kept.count()
         log.info("data: %d documents in, %d kept", documents_in, documents_out)
 
-        bar.set_postfix_str(f"{documents_out:,} documents kept; tokenizer", refresh=False)
-        tokenizer_dir = write_tokenizer(config, kept, outputs)
-        bar.update()
-        bar.set_postfix_str("tokenize", refresh=False)
+        with _timed("tokenizer"):
+            tokenizer_dir = write_tokenizer(config, kept, outputs)
+        bar.done("tokenizer", f"{documents_out:,} documents kept, tokenizer written")
         tokenized, tokens_per_source, mix_stats = tokenize_and_mix(config, kept, tokenizer_dir, seed)
-        bar.update()
-        bar.set_postfix_str(f"{sum(tokens_per_source.values()):,} tokens; pack", refresh=False)
+        bar.done("tokenize and mix", f"{sum(tokens_per_source.values()):,} tokens")
         sequences = pack_and_split(config, tokenized, outputs, seed)
-        bar.set_postfix_str(f"{sequences['train']:,} + {sequences['val']:,} sequences", refresh=False)
-        bar.update()
+        bar.done("pack and write", f"{sequences['train']:,} + {sequences['val']:,} sequences")
 
     drops_by_step, drops_by_reason = _drop_counts(rejects)
     tokens_in = sum(tokens_per_source.values())

@@ -81,12 +81,19 @@ class Filter(Step):
     def keep(self, row: dict[str, Any]) -> Verdict:
         raise NotImplementedError
 
+    def keep_batch(self, rows: list[dict[str, Any]]) -> list[Verdict]:
+        """``keep`` for each row; a filter whose check vectorises across documents overrides this."""
+        return [self.keep(row) for row in rows]
+
     def _batch(self, table: pa.Table) -> pa.Table:
         reasons = table.column("reject_reason").to_pylist()
-        for i, row in enumerate(table.to_pylist()):
-            if reasons[i] is not None:
-                continue  # Already dropped upstream; keep the first reason.
-            verdict = self.keep(row)
+        # Rows already dropped upstream are not judged again: the first reason wins.
+        open_rows = [i for i, reason in enumerate(reasons) if reason is None]
+        if len(open_rows) < len(reasons):
+            rows = table.take(pa.array(open_rows, pa.int64())).to_pylist()
+        else:
+            rows = table.to_pylist()
+        for i, verdict in zip(open_rows, self.keep_batch(rows), strict=True):
             if verdict is True:
                 continue
             reason = verdict[1] if isinstance(verdict, tuple) else "dropped"

@@ -6,8 +6,12 @@ process with an embedded Ray, on the corpus of tests/scale_corpus.py (made once,
 ``bench-results/scale/``). Sampled once a second while it runs: the machine's used memory, the driver's
 resident memory, the summed resident memory of Ray's worker processes (which counts object-store pages each
 one maps), the object store's shared memory (``/dev/shm``), and the spill directory. Read after: the step
-times from the progress line, the ETA it showed at half the run's wall time against the time that was
-really left, and Ray's logs for workers killed for memory.
+times from the files each part wrote, the ETA the progress line showed at half the run's wall time against
+the time that was really left (the line weighs its parts by the previous run's times: the benchmark's first run
+has none and counts them alike), and Ray's logs for workers killed for memory.
+
+``test_a_killed_driver_resumes_at_scale`` (``LOOM_INTERRUPT_SIZE``, default 1,000,000): the driver killed in
+near-dedup and run again, ``LOOM_SCALE_RUNS`` times, against one uninterrupted run.
 
 Goals (issue 24): documents/s per core at the largest size within 15% of the smallest; machine memory in
 use never above 16 GiB; no worker killed for memory; the ETA at halfway within 25%.
@@ -15,6 +19,7 @@ use never above 16 GiB; no worker killed for memory; the ETA at halfway within 2
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -27,6 +32,7 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.data.stage import PROGRESS_PROFILE
 from tests.benchmarks.conftest import RUNS, comparison
 from tests.conftest import REPO_ROOT
 from tests.scale_corpus import ScaleCorpusSpec, ensure_corpus
@@ -36,8 +42,8 @@ pytestmark = [pytest.mark.benchmark, pytest.mark.scale, pytest.mark.timeout(6 * 
 SIZES = tuple(int(size) for size in os.environ.get("LOOM_SCALE_SIZES", "100000,300000,1000000").split(","))
 ROUNDS = int(os.environ.get("LOOM_SCALE_RUNS", RUNS))
 CACHE = REPO_ROOT / "bench-results" / "scale"
-#: A progress update: "[loom] data: 3/10 steps |███   | 00:13<00:27, length".
-PROGRESS = re.compile(r"\[loom\] data: (\d+)/(\d+) steps \|[^|]*\| ([\d:]+)<([\d:?]+)(?:, (.*))?")
+#: A progress update: "[loom] data:  42% |████   | 00:13<00:27, 02-length; next 03-charset (4/10)".
+PROGRESS = re.compile(r"\[loom\] data:\s*(\d+)% \|[^|]*\| ([\d:]+)<([\d:?]+)(?:, (.*))?")
 OOM = re.compile(r"killed due to (?:memory|node running low on memory)|OutOfMemoryError|memory monitor", re.I)
 
 
@@ -135,10 +141,12 @@ class ScaleRun:
     documents: int
     wall_s: float
     peaks: Peaks
-    #: (seconds since start, steps done, ETA shown in seconds or None, what the step line says)
+    #: (seconds since start, percent done, ETA shown in seconds or None, what the progress line says)
     updates: list[tuple[float, int, float | None, str]]
     oom_lines: list[str]
     documents_out: int
+    #: Whether the progress line was weighted by an earlier run's part times (the first run counts parts alike).
+    weighted: bool = False
 
     #: Seconds from the driver's start to the end of each part of the stage, read from the files it wrote.
     finished_at: dict[str, float] = field(default_factory=dict)
@@ -166,6 +174,7 @@ def run_loom_data(corpus: Path, work: Path, name: str, documents: int) -> ScaleR
     recipe_path = work / f"{name}.yaml"
     recipe_path.write_text(recipe(corpus, work, name))
     spill_dir = work / f"{name}-spill"
+    weighted = (work / PROGRESS_PROFILE).is_file()
     shutil.rmtree(spill_dir, ignore_errors=True)
     env = {name: value for name, value in os.environ.items() if not name.startswith("RAY_ADDRESS")}
     # Ray reads any of its system settings from RAY_<name>: the spill files land where the sampler looks.
@@ -191,8 +200,8 @@ def run_loom_data(corpus: Path, work: Path, name: str, documents: int) -> ScaleR
             text = piece.decode(errors="replace")
             log.append(text)
             for match in PROGRESS.finditer(text):
-                eta = _seconds(match.group(4))
-                updates.append((time.monotonic() - start, int(match.group(1)), eta, match.group(5) or ""))
+                eta = _seconds(match.group(3))
+                updates.append((time.monotonic() - start, int(match.group(1)), eta, match.group(4) or ""))
     returncode = process.wait()
     wall = time.monotonic() - start
     sampler.stop.set()
@@ -211,7 +220,7 @@ def run_loom_data(corpus: Path, work: Path, name: str, documents: int) -> ScaleR
     finished = {step.name: (step / "_COMPLETE").stat().st_mtime for step in sorted((data / "steps").iterdir())}
     finished["tokenizer"] = (data / "tokenizer" / "tokenizer.json").stat().st_mtime
     finished["tokenize, mix, pack"] = (data / "stats.json").stat().st_mtime
-    run = ScaleRun(documents, wall, sampler.peaks, updates, oom, documents_out)
+    run = ScaleRun(documents, wall, sampler.peaks, updates, oom, documents_out, weighted)
     run.finished_at = {name: at - start_epoch for name, at in finished.items()}
     return run
 
@@ -220,10 +229,29 @@ def test_data_stage_at_scale(record_benchmark):
     corpora = {size: ensure_corpus(ScaleCorpusSpec(documents=size), CACHE) for size in SIZES}
     cores = os.cpu_count() or 1
     runs: dict[int, list[ScaleRun]] = {size: [] for size in SIZES}
+    # The first run counts the progress line's parts alike, as a user's first run on new storage; each later
+    # one is weighted by the run before it (often another size).
+    (CACHE / "runs" / PROGRESS_PROFILE).unlink(missing_ok=True)
     for round_ in range(ROUNDS):
         for size in SIZES:
             run = run_loom_data(corpora[size], CACHE / "runs", f"scale-{size}", size)
             runs[size].append(run)
+            with (CACHE / "runs.jsonl").open("a") as log:  # each run as it ends: a failed round loses none
+                log.write(
+                    json.dumps(
+                        {
+                            "documents": size,
+                            "round": round_ + 1,
+                            "wall_s": run.wall_s,
+                            "steps": run.step_seconds(),
+                            "eta_error": run.eta_error_at_halfway(),
+                            "weighted": run.weighted,
+                            "peaks": vars(run.peaks) | {"spill_files": None, "spilled": run.peaks.spilled},
+                            "oom": len(run.oom_lines),
+                        }
+                    )
+                    + "\n"
+                )
             print(
                 f"round {round_ + 1} {size:,} documents: {run.wall_s:.0f} s, {size / run.wall_s / cores:.0f} docs/s/core, "
                 f"steps {run.step_seconds()}, peak machine memory {run.peaks.machine_used / 2**30:.2f} GiB",
@@ -283,4 +311,92 @@ def test_data_stage_at_scale(record_benchmark):
         step_seconds={size: [run.step_seconds() for run in runs[size]] for size in SIZES},
         documents_out={size: [run.documents_out for run in runs[size]] for size in SIZES},
         oom_lines={size: [line for run in runs[size] for line in run.oom_lines][:20] for size in SIZES},
+        progress_weighted_by_an_earlier_run={size: [run.weighted for run in runs[size]] for size in SIZES},
+    )
+
+
+INTERRUPT_SIZE = int(os.environ.get("LOOM_INTERRUPT_SIZE", "1000000"))
+#: Near-dedup's place in ``recipe``'s steps (1-based; 00-read comes first) and the steps complete before it.
+NEAR_DEDUP = 6
+BEFORE_NEAR_DEDUP = ["00-read", "01-normalize", "02-length", "03-charset", "04-repetition", "05-exact_dedup"]
+
+
+def test_a_killed_driver_resumes_at_scale(record_benchmark):
+    """`kill -9` of the `loom data` driver while it computes near-dedup on ``LOOM_INTERRUPT_SIZE`` documents, then
+    `loom data` again: the rerun reads back the six finished steps and its kept ids, rejects, tokenizer and packed
+    shards equal an uninterrupted run's. Measured: when the kill landed, how long Ray took to end the killed job's
+    processes, and the rerun's time against the uninterrupted run's."""
+    from tests.interrupt import inside_step, output_facts, run_killed_then_resumed, run_uninterrupted
+
+    corpus = ensure_corpus(ScaleCorpusSpec(documents=INTERRUPT_SIZE), CACHE)
+    work = CACHE / "interrupted"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    recipe_path = work / "recipe.yaml"
+    recipe_path.write_text(recipe(corpus, work, "whole"))
+    env = {name: value for name, value in os.environ.items() if not name.startswith("RAY_ADDRESS")}  # embedded Ray
+    command = [sys.executable, "-m", "cluster", "data", str(recipe_path)]
+    timeout_s = 3 * 3600
+
+    whole = run_uninterrupted(command, env, work / "whole", timeout_s, cwd=REPO_ROOT)
+    assert whole["returncode"] == 0, whole["output"][-4000:]
+    expected = output_facts(work / "whole")
+    quantities: dict[str, list[float]] = {
+        "kill after s": [],
+        "processes ended after s": [],
+        "rerun s": [],
+        "rerun / uninterrupted": [],
+    }
+    reports = []
+    for round_ in range(ROUNDS):
+        name = f"killed-{round_}"
+        report = run_killed_then_resumed(
+            [*command, f"run_name={name}"],
+            env,
+            work / name,
+            inside_step("minhash_dedup", NEAR_DEDUP),
+            timeout_s,
+            cwd=REPO_ROOT,
+        )
+        summary = {key: value for key, value in report.items() if key not in ("rerun_output",)}
+        assert report["killed"] and report["complete_at_kill"] == BEFORE_NEAR_DEDUP, summary
+        assert not report["left_running"], summary
+        assert report["rerun_returncode"] == 0, report["rerun_output"][-4000:]
+        assert report["resumed"] == BEFORE_NEAR_DEDUP and not report["recomputed"], summary
+        assert output_facts(work / name) == expected, summary
+        print(
+            f"round {round_ + 1}: killed after {report['kill_after_s']:.0f} s, processes ended after "
+            f"{report['released_after_s']:.1f} s, rerun {report['rerun_wall_s']:.0f} s (uninterrupted {whole['wall_s']:.0f} s)",
+            flush=True,
+        )
+        quantities["kill after s"].append(report["kill_after_s"])
+        quantities["processes ended after s"].append(report["released_after_s"])
+        quantities["rerun s"].append(report["rerun_wall_s"])
+        quantities["rerun / uninterrupted"].append(report["rerun_wall_s"] / whole["wall_s"])
+        reports.append({key: summary[key] for key in ("kill_after_s", "released_after_s", "resumed", "states_at_kill")})
+        shutil.rmtree(work / name, ignore_errors=True)
+    record_benchmark(
+        "data_interrupted_scale",
+        stage="data",
+        measure=f"`loom data` on {INTERRUPT_SIZE:,} documents, its driver killed (SIGKILL) in near-dedup, then run again",
+        inputs={
+            "documents": INTERRUPT_SIZE,
+            "recipe": recipe(Path("CORPUS"), Path("RUNS"), "whole"),
+            "killed_in": "minhash_dedup",
+        },
+        quantities=quantities,
+        comparisons=[
+            comparison(
+                "rerun after a kill in near-dedup vs an uninterrupted run (time)",
+                "the rerun's wall time over the uninterrupted run's: it reads back the six finished steps (outputs equal "
+                "in every round: kept ids, rejects, tokenizer, packed shards in order)",
+                quantities,
+                "rerun / uninterrupted",
+                better="lower",
+            ),
+        ],
+        command=f'LOOM_INTERRUPT_SIZE={INTERRUPT_SIZE} make bench-scale PYTEST_ARGS="-k test_a_killed_driver_resumes_at_scale"',
+        uninterrupted_s=whole["wall_s"],
+        outputs=expected,
+        rounds=reports,
     )

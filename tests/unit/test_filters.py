@@ -199,10 +199,13 @@ def test_the_repetition_ngram_checks_give_the_verdicts_of_the_tuple_per_position
         words = rng.choices(vocabulary[: rng.randint(2, len(vocabulary))], k=rng.randint(0, 60))
         texts.append(" ".join(words))
     outcomes = set()
-    for text in texts:
-        ours = step.build().keep({"text": text})
+    rng.shuffle(texts)
+    together = step.build().keep_batch([{"text": text} for text in texts])  # as a Ray Data batch is judged
+    for text, in_batch in zip(texts, together, strict=True):
+        alone = step.build().keep({"text": text})
         expected = _gopher_ngram_verdict(text, step.max_top_ngram_char_fraction, step.max_duplicate_ngram_char_fraction)
-        assert (None if ours is True else ours[1]) == expected, text[:200]
+        assert (None if alone is True else alone[1]) == expected, text[:200]
+        assert in_batch == alone, text[:200]
         outcomes.add(expected.split(" ")[0] if expected else "kept")
     assert len(outcomes) >= 4, outcomes  # kept, and several different checks failing
 
