@@ -103,6 +103,7 @@ def curate(
     documents_in, kept = _counts(steps_dir / names[0])
     funnel = [{"step": "read", "documents": documents_in, "kept": kept}]
     if bar is not None:
+        bar.sized(documents_in)
         bar.done(names[0], f"read {documents_in:,} documents", resumed=not produced)
     step_stats: dict[str, dict] = {}
     for index, step_config in enumerate(config.steps, start=1):

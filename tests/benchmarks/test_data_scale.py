@@ -192,16 +192,27 @@ def run_loom_data(corpus: Path, work: Path, name: str, documents: int) -> ScaleR
     sampler.start()
     updates: list[tuple[float, int, float | None, str]] = []
     log: list[str] = []
-    buffer = b""
+    buffer, seen = b"", None
+
+    def read(text: str, complete: bool) -> None:
+        """A progress line counts when it arrives: tqdm starts each with a carriage return and ends none, so the
+        last one is only split off when the next is drawn (a whole part later). Each is read once."""
+        nonlocal seen
+        if complete:
+            log.append(text)
+        match = PROGRESS.search(text)
+        # A drawing is its percent, elapsed and ETA: a log line run on after it does not make it new.
+        if match is None or match.group(1, 2, 3) == seen:
+            return
+        seen = match.group(1, 2, 3)
+        updates.append((time.monotonic() - start, int(match.group(1)), _seconds(match.group(3)), match.group(4) or ""))
+
     while chunk := process.stdout.read1(65536):
         buffer += chunk
         *pieces, buffer = re.split(rb"[\r\n]", buffer)
         for piece in pieces:
-            text = piece.decode(errors="replace")
-            log.append(text)
-            for match in PROGRESS.finditer(text):
-                eta = _seconds(match.group(3))
-                updates.append((time.monotonic() - start, int(match.group(1)), eta, match.group(4) or ""))
+            read(piece.decode(errors="replace"), complete=True)
+        read(buffer.decode(errors="replace"), complete=False)
     returncode = process.wait()
     wall = time.monotonic() - start
     sampler.stop.set()
