@@ -15,8 +15,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def progress(total: int, stage: str, unit: str):
-    """A tqdm bar named ``[loom] STAGE`` (redrawn in place on a terminal, one line when piped)."""
+def progress(total: float, stage: str, unit: str, counts: str = "{n_fmt}/{total_fmt} {unit}", **options):
+    """A tqdm bar named ``[loom] STAGE`` (redrawn in place on a terminal, one line when piped); ``counts`` is
+    what it shows before the bar, ``options`` other tqdm settings."""
     from tqdm import tqdm
 
     return tqdm(
@@ -27,7 +28,8 @@ def progress(total: int, stage: str, unit: str):
         leave=True,
         file=sys.stdout,
         mininterval=1.0,
-        bar_format="{desc}: {n_fmt}/{total_fmt} {unit} |{bar:20}| {elapsed}<{remaining}{postfix}",
+        bar_format="{desc}: " + counts + " |{bar:20}| {elapsed}<{remaining}{postfix}",
+        **options,
     )
 
 
@@ -56,7 +58,7 @@ class PartsProgress:
         self.resumed: set[str] = set()
         self.weights = self._weights()
         self.last = time.monotonic()
-        self.bar = _bar(sum(self.weights.values()), stage)
+        self.bar = progress(sum(self.weights.values()), stage, "", counts="{percentage:3.0f}%", smoothing=0)
         self.bar.set_postfix_str(f"{parts[0]} (1/{len(parts)})")
 
     def _weights(self) -> dict[str, float]:
@@ -147,21 +149,6 @@ def _estimate(history: list[dict], part: str, size: int | None) -> float | None:
     slope = sum((x - mean_x) * (y - mean_y) for x, y in by_size.items()) / sum((x - mean_x) ** 2 for x in by_size)
     slope = max(slope, 0.0)  # no part gets cheaper with more rows: a falling line is noise in a fixed cost
     return max(mean_y + slope * (size - mean_x), 1e-3)
-
-
-def _bar(total: float, stage: str):
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total,
-        desc=f"[loom] {stage}",
-        dynamic_ncols=True,
-        leave=True,
-        file=sys.stdout,
-        mininterval=1.0,
-        smoothing=0,
-        bar_format="{desc}: {percentage:3.0f}% |{bar:20}| {elapsed}<{remaining}{postfix}",
-    )
 
 
 @contextlib.contextmanager

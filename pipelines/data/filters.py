@@ -226,15 +226,13 @@ class NGrams:
         lengths = np.fromiter((len(words) for words in documents), np.int64, len(documents))
         array = pa.array([word for words in documents for word in words], pa.string())
         encoded = array.dictionary_encode()
-        vocabulary = max(1, len(encoded.dictionary))
-        self.doc = np.repeat(np.arange(len(documents), dtype=np.int64), lengths)
-        self.vocabulary = vocabulary
-        self.words = encoded.indices.to_numpy().astype(np.int64)
         self.documents = len(documents)
-        word_chars = pc.utf8_length(array).to_numpy().astype(np.int64)
-        self.word_chars = word_chars
-        self.chars_before = np.concatenate(([0], np.cumsum(word_chars)))  # chars of words [0, i)
-        totals = np.bincount(self.doc, weights=word_chars, minlength=self.documents).astype(np.int64)
+        self.doc = np.repeat(np.arange(self.documents, dtype=np.int64), lengths)
+        self.vocabulary = max(1, len(encoded.dictionary))
+        self.words = encoded.indices.to_numpy().astype(np.int64)
+        self.word_chars = pc.utf8_length(array).to_numpy().astype(np.int64)
+        self.chars_before = np.concatenate(([0], np.cumsum(self.word_chars)))  # chars of words [0, i)
+        totals = np.bincount(self.doc, weights=self.word_chars, minlength=self.documents).astype(np.int64)
         self.total_chars = np.maximum(totals, 1)
         ends = np.cumsum(lengths)
         #: Words from each position to its document's end.

@@ -116,7 +116,7 @@ def curate(
             _mark_done(directory, key, step.stats())
         if bar is not None:
             bar.done(directory.name, resumed=not produced)
-        step_stats[f"{index:02d}-{step.name}"] = json.loads((directory / "step_stats.json").read_text())
+        step_stats[directory.name] = json.loads((directory / "step_stats.json").read_text())
         rows, kept = _counts(directory)
         if rows != documents_in:
             raise RuntimeError(
