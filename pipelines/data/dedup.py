@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from pipelines.data.components import _distinct, connected_components
 from pipelines.data.minhash import EMPTY, LSHParams, band_keys, permutations, signatures
 from pipelines.data.steps import Step, with_columns
-from pipelines.data.utils import LOCAL_EDGES, small_side_join
+from pipelines.data.utils import BROADCAST_BYTES, LOCAL_EDGES, small_side_join
 
 _WHITESPACE = re.compile(r"\s+")
 
@@ -104,6 +104,12 @@ def _live(table: pa.Table) -> pa.Table:
     return table.filter(pc.is_null(table.column("reject_reason")))
 
 
+#: Bucket rows are grouped by the top bits of their key into 2^SHARD_BITS shards, each sorted once
+#: to find its shared buckets: a shard is 1/64 of (documents x bands) rows, 6 MB at a million documents.
+SHARD_BITS = 6
+_SHARD_SHIFT = np.uint64(64 - SHARD_BITS)
+
+
 def minhash_buckets(table: pa.Table, params: LSHParams, ngram: int) -> pa.Table:
     """Ray Data batch function: every live document's LSH bucket keys, one row per (band, document).
 
@@ -115,18 +121,25 @@ def minhash_buckets(table: pa.Table, params: LSHParams, ngram: int) -> pa.Table:
     signature = signatures(table.column("text"), ngram, a, b)
     nodes = doc_node(table.column("doc_id"))
     has_shingles = ~(signature == EMPTY).all(axis=1)
-    keys = band_keys(signature[has_shingles], params.bands, params.rows)
+    keys = band_keys(signature[has_shingles], params.bands, params.rows).ravel()
     return pa.table(
         {
-            "bucket": pa.array(keys.ravel(), pa.uint64()),
+            "shard": pa.array((keys >> _SHARD_SHIFT).astype(np.uint8), pa.uint8()),
+            "bucket": pa.array(keys, pa.uint64()),
             "node": pa.array(np.repeat(nodes[has_shingles], params.bands), pa.uint64()),
         }
     )
 
 
-def _bucket_edges(table: pa.Table) -> pa.Table:
-    """Rows (bucket, node, root = smallest node in the bucket) -> edges node -> root."""
-    node, root = table.column("node").to_numpy(), table.column("root").to_numpy()
+def _shard_edges(shard: pa.Table) -> pa.Table:
+    """One shard's bucket rows -> an edge from each document to the smallest document of its
+    bucket, for the buckets two documents or more share. A sort, not a hash aggregate and a join:
+    a shard is small and every bucket lies within one."""
+    bucket, node = shard.column("bucket").to_numpy(), shard.column("node").to_numpy()
+    order = np.lexsort((node, bucket))
+    bucket, node = bucket[order], node[order]
+    starts = np.flatnonzero(np.concatenate([[True], bucket[1:] != bucket[:-1]]))
+    root = np.repeat(node[starts], np.diff(np.append(starts, len(bucket))))
     keep = node != root
     return pa.table({"u": pa.array(node[keep], pa.uint64()), "v": pa.array(root[keep], pa.uint64())})
 
@@ -136,22 +149,22 @@ def shingle_sets(table: pa.Table, ngram: int, nodes: np.ndarray | None = None) -
     only those of ``nodes`` (sorted), when given: the documents some candidate pair names."""
     from pipelines.data.minhash import shingle_hashes, word_hashes
 
-    table = _live(table)
+    keep = pc.is_null(table.column("reject_reason")).to_numpy(zero_copy_only=False)
     if nodes is not None:
         wanted = doc_node(table.column("doc_id"))
         index = np.searchsorted(nodes, wanted).clip(0, max(len(nodes) - 1, 0))
-        table = table.filter(pa.array(nodes[index] == wanted if len(nodes) else np.zeros(len(wanted), bool)))
+        keep &= nodes[index] == wanted if len(nodes) else False
+    # One filter: the texts are copied once, and only those looked up.
+    table = table.select(["doc_id", "text"]).filter(pa.array(keep))
     hashes, doc_of = shingle_hashes(*word_hashes(table.column("text")), ngram)
-    # One sort of the whole batch (by document, then hash) instead of a scan of it per document.
-    order = np.lexsort((hashes, doc_of))
-    hashes, doc_of = hashes[order], doc_of[order]
-    first = np.ones(len(hashes), dtype=bool)
-    first[1:] = (hashes[1:] != hashes[:-1]) | (doc_of[1:] != doc_of[:-1])
-    hashes, doc_of = hashes[first], doc_of[first]
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(doc_of, minlength=table.num_rows))]).astype(np.int64)
-    sets = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(hashes, pa.uint32()))
-    nodes = pa.array(doc_node(table.column("doc_id")), pa.uint64())
-    return pa.table({"node": nodes, "shingles": sets.cast(pa.list_(pa.uint32()))})
+    # One sort of the whole batch by (document, hash) as one 64-bit key, instead of a scan per document.
+    keys = (doc_of.astype(np.uint64) << np.uint64(32)) | hashes
+    keys.sort()
+    keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])] if len(keys) else keys
+    doc_of = (keys >> np.uint64(32)).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(doc_of, minlength=table.num_rows))]).astype(np.int32)
+    sets = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(keys.astype(np.uint32), pa.uint32()))
+    return pa.table({"node": pa.array(doc_node(table.column("doc_id")), pa.uint64()), "shingles": sets})
 
 
 def _verified(table: pa.Table, threshold: float) -> pa.Table:
@@ -177,6 +190,26 @@ def _verified(table: pa.Table, threshold: float) -> pa.Table:
     union = lengths[0] + lengths[1] - intersection
     keep = (union > 0) & (intersection / np.maximum(union, 1) >= threshold)
     return table.select(["u", "v"]).filter(pa.array(keep))
+
+
+def _verified_against(edges: pa.Table, sets: pa.Table, threshold: float) -> pa.Table:
+    """``_verified`` for a batch of edges, each side's shingles looked up in ``sets`` (sorted by node)."""
+    nodes = sets.column("node").to_numpy()
+    sides = {}
+    found = np.ones(edges.num_rows, dtype=bool)
+    for side in ("u", "v"):
+        wanted = edges.column(side).to_numpy()
+        index = np.searchsorted(nodes, wanted).clip(0, max(len(nodes) - 1, 0))
+        found &= nodes[index] == wanted
+        sides[side] = index
+    edges = edges.filter(pa.array(found))
+    shingles = sets.column("shingles")
+    return _verified(
+        edges.append_column("shingles_u", shingles.take(sides["u"][found])).append_column(
+            "shingles_v", shingles.take(sides["v"][found])
+        ),
+        threshold,
+    )
 
 
 class NearDedup(Step):
@@ -264,7 +297,9 @@ class MinHashDedup(NearDedup):
         buckets = ds.map_batches(
             minhash_buckets, fn_kwargs={"params": self.params, "ngram": self.ngram}, batch_format="pyarrow"
         ).materialize()
-        edges = self._shared_buckets(buckets).map_batches(_bucket_edges, batch_format="pyarrow")
+        edges = buckets.groupby("shard", num_partitions=self.num_partitions).map_groups(
+            _shard_edges, batch_format="pyarrow"
+        )
         if not self.verify:
             return edges
         # A pair sharing several bands arrives once per band: each distinct pair is verified once.
@@ -278,6 +313,14 @@ class MinHashDedup(NearDedup):
         )
         if sets is None:
             return _empty_edges()
+        if sets.size_bytes() <= BROADCAST_BYTES:
+            # Like small_side_join: the candidates' shingle sets go to every task, the edges stay put.
+            import ray
+
+            table = pa.concat_tables([t for t in ray.get(sets.to_arrow_refs()) if t.num_rows]).sort_by("node")
+            return edges.map_batches(
+                _verified_against, fn_kwargs={"sets": table, "threshold": self.threshold}, batch_format="pyarrow"
+            )
         with_u = edges.join(
             sets.rename_columns({"node": "u", "shingles": "shingles_u"}), "inner", self.num_partitions, on=("u",)
         )

@@ -19,6 +19,9 @@ LOCAL_EDGES = 2_000_000
 #: Right-hand sides of joins up to this many rows are sent to every task instead of shuffled.
 BROADCAST_ROWS = 5_000_000
 
+#: Right-hand sides with wide columns (shingle sets) are broadcast up to this many bytes.
+BROADCAST_BYTES = 1 << 30
+
 
 def _lookup(table: pa.Table, on: str, keys: np.ndarray, values: dict[str, np.ndarray], how: str) -> pa.Table:
     import numpy as np

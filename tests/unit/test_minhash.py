@@ -8,8 +8,16 @@ from datasketch import MinHashLSH
 
 from pipelines.data.components import _both_directions
 from pipelines.data.config import MinHashDedupStep
-from pipelines.data.dedup import _verified, shingle_sets
-from pipelines.data.minhash import EMPTY, LSHParams, band_keys, estimated_jaccard, permutations, signatures
+from pipelines.data.dedup import _shard_edges, _verified, _verified_against, shingle_sets
+from pipelines.data.minhash import (
+    EMPTY,
+    LSHParams,
+    band_keys,
+    estimated_jaccard,
+    permutations,
+    signatures,
+    word_hashes,
+)
 from tests.helpers import document_table
 from tests.planted_corpus import jaccard, planted_corpus
 
@@ -33,6 +41,31 @@ def test_signatures_do_not_depend_on_the_batch_a_document_lands_in():
     whole = signatures(pa.array(texts), 5, a, b)
     pieces = np.vstack([signatures(pa.array(texts[i : i + 3]), 5, a, b) for i in range(0, len(texts), 3)])
     assert np.array_equal(whole, pieces)
+
+
+def test_words_are_pythons_str_split_of_the_lower_cased_text():
+    spaces = "".join(chr(c) for c in range(0x110000) if chr(c).isspace())
+    texts = [
+        "Plain ASCII words, and\tTABS\nnewlines",
+        f"every{spaces}space{spaces[::-1]}python knows",
+        "café naïve 中文\u3000全角 emoji🙂 mixed\u00a0nbsp",
+        "\u200b zero-width space is not whitespace\u200bhere",
+        "",
+        None,
+        "   ",
+    ]
+    words, offsets = word_hashes(pa.array(texts, pa.string()))
+    expected = [(text or "").lower().split() for text in texts]
+    assert np.diff(offsets).tolist() == [len(split) for split in expected]
+    # Equal words hash equally wherever they stand, in a string or a large_string batch.
+    seen: dict[str, int] = {}
+    for word, value in zip([w for split in expected for w in split], words.tolist(), strict=True):
+        assert seen.setdefault(word, value) == value
+    assert len(set(seen.values())) == len(seen)
+    large, _ = word_hashes(
+        pa.chunked_array([pa.array(texts[:3], pa.large_string()), pa.array(texts[3:], pa.large_string())])
+    )
+    assert np.array_equal(large, words)
 
 
 def test_short_and_empty_documents():
@@ -109,3 +142,19 @@ def test_verification_keeps_exactly_the_pairs_at_or_above_the_threshold():
     found = set(zip(kept.column("u").to_pylist(), kept.column("v").to_pylist(), strict=True))
     expected = {(i, j) for i, j in pairs if texts[i] and texts[j] and jaccard(texts[i], texts[j]) >= 0.8}
     assert found == expected and len(expected) >= 20
+    # The broadcast form: the same pairs, each side's set looked up by node.
+    table = shingle_sets(document_table(texts, [f"{i:016x}" for i in range(len(texts))]), 5).sort_by("node")
+    looked_up = _verified_against(candidates.select(["u", "v"]), table, 0.8)
+    assert set(zip(looked_up.column("u").to_pylist(), looked_up.column("v").to_pylist(), strict=True)) == expected
+
+
+def test_shared_buckets_link_each_member_to_the_smallest():
+    shard = pa.table(
+        {
+            "bucket": pa.array([7, 3, 7, 9, 3, 7, 5], pa.uint64()),
+            "node": pa.array([30, 12, 10, 40, 11, 20, 50], pa.uint64()),
+        }
+    )
+    edges = _shard_edges(shard)
+    found = sorted(zip(edges.column("u").to_pylist(), edges.column("v").to_pylist(), strict=True))
+    assert found == [(12, 11), (20, 10), (30, 10)]  # buckets 9 and 5 hold one document: no edge
