@@ -135,6 +135,8 @@ def _shard_edges(shard: pa.Table) -> pa.Table:
     """One shard's bucket rows -> an edge from each document to the smallest document of its
     bucket, for the buckets two documents or more share. A sort, not a hash aggregate and a join:
     a shard is small and every bucket lies within one."""
+    if shard.num_rows == 0:
+        return pa.table({"u": pa.array([], pa.uint64()), "v": pa.array([], pa.uint64())})
     bucket, node = shard.column("bucket").to_numpy(), shard.column("node").to_numpy()
     order = np.lexsort((node, bucket))
     bucket, node = bucket[order], node[order]

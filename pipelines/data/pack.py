@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
 
@@ -109,7 +112,16 @@ def with_rank(batch: pa.Table, seed: int) -> pa.Table:
     )
 
 
-def mix_cutoffs(tokenized, targets: dict[str, int], seed: int) -> dict[str, int | None]:
+@dataclass(frozen=True)
+class MixCut:
+    """Per source cut by the mix: the largest rank kept (-1: none; None: the whole source) and the
+    tokens kept, exactly, so the cut need not be counted again."""
+
+    cutoffs: dict[str, int | None]
+    tokens: dict[str, int]
+
+
+def mix_cutoffs(tokenized, targets: dict[str, int], seed: int) -> MixCut:
     """Per source, the largest rank to keep so its kept tokens come closest to its target.
 
     Documents are taken in a random (hashed) order until the source's token target is
@@ -118,28 +130,41 @@ def mix_cutoffs(tokenized, targets: dict[str, int], seed: int) -> dict[str, int 
     the driver a batch at a time (three small columns), so memory stays bounded.
     ``targets`` names only the sources to cut.
     """
+    ranked = tokenized.map_batches(with_rank, fn_kwargs={"seed": seed}, batch_format="pyarrow").sort("rank")
+    return cut_ranked(ranked.iter_batches(batch_format="pyarrow"), targets)
+
+
+def cut_ranked(batches: Iterable[pa.Table], targets: dict[str, int]) -> MixCut:
+    """``mix_cutoffs`` over (source, rank, num_tokens) batches in ascending rank order."""
     taken = dict.fromkeys(targets, 0)
+    last_rank = dict.fromkeys(targets, -1)
     cutoffs: dict[str, int | None] = dict.fromkeys(targets)
     open_sources = set(targets)
-    ranked = tokenized.map_batches(with_rank, fn_kwargs={"seed": seed}, batch_format="pyarrow").sort("rank")
-    for batch in ranked.iter_batches(batch_format="pyarrow"):
+    for batch in batches:
         if not open_sources:
             break
         sources = np.asarray(batch.column("source").to_pylist(), dtype=object)
         ranks, tokens = batch.column("rank").to_numpy(), batch.column("num_tokens").to_numpy()
         for source in list(open_sources):
             mask = sources == source
-            cumulative = taken[source] + np.cumsum(tokens[mask])
+            if not mask.any():
+                continue
+            source_ranks, cumulative = ranks[mask], taken[source] + np.cumsum(tokens[mask])
             crossing = int(np.searchsorted(cumulative, targets[source]))
             if crossing == len(cumulative):
-                taken[source] = int(cumulative[-1]) if len(cumulative) else taken[source]
+                taken[source], last_rank[source] = int(cumulative[-1]), int(source_ranks[-1])
                 continue
             before = int(cumulative[crossing - 1]) if crossing else taken[source]
-            # Take the crossing document only if that lands nearer the target.
-            take = crossing if cumulative[crossing] - targets[source] <= targets[source] - before else crossing - 1
-            cutoffs[source] = int(ranks[mask][take]) if take >= 0 else -1
+            # Take the crossing document only if that lands nearer the target; not taking the first
+            # document of a batch keeps the earlier batches' documents (the last rank taken).
+            if cumulative[crossing] - targets[source] <= targets[source] - before:
+                cutoffs[source], taken[source] = int(source_ranks[crossing]), int(cumulative[crossing])
+            elif crossing:
+                cutoffs[source], taken[source] = int(source_ranks[crossing - 1]), before
+            else:
+                cutoffs[source] = last_rank[source]
             open_sources.discard(source)
-    return cutoffs
+    return MixCut(cutoffs=cutoffs, tokens=taken)
 
 
 def keep_until_cutoff(batch: pa.Table, cutoffs: dict[str, int | None], seed: int) -> pa.Table:

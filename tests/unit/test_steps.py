@@ -93,6 +93,34 @@ def test_mix_rank_order_is_deterministic_and_keeps_up_to_the_cutoff():
     assert kept.count("b") == 500 and kept.count("a") == 250
 
 
+def test_the_mix_cut_keeps_the_ranks_nearest_the_target_across_batches():
+    from pipelines.data.pack import cut_ranked
+
+    rng = np.random.default_rng(0)
+    sources = rng.choice(["a", "b"], 400)
+    tokens = rng.integers(1, 50, 400)
+    ranks = np.sort(rng.choice(2**40, 400, replace=False)).astype(np.uint64)
+
+    def batches(size: int):
+        for start in range(0, 400, size):
+            yield pa.table(
+                {
+                    "source": sources[start : start + size].tolist(),
+                    "rank": pa.array(ranks[start : start + size], pa.uint64()),
+                    "num_tokens": tokens[start : start + size],
+                }
+            )
+
+    for target in range(1, int(tokens[sources == "a"].sum()), 37):
+        # Brute force: the prefix of source a's documents (in rank order) whose sum is nearest the target.
+        sums = np.concatenate([[0], np.cumsum(tokens[sources == "a"])])
+        best = int(np.argmin(np.abs(sums - target) - 1e-9 * (sums >= target)))
+        expected_rank = int(ranks[sources == "a"][best - 1]) if best else -1
+        for size in (1, 7, 400):  # a batch of one puts every crossing at a batch's first document
+            cut = cut_ranked(batches(size), {"a": target})
+            assert cut.cutoffs == {"a": expected_rank} and cut.tokens == {"a": int(sums[best])}, (target, size)
+
+
 def test_mix_must_name_known_sources():
     import pytest
 
