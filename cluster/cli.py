@@ -99,6 +99,26 @@ def _hold_or_stop(cfg: LoomConfig, args: argparse.Namespace, url: str, shutdown:
         print(f"[loom] the application stays deployed at {url}", flush=True)
 
 
+def _print_eval(run) -> None:
+    """The eval table's headline: each task's lead metric, the base model against each variant."""
+    from pipelines.artifacts import EvalResults
+
+    summary = EvalResults.at(run).summary()
+    models = [name for name, scores in summary.models.items() if scores.not_scored is None]
+    print(f"\n[loom] eval (lm-evaluation-harness, held-out tasks): {' | '.join(models)}", flush=True)
+    for task, info in summary.tasks.items():
+        values = []
+        for model in models:
+            found = summary.models[model].tasks.get(task, {}).get(info.headline)
+            error = f" ± {found.stderr:.2g}" if found and found.stderr is not None else ""
+            values.append(f"{found.value:.3g}{error}" if found else "-")
+        better = "lower" if info.lower_is_better else "higher"
+        print(f"[loom]   {task} {info.headline} ({better} is better, n={info.rows}): {' | '.join(values)}", flush=True)
+    for model, scores in summary.models.items():
+        if scores.not_scored:
+            print(f"[loom]   {model}: not scored ({scores.not_scored[:160]})", flush=True)
+
+
 def cmd_run(cfg: LoomConfig, args: argparse.Namespace) -> int:
     from cluster.chain import run_chain
     from serve.stage import base_url, shutdown
@@ -126,6 +146,8 @@ def cmd_run(cfg: LoomConfig, args: argparse.Namespace) -> int:
             f"its tokens accepted, {draft['tokens_per_s']:.2f}x the base's tokens/s",
             flush=True,
         )
+    if run.is_complete("eval"):
+        _print_eval(run)
     print(f"\n[loom] run directory: {run.root}\n[loom] manifest: {run.manifest_path}", flush=True)
     report = run.root / "report" / "index.html"
     if report.is_file():

@@ -18,6 +18,7 @@ from pydantic import Field, ValidationError, model_validator
 from cluster.config import ClusterConfig, MonitorConfig
 from pipelines.compress.config import CompressConfig
 from pipelines.data.config import DataConfig
+from pipelines.eval.config import EvalConfig
 from pipelines.schema import StrictModel, pydantic_problems
 from pipelines.train.config import TrainConfig
 from serve.config import ServeConfig
@@ -44,6 +45,10 @@ class LoomConfig(StrictModel):
     tune: TuneConfig = Field(default_factory=TuneConfig, description="Hyperparameter sweep stage.")
     compress: CompressConfig = Field(
         default_factory=CompressConfig, description="Compression sweep stage (quantization, pruning; Pareto front)."
+    )
+    eval: EvalConfig = Field(
+        default_factory=EvalConfig,
+        description="Eval stage: the model and its variants scored with lm-evaluation-harness on held-out tasks.",
     )
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving stage.")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Ray cluster and job submission.")
@@ -73,6 +78,13 @@ class LoomConfig(StrictModel):
                 (
                     "train.model.max_position_embeddings",
                     f"{model.max_position_embeddings} is shorter than data.seq_len ({self.data.seq_len})",
+                )
+            )
+        if checks("eval") and self.eval.enabled and self.data.heldout_documents == 0:
+            problems.append(
+                (
+                    "eval.enabled",
+                    "the eval stage builds its tasks from held-out documents, but data.heldout_documents is 0",
                 )
             )
         if not checks("serve"):

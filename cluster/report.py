@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.stages import STAGE_NAMES
-from pipelines.artifacts import DataOutputs
+from pipelines.artifacts import DataOutputs, EvalResults
 from pipelines.runs import RunDir
 
 #: The report's sections, in chain order.
@@ -96,6 +96,32 @@ def _data_tables(run: RunDir) -> dict[str, list[tuple[str, str]]]:
     return {title: rows for title, rows in tables.items() if rows}
 
 
+def _eval_tables(run: RunDir) -> dict[str, list[tuple[str, str]]]:
+    """Each task's headline metric for the base model and every variant, with the harness's standard error."""
+    results = EvalResults.at(run)
+    if not results.summary_path.is_file():
+        return {}
+    summary = results.summary()
+    rows = []
+    for task, info in summary.tasks.items():
+        better = "lower" if info.lower_is_better else "higher"
+        for model, scores in summary.models.items():
+            found = scores.tasks.get(task, {}).get(info.headline)
+            if found is None:
+                continue
+            error = f" ± {found.stderr:.3g}" if found.stderr is not None else ""
+            rows.append((f"{task} · {model}", f"{info.headline} {found.value:.4g}{error} ({better} is better)"))
+    skipped = [(model, scores.not_scored) for model, scores in summary.models.items() if scores.not_scored]
+    tables = {"Scores (lm-evaluation-harness, n = task rows)": rows}
+    if skipped:
+        tables["Not scored"] = skipped
+    return {title: table for title, table in tables.items() if table}
+
+
+#: Tables a stage's section shows besides its metrics, read from its own files.
+TABLES = {"data": _data_tables, "eval": _eval_tables}
+
+
 def _section(run: RunDir, report_dir: Path, name: str, record: dict[str, Any]) -> StageSection:
     return StageSection(
         name=name,
@@ -107,7 +133,7 @@ def _section(run: RunDir, report_dir: Path, name: str, record: dict[str, Any]) -
         outputs=[_link(run, report_dir, k, v) for k, v in record.get("outputs", {}).items() if v not in (None, "")],
         metrics=[(k, _show(v)) for k, v in record.get("metrics", {}).items()],
         figures=_figures(report_dir, name),
-        tables=_data_tables(run) if name == "data" else {},
+        tables=TABLES[name](run) if name in TABLES else {},
     )
 
 

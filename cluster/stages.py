@@ -110,6 +110,12 @@ def _compress(cfg: LoomConfig, run: RunDir) -> StageResult:
     return run_compress(cfg.compress, train, run, cfg.seed)
 
 
+def _eval(cfg: LoomConfig, run: RunDir) -> StageResult:
+    from pipelines.eval.stage import run_eval
+
+    return run_eval(cfg.eval, run, cfg.seed, with_variants=cfg.compress.enabled)
+
+
 def _serve(cfg: LoomConfig, run: RunDir) -> StageResult:
     from serve.stage import run_serve
 
@@ -154,6 +160,16 @@ STAGES: dict[str, Stage] = {
             sections=("compress", "seed"),
             reads=(DataOutputs, TrainedModel, TuneBest),
             switch="compress.enabled",
+        ),
+        Stage(
+            "eval",
+            "score the model and its variants with lm-evaluation-harness",
+            module="pipelines.eval",
+            run=_eval,
+            sections=("eval", "seed"),
+            # The front while compress is on (a disabled stage is no input).
+            reads=(DataOutputs, TrainedModel, CompressionFront),
+            switch="eval.enabled",
         ),
         Stage(
             "serve",

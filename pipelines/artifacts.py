@@ -57,7 +57,7 @@ class Artifact:
 
 @dataclass(frozen=True)
 class DataOutputs(Artifact):
-    """The data stage's packed token shards, held-out shards, tokenizer and statistics."""
+    """The data stage's packed token shards, held-out shards and documents, tokenizer and statistics."""
 
     stage: ClassVar[str] = "data"
     name: ClassVar[str] = "shards"
@@ -69,11 +69,21 @@ class DataOutputs(Artifact):
     tokenizer: Path
     stats: Path
     rejects: Path
+    #: Whole documents kept out of training (the eval stage's tasks are built from them).
+    heldout: Path
 
     @classmethod
     def at(cls, run: RunDir) -> DataOutputs:
         root = run.stage_dir(cls.stage)
-        return cls(root, root / "train", root / "val", root / "tokenizer", root / "stats.json", root / "rejects")
+        return cls(
+            root,
+            root / "train",
+            root / "val",
+            root / "tokenizer",
+            root / "stats.json",
+            root / "rejects",
+            root / "heldout",
+        )
 
     @classmethod
     def of(cls, run: RunDir) -> DataOutputs:
@@ -273,6 +283,71 @@ class CompressionFront(Artifact):
         )
 
 
+class TaskScore(StrictModel):
+    """One metric of one task, as the harness reported it."""
+
+    value: float
+    stderr: float | None = Field(default=None, description="The harness's standard error (None where it gives N/A).")
+
+
+class ModelScores(StrictModel):
+    """Every task's metrics for one model, or why it was not scored."""
+
+    path: str
+    tasks: dict[str, dict[str, TaskScore]] = Field(default_factory=dict)
+    harness_results: str | None = Field(default=None, description="The harness's own results file.")
+    not_scored: str | None = Field(default=None, description="Why the model could not be scored here.")
+
+
+class EvalTaskInfo(StrictModel):
+    kind: str
+    rows: int
+    headline: str = Field(description="The metric the report leads with.")
+    lower_is_better: bool
+
+
+class EvalSummary(StrictModel):
+    """The eval stage's ``eval.json``: the tasks and each model's scores (base first, then the variants)."""
+
+    tasks: dict[str, EvalTaskInfo]
+    models: dict[str, ModelScores]
+
+
+@dataclass(frozen=True)
+class EvalResults(Artifact):
+    """The eval stage's ``eval.json`` and the harness's result files under ``harness/<model>/``."""
+
+    stage: ClassVar[str] = "eval"
+    name: ClassVar[str] = "scores"
+
+    root: Path
+
+    @classmethod
+    def at(cls, run: RunDir) -> EvalResults:
+        return cls(run.stage_dir(cls.stage))
+
+    @property
+    def summary_path(self) -> Path:
+        return self.root / "eval.json"
+
+    def summary(self) -> EvalSummary:
+        return EvalSummary.model_validate_json(self.summary_path.read_text())
+
+    @classmethod
+    def of(cls, run: RunDir) -> EvalResults:
+        results = cls.at(run)
+        if not run.is_complete(cls.stage) or not results.summary_path.is_file():
+            raise MissingInputError(f"the eval stage has not completed in {run.root}; run `loom eval` first")
+        return results
+
+    @classmethod
+    def fingerprint(cls, run: RunDir) -> str | None:
+        results = cls.at(run)
+        if not run.is_complete(cls.stage) or not results.summary_path.is_file():
+            return None
+        return _digest(json.loads(results.summary_path.read_text()))
+
+
 def record_of(directory: Path) -> VariantRecord | None:
     """The record beside a model directory the compress stage kept (None for any other directory)."""
     path = Path(directory) / RECORD
@@ -280,4 +355,4 @@ def record_of(directory: Path) -> VariantRecord | None:
 
 
 #: Every artifact type, for the checks that stages read only what they declare.
-ARTIFACTS: tuple[type[Artifact], ...] = (DataOutputs, TuneBest, TrainedModel, CompressionFront)
+ARTIFACTS: tuple[type[Artifact], ...] = (DataOutputs, TuneBest, TrainedModel, CompressionFront, EvalResults)

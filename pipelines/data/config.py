@@ -382,6 +382,13 @@ class DataConfig(StrictModel):
     val_fraction: float = Field(
         default=0.05, ge=0.0, lt=0.5, description="Share of packed sequences held out for evaluation."
     )
+    heldout_documents: int = Field(
+        default=32,
+        ge=0,
+        description="Documents per source kept out of tokenizer training and training, for the eval stage's "
+        "tasks (those with the smallest hash of seed and doc_id; at most a tenth of a source), written to "
+        "heldout/; 0: none.",
+    )
     rows_per_shard: int = Field(default=2048, ge=1, description="Packed sequences per parquet shard (at least).")
     mix: dict[str, float] | None = Field(
         default=None,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pipelines.artifacts import DataOutputs
 from pipelines.data.config import DataConfig
+from pipelines.data.heldout import hold_out, write_heldout
 from pipelines.data.metrics import export_gauges
 from pipelines.data.pack import Tokenize, keep_until_cutoff, mix_cutoffs, mix_token_targets, pack
 from pipelines.data.perplexity import plot_histogram
@@ -221,12 +222,12 @@ def tokenize_and_mix(config: DataConfig, kept, tokenizer_dir: Path, seed: int):
     targets = mix_token_targets(tokens_per_source, config.mix)
     to_cut = {source: target for source, target in targets.items() if target < tokens_per_source[source]}
     with _timed("mix cutoffs"):
-        cutoffs = mix_cutoffs(tokenized, to_cut, seed)
-    with _timed("mix cut"):
-        tokenized = tokenized.map_batches(
-            keep_until_cutoff, fn_kwargs={"cutoffs": cutoffs, "seed": seed}, batch_format="pyarrow"
-        ).materialize()
-        mixed = _tokens_by_source(tokenized)
+        cut = mix_cutoffs(tokenized, to_cut, seed)
+    # Not materialised: packing reads the cut once, and the cutoffs already say what it keeps.
+    tokenized = tokenized.map_batches(
+        keep_until_cutoff, fn_kwargs={"cutoffs": cut.cutoffs, "seed": seed}, batch_format="pyarrow"
+    )
+    mixed = {**tokens_per_source, **cut.tokens}
     total = sum(mixed.values()) or 1
     weight_sum = sum(config.mix.values())
     mix_stats = {
@@ -284,8 +285,9 @@ def run_data(config: DataConfig, run: RunDir, seed: int) -> StageResult:
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     out = run.begin(DataOutputs.stage)
     outputs = DataOutputs.at(run)
-    for half_written in (outputs.train, outputs.val, outputs.rejects, outputs.tokenizer):  # steps/ is kept: it
-        shutil.rmtree(half_written, ignore_errors=True)  # is how a rerun resumes after a crash
+    # Not steps/: it is how a rerun resumes after a crash.
+    for half_written in (outputs.train, outputs.val, outputs.rejects, outputs.tokenizer, outputs.heldout):
+        shutil.rmtree(half_written, ignore_errors=True)
 
     parts = [*step_dir_names(config), "tokenizer", "tokenize and mix", "pack and write"]
     with PartsProgress("data", parts, run.root.parent / PROGRESS_PROFILE) as bar:
@@ -296,6 +298,9 @@ def run_data(config: DataConfig, run: RunDir, seed: int) -> StageResult:
             rejects.write_parquet(str(outputs.rejects))
             documents_out = kept.count()
         log.info("data: %d documents in, %d kept", documents_in, documents_out)
+        with _timed("held out"):
+            kept, heldout = hold_out(kept, config.heldout_documents, seed)
+            documents_heldout = write_heldout(heldout, outputs.heldout)
 
         with _timed("tokenizer"):
             tokenizer_dir = write_tokenizer(config, kept, outputs)
@@ -316,6 +321,7 @@ def run_data(config: DataConfig, run: RunDir, seed: int) -> StageResult:
         "funnel": funnel,
         "steps": step_stats,
         "documents_rejected": documents_in - documents_out,
+        "documents_heldout": documents_heldout,
         "tokens": tokens_in,
         "tokens_by_source": tokens_per_source,
         "mix": mix_stats,
@@ -333,6 +339,7 @@ def run_data(config: DataConfig, run: RunDir, seed: int) -> StageResult:
             "val": str(outputs.val) if sequences["val"] else "",
             "tokenizer": str(tokenizer_dir),
             "rejects": str(outputs.rejects),
+            "heldout": str(outputs.heldout) if documents_heldout else "",
             "stats": str(outputs.stats),
             "funnel_plot": str(plot),
         },

@@ -54,12 +54,15 @@ def test_loom_run_whole_chain_then_query_the_endpoint(tmp_path):
         assert f"[loom] run directory: {run_dir}" in output
         # Loom's lines on the terminal; Ray's, vLLM's and DeepSpeed's logs in the run directory.
         assert "[loom] held-out perplexity: " in output and "before training -> " in output
+        # The eval table's headline: each task's lead metric for the trained model (compress is off here).
+        assert "[loom] eval (lm-evaluation-harness, held-out tasks): base" in output
+        assert "[loom]   loom_choice acc (higher is better, n=" in output
         assert output.count("\n") < 200, f"{output.count(chr(10))} lines on the terminal"
         assert "INFO" not in output and "Started Serve" not in output, output[-3000:]
         assert (run_dir / "logs" / "loom.log").stat().st_size > 0
         assert (run_dir / "logs" / "ray").is_dir() and any((run_dir / "logs" / "ray").glob("worker-*.out"))
         manifest = json.loads((run_dir / "manifest.json").read_text())
-        assert set(manifest["stages"]) == {"data", "train", "tune", "serve"}
+        assert set(manifest["stages"]) == {"data", "train", "tune", "eval", "serve"}
         for stage in ("data", "train", "tune"):
             assert (run_dir / stage / "_COMPLETE").is_file()
         assert manifest["stages"]["serve"]["inputs"]["model:loom-tiny"]

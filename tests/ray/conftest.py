@@ -249,3 +249,12 @@ def compress_done(train_done, tiny_config, tmp_path_factory, stage_placement_gro
         wait_for(lambda: not _probes(), RELEASE_S, "the killed sweep's vLLM measurement to end")
         record = run_stage("compress", tiny_config)
     return {"record": record, "kept_id": kept_id, "kept_dir": kept_dir, "reports_before": reports_before}
+
+
+@pytest.fixture(scope="package")
+def eval_done(compress_done, tiny_config, stage_placement_groups):
+    """The eval stage over the trained model and the front's variants."""
+    from cluster.chain import run_stage
+
+    with placement_groups_created() as stage_placement_groups["eval"]:
+        return run_stage("eval", tiny_config)

@@ -109,12 +109,14 @@ def test_stage_on_a_stale_upstream_is_refused_before_it_runs(tmp_path, fake_stag
 
 
 def test_chain_order_and_sweep_switches():
-    assert chain_stages(load_config(TINY)) == ["data", "tune", "train", "compress", "serve"]
+    assert chain_stages(load_config(TINY)) == ["data", "tune", "train", "compress", "eval", "serve"]
     assert chain_stages(load_config(TINY, ["tune.enabled=false", "compress.enabled=false"])) == [
         "data",
         "train",
+        "eval",
         "serve",
     ]
+    assert "eval" not in chain_stages(load_config(TINY, ["eval.enabled=false"]))
     assert STAGES["serve"].always_runs and not STAGES["data"].always_runs
 
 

@@ -120,7 +120,7 @@ def test_cli_report_and_submit_take_their_stages_from_the_registry():
     from cluster.report import STAGE_ORDER
     from cluster.submit import SUBMITTABLE
 
-    assert STAGE_NAMES == ("data", "tune", "train", "compress", "serve")
+    assert STAGE_NAMES == ("data", "tune", "train", "compress", "eval", "serve")
     assert all(COMMANDS[name][1] == STAGES[name].summary for name in STAGE_NAMES)
     assert STAGE_ORDER == STAGE_NAMES and SUBMITTABLE == (*STAGE_NAMES, "run")
     submit = build_parser().parse_args(["submit", "compress", str(TINY), "--address", "http://127.0.0.1:1"])

@@ -1,0 +1,221 @@
+"""The eval stage: the trained model, and each compressed variant on the front, scored with
+lm-evaluation-harness on tasks built from the run's held-out documents.
+
+setup (held-out documents -> tasks) -> score each model (the harness's ``hf`` backend, in this process)
+-> write (the harness's own result and sample files under ``harness/<model>/``, ``eval.json``, the figure).
+Nothing is downloaded: the tasks are local JSON lines and the models are the run's own directories.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from pipelines.artifacts import (
+    CompressionFront,
+    DataOutputs,
+    EvalResults,
+    EvalSummary,
+    EvalTaskInfo,
+    ModelScores,
+    TaskScore,
+    TrainedModel,
+)
+from pipelines.eval.config import EvalConfig
+from pipelines.eval.tasks import HeldOutDocument, Task, build_tasks
+from pipelines.progress import progress
+from pipelines.runs import RunDir, StageResult
+
+log = logging.getLogger(__name__)
+
+#: The harness reads its task data with ``datasets``: offline, so a missing file is an error, not a download;
+#: its progress bars go to the harness's log, not the terminal (the stage has its own line).
+HARNESS_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+BASE = "base"
+BOOTSTRAP_ITERS = 100
+
+
+def read_heldout(outputs: DataOutputs) -> list[HeldOutDocument]:
+    import pyarrow.parquet as pq
+
+    if not outputs.heldout.is_dir():
+        raise FileNotFoundError(
+            f"{outputs.heldout} is missing: the data stage held no document out (data.heldout_documents is 0, or the "
+            "run's data stage is from before held-out documents); rerun `loom data --force` with data.heldout_documents > 0"
+        )
+    table = pq.read_table(outputs.heldout)
+    return [HeldOutDocument(**row) for row in table.select(["doc_id", "source", "text"]).to_pylist()]
+
+
+def models_to_score(run: RunDir, with_variants: bool) -> dict[str, Path]:
+    """The trained model, then each variant on the compression front (when compress ran)."""
+    models = {BASE: TrainedModel.of(run).path}
+    if with_variants:
+        front = CompressionFront.of(run)
+        models.update({name: front.variant_dir(name) for name in front.kept()})
+    return models
+
+
+def _metrics(reported: dict[str, Any]) -> dict[str, TaskScore]:
+    """The harness's ``{"acc,none": 0.5, "acc_stderr,none": 0.1, ...}`` as {metric: score}."""
+    scores = {}
+    for key, value in reported.items():
+        metric, _, filter_name = key.partition(",")
+        if not filter_name or metric.endswith("_stderr") or not isinstance(value, int | float):
+            continue
+        stderr = reported.get(f"{metric}_stderr,{filter_name}")
+        scores[metric] = TaskScore(
+            value=float(value), stderr=float(stderr) if isinstance(stderr, int | float) else None
+        )
+    return scores
+
+
+def load(path: Path, config: EvalConfig, seq_len: int):
+    """The harness's ``hf`` model for a directory, scoring at most ``seq_len`` tokens at once (the
+    context the model was trained on; its position table may be longer)."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(
+        pretrained=str(path),
+        dtype="float32",
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        batch_size=config.batch_size,
+        max_length=seq_len,
+    )
+
+
+def score(model, path: Path, tasks: list[Task], out: Path, seed: int) -> ModelScores:
+    """One loaded model through the harness; its result and per-sample files written under ``out``."""
+    import lm_eval
+    from lm_eval.loggers import EvaluationTracker
+    from lm_eval.tasks import TaskManager
+
+    tracker = EvaluationTracker(output_path=str(out))
+    # The harness draws a tqdm bar on stderr per request type: kept in its log beside its results.
+    with open(out / "harness.log", "w") as harness_log, contextlib.redirect_stderr(harness_log):
+        results = lm_eval.simple_evaluate(
+            model=model,
+            tasks=[task.harness_config(out.parent / "datasets-cache") for task in tasks],
+            task_manager=TaskManager(include_defaults=False),
+            # Only non-mean metrics are bootstrapped, and none of Loom's tasks' can be: a token count.
+            bootstrap_iters=BOOTSTRAP_ITERS,
+            log_samples=True,
+            evaluation_tracker=tracker,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+    samples = results.pop("samples")
+    tracker.save_results_aggregated(results=results, samples=samples)
+    for task in results["configs"]:
+        tracker.save_results_samples(task_name=task, samples=samples[task])
+    written = sorted(out.rglob("results_*.json"))
+    return ModelScores(
+        path=str(path),
+        tasks={task.name: _metrics(results["results"].get(task.name, {})) for task in tasks},
+        harness_results=str(written[-1]) if written else None,
+    )
+
+
+def plot_scores(summary: EvalSummary, path: Path) -> Path:
+    """One panel per task: each model's headline metric with the harness's standard error."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary.tasks)
+    models = [name for name, scores in summary.models.items() if scores.not_scored is None]
+    figure, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4), squeeze=False)
+    for axis, task in zip(axes[0], names, strict=True):
+        info = summary.tasks[task]
+        scores = [summary.models[model].tasks.get(task, {}).get(info.headline) for model in models]
+        values = [s.value if s else 0.0 for s in scores]
+        errors = [(s.stderr or 0.0) if s else 0.0 for s in scores]
+        colours = ["#4c72b0" if model == BASE else "#dd8452" for model in models]
+        axis.bar(range(len(models)), values, yerr=errors, color=colours, capsize=3)
+        axis.set_xticks(range(len(models)), models, rotation=45, ha="right", fontsize=7)
+        better = "lower" if info.lower_is_better else "higher"
+        axis.set_title(f"{task.removeprefix('loom_')}\n{info.headline} ({better} is better)", fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def headline(summary: EvalSummary) -> dict[str, float]:
+    """The base model's headline metric per task (the stage's metrics, and what the demo prints)."""
+    base = summary.models[BASE]
+    return {
+        f"{task}.{info.headline}": base.tasks[task][info.headline].value
+        for task, info in summary.tasks.items()
+        if info.headline in base.tasks.get(task, {})
+    }
+
+
+def run_eval(config: EvalConfig, run: RunDir, seed: int, with_variants: bool) -> StageResult:
+    for name, value in HARNESS_ENV.items():
+        os.environ.setdefault(name, value)
+    out = run.begin(EvalResults.stage)
+    for half_written in (out / "tasks", out / "harness"):  # a crashed run's files: scored again
+        shutil.rmtree(half_written, ignore_errors=True)
+    results = EvalResults.at(run)
+    data = DataOutputs.of(run)
+    started = time.monotonic()
+    if config.continuation_chars > data.seq_len:
+        config = config.model_copy(update={"continuation_chars": data.seq_len})
+    tasks = build_tasks(read_heldout(data), config, out / "tasks", seed)
+    models = models_to_score(run, with_variants and config.variants)
+    log.info("eval: %d tasks (%s) for %d models", len(tasks), ", ".join(t.name for t in tasks), len(models))
+    scores = {}
+    with progress(len(models), "eval", "models") as bar:
+        for name, path in models.items():
+            bar.set_postfix_str(name)
+            directory = out / "harness" / name
+            directory.mkdir(parents=True)
+            try:
+                model = load(path, config, data.seq_len)
+            except Exception as error:  # noqa: BLE001 -- any model the backend cannot load is reported, not raised
+                if name == BASE:
+                    raise RuntimeError(
+                        f"eval: the harness's hf backend cannot load the trained model {path}"
+                    ) from error
+                # A variant transformers cannot load here (a vLLM-only format): said, not hidden.
+                reason = f"the harness's hf backend could not load it: {type(error).__name__}: {error}"[:600]
+                log.warning("eval: %s not scored: %s", name, reason)
+                scores[name] = ModelScores(path=str(path), not_scored=reason)
+            else:
+                scores[name] = score(model, path, tasks, directory, seed)
+                del model
+            log.info("eval: %s done after %.0f s", name, time.monotonic() - started)
+            bar.update(1)
+    summary = EvalSummary(
+        tasks={
+            t.name: EvalTaskInfo(kind=t.kind, rows=t.rows, headline=t.headline, lower_is_better=t.lower_is_better)
+            for t in tasks
+        },
+        models=scores,
+    )
+    results.summary_path.write_text(summary.model_dump_json(indent=2) + "\n")
+    plot = plot_scores(summary, run.root / "report" / "eval_scores.png")
+    return StageResult(
+        outputs={"summary": str(results.summary_path), "harness": str(out / "harness"), "plot": str(plot)},
+        metrics={
+            **headline(summary),
+            "models_scored": sum(s.not_scored is None for s in scores.values()),
+            "seconds": round(time.monotonic() - started, 1),
+        },
+    )

@@ -1,0 +1,63 @@
+"""The eval stage on the tiny run: tasks from held-out documents, scored by lm-evaluation-harness."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pyarrow.parquet as pq
+
+from pipelines.artifacts import CompressionFront, DataOutputs, EvalResults
+from pipelines.data.heldout import MAX_SHARE
+from pipelines.runs import RunDir
+
+
+def test_held_out_documents_are_a_capped_sample_of_each_source(data_done, tiny_config):
+    run = RunDir(tiny_config.run_dir())
+    outputs = DataOutputs.of(run)
+    stats = json.loads(outputs.stats.read_text())
+    held = pq.read_table(outputs.heldout).to_pylist()
+    assert len(held) == stats["documents_heldout"] > 0
+    kept_by_source = {}
+    rejected = {r["doc_id"] for r in pq.read_table(outputs.rejects, columns=["doc_id"]).to_pylist()}
+    for row in held:
+        kept_by_source[row["source"]] = kept_by_source.get(row["source"], 0) + 1
+        assert row["doc_id"] not in rejected and row["text"]
+    # At most a tenth of a source: the two-document gz source keeps both for training.
+    assert set(kept_by_source) == {"stdlib"}
+    assert kept_by_source["stdlib"] <= min(tiny_config.data.heldout_documents, 120 * MAX_SHARE)
+
+
+def test_eval_scores_the_model_and_each_variant_with_the_harness(eval_done, tiny_config):
+    run = RunDir(tiny_config.run_dir())
+    summary = EvalResults.of(run).summary()
+    assert set(summary.tasks) == {"loom_perplexity_stdlib", "loom_choice", "loom_next_line"}
+    assert all(info.rows > 0 for info in summary.tasks.values())
+    variants = set(CompressionFront.of(run).kept())
+    assert set(summary.models) == {"base", *variants}
+
+    base = summary.models["base"]
+    assert base.not_scored is None
+    for task, info in summary.tasks.items():
+        assert math.isfinite(base.tasks[task][info.headline].value), (task, base.tasks[task])
+    assert 0 <= base.tasks["loom_choice"]["acc"].value <= 1 and base.tasks["loom_choice"]["acc"].stderr is not None
+    # The harness's own files: its aggregated results and one sample file per task.
+    harness = json.loads(open(base.harness_results).read())
+    assert set(harness["results"]) == set(summary.tasks)
+    assert harness["results"]["loom_choice"]["acc,none"] == base.tasks["loom_choice"]["acc"].value
+    samples = {p.name.split("_20")[0] for p in EvalResults.of(run).root.joinpath("harness", "base").rglob("samples_*")}
+    assert samples == {f"samples_{task}" for task in summary.tasks}
+
+    # Each variant is scored, or says why not; a scored one has weights of its own, so its perplexity differs.
+    scored = {name: s for name, s in summary.models.items() if name != "base" and s.not_scored is None}
+    assert scored, {name: s.not_scored for name, s in summary.models.items()}
+    for name, scores in summary.models.items():
+        assert (scores.not_scored is None) == (name in scored or name == "base")
+    for name, scores in scored.items():
+        value = scores.tasks["loom_perplexity_stdlib"]["bits_per_byte"].value
+        assert math.isfinite(value) and value != base.tasks["loom_perplexity_stdlib"]["bits_per_byte"].value, name
+
+    report = (run.root / "report" / "index.html").read_text()
+    assert "loom_choice · base" in report and "eval_scores.png" in report
+    assert (run.root / "report" / "eval_scores.png").stat().st_size > 0
+    assert eval_done["metrics"]["loom_choice.acc"] == base.tasks["loom_choice"]["acc"].value
