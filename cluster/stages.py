@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipelines.artifacts import Artifact, CompressionFront, DataOutputs, TrainedModel, TuneBest
+from pipelines.artifacts import Artifact, CompressionFront, DataOutputs, EvalResults, TrainedModel, TuneBest
 from pipelines.runs import RunDir, StageResult
 
 if TYPE_CHECKING:
@@ -177,8 +177,9 @@ STAGES: dict[str, Stage] = {
             module="serve",
             run=_serve,
             sections=("serve",),
-            # The front while compress is on (a model may ask for a variant or a draft).
-            reads=(TrainedModel, CompressionFront),
+            # The front while compress is on (a model may ask for a variant or a draft); the eval scores while
+            # eval is on (a variant choice may bound them).
+            reads=(TrainedModel, CompressionFront, EvalResults),
             always_runs=True,
         ),
     )

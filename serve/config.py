@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipelines.compress.variants import family_of, servable_on_vllm
+from pipelines.eval.bounds import EvalBound
 from pipelines.schema import StrictModel, field_problems
 
 #: The candidate's model id beside ``MODEL`` (a canary release); '@' is outside the ids a recipe may give.
@@ -103,6 +104,12 @@ class VariantChoice(StrictModel):
         default=0.02,
         gt=0,
         description="rule: a variant qualifies if its perplexity is at most the base's (same engine) x 1 + this.",
+    )
+    eval_bounds: list[EvalBound] = Field(
+        default_factory=list,
+        description="Bounds on the run's eval scores (the eval stage's tasks, against the base model) every "
+        "variant must keep to be served: the rule picks among those that keep them; a named variant that "
+        "does not is refused. Empty: perplexity alone decides.",
     )
 
     @model_validator(mode="after")

@@ -13,10 +13,17 @@ from typing import Any
 
 import yaml
 
-from pipelines.artifacts import CompressionFront, MissingInputError, TrainedModel, VariantRecord, record_of
+from pipelines.artifacts import (
+    CompressionFront,
+    EvalResults,
+    MissingInputError,
+    TrainedModel,
+    VariantRecord,
+    record_of,
+)
 from pipelines.runs import RunDir, StageResult, hash_dir
 from serve.app import CompressionLineage, ModelLineage, ServeAppArgs, SpeculativeLineage, build_app
-from serve.config import ModelConfig, ServeConfig, SpeculativeConfig
+from serve.config import ModelConfig, ServeConfig, SpeculativeConfig, VariantChoice
 from serve.demo import query_endpoint
 from serve.protection import load_api_keys
 
@@ -32,17 +39,38 @@ def variant_source(model_id: str, model: ModelConfig, run: RunDir) -> Path:
 
     front = _front(run, f"serve.models.{model_id} serves a compressed variant")
     choice = model.variant
+    kept = front.kept()
     try:
         name = choose(
-            front.kept(),
+            kept,
             model.accelerator,
             name=choice.name,
             rule=choice.rule,
             max_perplexity_increase=choice.max_perplexity_increase,
+            eval_failures=_eval_failures(model_id, choice, list(kept), run),
         )
     except VariantUnavailableError as error:
         raise RuntimeError(f"serve.models.{model_id}.variant: {error}") from None
     return front.variant_dir(name)
+
+
+def _eval_failures(
+    model_id: str, choice: VariantChoice, variants: list[str], run: RunDir
+) -> dict[str, list[str]] | None:
+    """The eval bounds each variant fails, from the run's eval stage (None when the choice names no bound)."""
+    from pipelines.eval.bounds import UnknownBoundError, bound_failures
+
+    if not choice.eval_bounds:
+        return None
+    where = f"serve.models.{model_id}.variant.eval_bounds"
+    try:
+        summary = EvalResults.of(run).summary()
+    except MissingInputError as error:
+        raise RuntimeError(f"{where} judges variants by their eval scores, but {error}") from None
+    try:
+        return {name: bound_failures(summary, name, choice.eval_bounds) for name in variants}
+    except UnknownBoundError as error:
+        raise RuntimeError(f"{where}: {error}") from None
 
 
 def _front(run: RunDir, what: str) -> CompressionFront:

@@ -61,11 +61,14 @@ def choose(
     name: str | None = None,
     rule: Literal["smallest", "fastest"] | None = None,
     max_perplexity_increase: float = 0.02,
+    eval_failures: dict[str, list[str]] | None = None,
 ) -> str:
     """The variant to serve: ``name`` if the front kept it and vLLM on ``accelerator`` loads it, else the
     one ``rule`` picks among the servable variants within the perplexity bound (ratios to the base measured
-    in the same engine)."""
+    in the same engine). ``eval_failures``: the bounds on eval scores each variant fails (``bound_failures``);
+    one that fails any is neither picked nor served by name."""
     servable = {n: r for n, r in front.items() if servable_on_vllm(r.family, accelerator)}
+    failed = {n: reasons for n, reasons in (eval_failures or {}).items() if reasons}
     if name is not None:
         if name not in front:
             raise VariantUnavailableError(
@@ -73,13 +76,27 @@ def choose(
             )
         if name not in servable:
             raise VariantUnavailableError(f"variant {name!r} cannot be served by vLLM on {accelerator}")
+        if name in failed:
+            raise VariantUnavailableError(f"variant {name!r} fails the eval bounds: {'; '.join(failed[name])}")
         return name
-    within = {n: r for n, r in servable.items() if r.ratios["perplexity"] <= 1 + max_perplexity_increase}
+    within = {
+        n: r for n, r in servable.items() if r.ratios["perplexity"] <= 1 + max_perplexity_increase and n not in failed
+    }
     if not within:
         raise VariantUnavailableError(
             f"no variant vLLM on {accelerator} serves is within {max_perplexity_increase:.1%} of the base's "
-            f"perplexity; variants: "
-            + (", ".join(f"{n} ({r.ratios['perplexity']:.3f}x)" for n, r in sorted(front.items())) or "none")
+            f"perplexity"
+            + (" and keeps the eval bounds" if eval_failures is not None else "")
+            + "; variants: "
+            + (
+                ", ".join(
+                    f"{n} ({r.ratios['perplexity']:.3f}x"
+                    + (f"; fails {'; '.join(failed[n])}" if n in failed else "")
+                    + ")"
+                    for n, r in sorted(front.items())
+                )
+                or "none"
+            )
         )
     if rule == "fastest":
         return max(within, key=lambda n: within[n].tokens_per_s)

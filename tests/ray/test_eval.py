@@ -6,6 +6,7 @@ import json
 import math
 
 import pyarrow.parquet as pq
+import pytest
 
 from pipelines.artifacts import CompressionFront, DataOutputs, EvalResults
 from pipelines.data.heldout import MAX_SHARE
@@ -61,3 +62,44 @@ def test_eval_scores_the_model_and_each_variant_with_the_harness(eval_done, tiny
     assert "loom_choice · base" in report and "eval_scores.png" in report
     assert (run.root / "report" / "eval_scores.png").stat().st_size > 0
     assert eval_done["metrics"]["loom_choice.acc"] == base.tasks["loom_choice"]["acc"].value
+
+
+def test_the_served_variant_changes_when_its_eval_bound_is_tightened(eval_done, tiny_config):
+    from pipelines.compress.variants import servable_on_vllm
+    from serve.config import ModelConfig
+    from serve.stage import variant_source
+
+    run = RunDir(tiny_config.run_dir())
+    summary = EvalResults.of(run).summary()
+    kept = CompressionFront.of(run).kept()
+    task, metric = "loom_perplexity_stdlib", "bits_per_byte"
+    base = summary.models["base"].tasks[task][metric].value
+    # Each variant vLLM here serves and the harness scored: how much more bits per byte than the base it needs.
+    worse = {
+        name: scores.tasks[task][metric].value / base - 1
+        for name, scores in summary.models.items()
+        if name in kept and scores.not_scored is None and servable_on_vllm(kept[name].family, "cpu")
+    }
+    smallest = min(worse, key=lambda name: kept[name].weight_bytes)
+    assert worse[smallest] > 0, f"the smallest variant {smallest} scores no worse than the base: {worse}"
+
+    def served(tolerance: float) -> str:
+        model = ModelConfig.model_validate(
+            {
+                "variant": {
+                    "rule": "smallest",
+                    "max_perplexity_increase": 100,  # the eval bound alone decides
+                    "eval_bounds": [{"task": task, "tolerance": tolerance}],
+                }
+            }
+        )
+        return variant_source("loom-tiny", model, run).name
+
+    assert served(max(worse.values()) + 0.01) == smallest
+    tightened = worse[smallest] / 2
+    if any(value <= tightened for value in worse.values()):
+        assert served(tightened) != smallest
+        assert worse[served(tightened)] <= tightened
+    else:
+        with pytest.raises(RuntimeError, match=f"keeps the eval bounds; .*{smallest} .*fails {task}.{metric}"):
+            served(tightened)

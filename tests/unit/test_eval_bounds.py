@@ -1,0 +1,89 @@
+"""Decisions by eval: a variant's eval scores against the base's, and the serving choice that follows them."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines.artifacts import EvalSummary, EvalTaskInfo, ModelScores, TaskScore
+from pipelines.eval.bounds import EvalBound, UnknownBoundError, bound_failures
+from tests.unit.test_compress import variant_record
+
+
+def _summary() -> EvalSummary:
+    def scores(bpb: float, acc: float) -> ModelScores:
+        return ModelScores(
+            path="/models/x",
+            tasks={
+                "loom_perplexity_code": {"bits_per_byte": TaskScore(value=bpb), "word_perplexity": TaskScore(value=9)},
+                "loom_choice": {"acc": TaskScore(value=acc, stderr=0.05), "acc_norm": TaskScore(value=acc)},
+            },
+        )
+
+    return EvalSummary(
+        tasks={
+            "loom_perplexity_code": EvalTaskInfo(
+                kind="perplexity", rows=8, headline="bits_per_byte", lower_is_better=True
+            ),
+            "loom_choice": EvalTaskInfo(kind="choice", rows=8, headline="acc", lower_is_better=False),
+        },
+        models={
+            "base": scores(bpb=2.0, acc=0.50),
+            "w8a8-int8": scores(bpb=2.02, acc=0.50),  # 1% more bits per byte, the same accuracy
+            "pruned-g1of2-m128of256": scores(bpb=2.4, acc=0.40),  # 20% more bits, a fifth less accuracy
+            "bnb-nf4": ModelScores(path="/models/nf4", not_scored="the hf backend could not load it"),
+        },
+    )
+
+
+def test_a_bound_holds_within_its_tolerance_and_fails_when_it_is_tightened():
+    summary = _summary()
+    perplexity = EvalBound(task="loom_perplexity_code", tolerance=0.05)
+    assert bound_failures(summary, "w8a8-int8", [perplexity]) == []
+    [failure] = bound_failures(summary, "w8a8-int8", [perplexity.model_copy(update={"tolerance": 0.005})])
+    assert failure == "loom_perplexity_code.bits_per_byte 2.02 above the bound 2.01 (base 2, tolerance 0.005)"
+    # Higher is better for accuracy: the bound is below the base's score.
+    choice = EvalBound(task="loom_choice", tolerance=0.25)
+    assert bound_failures(summary, "pruned-g1of2-m128of256", [choice]) == []
+    [failure] = bound_failures(summary, "pruned-g1of2-m128of256", [choice.model_copy(update={"tolerance": 0.1})])
+    assert failure.startswith("loom_choice.acc 0.4 below the bound 0.45")
+    # Every bound is judged; a named metric instead of the headline; a model not scored fails each bound.
+    both = [perplexity, EvalBound(task="loom_choice", metric="acc_norm", tolerance=0.1)]
+    assert len(bound_failures(summary, "pruned-g1of2-m128of256", both)) == 2
+    assert [f.split(":")[0] for f in bound_failures(summary, "bnb-nf4", both)] == [
+        "loom_perplexity_code.bits_per_byte",
+        "loom_choice.acc_norm",
+    ]
+    assert "not scored (the hf backend" in bound_failures(summary, "bnb-nf4", both)[0]
+
+
+def test_a_bound_on_a_task_or_metric_the_stage_did_not_score_names_what_it_scored():
+    with pytest.raises(UnknownBoundError, match="no such task; its tasks: loom_perplexity_code, loom_choice"):
+        bound_failures(_summary(), "w8a8-int8", [EvalBound(task="loom_next_line", tolerance=0.1)])
+    with pytest.raises(UnknownBoundError, match="no metric 'exact_match'; its metrics: acc, acc_norm"):
+        bound_failures(_summary(), "w8a8-int8", [EvalBound(task="loom_choice", metric="exact_match", tolerance=0)])
+    with pytest.raises(ValueError, match="greater than or equal to 0"):
+        EvalBound(task="loom_choice", tolerance=-0.1)
+
+
+def test_the_served_variant_follows_the_eval_bounds():
+    from pipelines.compress.variants import VariantUnavailableError, choose
+
+    summary = _summary()
+    front = {
+        "w8a8-int8": variant_record("w8a8-int8", "w8a8", 1.004, size=60),
+        "pruned-g1of2-m128of256": variant_record("pruned-g1of2-m128of256", "prune", 1.1, size=30),
+    }
+
+    def served(tolerance: float) -> str:
+        bounds = [EvalBound(task="loom_perplexity_code", tolerance=tolerance)]
+        failures = {name: bound_failures(summary, name, bounds) for name in front}
+        return choose(front, "cpu", rule="smallest", max_perplexity_increase=0.5, eval_failures=failures)
+
+    assert served(0.25) == "pruned-g1of2-m128of256"  # the smaller, within both bounds
+    assert served(0.05) == "w8a8-int8"  # tightened: the pruned model's bits per byte are out
+    with pytest.raises(VariantUnavailableError, match=r"keeps the eval bounds; .*w8a8-int8 \(1\.004x; fails loom_"):
+        served(0.001)
+    bounds = [EvalBound(task="loom_perplexity_code", tolerance=0.05)]
+    failures = {name: bound_failures(summary, name, bounds) for name in front}
+    with pytest.raises(VariantUnavailableError, match="'pruned-g1of2-m128of256' fails the eval bounds: loom_perp"):
+        choose(front, "cpu", name="pruned-g1of2-m128of256", eval_failures=failures)
