@@ -69,6 +69,8 @@ def _stage_command(name: str) -> Callable[[LoomConfig, argparse.Namespace], int]
     def command(cfg: LoomConfig, args: argparse.Namespace) -> int:
         from cluster.chain import run_stage
 
+        if name == "eval" and args.endpoint:
+            return _eval_endpoint(cfg, args)
         output = _start(cfg, args)
         record = run_stage(name, cfg, force=args.force)
         if name == "serve":
@@ -97,6 +99,43 @@ def _hold_or_stop(cfg: LoomConfig, args: argparse.Namespace, url: str, shutdown:
         shutdown()
     else:
         print(f"[loom] the application stays deployed at {url}", flush=True)
+
+
+def _eval_endpoint(cfg: LoomConfig, args: argparse.Namespace) -> int:
+    """``loom eval --endpoint URL --model ID``: the run's eval tasks through a served endpoint (no Ray needed)."""
+    from pipelines.artifacts import MissingInputError
+    from pipelines.eval.endpoint import API_KEY_ENV, SCORES, Endpoint, score_endpoint
+    from pipelines.runs import RunDir
+
+    problems = []
+    if not args.model:
+        problems.append("--model: name the served model to score (its id on the endpoint)")
+    if not args.endpoint.startswith(("https://", "http://")):
+        problems.append(f"--endpoint: {args.endpoint!r} is no URL; give its base, e.g. https://127.0.0.1:8000/v1")
+    if args.ca_file and not Path(args.ca_file).is_file():
+        problems.append(f"--ca-file: {args.ca_file} is no file")
+    key = os.environ.get(API_KEY_ENV, "")
+    if not key:
+        problems.append(f"{API_KEY_ENV}: set it to an API key of the endpoint (it is never read from the command line)")
+    if problems:
+        print("loom eval: nothing was scored.\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
+        return EXIT_CONFIG
+    endpoint = Endpoint(url=args.endpoint, model=args.model, api_key=key, ca_file=args.ca_file)
+    run = RunDir(cfg.run_dir())
+    try:
+        scores, out = score_endpoint(run, endpoint, cfg.eval, cfg.seed, batch_size=args.batch_size)
+    except (MissingInputError, FileNotFoundError) as err:  # no data stage, or no held-out documents
+        print(f"loom eval: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"[loom] eval through {args.endpoint} ({args.model}):", flush=True)
+    for task, metrics in scores.tasks.items():
+        shown = ", ".join(
+            f"{metric} {score.value:.4g}" + (f" ± {score.stderr:.2g}" if score.stderr is not None else "")
+            for metric, score in metrics.items()
+        )
+        print(f"[loom]   {task}: {shown}", flush=True)
+    print(f"[loom] scores: {out / SCORES}; the harness's files: {out / 'harness'}", flush=True)
+    return 0
 
 
 def _print_eval(run) -> None:
@@ -289,6 +328,18 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--ray-dashboards", help="folder of Ray's dashboards (default: Ray's session_latest)")
         if name == "monitor":
             sub.add_argument("--check", action="store_true", help="write and check the files, start nothing")
+        if name == "eval":
+            sub.add_argument(
+                "--endpoint",
+                metavar="URL",
+                help="score through this OpenAI-compatible endpoint (its base, https://HOST:PORT/v1) instead of "
+                "loading the models; the key from LOOM_API_KEY",
+            )
+            sub.add_argument("--model", help="--endpoint: the served model id to score")
+            sub.add_argument("--ca-file", help="--endpoint: the CA its certificate is checked against")
+            sub.add_argument(
+                "--batch-size", type=int, default=1, help="--endpoint: prompts per request (its max_prompts bounds it)"
+            )
         if name not in ("validate", "export", "monitor", "dashboards"):
             sub.add_argument(
                 "--address",

@@ -25,9 +25,10 @@ class EvalBound(StrictModel):
         "Unset: the task's headline.",
     )
     tolerance: float = Field(
-        ge=0,
+        gt=-1,
         description="How much worse than the base's score a variant's may be, as a fraction of the base's: 0.05 "
-        "allows 5% lower accuracy or 5% more bits per byte; 0 allows nothing worse.",
+        "allows 5% lower accuracy or 5% more bits per byte; 0 allows nothing worse; a negative tolerance asks "
+        "for better (-0.01: at least 1% better, e.g. of a pruned model after its recovery fine-tune).",
     )
 
 

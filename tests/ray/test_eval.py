@@ -74,14 +74,14 @@ def test_the_served_variant_changes_when_its_eval_bound_is_tightened(eval_done, 
     kept = CompressionFront.of(run).kept()
     task, metric = "loom_perplexity_stdlib", "bits_per_byte"
     base = summary.models["base"].tasks[task][metric].value
-    # Each variant vLLM here serves and the harness scored: how much more bits per byte than the base it needs.
+    # Each variant vLLM here serves and the harness scored: its bits per byte over the base's, minus one.
     worse = {
         name: scores.tasks[task][metric].value / base - 1
         for name, scores in summary.models.items()
         if name in kept and scores.not_scored is None and servable_on_vllm(kept[name].family, "cpu")
     }
+    assert worse, {name: scores.not_scored for name, scores in summary.models.items()}
     smallest = min(worse, key=lambda name: kept[name].weight_bytes)
-    assert worse[smallest] > 0, f"the smallest variant {smallest} scores no worse than the base: {worse}"
 
     def served(tolerance: float) -> str:
         model = ModelConfig.model_validate(
@@ -96,10 +96,14 @@ def test_the_served_variant_changes_when_its_eval_bound_is_tightened(eval_done, 
         return variant_source("loom-tiny", model, run).name
 
     assert served(max(worse.values()) + 0.01) == smallest
-    tightened = worse[smallest] / 2
-    if any(value <= tightened for value in worse.values()):
+    # Tightened to just under what the smallest variant needs (a barely trained model's variants may score better
+    # than it: then the bound asks for more of an improvement than the smallest one made).
+    better = sorted(value for value in worse.values() if value < worse[smallest])
+    if better:
+        tightened = (better[-1] + worse[smallest]) / 2
         assert served(tightened) != smallest
         assert worse[served(tightened)] <= tightened
     else:
+        tightened = worse[smallest] - 0.01
         with pytest.raises(RuntimeError, match=f"keeps the eval bounds; .*{smallest} .*fails {task}.{metric}"):
             served(tightened)

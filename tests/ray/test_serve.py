@@ -186,6 +186,36 @@ def test_every_endpoint_answers_both_models_with_lineage(endpoint, tiny_config):
     assert len([c for c in chat_stream if c.choices]) >= 2
 
 
+def test_the_eval_tasks_score_through_the_endpoint_as_they_do_in_process(endpoint, eval_done, tiny_config):
+    """lm-evaluation-harness's local-completions backend through Loom's ingress (HTTPS, the key, its prices) and
+    vLLM's echoed prompt logprobs: the served trained model scores as the eval stage's hf backend scored it."""
+    from pipelines.artifacts import EvalResults
+    from pipelines.eval.endpoint import SCORES, Endpoint, score_endpoint
+    from pipelines.runs import RunDir
+    from serve.stage import base_url
+
+    config, _ = endpoint
+    run = RunDir(tiny_config.run_dir())
+    served = Endpoint(url=base_url(config.serve), model=MAIN, api_key=KEY, ca_file=config.serve.tls.ca_file)
+    scores, out = score_endpoint(run, served, tiny_config.eval, tiny_config.seed, batch_size=2)
+    summary = EvalResults.of(run).summary()
+    in_process = summary.models["base"]
+    assert set(scores.tasks) == set(summary.tasks)
+    for task, info in summary.tasks.items():
+        endpoint_score, hf_score = scores.tasks[task][info.headline], in_process.tasks[task][info.headline]
+        if info.kind == "perplexity":
+            # The same windows of the same tokens; the API backend's windows are two tokens shorter.
+            assert endpoint_score.value == pytest.approx(hf_score.value, rel=0.02), task
+        else:  # the same answers, give or take a near-tie decided by another engine's arithmetic
+            assert abs(endpoint_score.value - hf_score.value) <= 1 / info.rows + 1e-9, (task, endpoint_score, hf_score)
+            assert endpoint_score.stderr is not None
+    written = json.loads((out / SCORES).read_text())
+    assert written["model"] == MAIN and written["scores"]["tasks"] == json.loads(scores.model_dump_json())["tasks"]
+    assert len(list((out / "harness").rglob("samples_*.jsonl"))) == len(summary.tasks)
+    # The key went only into request headers: no file the harness or Loom wrote holds it.
+    assert not [p for p in out.rglob("*") if p.is_file() and KEY in p.read_text(errors="replace")]
+
+
 def test_the_deployed_application_exports_as_a_rayservice_kuberay_accepts(endpoint):
     import jsonschema
     from ray.serve.schema import ServeDeploySchema

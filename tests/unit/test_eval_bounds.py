@@ -49,6 +49,9 @@ def test_a_bound_holds_within_its_tolerance_and_fails_when_it_is_tightened():
     # Every bound is judged; a named metric instead of the headline; a model not scored fails each bound.
     both = [perplexity, EvalBound(task="loom_choice", metric="acc_norm", tolerance=0.1)]
     assert len(bound_failures(summary, "pruned-g1of2-m128of256", both)) == 2
+    # A negative tolerance asks for better than the base: the same score fails it.
+    [failure] = bound_failures(summary, "w8a8-int8", [choice.model_copy(update={"tolerance": -0.01})])
+    assert failure.startswith("loom_choice.acc 0.5 below the bound 0.505")
     assert [f.split(":")[0] for f in bound_failures(summary, "bnb-nf4", both)] == [
         "loom_perplexity_code.bits_per_byte",
         "loom_choice.acc_norm",
@@ -61,8 +64,8 @@ def test_a_bound_on_a_task_or_metric_the_stage_did_not_score_names_what_it_score
         bound_failures(_summary(), "w8a8-int8", [EvalBound(task="loom_next_line", tolerance=0.1)])
     with pytest.raises(UnknownBoundError, match="no metric 'exact_match'; its metrics: acc, acc_norm"):
         bound_failures(_summary(), "w8a8-int8", [EvalBound(task="loom_choice", metric="exact_match", tolerance=0)])
-    with pytest.raises(ValueError, match="greater than or equal to 0"):
-        EvalBound(task="loom_choice", tolerance=-0.1)
+    with pytest.raises(ValueError, match="greater than -1"):
+        EvalBound(task="loom_choice", tolerance=-1)
 
 
 def test_the_served_variant_follows_the_eval_bounds():
@@ -87,3 +90,43 @@ def test_the_served_variant_follows_the_eval_bounds():
     failures = {name: bound_failures(summary, name, bounds) for name in front}
     with pytest.raises(VariantUnavailableError, match="'pruned-g1of2-m128of256' fails the eval bounds: loom_perp"):
         choose(front, "cpu", name="pruned-g1of2-m128of256", eval_failures=failures)
+
+
+def test_scoring_through_an_endpoint_without_a_key_or_model_lists_every_problem(monkeypatch, capsys, tmp_path):
+    from cluster.cli import EXIT_CONFIG, main
+    from tests.conftest import TINY
+
+    monkeypatch.delenv("LOOM_API_KEY", raising=False)
+    code = main(
+        [
+            "eval",
+            str(TINY),
+            "storage=" + str(tmp_path),
+            "--endpoint",
+            "127.0.0.1:8000/v1",
+            "--ca-file",
+            str(tmp_path / "none.pem"),
+        ]
+    )
+    assert code == EXIT_CONFIG
+    said = capsys.readouterr().err
+    assert "nothing was scored" in said
+    for problem in (
+        "--model: name the served model",
+        "--endpoint: '127.0.0.1:8000/v1' is no URL",
+        "none.pem is no file",
+        "LOOM_API_KEY: set it",
+    ):
+        assert problem in said, said
+    assert not (tmp_path / "tiny").exists()  # nothing was started or written
+
+
+def test_scoring_a_run_without_held_out_documents_says_what_to_run(monkeypatch, capsys, tmp_path):
+    from cluster.cli import EXIT_CONFIG, main
+    from tests.conftest import TINY
+
+    monkeypatch.setenv("LOOM_API_KEY", "loom-secret-key-never-printed")
+    code = main(["eval", str(TINY), "storage=" + str(tmp_path), "--endpoint", "http://127.0.0.1:9/v1", "--model", "m"])
+    assert code == EXIT_CONFIG
+    said = capsys.readouterr().err
+    assert "the data stage has not completed" in said and "loom-secret-key" not in said
