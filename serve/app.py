@@ -93,6 +93,11 @@ class ServeAppArgs(StrictModel):
         description="Model id -> directory of its speculative draft (models with engine.speculative set).",
     )
     lineage: dict[str, ModelLineage] = Field(default_factory=dict, description="Model id -> its lineage.")
+    canary_eval: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Model id -> the eval bounds of its canary's gate the candidate fails against the stable "
+        "version (empty: it keeps them all); only models whose gate names eval bounds.",
+    )
     audit_path: str | None = Field(
         default=None,
         description="The audit log's file (serve.audit.path, or the one the serve stage chose); unset: none.",
@@ -178,6 +183,7 @@ def canaries(parsed: ServeAppArgs, lineage: dict[str, dict[str, Any]]) -> dict[s
             "weight": model.canary.weight,
             "gate": model.canary.gate.model_dump(mode="json") if model.canary.gate else None,
             "perplexity_ratio": perplexity_ratio(lineage[model_id], lineage[canary_id(model_id)]),
+            "eval_failures": parsed.canary_eval.get(model_id),
         }
         for model_id, model in parsed.serve_config.models.items()
         if model.canary is not None

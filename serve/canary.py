@@ -73,8 +73,16 @@ class Verdict:
         return "; ".join(f"{name}: {text}" for name, text in self.checks.items())
 
 
-def judge(gate: CanaryGate, candidate: Outcomes, stable: Outcomes, perplexity_ratio: float | None) -> Verdict | None:
-    """The gate's decision once the candidate has answered ``gate.requests`` requests (None before)."""
+def judge(
+    gate: CanaryGate,
+    candidate: Outcomes,
+    stable: Outcomes,
+    perplexity_ratio: float | None,
+    eval_failures: list[str] | None = None,
+) -> Verdict | None:
+    """The gate's decision once the candidate has answered ``gate.requests`` requests (None before).
+    ``eval_failures``: the gate's eval bounds the candidate fails against the stable version (the serve stage
+    judges them from the run's eval scores when it deploys)."""
     if candidate.requests < gate.requests:
         return None
     checks: dict[str, str] = {}
@@ -105,6 +113,9 @@ def judge(gate: CanaryGate, candidate: Outcomes, stable: Outcomes, perplexity_ra
             )
     if gate.max_perplexity_ratio is not None:
         check("perplexity / stable's", perplexity_ratio, gate.max_perplexity_ratio)
+    if gate.eval_bounds:
+        failed |= bool(eval_failures)
+        checks["eval bounds"] = f"{'; '.join(eval_failures)}: FAIL" if eval_failures else "kept: ok"
     return Verdict("rollback" if failed else "promote", checks)
 
 
@@ -115,6 +126,7 @@ class CanaryState:
     weight: float
     gate: CanaryGate | None
     perplexity_ratio: float | None
+    eval_failures: list[str] | None = None
     status: str = "canary"  # canary | promoted | rolled back
     candidate: Outcomes = field(default_factory=Outcomes)
     stable: Outcomes = field(default_factory=Outcomes)
@@ -141,6 +153,7 @@ class Canaries:
                 weight=found["weight"],
                 gate=CanaryGate.model_validate(found["gate"]) if found.get("gate") else None,
                 perplexity_ratio=found.get("perplexity_ratio"),
+                eval_failures=found.get("eval_failures"),
             )
             for model_id, found in canaries.items()
         }
@@ -158,7 +171,7 @@ class Canaries:
                 continue
             for side, seen in versions.items():
                 getattr(state, side).add(seen)
-            verdict = judge(state.gate, state.candidate, state.stable, state.perplexity_ratio)
+            verdict = judge(state.gate, state.candidate, state.stable, state.perplexity_ratio, state.eval_failures)
             if verdict is not None:
                 self._set(model_id, verdict.decision, "gate", verdict.reason)
 

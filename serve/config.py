@@ -149,6 +149,12 @@ class CanaryGate(StrictModel):
         "compressed variant's own ratio to its base, or both runs' train metrics). A candidate without that "
         "measurement fails the check. Unset: not checked.",
     )
+    eval_bounds: list[EvalBound] = Field(
+        default_factory=list,
+        description="Bounds on the candidate's eval scores against the stable version's, both scored by this run's "
+        "eval stage (the trained model or its compressed variants; a version it did not score fails them). "
+        "Judged with the other bounds.",
+    )
 
 
 class CanaryConfig(StrictModel):

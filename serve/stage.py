@@ -23,7 +23,7 @@ from pipelines.artifacts import (
 )
 from pipelines.runs import RunDir, StageResult, hash_dir
 from serve.app import CompressionLineage, ModelLineage, ServeAppArgs, SpeculativeLineage, build_app
-from serve.config import ModelConfig, ServeConfig, SpeculativeConfig, VariantChoice
+from serve.config import ModelConfig, ServeConfig, SpeculativeConfig, VariantChoice, canary_id
 from serve.demo import query_endpoint
 from serve.protection import load_api_keys
 
@@ -71,6 +71,35 @@ def _eval_failures(
         return {name: bound_failures(summary, name, choice.eval_bounds) for name in variants}
     except UnknownBoundError as error:
         raise RuntimeError(f"{where}: {error}") from None
+
+
+def canary_eval_failures(config: ServeConfig, sources: dict[str, Path], run: RunDir) -> dict[str, list[str]]:
+    """For each canary whose gate names eval bounds: the bounds its candidate fails against the stable version,
+    both found among the models the run's eval stage scored (by directory)."""
+    from pipelines.eval.bounds import UnknownBoundError, score_failures
+
+    gated = {
+        model_id: model.canary.gate.eval_bounds
+        for model_id, model in config.models.items()
+        if model.canary is not None and model.canary.gate is not None and model.canary.gate.eval_bounds
+    }
+    if not gated:
+        return {}
+    failures = {}
+    for model_id, bounds in gated.items():
+        where = f"serve.models.{model_id}.canary.gate.eval_bounds"
+        try:
+            summary = EvalResults.of(run).summary()
+        except MissingInputError as error:
+            raise RuntimeError(f"{where} judges the candidate by its eval scores, but {error}") from None
+        scored = {Path(scores.path).resolve(): name for name, scores in summary.models.items()}
+        stable = summary.models.get(scored.get(sources[model_id].resolve(), ""))
+        candidate = summary.models.get(scored.get(sources[canary_id(model_id)].resolve(), ""))
+        try:
+            failures[model_id] = score_failures(summary, candidate, stable, bounds, against="stable")
+        except UnknownBoundError as error:
+            raise RuntimeError(f"{where}: {error}") from None
+    return failures
 
 
 def _front(run: RunDir, what: str) -> CompressionFront:
@@ -247,6 +276,7 @@ def serve_app_args(config: ServeConfig, run: RunDir) -> ServeAppArgs:
     drafts = {model_id: draft_source(model_id, versions[model_id], source, run) for model_id, source in sources.items()}
     return ServeAppArgs(
         audit_path=config.audit.path or str(run.stage_dir(SERVE) / "audit.jsonl"),
+        canary_eval=canary_eval_failures(config, sources, run),
         serve_config=config,
         model_sources={model_id: str(source) for model_id, source in sources.items()},
         draft_sources={model_id: str(draft[0]) for model_id, draft in drafts.items() if draft},

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from pipelines.artifacts import EvalSummary
+from pipelines.artifacts import EvalSummary, ModelScores
 from pipelines.schema import StrictModel
 
 BASE = "base"
@@ -39,8 +39,18 @@ class UnknownBoundError(ValueError):
 def bound_failures(summary: EvalSummary, model: str, bounds: list[EvalBound]) -> list[str]:
     """Why ``model`` fails ``bounds`` against the base in ``summary`` (empty: it keeps every one). Raises
     UnknownBoundError, listing what was scored, for a bound whose task or metric the stage did not score."""
-    base = summary.models[BASE]
-    scores = summary.models.get(model)
+    return score_failures(summary, summary.models.get(model), summary.models[BASE], bounds, against=BASE)
+
+
+def score_failures(
+    summary: EvalSummary,
+    scores: ModelScores | None,
+    reference: ModelScores | None,
+    bounds: list[EvalBound],
+    against: str,
+) -> list[str]:
+    """Why ``scores`` fail ``bounds`` against ``reference`` (named ``against`` in the reasons), both models of
+    ``summary``; None or a model not scored fails every bound."""
     failures = []
     for bound in bounds:
         info = summary.tasks.get(bound.task)
@@ -49,23 +59,28 @@ def bound_failures(summary: EvalSummary, model: str, bounds: list[EvalBound]) ->
                 f"eval bound on {bound.task!r}: the eval stage scored no such task; its tasks: {', '.join(summary.tasks)}"
             )
         metric = bound.metric or info.headline
-        if metric not in base.tasks.get(bound.task, {}):
+        known = summary.models[BASE].tasks.get(bound.task, {})
+        if metric not in known:
             raise UnknownBoundError(
-                f"eval bound on {bound.task}: the harness reported no metric {metric!r}; its metrics: "
-                + ", ".join(base.tasks.get(bound.task, {}))
+                f"eval bound on {bound.task}: the harness reported no metric {metric!r}; its metrics: {', '.join(known)}"
             )
-        if scores is None or scores.not_scored is not None:
-            why = "the eval stage did not score it" if scores is None else f"not scored ({scores.not_scored})"
-            failures.append(f"{bound.task}.{metric}: {why}")
+        unscored = [
+            f"the eval stage did not score {who}"
+            + (f" ({model.not_scored})" if model is not None and model.not_scored else "")
+            for model, who in ((scores, "it"), (reference, against))
+            if model is None or metric not in model.tasks.get(bound.task, {})
+        ]
+        if unscored:
+            failures.append(f"{bound.task}.{metric}: {'; '.join(unscored)}")
             continue
-        reference, value = base.tasks[bound.task][metric].value, scores.tasks[bound.task][metric].value
+        limit_of, value = reference.tasks[bound.task][metric].value, scores.tasks[bound.task][metric].value
         if info.lower_is_better:
-            limit, holds, word = reference * (1 + bound.tolerance), value <= reference * (1 + bound.tolerance), "above"
+            limit, holds, word = limit_of * (1 + bound.tolerance), value <= limit_of * (1 + bound.tolerance), "above"
         else:
-            limit, holds, word = reference * (1 - bound.tolerance), value >= reference * (1 - bound.tolerance), "below"
+            limit, holds, word = limit_of * (1 - bound.tolerance), value >= limit_of * (1 - bound.tolerance), "below"
         if not holds:
             failures.append(
                 f"{bound.task}.{metric} {value:.4g} {word} the bound {limit:.4g} "
-                f"(base {reference:.4g}, tolerance {bound.tolerance:g})"
+                f"({against} {limit_of:.4g}, tolerance {bound.tolerance:g})"
             )
     return failures

@@ -105,7 +105,9 @@ def test_the_app_deploys_each_version_and_a_fixed_ingress_count_when_asked(tmp_p
         serve_config=config, model_sources={"m": str(tmp_path / "m"), "m@canary": str(tmp_path / "next")}
     )
     lineage = {version: {"source": source} for version, source in args.model_sources.items()}
-    assert canaries(args, lineage) == {"m": {"weight": 25, "gate": None, "perplexity_ratio": None}}
+    assert canaries(args, lineage) == {
+        "m": {"weight": 25, "gate": None, "perplexity_ratio": None, "eval_failures": None}
+    }
     with pytest.raises(ValidationError, match="m@canary"):
         ServeAppArgs(serve_config=config, model_sources={"m": str(tmp_path / "m")})
     assert ingress_options(1) == {}  # Ray's default: one replica, to zero with the models

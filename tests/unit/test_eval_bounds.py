@@ -56,7 +56,7 @@ def test_a_bound_holds_within_its_tolerance_and_fails_when_it_is_tightened():
         "loom_perplexity_code.bits_per_byte",
         "loom_choice.acc_norm",
     ]
-    assert "not scored (the hf backend" in bound_failures(summary, "bnb-nf4", both)[0]
+    assert "did not score it (the hf backend could not" in bound_failures(summary, "bnb-nf4", both)[0]
 
 
 def test_a_bound_on_a_task_or_metric_the_stage_did_not_score_names_what_it_scored():
@@ -130,3 +130,51 @@ def test_scoring_a_run_without_held_out_documents_says_what_to_run(monkeypatch, 
     assert code == EXIT_CONFIG
     said = capsys.readouterr().err
     assert "the data stage has not completed" in said and "loom-secret-key" not in said
+
+
+def test_a_canary_gate_naming_an_eval_bound_rolls_back_once_it_is_tightened(tmp_path):
+    from pipelines.artifacts import EvalResults
+    from pipelines.runs import MARKER, RunDir
+    from serve.canary import Outcomes, judge
+    from serve.config import ServeConfig
+    from serve.stage import canary_eval_failures
+
+    run = RunDir(tmp_path / "run")
+    summary = _summary()
+    stable, candidate = tmp_path / "train" / "model", tmp_path / "variants" / "w8a8-int8"
+    summary.models["base"].path, summary.models["w8a8-int8"].path = str(stable), str(candidate)
+    results = EvalResults.at(run)
+    results.root.mkdir(parents=True)
+    results.summary_path.write_text(summary.model_dump_json())
+    (results.root / MARKER).write_text("key\n")
+    answered = Outcomes(requests=5, latencies=[0.1] * 5)
+
+    def verdict(tolerance: float, candidate_dir=candidate):
+        config = ServeConfig.model_validate(
+            {
+                "models": {
+                    "m": {
+                        "canary": {
+                            "source": str(candidate_dir),
+                            "gate": {
+                                "requests": 5,
+                                "max_p99_ratio": None,
+                                "eval_bounds": [{"task": "loom_perplexity_code", "tolerance": tolerance}],
+                            },
+                        }
+                    }
+                }
+            }
+        )
+        failures = canary_eval_failures(config, {"m": stable, "m@canary": candidate_dir}, run)
+        return judge(config.models["m"].canary.gate, answered, answered, None, failures["m"])
+
+    assert verdict(0.05).decision == "promote"  # 1% more bits per byte than the stable version
+    tightened = verdict(0.005)
+    assert tightened.decision == "rollback"
+    assert tightened.checks["eval bounds"] == (
+        "loom_perplexity_code.bits_per_byte 2.02 above the bound 2.01 (stable 2, tolerance 0.005): FAIL"
+    )
+    # A candidate the eval stage did not score fails the bound.
+    unscored = verdict(0.05, candidate_dir=tmp_path / "another-run-model")
+    assert unscored.decision == "rollback" and "did not score it" in unscored.checks["eval bounds"]
