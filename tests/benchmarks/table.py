@@ -37,6 +37,7 @@ HEADLINES = [
     ("serve_cold_start", "cold start"),
     ("tune_asha", "trial steps, TPE + ASHA / random + FIFO"),
     ("recovery", "seconds to progress after a kill"),
+    ("eval_cost", "eval stage seconds"),
 ]
 REQUIRED = (
     "benchmark",
