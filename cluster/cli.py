@@ -71,6 +71,9 @@ def _stage_command(name: str) -> Callable[[LoomConfig, argparse.Namespace], int]
 
         if name == "eval" and args.endpoint:
             return _eval_endpoint(cfg, args)
+        if name == "eval" and (args.model or args.ca_file or args.batch_size != 1):
+            print("loom eval: --model, --ca-file and --batch-size go with --endpoint", file=sys.stderr)
+            return EXIT_CONFIG
         output = _start(cfg, args)
         record = run_stage(name, cfg, force=args.force)
         if name == "serve":
@@ -104,16 +107,10 @@ def _hold_or_stop(cfg: LoomConfig, args: argparse.Namespace, url: str, shutdown:
 def _eval_endpoint(cfg: LoomConfig, args: argparse.Namespace) -> int:
     """``loom eval --endpoint URL --model ID``: the run's eval tasks through a served endpoint (no Ray needed)."""
     from pipelines.artifacts import MissingInputError
-    from pipelines.eval.endpoint import API_KEY_ENV, SCORES, Endpoint, score_endpoint
+    from pipelines.eval.endpoint import API_KEY_ENV, SCORES, Endpoint, EndpointError, endpoint_problems, score_endpoint
     from pipelines.runs import RunDir
 
-    problems = []
-    if not args.model:
-        problems.append("--model: name the served model to score (its id on the endpoint)")
-    if not args.endpoint.startswith(("https://", "http://")):
-        problems.append(f"--endpoint: {args.endpoint!r} is no URL; give its base, e.g. https://127.0.0.1:8000/v1")
-    if args.ca_file and not Path(args.ca_file).is_file():
-        problems.append(f"--ca-file: {args.ca_file} is no file")
+    problems = endpoint_problems(args.endpoint, args.model, args.ca_file, args.batch_size)
     key = os.environ.get(API_KEY_ENV, "")
     if not key:
         problems.append(f"{API_KEY_ENV}: set it to an API key of the endpoint (it is never read from the command line)")
@@ -127,6 +124,9 @@ def _eval_endpoint(cfg: LoomConfig, args: argparse.Namespace) -> int:
     except (MissingInputError, FileNotFoundError) as err:  # no data stage, or no held-out documents
         print(f"loom eval: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    except EndpointError as err:
+        print(f"loom eval: nothing was scored: {err}", file=sys.stderr)
+        return 1
     print(f"[loom] eval through {args.endpoint} ({args.model}):", flush=True)
     for task, metrics in scores.tasks.items():
         shown = ", ".join(

@@ -91,6 +91,20 @@ class LoomConfig(StrictModel):
             return problems
         head_dim = model.hidden_size // model.num_heads
         for model_id, served in self.serve.models.items():
+            bounded = {
+                "variant.eval_bounds": served.variant is not None and served.variant.eval_bounds,
+                "canary.gate.eval_bounds": served.canary is not None
+                and served.canary.gate is not None
+                and served.canary.gate.eval_bounds,
+            }
+            for where, bounds in bounded.items():
+                if bounds and not self.eval.enabled:
+                    problems.append(
+                        (
+                            f"serve.models.{model_id}.{where}",
+                            "judges by the eval stage's scores, but eval.enabled is false: no stage scores them",
+                        )
+                    )
             if served.variant is not None and not self.compress.enabled:
                 problems.append(
                     (

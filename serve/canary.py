@@ -114,8 +114,11 @@ def judge(
     if gate.max_perplexity_ratio is not None:
         check("perplexity / stable's", perplexity_ratio, gate.max_perplexity_ratio)
     if gate.eval_bounds:
-        failed |= bool(eval_failures)
-        checks["eval bounds"] = f"{'; '.join(eval_failures)}: FAIL" if eval_failures else "kept: ok"
+        failed |= eval_failures is None or bool(eval_failures)
+        if eval_failures is None:
+            checks["eval bounds"] = "not judged (the deployment was given no eval scores): FAIL"
+        else:
+            checks["eval bounds"] = f"{'; '.join(eval_failures)}: FAIL" if eval_failures else "kept: ok"
     return Verdict("rollback" if failed else "promote", checks)
 
 

@@ -75,7 +75,8 @@ def _eval_failures(
 
 def canary_eval_failures(config: ServeConfig, sources: dict[str, Path], run: RunDir) -> dict[str, list[str]]:
     """For each canary whose gate names eval bounds: the bounds its candidate fails against the stable version,
-    both found among the models the run's eval stage scored (by directory)."""
+    both found among the models the run's eval stage scored (the trained model as ``base``, a variant by the
+    name in its record), so a run moved elsewhere still finds them."""
     from pipelines.eval.bounds import UnknownBoundError, score_failures
 
     gated = {
@@ -92,14 +93,26 @@ def canary_eval_failures(config: ServeConfig, sources: dict[str, Path], run: Run
             summary = EvalResults.of(run).summary()
         except MissingInputError as error:
             raise RuntimeError(f"{where} judges the candidate by its eval scores, but {error}") from None
-        scored = {Path(scores.path).resolve(): name for name, scores in summary.models.items()}
-        stable = summary.models.get(scored.get(sources[model_id].resolve(), ""))
-        candidate = summary.models.get(scored.get(sources[canary_id(model_id)].resolve(), ""))
+        stable = summary.models.get(_scored_name(sources[model_id], run) or "")
+        candidate = summary.models.get(_scored_name(sources[canary_id(model_id)], run) or "")
         try:
             failures[model_id] = score_failures(summary, candidate, stable, bounds, against="stable")
         except UnknownBoundError as error:
             raise RuntimeError(f"{where}: {error}") from None
     return failures
+
+
+def _scored_name(source: Path, run: RunDir) -> str | None:
+    """The name the eval stage gives the model served from ``source``: ``base`` for the run's trained model, a
+    variant's record name for one of its compressed variants; None for any other directory."""
+    from pipelines.eval.bounds import BASE
+
+    if run.is_complete("train") and source.resolve() == TrainedModel.at(run).path.resolve():
+        return BASE
+    record = record_of(source)
+    if record is not None and source.resolve() == CompressionFront.at(run).variant_dir(record.name).resolve():
+        return record.name
+    return None
 
 
 def _front(run: RunDir, what: str) -> CompressionFront:

@@ -10,11 +10,13 @@ and is sent only as the request header: the harness records its model arguments,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pipelines.artifacts import DataOutputs, EvalResults, ModelScores
 from pipelines.eval.config import EvalConfig
@@ -24,6 +26,39 @@ from pipelines.runs import RunDir
 
 API_KEY_ENV = "LOOM_API_KEY"
 SCORES = "scores.json"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class EndpointError(RuntimeError):
+    """The endpoint cannot be scored: unreachable, the key refused, the model not served."""
+
+
+def endpoint_problems(url: str, model: str | None, ca_file: str | None, batch_size: int) -> list[str]:
+    """Every problem with the arguments, before anything is sent: the key travels only over TLS (plain HTTP to
+    this machine alone), and the URL carries no credentials of its own (it is printed and written)."""
+    problems = []
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        problems.append(f"--endpoint: {url!r} is no URL; give its base, e.g. https://127.0.0.1:8000/v1")
+    elif parts.scheme == "http" and parts.hostname not in LOOPBACK:
+        problems.append(
+            f"--endpoint: {url} is plain HTTP to another machine: the key would travel unencrypted; use https"
+        )
+    if parts.username or parts.password or parts.query or parts.fragment:
+        problems.append(
+            "--endpoint: give the URL without credentials, query or fragment (the key comes from LOOM_API_KEY)"
+        )
+    if parts.path.rstrip("/").endswith("/completions"):
+        problems.append(
+            f"--endpoint: give the API's base ({url.rstrip('/').removesuffix('/completions')}), not /completions"
+        )
+    if not model:
+        problems.append("--model: name the served model to score (its id on the endpoint)")
+    if ca_file and not Path(ca_file).is_file():
+        problems.append(f"--ca-file: {ca_file} is no file")
+    if batch_size < 1:
+        problems.append(f"--batch-size: {batch_size} is below 1")
+    return problems
 
 
 @dataclass(frozen=True)
@@ -41,7 +76,37 @@ class Endpoint:
 
 
 def endpoint_dir(run: RunDir, model: str) -> Path:
-    return EvalResults.at(run).root / "endpoint" / re.sub(r"[^A-Za-z0-9_.-]+", "_", model)
+    """One folder per served model id: its readable part, and a digest so that no id names another's folder
+    (or, as ``..``, one above it)."""
+    readable = re.sub(r"[^A-Za-z0-9_-]+", "_", model).strip("_")[:64] or "model"
+    return EvalResults.at(run).root / "endpoint" / f"{readable}-{hashlib.sha256(model.encode()).hexdigest()[:8]}"
+
+
+def check_endpoint(endpoint: Endpoint, timeout_s: float = 30) -> None:
+    """One request before the tasks' hundreds: the endpoint answers, takes the key and serves the model."""
+    import requests
+
+    try:
+        answer = requests.get(
+            endpoint.url.rstrip("/") + "/models",
+            headers={"Authorization": f"Bearer {endpoint.api_key}"},
+            verify=endpoint.ca_file or True,
+            timeout=timeout_s,
+        )
+    except requests.RequestException as error:
+        raise EndpointError(f"cannot reach {endpoint.url}: {type(error).__name__}: {error}") from None
+    if answer.status_code in (401, 403):
+        raise EndpointError(f"{endpoint.url} refused the key in {API_KEY_ENV} ({answer.status_code})")
+    if answer.status_code != 200:
+        raise EndpointError(f"{endpoint.url}/models answered {answer.status_code}: is it the API's base (…/v1)?")
+    try:
+        served = [m["id"] for m in answer.json()["data"]]
+    except (ValueError, KeyError, TypeError):
+        raise EndpointError(f"{endpoint.url}/models did not answer an OpenAI model list") from None
+    if endpoint.model not in served:
+        raise EndpointError(
+            f"{endpoint.url} serves no model {endpoint.model!r}; it serves: {', '.join(served) or 'none'}"
+        )
 
 
 def load_endpoint(endpoint: Endpoint, tokenizer: Path, max_length: int, config: EvalConfig, batch_size: int):
@@ -68,12 +133,16 @@ def load_endpoint(endpoint: Endpoint, tokenizer: Path, max_length: int, config: 
 def score_endpoint(
     run: RunDir, endpoint: Endpoint, config: EvalConfig, seed: int, batch_size: int = 1
 ) -> tuple[ModelScores, Path]:
-    """The run's eval tasks through ``endpoint``; its scores and where they were written."""
+    """The run's eval tasks through ``endpoint``; its scores and where they were written. Raises EndpointError
+    when the endpoint cannot be scored (before any task is sent, or from the harness's failed requests)."""
     import os
+
+    import requests
 
     for name, value in HARNESS_ENV.items():
         os.environ.setdefault(name, value)
     data = DataOutputs.of(run)
+    check_endpoint(endpoint)
     out = endpoint_dir(run, endpoint.model)
     shutil.rmtree(out, ignore_errors=True)
     if config.continuation_chars > data.seq_len:
@@ -82,7 +151,13 @@ def score_endpoint(
     model = load_endpoint(endpoint, data.tokenizer, data.seq_len, config, batch_size)
     harness = out / "harness"
     harness.mkdir(parents=True)
-    scores = score(model, Path(endpoint.url), tasks, harness, seed)
+    try:
+        scores = score(model, Path(endpoint.url), tasks, harness, seed)
+    except requests.RequestException as error:  # after the harness's own retries: a 429 from a spent budget, a 5xx
+        raise EndpointError(
+            f"a request to {endpoint.url} failed after the harness's retries: {type(error).__name__}: {error} "
+            "(a key's tokens per minute must hold the tasks' tokens)"
+        ) from None
     scores = scores.model_copy(update={"path": f"{endpoint.url} model={endpoint.model}"})
     (out / SCORES).write_text(
         json.dumps(

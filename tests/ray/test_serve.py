@@ -204,7 +204,7 @@ def test_the_eval_tasks_score_through_the_endpoint_as_they_do_in_process(endpoin
     for task, info in summary.tasks.items():
         endpoint_score, hf_score = scores.tasks[task][info.headline], in_process.tasks[task][info.headline]
         if info.kind == "perplexity":
-            # The same tokens in rolling windows: the API backend's are one token shorter (its max_length - 1).
+            # The same tokens in rolling windows: the API backend's are two tokens shorter (max_length - 2).
             assert endpoint_score.value == pytest.approx(hf_score.value, rel=0.02), task
         else:  # the same answers, give or take a near-tie decided by another engine's arithmetic
             assert abs(endpoint_score.value - hf_score.value) <= 1 / info.rows + 1e-9, (task, endpoint_score, hf_score)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from pipelines.artifacts import EvalSummary, EvalTaskInfo, ModelScores, TaskScore
@@ -133,19 +135,22 @@ def test_scoring_a_run_without_held_out_documents_says_what_to_run(monkeypatch, 
 
 
 def test_a_canary_gate_naming_an_eval_bound_rolls_back_once_it_is_tightened(tmp_path):
-    from pipelines.artifacts import EvalResults
+    from pipelines.artifacts import RECORD, CompressionFront, EvalResults, TrainedModel
     from pipelines.runs import MARKER, RunDir
     from serve.canary import Outcomes, judge
     from serve.config import ServeConfig
     from serve.stage import canary_eval_failures
 
+    # A run whose eval stage scored its trained model (base) and a variant (found by the record beside it).
     run = RunDir(tmp_path / "run")
-    summary = _summary()
-    stable, candidate = tmp_path / "train" / "model", tmp_path / "variants" / "w8a8-int8"
-    summary.models["base"].path, summary.models["w8a8-int8"].path = str(stable), str(candidate)
+    stable, candidate = TrainedModel.at(run).path, CompressionFront.at(run).variant_dir("w8a8-int8")
+    for directory in (stable, candidate):
+        directory.mkdir(parents=True)
+    (run.stage_dir("train") / MARKER).write_text("key\n")
+    (candidate / RECORD).write_text(variant_record("w8a8-int8", "w8a8", 1.004).model_dump_json())
     results = EvalResults.at(run)
     results.root.mkdir(parents=True)
-    results.summary_path.write_text(summary.model_dump_json())
+    results.summary_path.write_text(_summary().model_dump_json())  # paths from another machine: names decide
     (results.root / MARKER).write_text("key\n")
     answered = Outcomes(requests=5, latencies=[0.1] * 5)
 
@@ -175,6 +180,104 @@ def test_a_canary_gate_naming_an_eval_bound_rolls_back_once_it_is_tightened(tmp_
     assert tightened.checks["eval bounds"] == (
         "loom_perplexity_code.bits_per_byte 2.02 above the bound 2.01 (stable 2, tolerance 0.005): FAIL"
     )
-    # A candidate the eval stage did not score fails the bound.
+    # A candidate the eval stage did not score fails the bound; so does a gate given no eval scores at all.
     unscored = verdict(0.05, candidate_dir=tmp_path / "another-run-model")
     assert unscored.decision == "rollback" and "did not score it" in unscored.checks["eval bounds"]
+    gate = (
+        ServeConfig.model_validate(
+            {
+                "models": {
+                    "m": {
+                        "canary": {
+                            "source": "/m",
+                            "gate": {"requests": 5, "eval_bounds": [{"task": "t", "tolerance": 0}]},
+                        }
+                    }
+                }
+            }
+        )
+        .models["m"]
+        .canary.gate
+    )
+    assert judge(gate, answered, answered, None, None).checks["eval bounds"].startswith("not judged")
+
+
+def test_eval_bounds_without_the_eval_stage_are_refused_at_validation():
+    from cluster.recipe import ConfigError, load_config
+    from tests.conftest import TINY
+
+    bounds = "[{task: loom_choice, tolerance: 0.1}]"
+    with pytest.raises(ConfigError) as error:
+        load_config(
+            TINY,
+            [
+                "eval.enabled=false",
+                f"serve.models={{m: {{variant: {{rule: smallest, eval_bounds: {bounds}}}, "
+                f"canary: {{source: /m, gate: {{eval_bounds: {bounds}}}}}}}}}",
+            ],
+        )
+    said = str(error.value)
+    assert "serve.models.m.variant.eval_bounds" in said and "serve.models.m.canary.gate.eval_bounds" in said
+    assert "eval.enabled is false" in said
+
+
+def test_an_endpoint_is_checked_before_anything_is_sent():
+    from pipelines.eval.endpoint import endpoint_problems
+
+    assert endpoint_problems("https://10.0.0.5:8000/v1", "m", None, 2) == []
+    assert endpoint_problems("http://127.0.0.1:8000/v1", "m", None, 1) == []
+    said = " ".join(endpoint_problems("http://user:pw@10.0.0.5:8000/v1/completions?key=x", None, None, 0))
+    for problem in ("unencrypted", "without credentials", "not /completions", "--model", "--batch-size: 0"):
+        assert problem in said, said
+
+
+def test_an_endpoint_folder_is_one_per_model_id_and_stays_in_the_run(tmp_path):
+    from pipelines.eval.endpoint import endpoint_dir
+    from pipelines.runs import RunDir
+
+    run = RunDir(tmp_path / "run")
+    folders = {model: endpoint_dir(run, model) for model in ("..", ".", "a/b", "a_b", "loom-tiny")}
+    assert len(set(folders.values())) == len(folders)
+    for folder in folders.values():
+        assert folder.resolve().parent == (run.root / "eval" / "endpoint").resolve()
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "said"),
+    [
+        (401, {"error": "invalid key"}, "refused the key in LOOM_API_KEY (401)"),
+        (404, {"detail": "not found"}, "answered 404: is it the API's base"),
+        (200, {"data": [{"id": "other"}]}, "serves no model 'loom-tiny'; it serves: other"),
+    ],
+)
+def test_an_endpoint_that_cannot_be_scored_is_said_before_any_task_is_sent(status, body, said):
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from pipelines.eval.endpoint import Endpoint, EndpointError, check_endpoint
+
+    seen = []
+
+    class Answer(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 -- http.server's name
+            seen.append((self.path, self.headers["Authorization"]))
+            self.send_response(status)
+            self.end_headers()
+            self.wfile.write(json.dumps(body).encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/v1"
+        with pytest.raises(EndpointError, match=re.escape(said)) as error:
+            check_endpoint(Endpoint(url=url, model="loom-tiny", api_key="loom-secret-0123"))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen == [("/v1/models", "Bearer loom-secret-0123")] and "loom-secret" not in str(error.value)
+    with pytest.raises(EndpointError, match="cannot reach"):
+        check_endpoint(Endpoint(url=url, model="loom-tiny", api_key="k"), timeout_s=5)
