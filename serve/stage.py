@@ -16,6 +16,7 @@ import yaml
 from pipelines.artifacts import (
     CompressionFront,
     EvalResults,
+    EvalSummary,
     MissingInputError,
     TrainedModel,
     VariantRecord,
@@ -63,10 +64,7 @@ def _eval_failures(
     if not choice.eval_bounds:
         return None
     where = f"serve.models.{model_id}.variant.eval_bounds"
-    try:
-        summary = EvalResults.of(run).summary()
-    except MissingInputError as error:
-        raise RuntimeError(f"{where} judges variants by their eval scores, but {error}") from None
+    summary = _eval_summary(run, f"{where} judges variants by their eval scores")
     try:
         return {name: bound_failures(summary, name, choice.eval_bounds) for name in variants}
     except UnknownBoundError as error:
@@ -86,13 +84,11 @@ def canary_eval_failures(config: ServeConfig, sources: dict[str, Path], run: Run
     }
     if not gated:
         return {}
+    first = f"serve.models.{next(iter(gated))}.canary.gate.eval_bounds"
+    summary = _eval_summary(run, f"{first} judges the candidate by its eval scores")
     failures = {}
     for model_id, bounds in gated.items():
         where = f"serve.models.{model_id}.canary.gate.eval_bounds"
-        try:
-            summary = EvalResults.of(run).summary()
-        except MissingInputError as error:
-            raise RuntimeError(f"{where} judges the candidate by its eval scores, but {error}") from None
         stable = summary.models.get(_scored_name(sources[model_id], run) or "")
         candidate = summary.models.get(_scored_name(sources[canary_id(model_id)], run) or "")
         try:
@@ -100,6 +96,13 @@ def canary_eval_failures(config: ServeConfig, sources: dict[str, Path], run: Run
         except UnknownBoundError as error:
             raise RuntimeError(f"{where}: {error}") from None
     return failures
+
+
+def _eval_summary(run: RunDir, what: str) -> EvalSummary:
+    try:
+        return EvalResults.of(run).summary()
+    except MissingInputError as error:
+        raise RuntimeError(f"{what}, but {error}") from None
 
 
 def _scored_name(source: Path, run: RunDir) -> str | None:

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.data.minhash import fmix64
-from pipelines.data.utils import LOCAL_EDGES, small_side_join
+from pipelines.data.utils import LOCAL_EDGES, arrow_tables, small_side_join
 
 log = logging.getLogger(__name__)
 EDGE_SCHEMA = pa.schema([("u", pa.uint64()), ("v", pa.uint64())])
@@ -116,7 +116,7 @@ def _finish_in_memory(edges):
     import ray
     import ray.data
 
-    tables = [table for table in ray.get(edges.to_arrow_refs()) if table.num_rows]
+    tables = arrow_tables(edges)
     if not tables:
         return ray.data.from_arrow(EDGE_SCHEMA.empty_table())
     table = pa.concat_tables(tables)

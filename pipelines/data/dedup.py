@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from pipelines.data.components import _distinct, connected_components
 from pipelines.data.minhash import EMPTY, LSHParams, band_keys, permutations, signatures
 from pipelines.data.steps import Step, with_columns
-from pipelines.data.utils import BROADCAST_BYTES, LOCAL_EDGES, small_side_join
+from pipelines.data.utils import BROADCAST_BYTES, LOCAL_EDGES, arrow_tables, small_side_join
 
 _WHITESPACE = re.compile(r"\s+")
 
@@ -317,9 +317,7 @@ class MinHashDedup(NearDedup):
             return _empty_edges()
         if sets.size_bytes() <= BROADCAST_BYTES:
             # Like small_side_join: the candidates' shingle sets go to every task, the edges stay put.
-            import ray
-
-            table = pa.concat_tables([t for t in ray.get(sets.to_arrow_refs()) if t.num_rows]).sort_by("node")
+            table = pa.concat_tables(arrow_tables(sets)).sort_by("node")
             return edges.map_batches(
                 _verified_against, fn_kwargs={"sets": table, "threshold": self.threshold}, batch_format="pyarrow"
             )

@@ -14,6 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines.data.utils import arrow_tables
+
 #: A small source keeps most of its documents for training: at most this share of it is held out.
 MAX_SHARE = 0.1
 _SEPARATOR = "\x1f"
@@ -52,19 +54,11 @@ def _smallest(batch: pa.Table, per_source: int, seed: int) -> pa.Table:
 def heldout_keys(kept, per_source: int, seed: int) -> list[str]:
     """The held-out documents' ``source<US>doc_id`` keys, sorted: each source's ``per_source`` smallest
     ranks, at most ``MAX_SHARE`` of the source."""
-    import ray
-
     if per_source == 0:
         return []
-    blocks = [
-        t
-        for t in ray.get(
-            kept.map_batches(_smallest, fn_kwargs={"per_source": per_source, "seed": seed}, batch_format="pyarrow")
-            .materialize()
-            .to_arrow_refs()
-        )
-        if t.num_rows
-    ]
+    blocks = arrow_tables(
+        kept.map_batches(_smallest, fn_kwargs={"per_source": per_source, "seed": seed}, batch_format="pyarrow")
+    )
     if not blocks:
         return []
     candidates = pa.concat_tables(blocks)
@@ -92,16 +86,10 @@ def hold_out(kept, per_source: int, seed: int):
     keys = heldout_keys(kept, per_source, seed)
     if not keys:
         return kept, None
-    held_blocks = ray_tables(kept.map_batches(_select, fn_kwargs={"keys": keys, "held": True}, batch_format="pyarrow"))
+    held_blocks = arrow_tables(kept.map_batches(_select, fn_kwargs={"keys": keys, "held": True}, batch_format="pyarrow"))
     held = pa.concat_tables(held_blocks).select(["doc_id", "source", "text"]).sort_by("doc_id") if held_blocks else None
     rest = kept.map_batches(_select, fn_kwargs={"keys": keys, "held": False}, batch_format="pyarrow")
     return rest, held
-
-
-def ray_tables(ds) -> list[pa.Table]:
-    import ray
-
-    return [t for t in ray.get(ds.materialize().to_arrow_refs()) if t.num_rows]
 
 
 def write_heldout(held: pa.Table | None, path) -> int:

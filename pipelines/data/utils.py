@@ -40,6 +40,13 @@ def _lookup(table: pa.Table, on: str, keys: np.ndarray, values: dict[str, np.nda
     return table
 
 
+def arrow_tables(ds) -> list[pa.Table]:
+    """A dataset's non-empty blocks as Arrow tables in the driver (for sides small enough to hold there)."""
+    import ray
+
+    return [table for table in ray.get(ds.to_arrow_refs()) if table.num_rows]
+
+
 def small_side_join(left, right, on: str, how: str, num_partitions: int, limit: int = BROADCAST_ROWS):
     """``left`` joined with ``right`` on one unsigned integer key (``how``: "inner" or "left_outer").
 
@@ -48,7 +55,6 @@ def small_side_join(left, right, on: str, how: str, num_partitions: int, limit: 
     hash-shuffle join otherwise, as Spark picks between the two.
     """
     import pyarrow as pa
-    import ray
 
     rows = right.count()
     if rows > limit:
@@ -57,7 +63,7 @@ def small_side_join(left, right, on: str, how: str, num_partitions: int, limit: 
         return left.limit(0)
     if rows == 0:
         raise ValueError("small_side_join: an empty right side has no columns to add; skip the join instead")
-    table = pa.concat_tables([t for t in ray.get(right.to_arrow_refs()) if t.num_rows]).sort_by(on)
+    table = pa.concat_tables(arrow_tables(right)).sort_by(on)
     keys = table.column(on).to_numpy()
     values = {name: table.column(name).to_numpy() for name in table.column_names if name != on}
     return left.map_batches(

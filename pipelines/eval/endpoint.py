@@ -20,8 +20,7 @@ from urllib.parse import urlsplit
 
 from pipelines.artifacts import DataOutputs, EvalResults, ModelScores
 from pipelines.eval.config import EvalConfig
-from pipelines.eval.stage import HARNESS_ENV, read_heldout, score
-from pipelines.eval.tasks import build_tasks
+from pipelines.eval.stage import run_tasks, score
 from pipelines.runs import RunDir
 
 API_KEY_ENV = "LOOM_API_KEY"
@@ -135,19 +134,13 @@ def score_endpoint(
 ) -> tuple[ModelScores, Path]:
     """The run's eval tasks through ``endpoint``; its scores and where they were written. Raises EndpointError
     when the endpoint cannot be scored (before any task is sent, or from the harness's failed requests)."""
-    import os
-
     import requests
 
-    for name, value in HARNESS_ENV.items():
-        os.environ.setdefault(name, value)
     data = DataOutputs.of(run)
     check_endpoint(endpoint)
     out = endpoint_dir(run, endpoint.model)
     shutil.rmtree(out, ignore_errors=True)
-    if config.continuation_chars > data.seq_len:
-        config = config.model_copy(update={"continuation_chars": data.seq_len})
-    tasks = build_tasks(read_heldout(data), config, out / "tasks", seed)
+    tasks = run_tasks(data, config, out / "tasks", seed)
     model = load_endpoint(endpoint, data.tokenizer, data.seq_len, config, batch_size)
     harness = out / "harness"
     harness.mkdir(parents=True)

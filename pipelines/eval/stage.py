@@ -57,6 +57,16 @@ def read_heldout(outputs: DataOutputs) -> list[HeldOutDocument]:
     return [HeldOutDocument(**row) for row in table.select(["doc_id", "source", "text"]).to_pylist()]
 
 
+def run_tasks(data: DataOutputs, config: EvalConfig, root: Path, seed: int) -> list[Task]:
+    """The run's tasks, built under ``root`` from its held-out documents, with the harness's environment set
+    (offline; its progress bars off the terminal)."""
+    for name, value in HARNESS_ENV.items():
+        os.environ.setdefault(name, value)
+    if config.continuation_chars > data.seq_len:
+        config = config.model_copy(update={"continuation_chars": data.seq_len})
+    return build_tasks(read_heldout(data), config, root, seed)
+
+
 def models_to_score(run: RunDir, with_variants: bool) -> dict[str, Path]:
     """The trained model, then each variant on the compression front (when compress ran)."""
     models = {BASE: TrainedModel.of(run).path}
@@ -167,17 +177,13 @@ def headline(summary: EvalSummary) -> dict[str, float]:
 
 
 def run_eval(config: EvalConfig, run: RunDir, seed: int, with_variants: bool) -> StageResult:
-    for name, value in HARNESS_ENV.items():
-        os.environ.setdefault(name, value)
     out = run.begin(EvalResults.stage)
     for half_written in (out / "tasks", out / "harness"):  # a crashed run's files: scored again
         shutil.rmtree(half_written, ignore_errors=True)
     results = EvalResults.at(run)
     data = DataOutputs.of(run)
     started = time.monotonic()
-    if config.continuation_chars > data.seq_len:
-        config = config.model_copy(update={"continuation_chars": data.seq_len})
-    tasks = build_tasks(read_heldout(data), config, out / "tasks", seed)
+    tasks = run_tasks(data, config, out / "tasks", seed)
     models = models_to_score(run, with_variants and config.variants)
     log.info("eval: %d tasks (%s) for %d models", len(tasks), ", ".join(t.name for t in tasks), len(models))
     scores = {}

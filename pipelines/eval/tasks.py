@@ -41,6 +41,11 @@ class Task:
     lower_is_better: bool
     config: dict[str, Any]
 
+    @classmethod
+    def written(cls, root: Path, name: str, kind: str, rows: list[dict[str, Any]], **fields: Any) -> Task:
+        """The task whose rows are written to ``root/<name>.jsonl`` (``fields``: headline, lower_is_better, config)."""
+        return cls(name=name, kind=kind, path=_write(root / f"{name}.jsonl", rows), rows=len(rows), **fields)
+
     def harness_config(self, cache_dir: Path) -> dict[str, Any]:
         """The harness's task dict: the rows read by its ``json`` loader (cached under ``cache_dir``)."""
         return {
@@ -118,11 +123,11 @@ def perplexity_tasks(inputs: TaskInputs) -> list[Task]:
         ]
         name = f"{PREFIX}perplexity_{_slug(source)}"
         tasks.append(
-            Task(
-                name=name,
-                kind="perplexity",
-                path=_write(root / f"{name}.jsonl", rows),
-                rows=len(rows),
+            Task.written(
+                root,
+                name,
+                "perplexity",
+                rows,
                 headline="bits_per_byte",
                 lower_is_better=True,
                 config={
@@ -168,11 +173,11 @@ def choice_task(inputs: TaskInputs) -> list[Task]:
         return []
     name = f"{PREFIX}choice"
     return [
-        Task(
-            name=name,
-            kind="choice",
-            path=_write(root / f"{name}.jsonl", rows),
-            rows=len(rows),
+        Task.written(
+            root,
+            name,
+            "choice",
+            rows,
             headline="acc",
             lower_is_better=False,
             config={
@@ -207,11 +212,11 @@ def next_line_task(inputs: TaskInputs) -> list[Task]:
         return []
     name = f"{PREFIX}next_line"
     return [
-        Task(
-            name=name,
-            kind="next_line",
-            path=_write(inputs.root / f"{name}.jsonl", rows),
-            rows=len(rows),
+        Task.written(
+            inputs.root,
+            name,
+            "next_line",
+            rows,
             headline="exact_match",
             lower_is_better=False,
             config={
