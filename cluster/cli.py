@@ -148,11 +148,13 @@ def _print_eval(run) -> None:
     for task, info in summary.tasks.items():
         values = []
         for model in models:
-            found = summary.models[model].tasks.get(task, {}).get(info.headline)
+            found = summary.headline(task, model)
             error = f" ± {found.stderr:.2g}" if found and found.stderr is not None else ""
             values.append(f"{found.value:.3g}{error}" if found else "-")
-        better = "lower" if info.lower_is_better else "higher"
-        print(f"[loom]   {task} {info.headline} ({better} is better, n={info.rows}): {' | '.join(values)}", flush=True)
+        print(
+            f"[loom]   {task} {info.headline} ({info.better} is better, n={info.rows}): {' | '.join(values)}",
+            flush=True,
+        )
     for model, scores in summary.models.items():
         if scores.not_scored:
             print(f"[loom]   {model}: not scored ({scores.not_scored[:160]})", flush=True)

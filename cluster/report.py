@@ -104,13 +104,12 @@ def _eval_tables(run: RunDir) -> dict[str, list[tuple[str, str]]]:
     summary = results.summary()
     rows = []
     for task, info in summary.tasks.items():
-        better = "lower" if info.lower_is_better else "higher"
-        for model, scores in summary.models.items():
-            found = scores.tasks.get(task, {}).get(info.headline)
+        for model in summary.models:
+            found = summary.headline(task, model)
             if found is None:
                 continue
             error = f" ± {found.stderr:.3g}" if found.stderr is not None else ""
-            rows.append((f"{task} · {model}", f"{info.headline} {found.value:.4g}{error} ({better} is better)"))
+            rows.append((f"{task} · {model}", f"{info.headline} {found.value:.4g}{error} ({info.better} is better)"))
     skipped = [(model, scores.not_scored) for model, scores in summary.models.items() if scores.not_scored]
     tables = {"Scores (lm-evaluation-harness, n = task rows)": rows}
     if skipped:

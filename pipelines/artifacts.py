@@ -305,12 +305,21 @@ class EvalTaskInfo(StrictModel):
     headline: str = Field(description="The metric the report leads with.")
     lower_is_better: bool
 
+    @property
+    def better(self) -> str:
+        """Which way the task's metrics are better, in words: "lower" or "higher"."""
+        return "lower" if self.lower_is_better else "higher"
+
 
 class EvalSummary(StrictModel):
     """The eval stage's ``eval.json``: the tasks and each model's scores (base first, then the variants)."""
 
     tasks: dict[str, EvalTaskInfo]
     models: dict[str, ModelScores]
+
+    def headline(self, task: str, model: str) -> TaskScore | None:
+        """``model``'s score on ``task``'s headline metric (None where it has none)."""
+        return self.models[model].tasks.get(task, {}).get(self.tasks[task].headline)
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,9 @@ def hold_out(kept, per_source: int, seed: int):
     keys = heldout_keys(kept, per_source, seed)
     if not keys:
         return kept, None
-    held_blocks = arrow_tables(kept.map_batches(_select, fn_kwargs={"keys": keys, "held": True}, batch_format="pyarrow"))
+    held_blocks = arrow_tables(
+        kept.map_batches(_select, fn_kwargs={"keys": keys, "held": True}, batch_format="pyarrow")
+    )
     held = pa.concat_tables(held_blocks).select(["doc_id", "source", "text"]).sort_by("doc_id") if held_blocks else None
     rest = kept.map_batches(_select, fn_kwargs={"keys": keys, "held": False}, batch_format="pyarrow")
     return rest, held

@@ -151,14 +151,13 @@ def plot_scores(summary: EvalSummary, path: Path) -> Path:
     figure, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4), squeeze=False)
     for axis, task in zip(axes[0], names, strict=True):
         info = summary.tasks[task]
-        scores = [summary.models[model].tasks.get(task, {}).get(info.headline) for model in models]
+        scores = [summary.headline(task, model) for model in models]
         values = [s.value if s else 0.0 for s in scores]
         errors = [(s.stderr or 0.0) if s else 0.0 for s in scores]
         colours = ["#4c72b0" if model == BASE else "#dd8452" for model in models]
         axis.bar(range(len(models)), values, yerr=errors, color=colours, capsize=3)
         axis.set_xticks(range(len(models)), models, rotation=45, ha="right", fontsize=7)
-        better = "lower" if info.lower_is_better else "higher"
-        axis.set_title(f"{task.removeprefix('loom_')}\n{info.headline} ({better} is better)", fontsize=8)
+        axis.set_title(f"{task.removeprefix('loom_')}\n{info.headline} ({info.better} is better)", fontsize=8)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
