@@ -54,6 +54,11 @@ class TrainConfig(StrictModel):
     num_workers: int = Field(default=2, ge=1, description="Ray Train workers (one DeepSpeed rank each).")
     use_gpu: bool = Field(default=False, description="Give each worker a GPU (NCCL) instead of CPU (gloo).")
     cpus_per_worker: float = Field(default=1, gt=0, description="Logical CPUs reserved per worker.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        default="PACK",
+        description="How Ray places the workers on nodes (its placement group strategy): PACK fills a node first; "
+        "SPREAD and STRICT_SPREAD put them on different nodes (STRICT_SPREAD waits until there are enough nodes).",
+    )
     model: ModelConfig = Field(
         default_factory=ModelConfig, description="Architecture of the model trained from scratch."
     )

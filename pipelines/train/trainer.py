@@ -83,6 +83,7 @@ def build_trainer(
             num_workers=config.num_workers,
             use_gpu=config.use_gpu,
             resources_per_worker={"CPU": config.cpus_per_worker},
+            placement_strategy=config.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=name,

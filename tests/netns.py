@@ -1,0 +1,253 @@
+"""A Ray cluster of several nodes on one machine: each node a network namespace with its own address on a
+bridge, running its own ``ray start`` with Ray's token authentication; all of them share the machine's disk.
+
+Needs root (``ip netns``, a bridge, veth pairs). Everything is named after this process's PID, so leftovers of
+a test run that was killed are found and removed by the next one (:func:`remove_leftovers`). A node is stopped
+by killing its own processes (``ip netns pids``): ``ray stop`` would stop every Ray process on the machine,
+whatever its namespace.
+
+Inside every namespace the node's link is called ``eth0``: gloo, which picks its interface by resolving the
+host name, would otherwise choose an address of the machine that the other namespaces cannot reach, so the
+nodes are started with ``GLOO_SOCKET_IFNAME=eth0`` (as an operator names the interface on multi-homed hosts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.conftest import REPO_ROOT
+from tests.helpers import system_tool
+
+PREFIX = "loomns"
+LINK = "eth0"
+RAY_PORT = 6379  # each namespace has its own ports: Ray's defaults are free in every one
+DASHBOARD_PORT = 8265
+SERVE_PORT = 8000
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([system_tool("ip"), *args], capture_output=True, text=True, check=check)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _kill_namespace_processes(namespace: str) -> None:
+    for pid in _ip("netns", "pids", namespace, check=False).stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def remove_leftovers() -> None:
+    """Namespaces and bridges of earlier test processes that are gone (a run killed before its clean-up)."""
+    owners = re.compile(rf"^{PREFIX}(\d+)")
+    for line in _ip("netns", "list", check=False).stdout.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        match = owners.match(name)
+        if match and not _alive(int(match.group(1))):
+            _kill_namespace_processes(name)
+            _ip("netns", "del", name, check=False)
+    for line in _ip("-o", "link", "show", "type", "bridge", check=False).stdout.splitlines():
+        name = line.split(":")[1].strip().split("@")[0]
+        match = re.match(r"^lnb(\d+)$", name)
+        if match and not _alive(int(match.group(1))):
+            _ip("link", "del", name, check=False)
+
+
+@dataclass
+class Node:
+    """One Ray node: its namespace, its address on the bridge, its host-side link, its ``ray start`` process."""
+
+    namespace: str
+    address: str
+    host_link: str
+    temp_dir: Path
+    process: subprocess.Popen | None = None
+    log: Path | None = None
+
+    def pids(self) -> list[int]:
+        return [int(pid) for pid in _ip("netns", "pids", self.namespace, check=False).stdout.split()]
+
+    def kill(self) -> None:
+        """Lose the node: SIGKILL every process in its namespace (what a machine's power loss leaves)."""
+        _kill_namespace_processes(self.namespace)
+        if self.process is not None:
+            self.process.wait(timeout=30)
+
+    def cut(self) -> None:
+        _ip("link", "set", self.host_link, "down")
+
+    def restore(self) -> None:
+        _ip("link", "set", self.host_link, "up")
+
+    def exec(self, *command: str) -> list[str]:
+        """``command`` run inside this node's namespace."""
+        return [system_tool("ip"), "netns", "exec", self.namespace, *command]
+
+
+@dataclass
+class NamespaceCluster:
+    head: Node
+    workers: list[Node]
+    token: str
+    env: dict[str, str]  # the nodes' environment; a client's too (token mode, the token, Loom's PATH)
+    folder: Path
+    nodes_by_address: dict[str, Node] = field(default_factory=dict)
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://{self.head.address}:{DASHBOARD_PORT}"
+
+    @property
+    def gcs(self) -> str:
+        return f"{self.head.address}:{RAY_PORT}"
+
+    @property
+    def nodes(self) -> list[Node]:
+        return [self.head, *self.workers]
+
+    def get(self, path: str) -> dict:
+        """JSON from the head's dashboard (Ray's State and Serve APIs), with the token."""
+        request = urllib.request.Request(f"{self.dashboard}{path}", headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.load(response)
+
+    def node_addresses(self) -> dict[str, str]:
+        """Every node Ray has known in this cluster, alive or dead: node id -> its address."""
+        nodes = self.get("/api/v0/nodes?limit=100&detail=1")["data"]["result"]["result"]
+        return {node["node_id"]: node["node_ip"] for node in nodes}
+
+    def alive_node_addresses(self) -> set[str]:
+        """Node addresses the head's GCS lists as alive."""
+        nodes = self.get("/api/v0/nodes?limit=100&detail=1")["data"]["result"]["result"]
+        return {node["node_ip"] for node in nodes if node["state"] == "ALIVE"}
+
+    def start_worker(self, node: Node, num_cpus: int) -> None:
+        _start_ray(node, ["--address", self.gcs, f"--num-cpus={num_cpus}"], self.env)
+
+
+def _start_ray(node: Node, flags: list[str], env: dict[str, str]) -> None:
+    node.temp_dir.mkdir(parents=True, exist_ok=True)
+    node.log = node.temp_dir.parent / f"{node.namespace}.log"
+    with open(node.log, "a") as log:
+        node.process = subprocess.Popen(
+            node.exec(
+                str(Path(sys.executable).parent / "ray"), "start", "--block", f"--node-ip-address={node.address}",
+                f"--temp-dir={node.temp_dir}", "--disable-usage-stats", *flags,
+            ),
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+
+
+def _dashboard_ready(url: str, token: str) -> bool:
+    request = urllib.request.Request(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _wait(condition, timeout_s: float, what: str, nodes: list[Node]) -> None:
+    deadline = time.monotonic() + timeout_s  # a ceiling for a loaded 2-core machine, not an expectation
+    while not condition():
+        dead = [node for node in nodes if node.process is not None and node.process.poll() is not None]
+        if dead or time.monotonic() > deadline:
+            logs = "\n".join(f"--- {n.namespace}:\n{n.log.read_text()[-2000:]}" for n in nodes if n.log)
+            raise RuntimeError(f"{what}: not within {timeout_s:.0f} s\n{logs}")
+        time.sleep(1)
+
+
+@contextmanager
+def _network(folder: Path, count: int) -> Iterator[list[Node]]:
+    pid = os.getpid()
+    subnet = f"10.{100 + pid % 150}.{pid // 150 % 250}"
+    bridge = f"lnb{pid}"
+    nodes = [Node(f"{PREFIX}{pid}-{i}", f"{subnet}.{i + 2}", f"lnv{pid}-{i}", folder / f"n{i}") for i in range(count)]
+    try:
+        _ip("link", "add", bridge, "type", "bridge")
+        _ip("addr", "add", f"{subnet}.1/24", "dev", bridge)
+        _ip("link", "set", bridge, "up")
+        for node in nodes:
+            _ip("netns", "add", node.namespace)
+            _ip("link", "add", node.host_link, "type", "veth", "peer", "name", LINK, "netns", node.namespace)
+            _ip("link", "set", node.host_link, "master", bridge, "up")
+            _ip("-n", node.namespace, "addr", "add", f"{node.address}/24", "dev", LINK)
+            _ip("-n", node.namespace, "link", "set", LINK, "up")
+            _ip("-n", node.namespace, "link", "set", "lo", "up")
+        yield nodes
+    finally:
+        for node in nodes:
+            _kill_namespace_processes(node.namespace)
+            if node.process is not None:
+                try:
+                    node.process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    pass
+            _ip("netns", "del", node.namespace, check=False)
+        _ip("link", "del", bridge, check=False)
+
+
+@contextmanager
+def namespace_cluster(
+    folder: Path, workers: int = 2, head_cpus: int = 2, worker_cpus: int = 2, extra_env: dict[str, str] | None = None
+) -> Iterator[NamespaceCluster]:
+    """A head and ``workers`` worker nodes, each in its own namespace, token-authenticated, up and registered.
+
+    ``folder`` holds the nodes' Ray folders (short: Ray's socket paths must stay under 107 bytes) and logs.
+    """
+    if os.geteuid() != 0:
+        raise RuntimeError("a namespace cluster needs root (ip netns, a bridge, veth pairs)")
+    remove_leftovers()
+    folder.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(32)
+    home = folder / "home"
+    home.mkdir(exist_ok=True)
+    env = {name: value for name, value in os.environ.items() if not name.startswith("RAY_")}
+    env.update(
+        HOME=str(home),
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONPATH=str(REPO_ROOT),
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=token,
+        GLOO_SOCKET_IFNAME=LINK,
+        **(extra_env or {}),
+    )
+    with ExitStack() as stack:
+        stack.callback(shutil.rmtree, folder, ignore_errors=True)  # after the nodes' processes are gone
+        nodes = stack.enter_context(_network(folder, 1 + workers))
+        cluster = NamespaceCluster(nodes[0], nodes[1:], token, env, folder)
+        _start_ray(
+            cluster.head,
+            ["--head", f"--port={RAY_PORT}", f"--num-cpus={head_cpus}", f"--dashboard-host={cluster.head.address}",
+             f"--dashboard-port={DASHBOARD_PORT}", "--include-dashboard=true"],
+            env,
+        )  # fmt: skip
+        _wait(lambda: _dashboard_ready(cluster.dashboard, token), 300, "the head's dashboard", nodes)
+        for worker in cluster.workers:
+            cluster.start_worker(worker, worker_cpus)
+        addresses = {node.address for node in nodes}
+        _wait(lambda: cluster.alive_node_addresses() == addresses, 300, "every node registered", nodes)
+        yield cluster
