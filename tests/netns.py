@@ -25,7 +25,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tests.conftest import REPO_ROOT
@@ -114,7 +114,7 @@ class NamespaceCluster:
     token: str
     env: dict[str, str]  # the nodes' environment; a client's too (token mode, the token, Loom's PATH)
     folder: Path
-    nodes_by_address: dict[str, Node] = field(default_factory=dict)
+    worker_cpus: int
 
     @property
     def dashboard(self) -> str:
@@ -128,11 +128,14 @@ class NamespaceCluster:
     def nodes(self) -> list[Node]:
         return [self.head, *self.workers]
 
-    def get(self, path: str) -> dict:
-        """JSON from the head's dashboard (Ray's State and Serve APIs), with the token."""
-        request = urllib.request.Request(f"{self.dashboard}{path}", headers={"Authorization": f"Bearer {self.token}"})
+    def get(self, path: str, method: str = "GET") -> dict:
+        """JSON from the head's dashboard (Ray's State, Jobs and Serve APIs), with the token."""
+        request = urllib.request.Request(
+            f"{self.dashboard}{path}", headers={"Authorization": f"Bearer {self.token}"}, method=method
+        )
         with urllib.request.urlopen(request, timeout=30) as response:
-            return json.load(response)
+            body = response.read()
+        return json.loads(body) if body.strip() else {}
 
     def node_addresses(self) -> dict[str, str]:
         """Every node Ray has known in this cluster, alive or dead: node id -> its address."""
@@ -238,7 +241,7 @@ def namespace_cluster(
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, folder, ignore_errors=True)  # after the nodes' processes are gone
         nodes = stack.enter_context(_network(folder, 1 + workers))
-        cluster = NamespaceCluster(nodes[0], nodes[1:], token, env, folder)
+        cluster = NamespaceCluster(nodes[0], nodes[1:], token, env, folder, worker_cpus)
         _start_ray(
             cluster.head,
             ["--head", f"--port={RAY_PORT}", f"--num-cpus={head_cpus}", f"--dashboard-host={cluster.head.address}",

@@ -77,6 +77,48 @@ def pack(batch: pa.Table, seq_len: int) -> pa.Table:
     )
 
 
+#: The column packed rows are ordered by before the train/val split: a seeded hash of each row's tokens.
+SHUFFLE_KEY = "_shuffle_key"
+
+
+def with_shuffle_key(batch: pa.Table, seed: int) -> pa.Table:
+    """``batch`` with :data:`SHUFFLE_KEY`: a seeded 64-bit hash of each row's ``input_ids``.
+
+    Sorting by it shuffles the rows in an order set by their contents alone, where Ray's ``random_shuffle``
+    orders them by the blocks they arrive in: those change with the cluster's size (a lost node, a read
+    planned for fewer CPUs) and the shards would differ between two runs of the same input.
+    """
+    rows = len(batch)
+    seq_len = len(batch.column("input_ids")[0]) if rows else 0
+    ids = batch.column("input_ids").combine_chunks().flatten().to_numpy().astype(np.uint64).reshape(rows, seq_len)
+    weights = np.random.default_rng(seed).integers(1, 2**63, size=seq_len, dtype=np.uint64) | np.uint64(1)
+    with np.errstate(over="ignore"):  # arithmetic mod 2**64 is the point
+        key = (ids * weights).sum(axis=1, dtype=np.uint64)
+        # splitmix64's finaliser: every input bit moves every output bit
+        key ^= key >> np.uint64(30)
+        key *= np.uint64(0xBF58476D1CE4E5B9)
+        key ^= key >> np.uint64(27)
+        key *= np.uint64(0x94D049BB133111EB)
+        key ^= key >> np.uint64(31)
+    return batch.append_column(SHUFFLE_KEY, pa.array(key, pa.uint64()))
+
+
+def packed_in_order(tokenized, seq_len: int, batch_size: int, seed: int):
+    """The tokenized documents (a Ray Dataset, in order) packed into ``seq_len`` rows and shuffled by ``seed``:
+    the same rows in the same order whatever blocks the input came in and however many nodes ran it.
+
+    Packing drops each batch's tail, so its batches are fixed runs of ``batch_size`` documents (exact blocks, in
+    order) rather than whatever blocks the cluster's size made; the shuffle is by content for the same reason.
+    """
+    return (
+        tokenized.repartition(target_num_rows_per_block=batch_size, strict=True)
+        .map_batches(pack, fn_kwargs={"seq_len": seq_len}, batch_size=batch_size, batch_format="pyarrow")
+        .map_batches(with_shuffle_key, fn_kwargs={"seed": seed}, batch_format="pyarrow")
+        .sort(SHUFFLE_KEY)
+        .drop_columns([SHUFFLE_KEY])
+    )
+
+
 def mix_token_targets(tokens_by_source: dict[str, int], weights: dict[str, float]) -> dict[str, int]:
     """Tokens to keep from each source so token shares match ``weights``.
 

@@ -21,7 +21,7 @@ from pipelines.artifacts import DataOutputs
 from pipelines.data.config import DataConfig
 from pipelines.data.heldout import hold_out, write_heldout
 from pipelines.data.metrics import export_gauges
-from pipelines.data.pack import Tokenize, keep_until_cutoff, mix_cutoffs, mix_token_targets, pack
+from pipelines.data.pack import Tokenize, keep_until_cutoff, mix_cutoffs, mix_token_targets, packed_in_order
 from pipelines.data.perplexity import plot_histogram
 from pipelines.data.readers import SOURCES_CACHE, read_documents, source_fingerprint
 from pipelines.data.steps import reason_key, split_kept
@@ -245,9 +245,7 @@ def tokenize_and_mix(config: DataConfig, kept, tokenizer_dir: Path, seed: int):
 
 def pack_and_split(config: DataConfig, tokenized, outputs: DataOutputs, seed: int) -> dict[str, int]:
     """Pack into ``seq_len`` sequences, shuffle, hold out ``val_fraction``, write the shards; the counts."""
-    packed = tokenized.map_batches(
-        pack, fn_kwargs={"seq_len": config.seq_len}, batch_size=config.batch_size, batch_format="pyarrow"
-    ).random_shuffle(seed=seed)
+    packed = packed_in_order(tokenized, config.seq_len, config.batch_size, seed)
     with _timed("pack, shuffle and split"):
         if config.val_fraction > 0:
             train, val = packed.split_proportionately([1.0 - config.val_fraction])

@@ -14,6 +14,7 @@ from collections import Counter
 import pytest
 
 from tests.conftest import REPO_ROOT, SMALL_MODEL, TINY
+from tests.helpers import wait_for
 from tests.multinode.conftest import API_KEY
 from tests.netns import SERVE_PORT
 
@@ -66,7 +67,10 @@ def chain(cluster, tmp_path_factory):
     assert result.returncode == 0, output[-6000:]
     submission = re.search(r"\[loom\] submitted (\S+) to ", output).group(1)
     job_id = cluster.get(f"/api/jobs/{submission}")["job_id"]
-    return {"output": output, "job_id": job_id, "run_dir": storage / "across"}
+    yield {"output": output, "job_id": job_id, "run_dir": storage / "across"}
+    # The application stays deployed after the job (as on any cluster): the next modules want the nodes' CPUs.
+    cluster.get("/api/serve/applications/", method="DELETE")
+    wait_for(lambda: not cluster.get("/api/serve/applications/")["applications"], 300, "Serve to shut down")
 
 
 def test_the_data_stage_runs_on_more_than_one_node(cluster, chain):

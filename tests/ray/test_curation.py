@@ -328,3 +328,40 @@ def test_quality_classifier_learns_from_the_heuristics_rejects_and_keeps_a_fract
     assert all(row["reject_reason"] == before[row["doc_id"]] for row in rows if row["doc_id"] in heuristics)
     assert all("keep_fraction 0.9)" in row["reject_reason"] for row in scored if row["reject_reason"])
     assert step.stats()["rule"] == "keep_fraction 0.9"
+
+
+def test_packed_rows_do_not_depend_on_the_blocks_the_documents_came_in(ray_cluster):
+    """The same documents in 3 or 17 blocks (what a different cluster size or a lost node gives) pack and shuffle
+    into the same rows in the same order; Ray's random_shuffle ordered them by block, which differed."""
+    import hashlib
+
+    import numpy as np
+    import ray.data
+
+    from pipelines.data.pack import packed_in_order
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 1000, size=rng.integers(5, 300)).astype(np.int32) for _ in range(1500)]
+    offsets = np.concatenate([[0], np.cumsum([len(doc) for doc in docs])]).astype(np.int32)
+    table = pa.table(
+        {
+            "ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(docs))),
+            "num_tokens": pa.array([len(doc) for doc in docs], pa.int64()),
+        }
+    )
+    context = ray.data.DataContext.get_current()
+    before, context.execution_options.preserve_order = context.execution_options.preserve_order, True
+    try:
+        digests = []
+        for blocks in (3, 17):
+            packed = packed_in_order(ray.data.from_arrow(table).repartition(blocks), 128, 64, seed=0)
+            digest = hashlib.sha256()
+            for batch in packed.iter_batches(batch_format="pyarrow"):
+                digest.update(batch.column("input_ids").combine_chunks().flatten().to_numpy().tobytes())
+            digests.append((packed.count(), digest.hexdigest()))
+    finally:
+        context.execution_options.preserve_order = before
+    assert digests[0] == digests[1] and digests[0][0] > 0
+    # The order is a shuffle, not the documents' order: the first row is not the first documents' tokens.
+    first = next(iter(packed.iter_rows()))["input_ids"]
+    assert list(first[:5]) != list(docs[0][:5])

@@ -1,0 +1,98 @@
+"""A worker node lost during the data stage: every process of the node killed while near-dedup runs, after the node
+ran tasks of the job. The stage completes on the nodes that remain (Ray retries the lost tasks and rebuilds the lost
+blocks from their lineage), and its kept documents, rejects, tokenizer and shards equal an undisturbed run's."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO_ROOT, TINY
+from tests.helpers import wait_for
+from tests.interrupt import inside_step, kept_doc_ids, output_facts
+from tests.multinode.test_chain_across_nodes import job_tasks
+from tests.planted_corpus import planted_corpus
+
+pytestmark = pytest.mark.multinode
+
+STEPS = (
+    "[{type: normalize}, {type: length, min_chars: 40}, {type: exact_dedup, num_partitions: 2},"
+    " {type: minhash_dedup, num_partitions: 4}]"
+)
+NEAR_DEDUP = 4  # its position among the steps (00-read first)
+JOB_S = 900  # a ceiling for a loaded 2-core machine
+
+
+def submit(cluster, storage, corpus, run_name: str) -> str:
+    """`loom submit data --no-wait`; the job's submission id."""
+    result = subprocess.run(
+        [sys.executable, "-m", "cluster", "submit", "data", str(TINY),
+         f"storage={storage}", f"run_name={run_name}",
+         f"data.sources=[{{format: jsonl, path: '{corpus}', name: planted}}]", f"data.steps={STEPS}",
+         "data.max_documents=null", "data.vocab_size=300", "data.seq_len=64", "data.tokenize_actors=1",
+         "--address", cluster.dashboard, "--no-wait"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=cluster.env,
+    )  # fmt: skip
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return re.search(r"\[loom\] submitted (\S+) to ", result.stdout).group(1)
+
+
+def job(cluster, submission: str) -> dict:
+    return cluster.get(f"/api/jobs/{submission}")
+
+
+def finished(cluster, submission: str) -> dict:
+    wait_for(lambda: job(cluster, submission)["status"] in ("SUCCEEDED", "FAILED", "STOPPED"), JOB_S, "the job to end")
+    return job(cluster, submission)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """About 2,000 short documents: planted near-duplicates, exact copies and too-short ones."""
+    root = tmp_path_factory.mktemp("node-loss-corpus")
+    documents = planted_corpus(bases=250, variants_per_base=2, uniques=1000, words=80, seed=27)
+    texts = [text for _, text in documents.documents]
+    texts += texts[:200] + ["too short to keep"] * 20
+    path = root / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    return path
+
+
+def test_the_data_stage_completes_and_equals_an_undisturbed_run_when_a_node_is_lost(cluster, corpus, tmp_path):
+    undisturbed = submit(cluster, tmp_path, corpus, "undisturbed")
+    assert finished(cluster, undisturbed)["status"] == "SUCCEEDED", job(cluster, undisturbed)
+
+    lost = cluster.workers[0]
+    disturbed = submit(cluster, tmp_path, corpus, "disturbed")
+    job_id = None
+    in_near_dedup = inside_step("minhash_dedup", NEAR_DEDUP)
+    deadline = time.monotonic() + JOB_S
+    while not in_near_dedup(tmp_path / "disturbed"):
+        assert time.monotonic() < deadline and job(cluster, disturbed)["status"] in ("PENDING", "RUNNING"), job(
+            cluster, disturbed
+        )
+        time.sleep(0.05)
+    job_id = job(cluster, disturbed)["job_id"]
+    nodes = cluster.node_addresses()
+    ran_there = [task["name"] for task in job_tasks(cluster, job_id) if nodes.get(task.get("node_id")) == lost.address]
+    lost.kill()
+    killed_at = time.monotonic()
+    # The node's loss mattered: it had run the job's tasks before it went.
+    assert ran_there, "the lost node ran none of the job's tasks"
+
+    ended = finished(cluster, disturbed)
+    assert ended["status"] == "SUCCEEDED", ended
+    assert lost.address not in cluster.alive_node_addresses()
+    print(f"near-dedup lost a node {time.monotonic() - killed_at:.1f} s before the stage completed")
+
+    assert kept_doc_ids(tmp_path / "disturbed") == kept_doc_ids(tmp_path / "undisturbed")
+    assert output_facts(tmp_path / "disturbed") == output_facts(tmp_path / "undisturbed")
+
+    # The node comes back for the tests after this one (a new Ray node at the same address).
+    cluster.start_worker(lost, cluster.worker_cpus)
+    wait_for(lambda: lost.address in cluster.alive_node_addresses(), 300, "the lost node to rejoin")
