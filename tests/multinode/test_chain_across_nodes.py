@@ -8,6 +8,9 @@ import json
 import re
 import subprocess
 import sys
+import threading
+import time
+import urllib.error
 import urllib.request
 from collections import Counter
 
@@ -37,14 +40,67 @@ def job_actors(cluster, job_id: str, class_name: str) -> list[dict]:
     return found["data"]["result"]["result"]
 
 
-def complete(address: str, prompt: str) -> dict:
+def complete(address: str, prompt: str, timeout_s: float = 120) -> dict:
     request = urllib.request.Request(
         f"http://{address}:{SERVE_PORT}/v1/completions",
         data=json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": 8}).encode(),
         headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
     )
-    with urllib.request.urlopen(request, timeout=120) as response:
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
         return json.load(response)
+
+
+def llm_replicas(cluster) -> list[dict]:
+    """The model's replicas as Serve's controller lists them (state, node address)."""
+    applications = cluster.get("/api/serve/applications/")["applications"]
+    return [
+        replica
+        for application in applications.values()
+        for name, deployment in application["deployments"].items()
+        if "LLM" in name
+        for replica in deployment["replicas"]
+    ]
+
+
+class Load:
+    """``clients`` callers sending completions through ``address``, each at most one a second (under the key's
+    rate limit), until stopped; each request's outcome (an HTTP status, or the error's name for a timeout or a
+    refused connection) and seconds, and the bodies of the refusals."""
+
+    def __init__(self, address: str, clients: int, timeout_s: float) -> None:
+        self.address, self.timeout_s = address, timeout_s
+        self.outcomes: list[tuple[str, float]] = []
+        self.refusals: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
+
+    def _client(self, i: int) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                complete(self.address, f"def client_{i}():", self.timeout_s)
+                outcome = "200"
+            except urllib.error.HTTPError as err:
+                outcome = str(err.code)
+                self.refusals.append(err.read().decode(errors="replace")[:300])
+            except OSError as err:
+                outcome = type(err).__name__
+            seconds = time.monotonic() - started
+            self.outcomes.append((outcome, seconds))
+            self._stop.wait(max(0.0, 1.0 - seconds))
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=self.timeout_s + 10)
+
+    def succeeded(self) -> int:
+        return sum(outcome == "200" for outcome, _ in self.outcomes)
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +115,7 @@ def chain(cluster, tmp_path_factory):
          "train.placement_strategy=STRICT_SPREAD",  # one worker a node
          "tune.enabled=false", "compress.enabled=false",  # their sweeps: tests/ray/test_stages.py, test_compress.py
          "serve.host=0.0.0.0",  # the nodes' addresses on the bridge; the key in every node's environment
+         "serve.ingress_replicas=2",  # no node's loss takes every ingress with it
          f"serve.models.{MODEL}.autoscaling={{min_replicas: 2, max_replicas: 2}}",
          "--address", cluster.dashboard],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=2400, env=cluster.env,
@@ -97,14 +154,7 @@ def test_training_workers_run_on_two_nodes_and_learn(cluster, chain):
 
 
 def test_two_replicas_on_two_nodes_answer_through_the_head_and_a_worker_node(cluster, chain):
-    applications = cluster.get("/api/serve/applications/")["applications"]
-    replicas = [
-        replica
-        for application in applications.values()
-        for name, deployment in application["deployments"].items()
-        if "LLM" in name
-        for replica in deployment["replicas"]
-    ]
+    replicas = llm_replicas(cluster)
     replica_nodes = {replica["node_ip"] for replica in replicas if replica["state"] == "RUNNING"}
     assert len(replica_nodes) == 2, replicas
     # A worker node that holds a replica runs a proxy of its own; the head always does.
@@ -123,3 +173,42 @@ def test_two_replicas_on_two_nodes_answer_through_the_head_and_a_worker_node(clu
             timeout=60,
         )
     assert refused.value.code == 401
+
+
+REQUEST_TIMEOUT_S = 60
+
+
+def test_a_node_holding_a_replica_lost_under_load(cluster, chain):
+    """Four callers through the head's proxy; a worker node holding a replica killed once they are served, and a
+    replacement node started at its address once Ray has declared it dead (the cluster has no spare room for a
+    replica of 2 CPUs, as an autoscaler would add one). At least 99% of requests succeed, none outlives its timeout,
+    and Serve places the lost replica on the replacement."""
+    running = [r for r in llm_replicas(cluster) if r["state"] == "RUNNING"]
+    lost = next(worker for worker in cluster.workers if worker.address in {r["node_ip"] for r in running})
+    lost_node_id = next(r["node_id"] for r in running if r["node_ip"] == lost.address)
+    with Load(cluster.head.address, clients=4, timeout_s=REQUEST_TIMEOUT_S) as load:
+        wait_for(lambda: load.succeeded() >= 20, 300, "the load to be served")
+        lost.kill()
+        killed_at = time.monotonic()
+        wait_for(lambda: lost.address not in cluster.alive_node_addresses(), 120, "Ray to declare the node dead")
+        detected_s = time.monotonic() - killed_at
+        cluster.start_worker(lost, cluster.worker_cpus)
+        wait_for(lambda: lost.address in cluster.alive_node_addresses(), 300, "the replacement node to join")
+        joined_s = time.monotonic() - killed_at
+
+        def replaced() -> bool:
+            now = [r for r in llm_replicas(cluster) if r["state"] == "RUNNING"]
+            return len(now) == 2 and lost_node_id not in {r["node_id"] for r in now}
+
+        wait_for(replaced, 600, "Serve to replace the lost replica")
+        replaced_s = time.monotonic() - killed_at
+        after = len(load.outcomes)
+        wait_for(lambda: len(load.outcomes) >= after + 20, 300, "requests after the replacement")
+    outcomes = [outcome for outcome, _ in load.outcomes]
+    failed = {outcome: outcomes.count(outcome) for outcome in set(outcomes) - {"200"}}
+    print(
+        f"node lost: declared dead after {detected_s:.1f} s, replacement joined at {joined_s:.1f} s, replica "
+        f"running at {replaced_s:.1f} s; {len(outcomes)} requests, failed: {failed}"
+    )
+    assert load.succeeded() >= 0.99 * len(outcomes), (failed, load.refusals[:5])
+    assert max(seconds for _, seconds in load.outcomes) < REQUEST_TIMEOUT_S + 5
