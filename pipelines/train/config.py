@@ -104,6 +104,13 @@ class TrainConfig(StrictModel):
     checkpoint_every: int = Field(default=20, ge=1, description="Save a checkpoint every this many steps.")
     num_checkpoints_to_keep: int = Field(default=2, ge=1, description="Checkpoints Ray Train keeps.")
     max_failures: int = Field(default=2, ge=0, description="Worker-group restarts allowed (from the last checkpoint).")
+    wait_for_nodes_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="How long the workers wait for room on the cluster, at the start and after a lost node, before "
+        "the stage stops and says why (its checkpoints kept: run it again once the nodes are back). Unset: Ray "
+        "Train's default, waiting without end (one start attempt a minute).",
+    )
     log_every: int = Field(default=5, ge=1, description="Report metrics every this many steps.")
     eval_every: int = Field(
         default=0, ge=0, description="Held-out loss and perplexity every this many steps (0: only at the end)."

@@ -7,7 +7,10 @@ trials from the same trainer without importing another stage's entry point.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +91,11 @@ def build_trainer(
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=str(storage_path),
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=config.max_failures,
+                # One start attempt bounded by wait_for_nodes_s (worker_group_start_timeout), not one a minute forever.
+                **({"controller_failure_limit": 0} if config.wait_for_nodes_s is not None else {}),
+            ),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.num_checkpoints_to_keep),
             callbacks=callbacks,
         ),
@@ -96,6 +103,43 @@ def build_trainer(
         dataset_config=data_config,
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
     )
+
+
+class NodesLostError(RuntimeError):
+    """The workers found no room on the cluster within ``train.wait_for_nodes_s``."""
+
+
+@contextmanager
+def worker_group_start_timeout(config: TrainConfig) -> Iterator[None]:
+    """Ray Train's wait for room on the cluster set to ``train.wait_for_nodes_s`` while ``fit`` runs (an
+    environment variable that Ray Train reads and passes on to its controller; restored after, since later stages
+    run in the same process), and its timeout turned into a :class:`NodesLostError` that says what to do."""
+    if config.wait_for_nodes_s is None:
+        yield
+        return
+    from ray.train import ControllerError
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    name = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+    before = os.environ.get(name)
+    os.environ[name] = str(config.wait_for_nodes_s)
+    try:
+        yield
+    except ControllerError as err:
+        if not isinstance(err.controller_failure, WorkerGroupStartupTimeoutError):
+            raise
+        per_worker = f"{config.cpus_per_worker:g} CPU{'s' if config.cpus_per_worker != 1 else ''}"
+        raise NodesLostError(
+            f"training stopped: {config.num_workers} workers ({per_worker}{' and a GPU' if config.use_gpu else ''} "
+            f"each, placed {config.placement_strategy}) found no room on the cluster within train.wait_for_nodes_s="
+            f"{config.wait_for_nodes_s:g} s (a node was lost and did not come back, or the cluster is too small). The "
+            "checkpoints are kept: run the train stage again once the nodes are back and it resumes from the last one"
+        ) from err
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def copy_export(result, model_dir: Path) -> Path:
