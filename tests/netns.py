@@ -60,6 +60,11 @@ def _kill_namespace_processes(namespace: str) -> None:
             pass
 
 
+def own_etc(namespace: str) -> Path:
+    """Files that ``ip netns exec`` puts over /etc/ for the namespace's processes."""
+    return Path("/etc/netns") / namespace
+
+
 def remove_leftovers() -> None:
     """Namespaces and bridges of earlier test processes that are gone (a run killed before its clean-up)."""
     owners = re.compile(rf"^{PREFIX}(\d+)")
@@ -69,6 +74,10 @@ def remove_leftovers() -> None:
         if match and not _alive(int(match.group(1))):
             _kill_namespace_processes(name)
             _ip("netns", "del", name, check=False)
+    for folder in Path("/etc/netns").glob(f"{PREFIX}*") if Path("/etc/netns").is_dir() else []:
+        match = owners.match(folder.name)
+        if match and not _alive(int(match.group(1))):
+            shutil.rmtree(folder, ignore_errors=True)
     for line in _ip("-o", "link", "show", "type", "bridge", check=False).stdout.splitlines():
         name = line.split(":")[1].strip().split("@")[0]
         match = re.match(r"^lnb(\d+)$", name)
@@ -105,6 +114,19 @@ class Node:
     def exec(self, *command: str) -> list[str]:
         """``command`` run inside this node's namespace."""
         return [system_tool("ip"), "netns", "exec", self.namespace, *command]
+
+    def home_of_root(self, home: Path) -> None:
+        """Make ``home`` the home directory of root for what runs in this namespace from now on.
+
+        ``ip netns exec`` bind-mounts the files of /etc/netns/NAME/ over /etc/ for its processes: a passwd there
+        names another home. Programs that read the home from the password database (OpenSSH's ``~``, as in the
+        key path Ray's launcher gives the head's autoscaler) then use the test's folder, never /root.
+        """
+        lines = Path("/etc/passwd").read_text().splitlines()
+        fields = [line.split(":") for line in lines]
+        rewritten = [":".join([*f[:5], str(home), *f[6:]]) if f[0] == "root" else ":".join(f) for f in fields]
+        own_etc(self.namespace).mkdir(parents=True, exist_ok=True)
+        (own_etc(self.namespace) / "passwd").write_text("\n".join(rewritten) + "\n")
 
 
 @dataclass
@@ -210,6 +232,7 @@ def _network(folder: Path, count: int) -> Iterator[list[Node]]:
                 except subprocess.TimeoutExpired:
                     pass
             _ip("netns", "del", node.namespace, check=False)
+            shutil.rmtree(own_etc(node.namespace), ignore_errors=True)
         _ip("link", "del", bridge, check=False)
 
 

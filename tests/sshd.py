@@ -39,24 +39,38 @@ def _keygen(path: Path) -> None:
     subprocess.run([system_tool("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
 
 
-def _listening(port: int) -> bool:
+def _listening(address: str, port: int) -> bool:
     with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
+        return probe.connect_ex((address, port)) == 0
 
 
 @contextmanager
-def private_sshd(folder: Path, remote_home: Path, bashrc: str) -> Iterator[PrivateSshd]:
-    """sshd on 127.0.0.1 at a free port; ``bashrc`` is the login's ~/.bashrc (Ray's launcher sources it)."""
+def private_sshd(
+    folder: Path,
+    remote_home: Path,
+    bashrc: str,
+    address: str = "127.0.0.1",
+    port: int | None = None,
+    inside: list[str] | None = None,
+    keys_from: Path | None = None,
+) -> Iterator[PrivateSshd]:
+    """sshd on ``address`` (loopback) at ``port`` (a free one); ``bashrc`` is the login's ~/.bashrc (Ray's launcher
+    sources it). ``inside`` prefixes its command (``ip netns exec NS``: a node of a namespace cluster);
+    ``keys_from`` is another private sshd's folder whose host and client keys this one shares."""
     sshd = system_tool("sshd")  # Debian's openssh-server, which .ci/run installs
     folder.mkdir(parents=True, exist_ok=True)
     remote_home.mkdir(parents=True, exist_ok=True)
     (remote_home / ".bashrc").write_text(bashrc)
-    _keygen(folder / "host_key")
-    _keygen(folder / "client_key")
+    if keys_from is None:
+        _keygen(folder / "host_key")
+        _keygen(folder / "client_key")
+    else:
+        for name in ("host_key", "host_key.pub", "client_key", "client_key.pub"):
+            shutil.copy(keys_from / name, folder / name)
     shutil.copy(folder / "client_key.pub", folder / "authorized_keys")
-    port = free_port()
+    port = port or free_port()
     (folder / "sshd_config").write_text(
-        f"ListenAddress 127.0.0.1:{port}\n"
+        f"ListenAddress {address}:{port}\n"
         f"HostKey {folder / 'host_key'}\n"
         f"AuthorizedKeysFile {folder / 'authorized_keys'}\n"
         f"PidFile {folder / 'sshd.pid'}\n"
@@ -70,10 +84,11 @@ def private_sshd(folder: Path, remote_home: Path, bashrc: str) -> Iterator[Priva
     if os.geteuid() == 0:
         Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory (no service made it)
     log = open(folder / "sshd.log", "w")  # noqa: SIM115 - closed below
-    process = subprocess.Popen([sshd, "-D", "-e", "-f", str(folder / "sshd_config")], stdout=log, stderr=log)
+    command = [*(inside or []), sshd, "-D", "-e", "-f", str(folder / "sshd_config")]
+    process = subprocess.Popen(command, stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 30
-        while not _listening(port):
+        while not _listening(address, port):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"sshd did not start: {(folder / 'sshd.log').read_text()[-2000:]}")
             time.sleep(0.2)

@@ -8,7 +8,8 @@ import yaml
 from cluster.auth import enable_client_token, token_source, warn_if_embedded_unauthenticated
 from tests.conftest import REPO_ROOT
 
-LAUNCHER_CONFIGS = ["cluster.yaml", "cluster/local.yaml"]  # the GPU cluster, and one machine over loopback SSH
+#: The GPU cluster, one machine over loopback SSH, and machines of one's own (head and workers at fixed addresses).
+LAUNCHER_CONFIGS = ["cluster.yaml", "cluster/local.yaml", "cluster/onprem.yaml"]
 
 
 def cluster_yaml(path: str = "cluster.yaml") -> dict:
@@ -36,7 +37,13 @@ def test_every_node_starts_ray_with_token_authentication_and_gets_the_token(path
         assert starts and all("RAY_AUTH_MODE=token" in command for command in starts), key
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
     head = next(command for command in config["head_start_ray_commands"] if "ray start" in command)
-    assert "--dashboard-host=127.0.0.1" in head  # the job API is reached through `ray dashboard cluster.yaml`
+    if config["provider"]["type"] == "local" and config["provider"]["worker_ips"]:
+        # Machines of one's own: the job API on the head's address for the workers' network, behind the token.
+        assert f"--dashboard-host={config['provider']['head_ip']}" in head
+        assert f"--node-ip-address={config['provider']['head_ip']}" in head
+        assert config["max_workers"] == len(config["provider"]["worker_ips"])
+    else:
+        assert "--dashboard-host=127.0.0.1" in head  # the job API is reached through `ray dashboard cluster.yaml`
 
 
 def test_the_token_is_found_in_rays_order_and_named_not_shown(tmp_path):
