@@ -89,8 +89,12 @@ def with_shuffle_key(batch: pa.Table, seed: int) -> pa.Table:
     planned for fewer CPUs) and the shards would differ between two runs of the same input.
     """
     rows = len(batch)
-    seq_len = len(batch.column("input_ids")[0]) if rows else 0
-    ids = batch.column("input_ids").combine_chunks().flatten().to_numpy().astype(np.uint64).reshape(rows, seq_len)
+    column = batch.column("input_ids").combine_chunks()
+    seq_len = len(column[0]) if rows else 0
+    lengths = np.diff(column.offsets.to_numpy())
+    if column.null_count or (lengths != seq_len).any():
+        raise ValueError("with_shuffle_key: packed rows must all hold seq_len tokens (pack's output)")
+    ids = column.flatten().to_numpy().astype(np.uint64).reshape(rows, seq_len)
     weights = np.random.default_rng(seed).integers(1, 2**63, size=seq_len, dtype=np.uint64) | np.uint64(1)
     with np.errstate(over="ignore"):  # arithmetic mod 2**64 is the point
         key = (ids * weights).sum(axis=1, dtype=np.uint64)

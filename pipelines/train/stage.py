@@ -96,7 +96,9 @@ def run_train(config: TrainConfig, run: RunDir, seed: int) -> StageResult:
     inputs = train_inputs(config, run)
     # Rerunning with the same storage path and name resumes from Ray Train's latest checkpoint.
     history = out / "metrics.jsonl"
-    trainer = build_trainer(config, run, seed, storage_path=out, name="ray", callbacks=[metrics_log_callback(history)])
+    trainer = build_trainer(
+        config, run, seed, storage_path=out, name="ray", callbacks=[metrics_log_callback(history)], bounded_wait=True
+    )
     with follow_steps(history, config.max_steps, "train"), worker_group_start_timeout(config):
         result = trainer.fit()
     model_dir = copy_export(result, TrainedModel.at(run).path)

@@ -41,8 +41,13 @@ def build_trainer(
     storage_path: Path,
     name: str,
     callbacks: list[Any] | None = None,
+    bounded_wait: bool = False,
 ):
-    """A TorchTrainer over the run's packed shards (shared by the train and tune stages)."""
+    """A TorchTrainer over the run's packed shards (shared by the train and tune stages).
+
+    ``bounded_wait``: the caller runs ``fit`` inside :func:`worker_group_start_timeout`, which bounds the wait for
+    room by ``train.wait_for_nodes_s``; only then is Ray Train told to make one start attempt, not one a minute.
+    """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -94,7 +99,7 @@ def build_trainer(
             failure_config=ray.train.FailureConfig(
                 max_failures=config.max_failures,
                 # One start attempt bounded by wait_for_nodes_s (worker_group_start_timeout), not one a minute forever.
-                **({"controller_failure_limit": 0} if config.wait_for_nodes_s is not None else {}),
+                **({"controller_failure_limit": 0} if bounded_wait and config.wait_for_nodes_s is not None else {}),
             ),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.num_checkpoints_to_keep),
             callbacks=callbacks,

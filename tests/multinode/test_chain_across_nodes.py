@@ -83,8 +83,9 @@ class Load:
             except urllib.error.HTTPError as err:
                 outcome = str(err.code)
                 self.refusals.append(err.read().decode(errors="replace")[:300])
-            except OSError as err:
-                outcome = type(err).__name__
+            except OSError as err:  # a timeout (reading, or connecting: wrapped in a URLError), a refused connection
+                timed_out = isinstance(err, TimeoutError) or isinstance(getattr(err, "reason", None), TimeoutError)
+                outcome = "timeout" if timed_out else type(err).__name__
             seconds = time.monotonic() - started
             self.outcomes.append((outcome, seconds))
             self._stop.wait(max(0.0, 1.0 - seconds))
@@ -190,9 +191,11 @@ def test_a_node_holding_a_replica_lost_under_load(cluster, chain):
         wait_for(lambda: load.succeeded() >= 20, 300, "the load to be served")
         lost.kill()
         killed_at = time.monotonic()
-        wait_for(lambda: lost.address not in cluster.alive_node_addresses(), 120, "Ray to declare the node dead")
-        detected_s = time.monotonic() - killed_at
-        cluster.start_worker(lost, cluster.worker_cpus)
+        try:
+            wait_for(lambda: lost.address not in cluster.alive_node_addresses(), 120, "Ray to declare the node dead")
+            detected_s = time.monotonic() - killed_at
+        finally:  # the replacement comes whatever happened: the tests after this one need three nodes
+            cluster.start_worker(lost, cluster.worker_cpus)
         wait_for(lambda: lost.address in cluster.alive_node_addresses(), 300, "the replacement node to join")
         joined_s = time.monotonic() - killed_at
 
@@ -211,4 +214,4 @@ def test_a_node_holding_a_replica_lost_under_load(cluster, chain):
         f"running at {replaced_s:.1f} s; {len(outcomes)} requests, failed: {failed}"
     )
     assert load.succeeded() >= 0.99 * len(outcomes), (failed, load.refusals[:5])
-    assert max(seconds for _, seconds in load.outcomes) < REQUEST_TIMEOUT_S + 5
+    assert "timeout" not in outcomes, failed  # no request hung until its timeout

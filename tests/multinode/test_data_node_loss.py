@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import REPO_ROOT, TINY
 from tests.helpers import wait_for
-from tests.interrupt import inside_step, kept_doc_ids, output_facts
+from tests.interrupt import inside_step, kept_doc_ids, output_facts, step_states
 from tests.multinode.test_chain_across_nodes import job_tasks
 from tests.planted_corpus import planted_corpus
 
@@ -69,7 +69,6 @@ def test_the_data_stage_completes_and_equals_an_undisturbed_run_when_a_node_is_l
 
     lost = cluster.workers[0]
     disturbed = submit(cluster, tmp_path, corpus, "disturbed")
-    job_id = None
     in_near_dedup = inside_step("minhash_dedup", NEAR_DEDUP)
     deadline = time.monotonic() + JOB_S
     while not in_near_dedup(tmp_path / "disturbed"):
@@ -77,22 +76,30 @@ def test_the_data_stage_completes_and_equals_an_undisturbed_run_when_a_node_is_l
             cluster, disturbed
         )
         time.sleep(0.05)
-    job_id = job(cluster, disturbed)["job_id"]
-    nodes = cluster.node_addresses()
-    ran_there = [task["name"] for task in job_tasks(cluster, job_id) if nodes.get(task.get("node_id")) == lost.address]
-    lost.kill()
-    killed_at = time.monotonic()
-    # The node's loss mattered: it had run the job's tasks before it went.
-    assert ran_there, "the lost node ran none of the job's tasks"
+    try:
+        lost.kill()
+        killed_at, killed_at_ms = time.monotonic(), time.time() * 1000
+        # The kill landed inside near-dedup: every step before it complete, near-dedup not.
+        states = step_states(tmp_path / "disturbed")
+        assert states.get(f"{NEAR_DEDUP:02d}-minhash_dedup") != "complete", states
+        # The node's loss mattered: it had run tasks of the job before it went (the State API keeps them).
+        nodes = cluster.node_addresses()
+        job_id = job(cluster, disturbed)["job_id"]
+        ran_there = [
+            task["name"]
+            for task in job_tasks(cluster, job_id)
+            if nodes.get(task.get("node_id")) == lost.address and (task.get("start_time_ms") or 0) < killed_at_ms
+        ]
+        assert ran_there, "the lost node ran none of the job's tasks"
 
-    ended = finished(cluster, disturbed)
-    assert ended["status"] == "SUCCEEDED", ended
-    assert lost.address not in cluster.alive_node_addresses()
-    print(f"near-dedup lost a node {time.monotonic() - killed_at:.1f} s before the stage completed")
+        ended = finished(cluster, disturbed)
+        assert ended["status"] == "SUCCEEDED", ended
+        print(f"near-dedup lost a node {time.monotonic() - killed_at:.1f} s before the stage completed")
 
-    assert kept_doc_ids(tmp_path / "disturbed") == kept_doc_ids(tmp_path / "undisturbed")
-    assert output_facts(tmp_path / "disturbed") == output_facts(tmp_path / "undisturbed")
-
-    # The node comes back for the tests after this one (a new Ray node at the same address).
-    cluster.start_worker(lost, cluster.worker_cpus)
-    wait_for(lambda: lost.address in cluster.alive_node_addresses(), 300, "the lost node to rejoin")
+        assert kept_doc_ids(tmp_path / "disturbed") == kept_doc_ids(tmp_path / "undisturbed")
+        assert output_facts(tmp_path / "disturbed") == output_facts(tmp_path / "undisturbed")
+    finally:
+        # The node comes back for the tests after this one (a new Ray node at the same address).
+        wait_for(lambda: lost.address not in cluster.alive_node_addresses(), 120, "Ray to declare the node dead")
+        cluster.start_worker(lost, cluster.worker_cpus)
+        wait_for(lambda: lost.address in cluster.alive_node_addresses(), 300, "the lost node to rejoin")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pytest
 
 from pipelines.data.dedup import ExactDedup, content_hash, mark_exact_duplicates
 from pipelines.data.filters import LengthFilter
@@ -142,3 +143,21 @@ def test_the_tokenizer_sample_is_a_fraction_of_the_documents_whatever_the_blocks
         in_blocks.update(_doc_id_sample(table.slice(start, 777), fraction=0.25).column("doc_id").to_pylist())
     assert in_blocks == whole
     assert _doc_id_sample(table, fraction=1.0).num_rows == table.num_rows
+
+
+def test_the_shuffle_key_is_set_by_a_rows_tokens_and_the_seed_alone():
+    from pipelines.data.pack import SHUFFLE_KEY, with_shuffle_key
+
+    def rows(*lists):
+        return pa.table({"input_ids": pa.array([list(r) for r in lists], pa.list_(pa.int32()))})
+
+    one = with_shuffle_key(rows([1, 2, 3], [4, 5, 6], [1, 2, 3]), seed=0).column(SHUFFLE_KEY).to_pylist()
+    # The same tokens, the same key, whichever batch or position a row comes in; another order, another key.
+    assert one[0] == one[2] != one[1]
+    assert with_shuffle_key(rows([4, 5, 6]), seed=0).column(SHUFFLE_KEY).to_pylist() == [one[1]]
+    assert with_shuffle_key(rows([3, 2, 1]), seed=0).column(SHUFFLE_KEY).to_pylist() != [one[0]]
+    assert with_shuffle_key(rows([1, 2, 3]), seed=1).column(SHUFFLE_KEY).to_pylist() != [one[0]]
+    assert len(with_shuffle_key(rows(), seed=0)) == 0
+    with pytest.raises(ValueError, match="seq_len tokens"):
+        with_shuffle_key(rows([1, 2, 3], [4, 5]), seed=0)
+    assert np.unique(one).size == 2
