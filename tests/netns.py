@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.conftest import REPO_ROOT
-from tests.helpers import system_tool
+from tests.helpers import system_tool, wait_for
+from tests.ray.heads import dashboard_ready
 
 PREFIX = "loomns"
 LINK = "eth0"
@@ -159,6 +160,17 @@ class NamespaceCluster:
             body = response.read()
         return json.loads(body) if body.strip() else {}
 
+    def job(self, submission: str) -> dict:
+        """A Ray job's record (status, job id) by its submission id."""
+        return self.get(f"/api/jobs/{submission}")
+
+    def job_ended(self, submission: str, timeout_s: float) -> dict:
+        """The job's record once it succeeded, failed or was stopped."""
+        wait_for(
+            lambda: self.job(submission)["status"] in ("SUCCEEDED", "FAILED", "STOPPED"), timeout_s, "the job to end"
+        )
+        return self.job(submission)
+
     def node_addresses(self) -> dict[str, str]:
         """Every node Ray has known in this cluster, alive or dead: node id -> its address."""
         nodes = self.get("/api/v0/nodes?limit=100&detail=1")["data"]["result"]["result"]
@@ -184,15 +196,6 @@ def _start_ray(node: Node, flags: list[str], env: dict[str, str]) -> None:
             ),
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
-
-
-def _dashboard_ready(url: str, token: str) -> bool:
-    request = urllib.request.Request(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"})
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def _wait(condition, timeout_s: float, what: str, nodes: list[Node]) -> None:
@@ -271,7 +274,7 @@ def namespace_cluster(
              f"--dashboard-port={DASHBOARD_PORT}", "--include-dashboard=true"],
             env,
         )  # fmt: skip
-        _wait(lambda: _dashboard_ready(cluster.dashboard, token), 300, "the head's dashboard", nodes)
+        _wait(lambda: dashboard_ready(cluster.dashboard, token), 300, "the head's dashboard", nodes)
         for worker in cluster.workers:
             cluster.start_worker(worker, worker_cpus)
         addresses = {node.address for node in nodes}

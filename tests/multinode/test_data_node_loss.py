@@ -42,15 +42,6 @@ def submit(cluster, storage, corpus, run_name: str) -> str:
     return re.search(r"\[loom\] submitted (\S+) to ", result.stdout).group(1)
 
 
-def job(cluster, submission: str) -> dict:
-    return cluster.get(f"/api/jobs/{submission}")
-
-
-def finished(cluster, submission: str) -> dict:
-    wait_for(lambda: job(cluster, submission)["status"] in ("SUCCEEDED", "FAILED", "STOPPED"), JOB_S, "the job to end")
-    return job(cluster, submission)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """About 2,000 short documents: planted near-duplicates, exact copies and too-short ones."""
@@ -65,16 +56,15 @@ def corpus(tmp_path_factory):
 
 def test_the_data_stage_completes_and_equals_an_undisturbed_run_when_a_node_is_lost(cluster, corpus, tmp_path):
     undisturbed = submit(cluster, tmp_path, corpus, "undisturbed")
-    assert finished(cluster, undisturbed)["status"] == "SUCCEEDED", job(cluster, undisturbed)
+    assert cluster.job_ended(undisturbed, JOB_S)["status"] == "SUCCEEDED", cluster.job(undisturbed)
 
     lost = cluster.workers[0]
     disturbed = submit(cluster, tmp_path, corpus, "disturbed")
     in_near_dedup = inside_step("minhash_dedup", NEAR_DEDUP)
     deadline = time.monotonic() + JOB_S
     while not in_near_dedup(tmp_path / "disturbed"):
-        assert time.monotonic() < deadline and job(cluster, disturbed)["status"] in ("PENDING", "RUNNING"), job(
-            cluster, disturbed
-        )
+        state = cluster.job(disturbed)
+        assert time.monotonic() < deadline and state["status"] in ("PENDING", "RUNNING"), state
         time.sleep(0.05)
     try:
         lost.kill()
@@ -84,7 +74,7 @@ def test_the_data_stage_completes_and_equals_an_undisturbed_run_when_a_node_is_l
         assert states.get(f"{NEAR_DEDUP:02d}-minhash_dedup") != "complete", states
         # The node's loss mattered: it had run tasks of the job before it went (the State API keeps them).
         nodes = cluster.node_addresses()
-        job_id = job(cluster, disturbed)["job_id"]
+        job_id = cluster.job(disturbed)["job_id"]
         ran_there = [
             task["name"]
             for task in job_tasks(cluster, job_id)
@@ -92,7 +82,7 @@ def test_the_data_stage_completes_and_equals_an_undisturbed_run_when_a_node_is_l
         ]
         assert ran_there, "the lost node ran none of the job's tasks"
 
-        ended = finished(cluster, disturbed)
+        ended = cluster.job_ended(disturbed, JOB_S)
         assert ended["status"] == "SUCCEEDED", ended
         print(f"near-dedup lost a node {time.monotonic() - killed_at:.1f} s before the stage completed")
 

@@ -53,15 +53,6 @@ def steps(run_dir) -> list[dict]:
     return [row for row in map(json.loads, path.read_text().splitlines()) if "loss" in row]
 
 
-def job(cluster, submission: str) -> dict:
-    return cluster.get(f"/api/jobs/{submission}")
-
-
-def ended(cluster, submission: str) -> dict:
-    wait_for(lambda: job(cluster, submission)["status"] in ("SUCCEEDED", "FAILED", "STOPPED"), JOB_S, "the job to end")
-    return job(cluster, submission)
-
-
 @pytest.fixture(scope="module")
 def runs(cluster, tmp_path_factory):
     """One data stage, copied into a run per case (the same shards), and the undisturbed training."""
@@ -83,7 +74,7 @@ def test_training_resumes_exactly_when_the_lost_node_returns(cluster, runs):
     killed_at = time.time()
     wait_for(lambda: lost.address not in cluster.alive_node_addresses(), 120, "Ray to declare the node dead")
     cluster.start_worker(lost, cluster.worker_cpus)
-    final = ended(cluster, submission)
+    final = cluster.job_ended(submission, JOB_S)
     assert final["status"] == "SUCCEEDED", final
 
     history = steps(runs / "resumed")
@@ -109,7 +100,7 @@ def test_training_stops_and_says_why_when_the_node_stays_lost(cluster, runs):
     lost.kill()
     killed_at = time.monotonic()
     try:
-        final = ended(cluster, submission)
+        final = cluster.job_ended(submission, JOB_S)
         stopped_after_s = time.monotonic() - killed_at
         assert final["status"] == "FAILED", final
         logs = cluster.get(f"/api/jobs/{submission}/logs")["logs"]

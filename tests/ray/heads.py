@@ -41,7 +41,7 @@ class RunningHead:
     dashboard: str
 
 
-def _dashboard_ready(address: str, token: str) -> bool:
+def dashboard_ready(address: str, token: str) -> bool:
     request = urllib.request.Request(f"{address}/api/version", headers={"Authorization": f"Bearer {token}"})
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
@@ -66,7 +66,7 @@ def second_head(flags: list[str], env: dict[str, str], token: str, temp_dir: Pat
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
         deadline = time.monotonic() + 300  # a ceiling for a loaded machine, not an expectation
-        while not _dashboard_ready(address, token):
+        while not dashboard_ready(address, token):
             if time.monotonic() > deadline or head.poll() is not None:
                 head.kill()
                 raise RuntimeError(f"ray head did not come up:\n{head.stdout.read()[-3000:]}")
