@@ -22,13 +22,13 @@ endif
 # Programs the tests drive for real, from Debian's packages: Chromium (the run report in a browser),
 # Prometheus with promtool (Loom's alert rules and dashboards against a real server), and an sshd, rsync
 # and netcat for `ray up cluster/local.yaml` over loopback SSH, iproute2 for the multi-node tests' namespaces.
-SYSTEM_PACKAGES := chromium prometheus openssh-server rsync netcat-openbsd iproute2
+SYSTEM_PACKAGES := chromium prometheus openssh-server rsync netcat-openbsd iproute2 redis-server
 APT := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
 
 .PHONY: setup system-packages demo test bench bench-scale lint clean
 
 system-packages:
-	@missing=""; for tool in chromium prometheus promtool sshd rsync nc ip; do command -v $$tool >/dev/null || test -x /usr/sbin/$$tool || missing=1; done; \
+	@missing=""; for tool in chromium prometheus promtool sshd rsync nc ip redis-server redis-cli; do command -v $$tool >/dev/null || test -x /usr/sbin/$$tool || missing=1; done; \
 	if [ -n "$$missing" ]; then \
 	  $(APT) update -qq && $(APT) install -y -qq --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; \
 	fi

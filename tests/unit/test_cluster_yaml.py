@@ -46,6 +46,22 @@ def test_every_node_starts_ray_with_token_authentication_and_gets_the_token(path
         assert "--dashboard-host=127.0.0.1" in head  # the job API is reached through `ray dashboard cluster.yaml`
 
 
+@pytest.mark.parametrize("path", ["cluster.yaml", "cluster/onprem.yaml"])
+def test_the_head_keeps_its_gcs_in_a_password_protected_redis_on_its_loopback(path):
+    """GCS fault tolerance (a restarted head recovers jobs, actors and Serve's applications): the head starts a
+    Redis that asks for the password the launcher copied (read from its file, never written in the config) and
+    listens on loopback only, and Ray's head uses it."""
+    config = cluster_yaml(path)
+    assert config["file_mounts"]["~/.ray/redis_password"] == "~/.ray/redis_password"
+    commands = config["head_start_ray_commands"]
+    redis = next(command for command in commands if "redis-server" in command)
+    assert "requirepass %s" in redis and '"$(cat ~/.ray/redis_password)"' in redis
+    assert "bind %s" in redis and " 127.0.0.1 " in redis and "umask 077" in redis
+    head = next(command for command in commands if "ray start" in command)
+    assert commands.index(redis) < commands.index(head)
+    assert "RAY_REDIS_ADDRESS=127.0.0.1:6380" in head and '--redis-password="$(cat ~/.ray/redis_password)"' in head
+
+
 def test_the_token_is_found_in_rays_order_and_named_not_shown(tmp_path):
     home = tmp_path / "home"
     assert token_source({"HOME": str(home)}) is None
