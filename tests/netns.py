@@ -9,6 +9,10 @@ whatever its namespace.
 Inside every namespace the node's link is called ``eth0``: gloo, which picks its interface by resolving the
 host name, would otherwise choose an address of the machine that the other namespaces cannot reach, so the
 nodes are started with ``GLOO_SOCKET_IFNAME=eth0`` (as an operator names the interface on multi-homed hosts).
+
+With ``redis=True`` the head keeps its GCS's tables in a password-protected ``redis-server`` on a machine of its
+own (one more namespace, no Ray): Ray's GCS fault tolerance, so a restarted head recovers the cluster's jobs,
+actors and Serve applications while the worker nodes keep running (:meth:`NamespaceCluster.restart_head`).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ LINK = "eth0"
 RAY_PORT = 6379  # each namespace has its own ports: Ray's defaults are free in every one
 DASHBOARD_PORT = 8265
 SERVE_PORT = 8000
+REDIS_PORT = 6379  # on the Redis machine, its own namespace
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -101,10 +106,18 @@ class Node:
         return [int(pid) for pid in _ip("netns", "pids", self.namespace, check=False).stdout.split()]
 
     def kill(self) -> None:
-        """Lose the node: SIGKILL every process in its namespace (what a machine's power loss leaves)."""
+        """Lose the node: SIGKILL every process in its namespace (what a machine's power loss leaves), and wait
+        until all are gone (a process killed takes a moment to exit; Ray's `ray start` refuses to start a head
+        while a GCS of the same address still runs)."""
         _kill_namespace_processes(self.namespace)
         if self.process is not None:
             self.process.wait(timeout=30)
+
+        def gone() -> bool:  # killed again each time: a process born during the first pass goes too
+            _kill_namespace_processes(self.namespace)
+            return not self.pids()
+
+        wait_for(gone, 60, f"every process of {self.namespace} to exit")
 
     def cut(self) -> None:
         _ip("link", "set", self.host_link, "down")
@@ -131,6 +144,49 @@ class Node:
 
 
 @dataclass
+class Redis:
+    """A password-protected ``redis-server`` on a machine of its own: the GCS's external store."""
+
+    node: Node
+    password: str
+
+    @property
+    def address(self) -> str:
+        return f"{self.node.address}:{REDIS_PORT}"
+
+    def _cli(self, *command: str) -> str:
+        answer = subprocess.run(
+            [system_tool("redis-cli"), "-h", self.node.address, "-p", str(REDIS_PORT), *command],
+            capture_output=True, text=True, env={**os.environ, "REDISCLI_AUTH": self.password}, timeout=10,
+        )  # fmt: skip
+        return answer.stdout.strip()
+
+    def ping(self) -> bool:
+        return self._cli("ping") == "PONG"
+
+    def keys(self) -> int:
+        return int(self._cli("dbsize") or 0)
+
+
+@contextmanager
+def _redis(node: Node, folder: Path) -> Iterator[Redis]:
+    """``redis-server`` in ``node``'s namespace, its password in its config file (never on a command line), its
+    append-only file in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    redis = Redis(node, secrets.token_hex(24))
+    config = folder / "redis.conf"
+    config.write_text(
+        f"bind {node.address}\nport {REDIS_PORT}\nrequirepass {redis.password}\nprotected-mode yes\n"
+        f'dir {folder}\nappendonly yes\nsave ""\ndaemonize no\nlogfile {folder / "redis.log"}\n'
+    )
+    config.chmod(0o600)
+    node.log = folder / "redis.log"
+    node.process = subprocess.Popen(node.exec(system_tool("redis-server"), str(config)), stdout=subprocess.DEVNULL)
+    _wait(redis.ping, 60, "Redis to answer", [node])
+    yield redis
+
+
+@dataclass
 class NamespaceCluster:
     head: Node
     workers: list[Node]
@@ -138,6 +194,8 @@ class NamespaceCluster:
     env: dict[str, str]  # the nodes' environment; a client's too (token mode, the token, Loom's PATH)
     folder: Path
     worker_cpus: int
+    head_cpus: int
+    redis: Redis | None = None
 
     @property
     def dashboard(self) -> str:
@@ -171,18 +229,65 @@ class NamespaceCluster:
         )
         return self.job(submission)
 
+    def job_tasks(self, job_id: str) -> list[dict]:
+        """The job's tasks as the State API lists them (name, node id, state)."""
+        found = self.get(
+            f"/api/v0/tasks?limit=10000&detail=1&filter_keys=job_id&filter_predicates=%3D&filter_values={job_id}"
+        )
+        return found["data"]["result"]["result"]
+
+    def job_actors(self, job_id: str, class_name: str) -> list[dict]:
+        """The job's actors of one class as the State API lists them."""
+        found = self.get(
+            "/api/v0/actors?limit=1000&detail=1&filter_keys=job_id&filter_keys=class_name"
+            f"&filter_predicates=%3D&filter_predicates=%3D&filter_values={job_id}&filter_values={class_name}"
+        )
+        return found["data"]["result"]["result"]
+
+    def _nodes(self) -> list[dict]:
+        return self.get("/api/v0/nodes?limit=100&detail=1")["data"]["result"]["result"]
+
     def node_addresses(self) -> dict[str, str]:
         """Every node Ray has known in this cluster, alive or dead: node id -> its address."""
-        nodes = self.get("/api/v0/nodes?limit=100&detail=1")["data"]["result"]["result"]
-        return {node["node_id"]: node["node_ip"] for node in nodes}
+        return {node["node_id"]: node["node_ip"] for node in self._nodes()}
+
+    def alive_nodes(self) -> dict[str, str]:
+        """Nodes the head's GCS lists as alive: node id -> address."""
+        return {node["node_id"]: node["node_ip"] for node in self._nodes() if node["state"] == "ALIVE"}
 
     def alive_node_addresses(self) -> set[str]:
-        """Node addresses the head's GCS lists as alive."""
-        nodes = self.get("/api/v0/nodes?limit=100&detail=1")["data"]["result"]["result"]
-        return {node["node_ip"] for node in nodes if node["state"] == "ALIVE"}
+        return set(self.alive_nodes().values())
 
     def start_worker(self, node: Node, num_cpus: int) -> None:
         _start_ray(node, ["--address", self.gcs, f"--num-cpus={num_cpus}"], self.env)
+
+    def start_head(self) -> None:
+        flags = [
+            "--head", f"--port={RAY_PORT}", f"--num-cpus={self.head_cpus}", f"--dashboard-host={self.head.address}",
+            f"--dashboard-port={DASHBOARD_PORT}", "--include-dashboard=true",
+        ]  # fmt: skip
+        env = self.env
+        if self.redis is not None:  # GCS fault tolerance: the tables in Redis, found again by a restarted head
+            flags.append(f"--redis-password={self.redis.password}")
+            env = {**env, "RAY_REDIS_ADDRESS": self.redis.address}
+        _start_ray(self.head, flags, env)
+        _wait(lambda: dashboard_ready(self.dashboard, self.token), 300, "the head's dashboard", self.nodes)
+
+    def restart_head(self) -> None:
+        """Start the head's Ray again after :meth:`Node.kill` of the head (same address, flags and store).
+
+        The head's record of its last cluster (``ray_current_cluster`` in its Ray folder) goes first: `ray start
+        --head` refuses to start when that address is also in a raylet's command line on this machine, which on
+        one machine the worker nodes' raylets are (on separate machines they are not).
+        """
+        (self.head.temp_dir / "ray_current_cluster").unlink(missing_ok=True)
+        self.start_head()
+
+    def replace_lost(self, node: Node) -> None:
+        """A lost worker node back: once Ray lists it dead, a new Ray node started at its address, until alive."""
+        wait_for(lambda: node.address not in self.alive_node_addresses(), 120, "Ray to declare the node dead")
+        self.start_worker(node, self.worker_cpus)
+        wait_for(lambda: node.address in self.alive_node_addresses(), 300, "the node to be back")
 
 
 def _start_ray(node: Node, flags: list[str], env: dict[str, str]) -> None:
@@ -241,9 +346,15 @@ def _network(folder: Path, count: int) -> Iterator[list[Node]]:
 
 @contextmanager
 def namespace_cluster(
-    folder: Path, workers: int = 2, head_cpus: int = 2, worker_cpus: int = 2, extra_env: dict[str, str] | None = None
+    folder: Path,
+    workers: int = 2,
+    head_cpus: int = 2,
+    worker_cpus: int = 2,
+    extra_env: dict[str, str] | None = None,
+    redis: bool = False,
 ) -> Iterator[NamespaceCluster]:
-    """A head and ``workers`` worker nodes, each in its own namespace, token-authenticated, up and registered.
+    """A head and ``workers`` worker nodes, each in its own namespace, token-authenticated, up and registered;
+    with ``redis``, the head's GCS keeps its tables in a Redis on a machine of its own (fault tolerance).
 
     ``folder`` holds the nodes' Ray folders (short: Ray's socket paths must stay under 107 bytes) and logs.
     """
@@ -266,17 +377,13 @@ def namespace_cluster(
     )
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, folder, ignore_errors=True)  # after the nodes' processes are gone
-        nodes = stack.enter_context(_network(folder, 1 + workers))
-        cluster = NamespaceCluster(nodes[0], nodes[1:], token, env, folder, worker_cpus)
-        _start_ray(
-            cluster.head,
-            ["--head", f"--port={RAY_PORT}", f"--num-cpus={head_cpus}", f"--dashboard-host={cluster.head.address}",
-             f"--dashboard-port={DASHBOARD_PORT}", "--include-dashboard=true"],
-            env,
-        )  # fmt: skip
-        _wait(lambda: dashboard_ready(cluster.dashboard, token), 300, "the head's dashboard", nodes)
+        nodes = stack.enter_context(_network(folder, 1 + workers + (1 if redis else 0)))
+        cluster = NamespaceCluster(nodes[0], nodes[1 : 1 + workers], token, env, folder, worker_cpus, head_cpus)
+        if redis:
+            cluster.redis = stack.enter_context(_redis(nodes[-1], folder / "redis"))
+        cluster.start_head()
         for worker in cluster.workers:
             cluster.start_worker(worker, worker_cpus)
-        addresses = {node.address for node in nodes}
-        _wait(lambda: cluster.alive_node_addresses() == addresses, 300, "every node registered", nodes)
+        addresses = {node.address for node in cluster.nodes}
+        _wait(lambda: cluster.alive_node_addresses() == addresses, 300, "every node registered", cluster.nodes)
         yield cluster

@@ -63,6 +63,7 @@ def onprem_yaml_for_test(head: str, workers: list[str], user: str, key: Path, ra
 def test_ray_up_of_three_machines_over_ssh_then_a_job_runs_on_every_node(tmp_path):
     if os.geteuid() != 0:
         pytest.skip("the namespaces need root")
+    system_tool("redis-server")  # the config's head starts one (skipped without it here; CI installs it)
     deadline = time.monotonic() + 60
     while other_ray_running():
         assert time.monotonic() < deadline, "another Ray runs as this user: `ray down` would stop it; stop it first"

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.netns import namespace_cluster
-
-#: The endpoint's key, in every node's environment as an operator puts it there (the serve stage reads it).
-API_KEY = "multinode-test-key"
+from tests.multinode.scenarios import three_nodes
 
 
 @pytest.fixture(scope="package")
@@ -19,8 +17,7 @@ def cluster():
         if os.environ.get("CI"):
             pytest.fail("the namespace cluster needs root, which CI has")
         pytest.skip("the namespace cluster needs root (ip netns, a bridge, veth pairs)")
-    # Logical CPUs: no node holds two vLLM replicas (2 each), so two replicas land on two nodes.
-    with namespace_cluster(
-        Path(f"/tmp/lns{os.getpid()}"), workers=2, head_cpus=2, worker_cpus=3, extra_env={"LOOM_API_KEYS": API_KEY}
-    ) as running:
+    # The head's GCS in Redis (the head-restart test) where redis-server is installed; CI installs it.
+    redis = shutil.which("redis-server") is not None or bool(os.environ.get("CI"))
+    with three_nodes(Path(f"/tmp/lns{os.getpid()}"), redis=redis) as running:
         yield running

@@ -13,9 +13,7 @@ import time
 import pytest
 
 from tests.conftest import REPO_ROOT, TINY
-from tests.helpers import wait_for
 from tests.interrupt import inside_step, kept_doc_ids, output_facts, step_states
-from tests.multinode.test_chain_across_nodes import job_tasks
 from tests.planted_corpus import planted_corpus
 
 pytestmark = pytest.mark.multinode
@@ -67,8 +65,8 @@ def test_the_data_stage_completes_and_equals_an_undisturbed_run_when_a_node_is_l
         assert time.monotonic() < deadline and state["status"] in ("PENDING", "RUNNING"), state
         time.sleep(0.05)
     try:
-        lost.kill()
         killed_at, killed_at_ms = time.monotonic(), time.time() * 1000
+        lost.kill()
         # The kill landed inside near-dedup: every step before it complete, near-dedup not.
         states = step_states(tmp_path / "disturbed")
         assert states.get(f"{NEAR_DEDUP:02d}-minhash_dedup") != "complete", states
@@ -77,7 +75,7 @@ def test_the_data_stage_completes_and_equals_an_undisturbed_run_when_a_node_is_l
         job_id = cluster.job(disturbed)["job_id"]
         ran_there = [
             task["name"]
-            for task in job_tasks(cluster, job_id)
+            for task in cluster.job_tasks(job_id)
             if nodes.get(task.get("node_id")) == lost.address and (task.get("start_time_ms") or 0) < killed_at_ms
         ]
         assert ran_there, "the lost node ran none of the job's tasks"
@@ -90,6 +88,4 @@ def test_the_data_stage_completes_and_equals_an_undisturbed_run_when_a_node_is_l
         assert output_facts(tmp_path / "disturbed") == output_facts(tmp_path / "undisturbed")
     finally:
         # The node comes back for the tests after this one (a new Ray node at the same address).
-        wait_for(lambda: lost.address not in cluster.alive_node_addresses(), 120, "Ray to declare the node dead")
-        cluster.start_worker(lost, cluster.worker_cpus)
-        wait_for(lambda: lost.address in cluster.alive_node_addresses(), 300, "the lost node to rejoin")
+        cluster.replace_lost(lost)

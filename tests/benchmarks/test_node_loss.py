@@ -1,0 +1,172 @@
+"""Node loss on three nodes in network namespaces (tests/netns.py; needs root), three rounds of each case
+(tests/multinode/scenarios.py), seconds from the loss to each milestone:
+
+- training (three workers, one a node): a worker node killed past the first checkpoint and started again once
+  Ray declares it dead;
+- serving (the chain deployed once, two vLLM replicas on two nodes, four callers): a worker node holding a
+  replica killed and replaced, a worker node's link cut for 20 s, the head restarted with its GCS in Redis;
+  requests failed in each.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.benchmarks.conftest import RUNS, comparison
+from tests.multinode.scenarios import (
+    CHECKPOINT_EVERY,
+    LINK_CUT_S,
+    TRAIN_STEPS,
+    Measured,
+    cut_a_replica_node_link,
+    lose_a_replica_node,
+    lose_a_training_node,
+    restart_the_head,
+    shut_down_serve,
+    submit,
+    submit_chain,
+    three_nodes,
+)
+
+pytestmark = [pytest.mark.benchmark, pytest.mark.timeout(5400)]
+
+SCENARIOS = {
+    "node lost": lose_a_replica_node,
+    "link cut": lambda cluster: cut_a_replica_node_link(cluster, LINK_CUT_S),
+    "head restart": restart_the_head,
+}
+
+
+NODES = "a head (2 CPUs) and two workers (3 CPUs each), each a network namespace on a bridge"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if os.geteuid() != 0:
+        pytest.skip("the namespace cluster needs root (ip netns, a bridge, veth pairs)")
+    with three_nodes(Path(f"/tmp/lns{os.getpid()}b")) as running:
+        yield running
+
+
+def test_node_loss_during_training(cluster, tmp_path, record_benchmark):
+    submit(cluster, tmp_path, "data", "base")
+    rounds: list[Measured] = []
+    for round_ in range(RUNS):
+        shutil.copytree(tmp_path / "base", tmp_path / f"round-{round_}")
+        rounds.append(lose_a_training_node(cluster, tmp_path, f"round-{round_}"))
+        print(rounds[-1].line("training node lost"))
+    quantities = {f"seconds to {milestone}": [m.seconds[milestone] for m in rounds] for milestone in rounds[0].seconds}
+    record_benchmark(
+        "node_loss_training",
+        stage="train: a node lost",
+        measure="seconds from a training node's loss to each milestone (fixed worker count, the node back)",
+        inputs={
+            "nodes": NODES,
+            "workers": "three, one a node (STRICT_SPREAD)",
+            "steps": TRAIN_STEPS,
+            "checkpoint_every": CHECKPOINT_EVERY,
+            "loss": "every process of a worker node killed past the first checkpoint; started again once dead",
+        },
+        quantities=quantities,
+        comparisons=[
+            comparison(
+                "seconds to progress after a node's loss",
+                "seconds from the node's loss to the next step reported",
+                quantities,
+                "seconds to training progressing",
+                better="lower",
+            ),
+            comparison(
+                "seconds to the node declared dead",
+                "seconds from the loss until Ray lists the node dead",
+                quantities,
+                "seconds to declared dead",
+                better="lower",
+            ),
+        ],  # fmt: skip
+    )
+
+
+def test_node_loss_while_serving(cluster, tmp_path, record_benchmark):
+    rounds: dict[str, list[Measured]] = {name: [] for name in SCENARIOS}
+    submit_chain(cluster, tmp_path / "runs", "node-loss")
+    try:
+        for _ in range(RUNS):
+            for name, scenario in SCENARIOS.items():
+                measured = scenario(cluster)
+                print(measured.line(name))
+                rounds[name].append(measured)
+    finally:
+        shut_down_serve(cluster)
+    quantities: dict[str, list[float]] = {}
+    for name, measured in rounds.items():
+        for milestone in measured[0].seconds:
+            quantities[f"{name}: seconds to {milestone}"] = [m.seconds[milestone] for m in measured]
+        quantities[f"{name}: requests"] = [m.requests for m in measured]
+        quantities[f"{name}: requests failed"] = [m.failed_count for m in measured]
+        quantities[f"{name}: requests failed, %"] = [100 * m.failed_count / m.requests for m in measured]
+    quantities["head restart: requests answered while the head was down"] = [
+        m.answered_during for m in rounds["head restart"]
+    ]
+    record_benchmark(
+        "node_loss",
+        stage="cluster: node loss while serving",
+        measure="seconds from a node's loss to each milestone, and requests failed, under four callers",
+        inputs={
+            "nodes": NODES,
+            "replicas": "two vLLM replicas of the tiny recipe's model, two ingress replicas",
+            "load": "four callers, each at most a request a second, 60 s timeout, 8 tokens",
+            "link_cut_s": LINK_CUT_S,
+            "gcs": "fault tolerant: its tables in a password-protected Redis on a fourth namespace",
+        },
+        quantities=quantities,
+        comparisons=[
+            comparison(
+                "node lost: seconds to the replica running again",
+                "a worker node holding a replica killed, "
+                "a replacement started once Ray declares it dead: seconds to the replica running on it",
+                quantities,
+                "node lost: seconds to replica running",
+                better="lower",
+            ),
+            comparison(
+                "node lost: requests failed, %",
+                "requests failed while a node holding a replica was lost",
+                quantities,
+                "node lost: requests failed, %",
+                better="lower",
+            ),
+            comparison(
+                "node lost: seconds to declared dead",
+                "seconds from the kill until Ray lists the node dead",
+                quantities,
+                "node lost: seconds to declared dead",
+                better="lower",
+            ),
+            comparison(
+                "link cut: requests failed, %",
+                f"requests failed while a node's link was cut {LINK_CUT_S} s",
+                quantities,
+                "link cut: requests failed, %",
+                better="lower",
+            ),
+            comparison(
+                "head restart: seconds to the applications running",
+                "the head killed and restarted: seconds to Serve's applications running again",
+                quantities,
+                "head restart: seconds to applications running",
+                better="lower",
+            ),
+            comparison(
+                "head restart: requests failed, %",
+                "requests through a worker node's proxy that failed during a head restart",
+                quantities,
+                "head restart: requests failed, %",
+                better="lower",
+            ),
+        ],  # fmt: skip
+    )

@@ -1,0 +1,363 @@
+"""A node lost on a namespace cluster (tests/netns.py), each case run and measured: training with a fixed worker
+count, and serving (the chain deployed once, then each loss under a load of callers). The tests
+(tests/multinode/) assert on what a scenario returns; the benchmark (tests/benchmarks/test_node_loss.py) records
+three rounds of each as a result file."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.conftest import REPO_ROOT, SMALL_MODEL, TINY
+from tests.helpers import wait_for
+from tests.netns import SERVE_PORT, NamespaceCluster, namespace_cluster
+
+MODEL = "loom-tiny"
+#: The endpoint's key, in every node's environment as an operator puts it there (the serve stage reads it).
+API_KEY = "multinode-test-key"
+#: Each caller's bound on one request: a request past it counts as "timeout" (a hang), never as served.
+REQUEST_TIMEOUT_S = 60
+LINK_CUT_S = 20
+#: How long the head stays down in the restart case before its Ray is started again.
+HEAD_DOWN_S = 10
+JOB_S = 900  # a ceiling for a loaded 2-core machine
+#: Training in the node-loss cases: three workers, one a node, checkpoints every CHECKPOINT_EVERY steps.
+TRAIN_STEPS = 16
+CHECKPOINT_EVERY = 4
+
+
+def three_nodes(folder: Path, redis: bool = True):
+    """The cluster the cases run on: a head of 2 logical CPUs and two workers of 3 (no node holds two vLLM
+    replicas of 2 CPUs, so two replicas land on two nodes), the key in every node's environment, and with
+    ``redis`` the head's GCS in Redis on a machine of its own."""
+    return namespace_cluster(
+        folder, workers=2, head_cpus=2, worker_cpus=3, extra_env={"LOOM_API_KEYS": API_KEY}, redis=redis
+    )
+
+
+@dataclass
+class Chain:
+    output: str
+    submission: str
+    job_id: str
+    run_dir: Path
+
+
+def submit_chain(cluster: NamespaceCluster, storage: Path, run_name: str = "across") -> Chain:
+    """`loom submit run` from this machine (outside every namespace) to the head's dashboard, as it reaches a
+    remote cluster; storage is the disk every node shares. Two vLLM replicas, two ingress replicas, every node's
+    proxy on its bridge address with the key."""
+    result = subprocess.run(
+        [sys.executable, "-m", "cluster", "submit", "run", str(TINY),
+         f"storage={storage}", f"run_name={run_name}", "data.max_documents=150", *SMALL_MODEL,
+         "train.max_steps=12", "train.checkpoint_every=6", "train.eval_every=6",
+         "train.placement_strategy=STRICT_SPREAD",  # one worker a node
+         "tune.enabled=false", "compress.enabled=false",  # their sweeps: tests/ray/test_stages.py, test_compress.py
+         "serve.host=0.0.0.0",  # the nodes' addresses on the bridge; the key in every node's environment
+         "serve.ingress_replicas=2",  # no node's loss takes every ingress with it
+         f"serve.models.{MODEL}.autoscaling={{min_replicas: 2, max_replicas: 2}}",
+         "--address", cluster.dashboard],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=2400, env=cluster.env,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    if result.returncode != 0:
+        raise AssertionError(output[-6000:])
+    submission = re.search(r"\[loom\] submitted (\S+) to ", output).group(1)
+    return Chain(output, submission, cluster.job(submission)["job_id"], storage / run_name)
+
+
+def submit(cluster: NamespaceCluster, storage: Path, stage: str, run_name: str, *overrides: str, wait: bool = True):
+    """`loom submit STAGE` of the tiny recipe (150 documents, the small model); its output and submission id."""
+    result = subprocess.run(
+        [sys.executable, "-m", "cluster", "submit", stage, str(TINY), f"storage={storage}", f"run_name={run_name}",
+         "data.max_documents=150", *SMALL_MODEL, "tune.enabled=false", *overrides, "--address", cluster.dashboard,
+         *([] if wait else ["--no-wait"])],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=JOB_S, env=cluster.env,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    if result.returncode != 0:
+        raise AssertionError(output[-5000:])
+    return output, re.search(r"\[loom\] submitted (\S+) to ", output).group(1)
+
+
+def train_overrides(wait_for_nodes_s: float) -> list[str]:
+    return [
+        "train.num_workers=3", "train.placement_strategy=STRICT_SPREAD", f"train.max_steps={TRAIN_STEPS}",
+        f"train.checkpoint_every={CHECKPOINT_EVERY}", "train.log_every=1", "train.eval_every=8",
+        f"train.wait_for_nodes_s={wait_for_nodes_s}",
+    ]  # fmt: skip
+
+
+def steps(run_dir: Path) -> list[dict]:
+    """The training steps reported so far (a step reported again after a resume appears twice)."""
+    path = run_dir / "train" / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [row for row in map(json.loads, path.read_text().splitlines()) if "loss" in row]
+
+
+def shut_down_serve(cluster: NamespaceCluster) -> None:
+    """The application stays deployed after the job (as on any cluster): removed for the next modules' room."""
+    cluster.get("/api/serve/applications/", method="DELETE")
+    wait_for(lambda: not cluster.get("/api/serve/applications/")["applications"], 300, "Serve to shut down")
+
+
+def complete(address: str, prompt: str, timeout_s: float = 120) -> dict:
+    request = urllib.request.Request(
+        f"http://{address}:{SERVE_PORT}/v1/completions",
+        data=json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": 8}).encode(),
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        return json.load(response)
+
+
+def llm_replicas(cluster: NamespaceCluster) -> list[dict]:
+    """The model's replicas as Serve's controller lists them (state, node id and address)."""
+    applications = cluster.get("/api/serve/applications/")["applications"]
+    return [
+        replica
+        for application in applications.values()
+        for name, deployment in application["deployments"].items()
+        if "LLM" in name
+        for replica in deployment["replicas"]
+    ]
+
+
+def running_replicas(cluster: NamespaceCluster) -> list[dict]:
+    return [replica for replica in llm_replicas(cluster) if replica["state"] == "RUNNING"]
+
+
+def answering(condition: Callable[[], bool]) -> Callable[[], bool]:
+    """``condition`` as "not yet" while the head's dashboard does not answer (refused, timed out, a 5xx while
+    it comes up after a restart)."""
+
+    def check() -> bool:
+        try:
+            return condition()
+        except (OSError, ValueError):  # URLError and HTTPError are OSErrors; a half-written JSON a ValueError
+            return False
+
+    return check
+
+
+class Load:
+    """``clients`` callers sending completions through ``address``, each at most one a second (under the key's
+    rate limit), until stopped; each request's start (monotonic) and outcome (an HTTP status, or the error's name
+    for a timeout or a refused connection), and the bodies of the refusals."""
+
+    def __init__(self, address: str, clients: int = 4, timeout_s: float = REQUEST_TIMEOUT_S) -> None:
+        self.address, self.timeout_s = address, timeout_s
+        self.timeline: list[tuple[float, str]] = []
+        self.refusals: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
+
+    def _client(self, i: int) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                complete(self.address, f"def client_{i}():", self.timeout_s)
+                outcome = "200"
+            except urllib.error.HTTPError as err:
+                outcome = str(err.code)
+                self.refusals.append(err.read().decode(errors="replace")[:300])
+            except OSError as err:  # a timeout (reading, or connecting: wrapped in a URLError), a refused connection
+                timed_out = isinstance(err, TimeoutError) or isinstance(getattr(err, "reason", None), TimeoutError)
+                outcome = "timeout" if timed_out else type(err).__name__
+            self.timeline.append((started, outcome))
+            self._stop.wait(max(0.0, 1.0 - (time.monotonic() - started)))
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=self.timeout_s + 10)
+
+    def requests(self) -> int:
+        return len(self.timeline)
+
+    def succeeded(self) -> int:
+        return sum(outcome == "200" for _, outcome in self.timeline)
+
+    def failed(self) -> dict[str, int]:
+        outcomes = [outcome for _, outcome in self.timeline]
+        return {outcome: outcomes.count(outcome) for outcome in set(outcomes) - {"200"}}
+
+    def answered_between(self, start: float, end: float) -> int:
+        """Requests sent in [start, end] that were answered."""
+        return sum(outcome == "200" and start <= at <= end for at, outcome in self.timeline)
+
+    def served(self, count: int, timeout_s: float = 300) -> None:
+        """Wait for ``count`` more requests to end (each counted whatever its outcome)."""
+        target = self.requests() + count
+        wait_for(lambda: self.requests() >= target, timeout_s, f"{count} more requests")
+
+
+@dataclass
+class Measured:
+    """One loss under load: seconds from the loss to each milestone, and the requests' outcomes."""
+
+    seconds: dict[str, float]
+    requests: int
+    failed: dict[str, int] = field(default_factory=dict)
+    answered_during: int = 0  # requests sent while the lost part was down that were answered
+    lost_at: float = 0.0  # when the loss happened (time.time())
+
+    @property
+    def failed_count(self) -> int:
+        return sum(self.failed.values())
+
+    def line(self, what: str) -> str:
+        milestones = ", ".join(f"{name} {value:.1f} s" for name, value in self.seconds.items())
+        requests = f"; {self.requests} requests, failed: {self.failed}" if self.requests else ""
+        return f"{what}: {milestones}{requests}"
+
+
+def replica_worker(cluster: NamespaceCluster):
+    """A worker node (not the head) that holds a running model replica."""
+    holding = {replica["node_ip"] for replica in running_replicas(cluster)}
+    return next(worker for worker in cluster.workers if worker.address in holding)
+
+
+def lose_a_replica_node(cluster: NamespaceCluster) -> Measured:
+    """Four callers through the head's proxy; a worker node holding a replica killed once they are served, and a
+    replacement node started at its address once Ray has declared it dead (the cluster has no spare room for a
+    replica of 2 CPUs, as an autoscaler would add one). Milestones: declared dead, replacement joined, the lost
+    replica running on it."""
+    lost = replica_worker(cluster)
+    lost_node_id = next(r["node_id"] for r in running_replicas(cluster) if r["node_ip"] == lost.address)
+    with Load(cluster.head.address) as load:
+        wait_for(lambda: load.succeeded() >= 20, 300, "the load to be served")
+        killed_at = time.monotonic()  # before kill(), which returns once every process has exited
+        lost.kill()
+        try:
+            wait_for(lambda: lost.address not in cluster.alive_node_addresses(), 120, "Ray to declare the node dead")
+            dead_s = time.monotonic() - killed_at
+        finally:  # the replacement comes whatever happened: what follows needs three nodes
+            cluster.start_worker(lost, cluster.worker_cpus)
+        wait_for(lambda: lost.address in cluster.alive_node_addresses(), 300, "the replacement node to join")
+        joined_s = time.monotonic() - killed_at
+
+        def replaced() -> bool:
+            now = running_replicas(cluster)
+            return len(now) == 2 and lost_node_id not in {r["node_id"] for r in now}
+
+        wait_for(replaced, 600, "Serve to replace the lost replica")
+        replaced_s = time.monotonic() - killed_at
+        load.served(20)
+    seconds = {"declared dead": dead_s, "replacement joined": joined_s, "replica running": replaced_s}
+    return Measured(seconds, load.requests(), load.failed())
+
+
+def cut_a_replica_node_link(cluster: NamespaceCluster, cut_s: float = LINK_CUT_S) -> Measured:
+    """Four callers through the head's proxy; the link of a worker node holding a replica cut for ``cut_s`` (its
+    packets dropped, as a switch port going down does), then restored. Milestones, from the restore: the node
+    alive as itself (the same node id: never declared dead), both replicas running, and a request answered
+    through the node's own proxy. A node Ray declared dead is replaced for what follows, and the case fails."""
+    cut = replica_worker(cluster)
+    node_id = next(i for i, address in cluster.alive_nodes().items() if address == cut.address)
+    with Load(cluster.head.address) as load:
+        wait_for(lambda: load.succeeded() >= 10, 300, "the load to be served")
+        cut.cut()
+        cut_at = time.monotonic()
+        try:
+            time.sleep(cut_s)
+        finally:
+            cut.restore()
+        restored_at = time.monotonic()
+        try:
+            wait_for(answering(lambda: cluster.alive_nodes().get(node_id) == cut.address), 120, "the node as itself")
+        except RuntimeError:
+            cut.kill()
+            cluster.replace_lost(cut)
+            raise
+        alive_s = time.monotonic() - restored_at
+        wait_for(answering(lambda: len(running_replicas(cluster)) == 2), 300, "both replicas running")
+        running_s = time.monotonic() - restored_at
+        wait_for(lambda: _answers(cut.address), 120, "the node's own proxy to answer")
+        answering_s = time.monotonic() - restored_at
+        load.served(20)
+        answered = load.answered_between(cut_at, cut_at + cut_s)
+    seconds = {"node alive as itself": alive_s, "both replicas running": running_s, "its proxy answering": answering_s}
+    return Measured(seconds, load.requests(), load.failed(), answered)
+
+
+def _answers(address: str) -> bool:
+    try:
+        return complete(address, "def answered():", timeout_s=30)["usage"]["completion_tokens"] > 0
+    except OSError:
+        return False
+
+
+def restart_the_head(cluster: NamespaceCluster, down_s: float = HEAD_DOWN_S) -> Measured:
+    """Ray's GCS fault tolerance (the head's tables in Redis on a machine of its own): four callers through a
+    worker node's proxy; every process of the head killed, the head left down ``down_s``, then its Ray started
+    again at the same address. Counted: requests answered while the head was down. Milestones, from the kill:
+    the head's dashboard answering, Serve's applications running again, every node alive."""
+    if cluster.redis is None:
+        raise ValueError("a head restart keeps Serve's applications only with the GCS in Redis (redis=True)")
+    applications = set(cluster.get("/api/serve/applications/")["applications"])
+    worker = replica_worker(cluster)
+    with Load(worker.address) as load:
+        wait_for(lambda: load.succeeded() >= 10, 300, "the load to be served")
+        killed_at = time.monotonic()
+        cluster.head.kill()
+        time.sleep(max(0.0, down_s - (time.monotonic() - killed_at)))
+        answered = load.answered_between(killed_at, time.monotonic())  # nothing of the head ran in this window
+        cluster.restart_head()
+        head_s = time.monotonic() - killed_at
+
+        def recovered() -> bool:
+            now = cluster.get("/api/serve/applications/")["applications"]
+            return set(now) == applications and all(app["status"] == "RUNNING" for app in now.values())
+
+        wait_for(answering(recovered), 300, "the restarted head to recover the Serve applications")
+        recovered_s = time.monotonic() - killed_at
+        addresses = {node.address for node in cluster.nodes}
+        wait_for(answering(lambda: cluster.alive_node_addresses() == addresses), 120, "every node alive")
+        nodes_s = time.monotonic() - killed_at
+        load.served(20)
+    seconds = {"head answering": head_s, "applications running": recovered_s, "every node alive": nodes_s}
+    return Measured(seconds, load.requests(), load.failed(), answered)
+
+
+def lose_a_training_node(cluster: NamespaceCluster, storage: Path, run_name: str) -> Measured:
+    """The train stage (three workers, one a node) submitted on a run whose data stage is done; the first worker
+    node killed once training is past its first checkpoint, and started again once Ray has declared it dead.
+    Milestones: declared dead, the node back, training's next step reported. The job must succeed."""
+    lost = cluster.workers[0]
+    _, submission = submit(cluster, storage, "train", run_name, *train_overrides(120), wait=False)
+    run_dir = storage / run_name
+    wait_for(lambda: len(steps(run_dir)) >= CHECKPOINT_EVERY + 2, JOB_S, "training past its first checkpoint")
+    lost_at, killed_at = time.time(), time.monotonic()
+    lost.kill()
+    try:
+        wait_for(lambda: lost.address not in cluster.alive_node_addresses(), 120, "Ray to declare the node dead")
+        dead_s = time.monotonic() - killed_at
+    finally:
+        cluster.start_worker(lost, cluster.worker_cpus)
+    wait_for(lambda: lost.address in cluster.alive_node_addresses(), 300, "the node to be back")
+    back_s = time.monotonic() - killed_at
+    final = cluster.job_ended(submission, JOB_S)
+    if final["status"] != "SUCCEEDED":
+        raise AssertionError(final)
+    after = [row for row in steps(run_dir) if row["reported_at"] > lost_at]
+    if not after:
+        raise AssertionError("no step was reported after the node's loss")
+    progress_s = after[0]["reported_at"] - lost_at
+    seconds = {"declared dead": dead_s, "node back": back_s, "training progressing": progress_s}
+    return Measured(seconds, requests=0, lost_at=lost_at)
