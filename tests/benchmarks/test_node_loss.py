@@ -109,9 +109,10 @@ def test_node_loss_while_serving(cluster, tmp_path, record_benchmark):
         quantities[f"{name}: requests"] = [m.requests for m in measured]
         quantities[f"{name}: requests failed"] = [m.failed_count for m in measured]
         quantities[f"{name}: requests failed, %"] = [100 * m.failed_count / m.requests for m in measured]
-    quantities["head restart: requests answered while the head was down"] = [
-        m.answered_during for m in rounds["head restart"]
-    ]
+    restarts = rounds["head restart"]
+    quantities["head restart: requests answered while the head was down"] = [m.answered_during for m in restarts]
+    quantities["head restart: requests failed after the recovery"] = [m.failed_after for m in restarts]
+    quantities["head restart: Serve replicas on the head"] = [m.replicas_lost for m in restarts]
     record_benchmark(
         "node_loss",
         stage="cluster: node loss while serving",

@@ -121,16 +121,22 @@ def complete(address: str, prompt: str, timeout_s: float = 120) -> dict:
         return json.load(response)
 
 
-def llm_replicas(cluster: NamespaceCluster) -> list[dict]:
-    """The model's replicas as Serve's controller lists them (state, node id and address)."""
+def serve_replicas(cluster: NamespaceCluster, deployment: str = "") -> list[dict]:
+    """Serve's replicas (of deployments whose name holds ``deployment``) as its controller lists them (state,
+    node id and address)."""
     applications = cluster.get("/api/serve/applications/")["applications"]
     return [
         replica
         for application in applications.values()
-        for name, deployment in application["deployments"].items()
-        if "LLM" in name
-        for replica in deployment["replicas"]
+        for name, found in application["deployments"].items()
+        if deployment in name
+        for replica in found["replicas"]
     ]
+
+
+def llm_replicas(cluster: NamespaceCluster) -> list[dict]:
+    """The model's replicas."""
+    return serve_replicas(cluster, "LLM")
 
 
 def running_replicas(cluster: NamespaceCluster) -> list[dict]:
@@ -216,6 +222,8 @@ class Measured:
     failed: dict[str, int] = field(default_factory=dict)
     answered_during: int = 0  # requests sent while the lost part was down that were answered
     lost_at: float = 0.0  # when the loss happened (time.time())
+    failed_after: int = 0  # requests sent once the cluster had recovered that failed
+    replicas_lost: int = 0  # Serve replicas (any deployment) on the lost node
 
     @property
     def failed_count(self) -> int:
@@ -224,7 +232,8 @@ class Measured:
     def line(self, what: str) -> str:
         milestones = ", ".join(f"{name} {value:.1f} s" for name, value in self.seconds.items())
         requests = f"; {self.requests} requests, failed: {self.failed}" if self.requests else ""
-        return f"{what}: {milestones}{requests}"
+        replicas = f"; {self.replicas_lost} Serve replicas were on the lost node" if self.replicas_lost else ""
+        return f"{what}: {milestones}{requests}{replicas}"
 
 
 def replica_worker(cluster: NamespaceCluster):
@@ -306,12 +315,15 @@ def _answers(address: str) -> bool:
 def restart_the_head(cluster: NamespaceCluster, down_s: float = HEAD_DOWN_S) -> Measured:
     """Ray's GCS fault tolerance (the head's tables in Redis on a machine of its own): four callers through a
     worker node's proxy; every process of the head killed, the head left down ``down_s``, then its Ray started
-    again at the same address. Counted: requests answered while the head was down. Milestones, from the kill:
-    the head's dashboard answering, Serve's applications running again, every node alive."""
+    again at the same address. Counted: requests answered while the head was down, requests failed (a request
+    in flight to a replica on the head waits until the restarted GCS declares the old head dead), requests
+    failed after the recovery, and Serve replicas on the head. Milestones, from the kill: the head's dashboard
+    answering, Serve's applications running again, every node alive."""
     if cluster.redis is None:
         raise ValueError("a head restart keeps Serve's applications only with the GCS in Redis (redis=True)")
     applications = set(cluster.get("/api/serve/applications/")["applications"])
     worker = replica_worker(cluster)
+    on_head = [r for r in serve_replicas(cluster) if r["state"] == "RUNNING" and r["node_ip"] == cluster.head.address]
     with Load(worker.address) as load:
         wait_for(lambda: load.succeeded() >= 10, 300, "the load to be served")
         killed_at = time.monotonic()
@@ -330,9 +342,12 @@ def restart_the_head(cluster: NamespaceCluster, down_s: float = HEAD_DOWN_S) -> 
         addresses = {node.address for node in cluster.nodes}
         wait_for(answering(lambda: cluster.alive_node_addresses() == addresses), 120, "every node alive")
         nodes_s = time.monotonic() - killed_at
+        recovered_at = time.monotonic()
         load.served(20)
     seconds = {"head answering": head_s, "applications running": recovered_s, "every node alive": nodes_s}
-    return Measured(seconds, load.requests(), load.failed(), answered)
+    failed_after = sum(outcome != "200" and at >= recovered_at for at, outcome in load.timeline)
+    return Measured(seconds, load.requests(), load.failed(), answered, failed_after=failed_after,
+                    replicas_lost=len(on_head))  # fmt: skip
 
 
 def lose_a_training_node(cluster: NamespaceCluster, storage: Path, run_name: str) -> Measured:
