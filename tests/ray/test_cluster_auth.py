@@ -1,12 +1,16 @@
-"""A head started the way cluster.yaml starts it refuses clients without Ray's token, and speaks TLS.
+"""A head started the way cluster.yaml starts it refuses clients without Ray's token, speaks TLS, and keeps its
+GCS's tables in the password-protected Redis that cluster.yaml's own command starts.
 
 The head runs beside the tests' embedded cluster, in its own temporary folder, HOME and ports
-(tests/ray/heads.py, which stops it by PID); the token sits where cluster.yaml's file_mounts put it
-(~/.ray/auth_token), and the TLS certificates come from a CA made here (trustme).
+(tests/ray/heads.py, which stops it by PID); the token and the Redis password sit where cluster.yaml's
+file_mounts put them (~/.ray/), and the TLS certificates come from a CA made here (trustme). Redis listens on
+the loopback port cluster.yaml names (6380) and is shut down after the module.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
 import shlex
 import socket
 import ssl
@@ -21,6 +25,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
+from tests.helpers import system_tool
 from tests.ray.heads import env_without_ray_settings, second_head
 
 pytestmark = pytest.mark.ray
@@ -28,14 +33,29 @@ pytestmark = pytest.mark.ray
 TOKEN = "loom-test-token-" + "0123456789abcdef" * 2
 
 
-def cluster_yaml_head_command() -> tuple[dict[str, str], list[str]]:
-    """The environment assignments and the ``ray start`` argv of cluster.yaml's head start command."""
+#: How cluster.yaml's head start command reads the Redis password (from the file file_mounts copies).
+PASSWORD_FROM_FILE = "$(cat ~/.ray/redis_password)"
+REDIS_PORT = "6380"  # cluster.yaml's
+
+
+def cluster_yaml_head_command() -> tuple[str, dict[str, str], list[str]]:
+    """cluster.yaml's command that starts the GCS's Redis, and the environment assignments and the ``ray start``
+    argv of its head start command."""
     commands = yaml.safe_load((REPO_ROOT / "cluster.yaml").read_text())["head_start_ray_commands"]
+    (redis,) = [command for command in commands if "redis-server" in command]
     (start,) = [command for command in commands if "ray start" in command]
     words = shlex.split(start.split("&&")[-1])
     env = dict(word.split("=", 1) for word in words if "=" in word and not word.startswith("-"))
     argv = [word for word in words if "=" not in word or word.startswith("-")]
-    return env, argv
+    return redis, env, argv
+
+
+def redis_cli(password: str | None, *command: str) -> subprocess.CompletedProcess:
+    auth = {"REDISCLI_AUTH": password} if password else {}
+    return subprocess.run(
+        [system_tool("redis-cli"), "-h", "127.0.0.1", "-p", REDIS_PORT, *command],
+        capture_output=True, text=True, timeout=30, env={**os.environ, **auth},
+    )  # fmt: skip
 
 
 @dataclass
@@ -45,6 +65,7 @@ class Head:
     home: Path
     tls_env: dict[str, str]
     ca_file: Path
+    redis_password: str
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +73,21 @@ def secured_head():
     import trustme
     from ray.util import get_node_ip_address
 
-    env, argv = cluster_yaml_head_command()
+    redis, env, argv = cluster_yaml_head_command()
     assert env.get("RAY_AUTH_MODE") == "token", "cluster.yaml's head must start with RAY_AUTH_MODE=token"
+    system_tool("redis-server")
     temp = Path(tempfile.mkdtemp(prefix="loom-auth-", dir="/tmp"))  # short: Ray's socket paths
     home = temp / "home"
     (home / ".ray").mkdir(parents=True)
     (home / ".ray" / "auth_token").write_text(TOKEN)  # where cluster.yaml's file_mounts put it
+    password = secrets.token_hex(24)
+    (home / ".ray" / "redis_password").write_text(password)
+    # cluster.yaml's own command, as the launcher runs it on the head: writes redis' config, starts it, waits.
+    started = subprocess.run(
+        ["bash", "-c", redis], env={**os.environ, "HOME": str(home)}, capture_output=True, text=True, timeout=120
+    )
+    assert started.returncode == 0, started.stdout + started.stderr
+    argv = [word.replace(PASSWORD_FROM_FILE, password) for word in argv]
     ca = trustme.CA()
     node = ca.issue_cert("127.0.0.1", get_node_ip_address(), "localhost")
     ca_file, cert_file, key_file = temp / "ca.crt", temp / "node.crt", temp / "node.key"
@@ -73,8 +103,14 @@ def secured_head():
     # cluster.yaml's flags, less the ports and the launcher's autoscaling config, which this head chooses.
     skipped = ("--head", "--port", "--autoscaling-config")
     flags = [word for word in argv[2:] if word.split("=")[0] not in skipped] + ["--num-cpus=1"]
-    with second_head(flags, env_without_ray_settings(home, **env, **tls_env), TOKEN, temp / "ray") as head:
-        yield Head(gcs=head.gcs, dashboard=head.dashboard, home=home, tls_env=tls_env, ca_file=ca_file)
+    try:
+        with second_head(flags, env_without_ray_settings(home, **env, **tls_env), TOKEN, temp / "ray") as head:
+            yield Head(
+                gcs=head.gcs, dashboard=head.dashboard, home=home, tls_env=tls_env, ca_file=ca_file,
+                redis_password=password,
+            )  # fmt: skip
+    finally:
+        redis_cli(password, "shutdown", "nosave")
 
 
 def run(argv: list[str], env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
@@ -132,3 +168,13 @@ def test_the_heads_grpc_port_speaks_tls_with_the_clusters_certificate(secured_he
     with socket.create_connection((host, int(port)), timeout=10) as raw:
         with pytest.raises(ssl.SSLCertVerificationError):  # not a certificate the system trusts: the test CA's
             ssl.create_default_context().wrap_socket(raw, server_hostname=host)
+
+
+def test_the_heads_gcs_keeps_its_tables_in_the_redis_cluster_yaml_starts(secured_head):
+    """GCS fault tolerance: the tables a restarted head recovers are in Redis, which asks for the password."""
+    stored = redis_cli(secured_head.redis_password, "dbsize")
+    assert int(stored.stdout.strip() or 0) > 0, stored.stdout + stored.stderr
+    refused = redis_cli(None, "dbsize")
+    assert "NOAUTH" in refused.stdout + refused.stderr, refused.stdout + refused.stderr
+    mode = (secured_head.home / "loom-redis" / "redis.conf").stat().st_mode & 0o777
+    assert mode == 0o600, oct(mode)  # the config holds the password
