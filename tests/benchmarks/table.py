@@ -37,6 +37,8 @@ HEADLINES = [
     ("serve_cold_start", "cold start"),
     ("tune_asha", "trial steps, TPE + ASHA / random + FIFO"),
     ("recovery", "seconds to progress after a kill"),
+    ("node_loss_data", "stage seconds, a node lost vs undisturbed"),
+    ("node_loss_training", "seconds to progress after a node's loss"),
     ("node_loss", "node lost: seconds to the replica running again"),
     ("node_loss", "node lost: requests failed, %"),
     ("node_loss", "head restart: requests failed, %"),

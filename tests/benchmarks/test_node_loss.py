@@ -23,9 +23,12 @@ from tests.multinode.scenarios import (
     TRAIN_STEPS,
     Measured,
     cut_a_replica_node_link,
+    data_corpus,
+    lose_a_data_node,
     lose_a_replica_node,
     lose_a_training_node,
     restart_the_head,
+    run_data,
     shut_down_serve,
     submit,
     submit_chain,
@@ -50,6 +53,50 @@ def cluster():
         pytest.skip("the namespace cluster needs root (ip netns, a bridge, veth pairs)")
     with three_nodes(Path(f"/tmp/lns{os.getpid()}b")) as running:
         yield running
+
+
+def test_node_loss_during_the_data_stage(cluster, tmp_path, record_benchmark):
+    corpus = data_corpus(tmp_path)
+    quantities: dict[str, list[float]] = {
+        "undisturbed stage seconds": [], "stage seconds with a node lost": [], "seconds to declared dead": [],
+        "seconds from the loss to the stage complete": [],
+    }  # fmt: skip
+    for round_ in range(RUNS):  # side by side: an undisturbed run, then one that loses a node
+        quantities["undisturbed stage seconds"].append(run_data(cluster, tmp_path, corpus, f"undisturbed-{round_}"))
+        measured = lose_a_data_node(cluster, tmp_path, corpus, f"disturbed-{round_}")
+        print(measured.line("data node lost"))
+        quantities["stage seconds with a node lost"].append(measured.seconds["stage"])
+        quantities["seconds to declared dead"].append(measured.seconds["declared dead"])
+        quantities["seconds from the loss to the stage complete"].append(measured.seconds["stage complete"])
+    record_benchmark(
+        "node_loss_data",
+        stage="data: a node lost",
+        measure="the data stage with a worker node killed as near-dedup starts, against an undisturbed run",
+        inputs={
+            "nodes": NODES,
+            "corpus": "about 2,000 planted documents (near-duplicates, exact copies, too short)",
+            "steps": "normalize, length, exact dedup, near dedup (MinHash), tokenizer, packing",
+            "loss": "every process of a worker node killed as near-dedup starts; started again once dead",
+        },
+        quantities=quantities,
+        comparisons=[
+            comparison(
+                "stage seconds, a node lost vs undisturbed",
+                "the stage's run time with a node lost over an undisturbed run's",
+                quantities,
+                "stage seconds with a node lost",
+                "undisturbed stage seconds",
+                better="lower",
+            ),
+            comparison(
+                "seconds from a data node's loss to the stage complete",
+                "seconds from the loss until the stage completed",
+                quantities,
+                "seconds from the loss to the stage complete",
+                better="lower",
+            ),
+        ],  # fmt: skip
+    )
 
 
 def test_node_loss_during_training(cluster, tmp_path, record_benchmark):

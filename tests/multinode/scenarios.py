@@ -19,7 +19,9 @@ from pathlib import Path
 
 from tests.conftest import REPO_ROOT, SMALL_MODEL, TINY
 from tests.helpers import wait_for
+from tests.interrupt import inside_step
 from tests.netns import SERVE_PORT, NamespaceCluster, namespace_cluster
+from tests.planted_corpus import planted_corpus
 
 MODEL = "loom-tiny"
 #: The endpoint's key, in every node's environment as an operator puts it there (the serve stage reads it).
@@ -50,6 +52,77 @@ class Chain:
     submission: str
     job_id: str
     run_dir: Path
+
+
+#: The data stage in the node-loss cases: exact and near dedup over a planted corpus (tests/planted_corpus.py).
+DATA_STEPS = (
+    "[{type: normalize}, {type: length, min_chars: 40}, {type: exact_dedup, num_partitions: 2},"
+    " {type: minhash_dedup, num_partitions: 4}]"
+)
+NEAR_DEDUP = 4  # its position among the steps (00-read first)
+
+
+def data_corpus(folder: Path) -> Path:
+    """About 2,000 short documents: planted near-duplicates, exact copies and too-short ones, as jsonl."""
+    documents = planted_corpus(bases=250, variants_per_base=2, uniques=1000, words=80, seed=27)
+    texts = [text for _, text in documents.documents]
+    texts += texts[:200] + ["too short to keep"] * 20
+    path = folder / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    return path
+
+
+def submit_data(cluster: NamespaceCluster, storage: Path, corpus: Path, run_name: str) -> str:
+    """`loom submit data --no-wait` of the corpus through DATA_STEPS; the job's submission id."""
+    result = subprocess.run(
+        [sys.executable, "-m", "cluster", "submit", "data", str(TINY),
+         f"storage={storage}", f"run_name={run_name}",
+         f"data.sources=[{{format: jsonl, path: '{corpus}', name: planted}}]", f"data.steps={DATA_STEPS}",
+         "data.max_documents=null", "data.vocab_size=300", "data.seq_len=64", "data.tokenize_actors=1",
+         "--address", cluster.dashboard, "--no-wait"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=cluster.env,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise AssertionError((result.stdout + result.stderr)[-4000:])
+    return re.search(r"\[loom\] submitted (\S+) to ", result.stdout).group(1)
+
+
+def job_seconds(cluster: NamespaceCluster, submission: str) -> float:
+    """A finished job's run time as Ray's job record has it."""
+    record = cluster.job(submission)
+    return (record["end_time"] - record["start_time"]) / 1000
+
+
+def run_data(cluster: NamespaceCluster, storage: Path, corpus: Path, run_name: str) -> float:
+    """The data stage undisturbed; its seconds."""
+    submission = submit_data(cluster, storage, corpus, run_name)
+    ended = cluster.job_ended(submission, JOB_S)
+    if ended["status"] != "SUCCEEDED":
+        raise AssertionError(ended)
+    return job_seconds(cluster, submission)
+
+
+def lose_a_data_node(cluster: NamespaceCluster, storage: Path, corpus: Path, run_name: str) -> Measured:
+    """The data stage with the first worker node killed the moment near-dedup runs, and started again once Ray has
+    declared it dead (for what follows). Milestones: declared dead, the stage complete; and the stage's seconds."""
+    lost = cluster.workers[0]
+    submission = submit_data(cluster, storage, corpus, run_name)
+    in_near_dedup = inside_step("minhash_dedup", NEAR_DEDUP)
+    wait_for(lambda: in_near_dedup(storage / run_name), JOB_S, "near-dedup to run", poll_s=0.05)
+    lost_at, killed_at = time.time(), time.monotonic()
+    lost.kill()
+    try:
+        wait_for(lambda: lost.address not in cluster.alive_node_addresses(), 120, "Ray to declare the node dead")
+        dead_s = time.monotonic() - killed_at
+    finally:
+        cluster.start_worker(lost, cluster.worker_cpus)
+    ended = cluster.job_ended(submission, JOB_S)
+    if ended["status"] != "SUCCEEDED":
+        raise AssertionError(ended)
+    complete_s = time.monotonic() - killed_at
+    wait_for(lambda: lost.address in cluster.alive_node_addresses(), 300, "the node to be back")
+    seconds = {"declared dead": dead_s, "stage complete": complete_s, "stage": job_seconds(cluster, submission)}
+    return Measured(seconds, requests=0, lost_at=lost_at)
 
 
 def submit_chain(cluster: NamespaceCluster, storage: Path, run_name: str = "across") -> Chain:

@@ -4,60 +4,27 @@ blocks from their lineage), and its kept documents, rejects, tokenizer and shard
 
 from __future__ import annotations
 
-import json
-import re
-import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.conftest import REPO_ROOT, TINY
 from tests.interrupt import inside_step, kept_doc_ids, output_facts, step_states
-from tests.planted_corpus import planted_corpus
+from tests.multinode.scenarios import JOB_S, NEAR_DEDUP, data_corpus, submit_data
 
 pytestmark = pytest.mark.multinode
-
-STEPS = (
-    "[{type: normalize}, {type: length, min_chars: 40}, {type: exact_dedup, num_partitions: 2},"
-    " {type: minhash_dedup, num_partitions: 4}]"
-)
-NEAR_DEDUP = 4  # its position among the steps (00-read first)
-JOB_S = 900  # a ceiling for a loaded 2-core machine
-
-
-def submit(cluster, storage, corpus, run_name: str) -> str:
-    """`loom submit data --no-wait`; the job's submission id."""
-    result = subprocess.run(
-        [sys.executable, "-m", "cluster", "submit", "data", str(TINY),
-         f"storage={storage}", f"run_name={run_name}",
-         f"data.sources=[{{format: jsonl, path: '{corpus}', name: planted}}]", f"data.steps={STEPS}",
-         "data.max_documents=null", "data.vocab_size=300", "data.seq_len=64", "data.tokenize_actors=1",
-         "--address", cluster.dashboard, "--no-wait"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=cluster.env,
-    )  # fmt: skip
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    return re.search(r"\[loom\] submitted (\S+) to ", result.stdout).group(1)
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """About 2,000 short documents: planted near-duplicates, exact copies and too-short ones."""
-    root = tmp_path_factory.mktemp("node-loss-corpus")
-    documents = planted_corpus(bases=250, variants_per_base=2, uniques=1000, words=80, seed=27)
-    texts = [text for _, text in documents.documents]
-    texts += texts[:200] + ["too short to keep"] * 20
-    path = root / "corpus.jsonl"
-    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
-    return path
+    return data_corpus(tmp_path_factory.mktemp("node-loss-corpus"))
 
 
 def test_the_data_stage_completes_and_equals_an_undisturbed_run_when_a_node_is_lost(cluster, corpus, tmp_path):
-    undisturbed = submit(cluster, tmp_path, corpus, "undisturbed")
+    undisturbed = submit_data(cluster, tmp_path, corpus, "undisturbed")
     assert cluster.job_ended(undisturbed, JOB_S)["status"] == "SUCCEEDED", cluster.job(undisturbed)
 
     lost = cluster.workers[0]
-    disturbed = submit(cluster, tmp_path, corpus, "disturbed")
+    disturbed = submit_data(cluster, tmp_path, corpus, "disturbed")
     in_near_dedup = inside_step("minhash_dedup", NEAR_DEDUP)
     deadline = time.monotonic() + JOB_S
     while not in_near_dedup(tmp_path / "disturbed"):
