@@ -102,6 +102,32 @@ def run_data(cluster: NamespaceCluster, storage: Path, corpus: Path, run_name: s
     return job_seconds(cluster, submission)
 
 
+@dataclass
+class Loss:
+    """A worker node killed and a new Ray node started at its address once Ray declared it dead."""
+
+    lost_at: float  # time.time() at the kill
+    killed_at: float  # time.monotonic() at the kill
+    dead_s: float  # seconds until Ray listed the node dead
+
+    def since(self) -> float:
+        """Seconds since the kill."""
+        return time.monotonic() - self.killed_at
+
+
+def kill_and_restart(cluster: NamespaceCluster, node) -> Loss:
+    """Kill every process of ``node`` (the time taken before kill(), which returns once all have exited); once Ray
+    lists it dead, start a new Ray node at its address, whatever happened: what follows needs every node."""
+    lost_at, killed_at = time.time(), time.monotonic()
+    node.kill()
+    try:
+        wait_for(lambda: node.address not in cluster.alive_node_addresses(), 120, "Ray to declare the node dead")
+        dead_s = time.monotonic() - killed_at
+    finally:
+        cluster.start_worker(node, cluster.worker_cpus)
+    return Loss(lost_at, killed_at, dead_s)
+
+
 def lose_a_data_node(cluster: NamespaceCluster, storage: Path, corpus: Path, run_name: str) -> Measured:
     """The data stage with the first worker node killed the moment near-dedup runs, and started again once Ray has
     declared it dead (for what follows). Milestones: declared dead, the stage complete; and the stage's seconds."""
@@ -109,20 +135,14 @@ def lose_a_data_node(cluster: NamespaceCluster, storage: Path, corpus: Path, run
     submission = submit_data(cluster, storage, corpus, run_name)
     in_near_dedup = inside_step("minhash_dedup", NEAR_DEDUP)
     wait_for(lambda: in_near_dedup(storage / run_name), JOB_S, "near-dedup to run", poll_s=0.05)
-    lost_at, killed_at = time.time(), time.monotonic()
-    lost.kill()
-    try:
-        wait_for(lambda: lost.address not in cluster.alive_node_addresses(), 120, "Ray to declare the node dead")
-        dead_s = time.monotonic() - killed_at
-    finally:
-        cluster.start_worker(lost, cluster.worker_cpus)
+    loss = kill_and_restart(cluster, lost)
     ended = cluster.job_ended(submission, JOB_S)
     if ended["status"] != "SUCCEEDED":
         raise AssertionError(ended)
-    complete_s = time.monotonic() - killed_at
+    complete_s = loss.since()
     wait_for(lambda: lost.address in cluster.alive_node_addresses(), 300, "the node to be back")
-    seconds = {"declared dead": dead_s, "stage complete": complete_s, "stage": job_seconds(cluster, submission)}
-    return Measured(seconds, requests=0, lost_at=lost_at)
+    seconds = {"declared dead": loss.dead_s, "stage complete": complete_s, "stage": job_seconds(cluster, submission)}
+    return Measured(seconds, requests=0, lost_at=loss.lost_at)
 
 
 def submit_chain(cluster: NamespaceCluster, storage: Path, run_name: str = "across") -> Chain:
@@ -324,24 +344,18 @@ def lose_a_replica_node(cluster: NamespaceCluster) -> Measured:
     lost_node_id = next(r["node_id"] for r in running_replicas(cluster) if r["node_ip"] == lost.address)
     with Load(cluster.head.address) as load:
         wait_for(lambda: load.succeeded() >= 20, 300, "the load to be served")
-        killed_at = time.monotonic()  # before kill(), which returns once every process has exited
-        lost.kill()
-        try:
-            wait_for(lambda: lost.address not in cluster.alive_node_addresses(), 120, "Ray to declare the node dead")
-            dead_s = time.monotonic() - killed_at
-        finally:  # the replacement comes whatever happened: what follows needs three nodes
-            cluster.start_worker(lost, cluster.worker_cpus)
+        loss = kill_and_restart(cluster, lost)
         wait_for(lambda: lost.address in cluster.alive_node_addresses(), 300, "the replacement node to join")
-        joined_s = time.monotonic() - killed_at
+        joined_s = loss.since()
 
         def replaced() -> bool:
             now = running_replicas(cluster)
             return len(now) == 2 and lost_node_id not in {r["node_id"] for r in now}
 
         wait_for(replaced, 600, "Serve to replace the lost replica")
-        replaced_s = time.monotonic() - killed_at
+        replaced_s = loss.since()
         load.served(20)
-    seconds = {"declared dead": dead_s, "replacement joined": joined_s, "replica running": replaced_s}
+    seconds = {"declared dead": loss.dead_s, "replacement joined": joined_s, "replica running": replaced_s}
     return Measured(seconds, load.requests(), load.failed())
 
 
@@ -431,21 +445,15 @@ def lose_a_training_node(cluster: NamespaceCluster, storage: Path, run_name: str
     _, submission = submit(cluster, storage, "train", run_name, *train_overrides(120), wait=False)
     run_dir = storage / run_name
     wait_for(lambda: len(steps(run_dir)) >= CHECKPOINT_EVERY + 2, JOB_S, "training past its first checkpoint")
-    lost_at, killed_at = time.time(), time.monotonic()
-    lost.kill()
-    try:
-        wait_for(lambda: lost.address not in cluster.alive_node_addresses(), 120, "Ray to declare the node dead")
-        dead_s = time.monotonic() - killed_at
-    finally:
-        cluster.start_worker(lost, cluster.worker_cpus)
+    loss = kill_and_restart(cluster, lost)
     wait_for(lambda: lost.address in cluster.alive_node_addresses(), 300, "the node to be back")
-    back_s = time.monotonic() - killed_at
+    back_s = loss.since()
     final = cluster.job_ended(submission, JOB_S)
     if final["status"] != "SUCCEEDED":
         raise AssertionError(final)
-    after = [row for row in steps(run_dir) if row["reported_at"] > lost_at]
+    after = [row for row in steps(run_dir) if row["reported_at"] > loss.lost_at]
     if not after:
         raise AssertionError("no step was reported after the node's loss")
-    progress_s = after[0]["reported_at"] - lost_at
-    seconds = {"declared dead": dead_s, "node back": back_s, "training progressing": progress_s}
-    return Measured(seconds, requests=0, lost_at=lost_at)
+    progress_s = after[0]["reported_at"] - loss.lost_at
+    seconds = {"declared dead": loss.dead_s, "node back": back_s, "training progressing": progress_s}
+    return Measured(seconds, requests=0, lost_at=loss.lost_at)
