@@ -106,9 +106,9 @@ def ray_cluster_spec(config: LoomConfig, options: KubeRayOptions) -> dict[str, A
         "workerGroupSpecs": [
             {
                 "groupName": "workers",
-                "replicas": train.num_workers,
-                "minReplicas": train.num_workers,
-                "maxReplicas": train.num_workers * 2,
+                "replicas": train.max_workers,
+                "minReplicas": train.min_workers,
+                "maxReplicas": train.max_workers * 2,
                 "rayStartParams": {},
                 "template": _pod(_container(config, options, "ray-worker", worker_limits), options),
             }

@@ -67,7 +67,8 @@ def resume_config(train, steps: int, checkpoint_every: int):
         "log_every": 1,
         "checkpoint_every": checkpoint_every,
     }
-    return TrainConfig.model_validate({**train.model_dump(), **overrides, "max_failures": 2})
+    # The sample ledger on: the resized run's rows are checked against this run's (tests/ray/test_train_resume.py).
+    return TrainConfig.model_validate({**train.model_dump(), **overrides, "max_failures": 2, "sample_ledger": True})
 
 
 def killer(after_step: int, killed: dict):

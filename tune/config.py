@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pipelines.schema import StrictModel, pydantic_problems
-from pipelines.train.config import TrainConfig
+from pipelines.train.config import TrainConfig, Workers
 
 
 class Distribution(StrictModel):
@@ -79,11 +79,10 @@ class TuneConfig(StrictModel):
     )
     num_trials: int = Field(default=2, ge=1, description="Trials Optuna proposes.")
     max_steps_per_trial: int = Field(default=10, ge=1, description="Optimizer steps each trial trains.")
-    workers_per_trial: int = Field(
+    workers_per_trial: Workers = Field(
         default=1,
-        ge=1,
-        description="Ray Train workers per trial. Gradient accumulation is rescaled so that a trial keeps the "
-        "recipe's global batch size.",
+        description="Ray Train workers per trial: a number, or [min, max] for elastic trials (as train.num_workers). "
+        "Gradient accumulation is rescaled so that a trial keeps the recipe's global batch size.",
     )
     max_concurrent_trials: int = Field(default=1, ge=1, description="Trials running at once.")
     search: Literal["tpe", "random"] = Field(

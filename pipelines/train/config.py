@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
 from pipelines.model.config import ModelConfig
 from pipelines.schema import StrictModel, field_problems
@@ -50,8 +51,43 @@ class SftConfig(StrictModel):
     )
 
 
+def _worker_count(value: Any) -> Any:
+    """One clear message for a worker count, instead of one per member of the union."""
+    if isinstance(value, bool):
+        raise ValueError(f"a number of workers or [min, max] (got {value!r})")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"at least 1 worker (got {value})")
+        return value
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ValueError(f"an elastic range is two whole numbers, [min, max] (got {list(value)!r})")
+        low, high = value
+        if not 1 <= low <= high:
+            raise ValueError(f"an elastic range [min, max] needs 1 <= min <= max (got {list(value)!r})")
+        return (low, high)
+    raise ValueError(f"a number of workers or [min, max] (got {value!r})")
+
+
+#: A worker count: a number, or an elastic [min, max] (a tuple once validated, as Ray's ScalingConfig takes it).
+Workers = Annotated[int | tuple[int, int], BeforeValidator(_worker_count)]
+
+
 class TrainConfig(StrictModel):
-    num_workers: int = Field(default=2, ge=1, description="Ray Train workers (one DeepSpeed rank each).")
+    num_workers: Workers = Field(
+        default=2,
+        description="Ray Train workers (one DeepSpeed rank each): a number, or [min, max] for elastic training. "
+        "Elastic: the group starts with as many workers as the cluster has room for (at least min), goes on with "
+        "the survivors when a worker or node is lost, and grows back when room returns (see resize_check_s); "
+        "each resize restarts the group from its last checkpoint, ZeRO's state re-sharded for the new count "
+        "(DeepSpeed's universal checkpoint). The global batch stays the same: gradient accumulation adapts.",
+    )
+    resize_check_s: float = Field(
+        default=60,
+        gt=0,
+        description="Elastic runs: how often Ray Train looks for room to grow the worker group towards its max "
+        "(Ray's elastic_resize_monitor_interval_s).",
+    )
     use_gpu: bool = Field(default=False, description="Give each worker a GPU (NCCL) instead of CPU (gloo).")
     cpus_per_worker: float = Field(default=1, gt=0, description="Logical CPUs reserved per worker.")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
@@ -80,12 +116,17 @@ class TrainConfig(StrictModel):
         default="fp32", description="Training precision. fp16 uses dynamic loss scaling."
     )
     micro_batch_size: int = Field(default=4, ge=1, description="Sequences per worker per forward pass.")
-    gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
+    gradient_accumulation_steps: int = Field(
+        default=1,
+        ge=1,
+        description="Micro-batches per worker per optimizer step (elastic runs: at the max worker count; with fewer "
+        "workers each accumulates more, so that the global batch stays the same).",
+    )
     global_batch_size: int | None = Field(
         default=None,
         ge=1,
         description="Sequences per optimizer step across all workers. Unset: micro_batch_size x "
-        "gradient_accumulation_steps x num_workers; set: it must equal that product.",
+        "gradient_accumulation_steps x num_workers (its max when elastic); set: it must equal that product.",
     )
     offload_optimizer: bool = Field(
         default=False, description="Keep optimizer state in CPU memory (ZeRO-Offload; zero_stage >= 1)."
@@ -111,6 +152,12 @@ class TrainConfig(StrictModel):
         "the stage stops and says why (its checkpoints kept: run it again once the nodes are back). Unset: Ray "
         "Train's default, waiting without end (one start attempt a minute).",
     )
+    sample_ledger: bool = Field(
+        default=False,
+        description="Record which packed rows each optimizer step trained on (each micro-batch's epoch, index and a "
+        "hash of its tokens; one line per micro-batch in ray.ledger.jsonl next to the checkpoints): an audit that "
+        "no row was skipped or repeated across restarts and resizes.",
+    )
     log_every: int = Field(default=5, ge=1, description="Report metrics every this many steps.")
     eval_every: int = Field(
         default=0, ge=0, description="Held-out loss and perplexity every this many steps (0: only at the end)."
@@ -126,16 +173,32 @@ class TrainConfig(StrictModel):
             problems.append(("precision", "'bf16' on CPU needs zero_stage >= 1"))
         if self.precision == "fp16" and not self.use_gpu:
             problems.append(("precision", "'fp16' needs use_gpu: true (CPU has no fp16 kernels for training)"))
-        product = self.micro_batch_size * self.gradient_accumulation_steps * self.num_workers
+        product = self.micro_batch_size * self.gradient_accumulation_steps * self.max_workers
         if self.global_batch_size is not None and self.global_batch_size != product:
             problems.append(
                 (
                     "global_batch_size",
                     f"{self.global_batch_size} must equal micro_batch_size ({self.micro_batch_size}) "
                     f"x gradient_accumulation_steps ({self.gradient_accumulation_steps}) x num_workers "
-                    f"({self.num_workers}) = {product}",
+                    f"({self.max_workers}{' at most' if self.elastic else ''}) = {product}",
                 )
             )
+        uneven = [w for w in self.worker_counts if product % (self.micro_batch_size * w)]
+        if uneven:
+            counts = math.lcm(*self.worker_counts)
+            problems.append(
+                (
+                    "num_workers",
+                    f"the global batch of {product} sequences is not a whole number of micro-batches "
+                    f"({self.micro_batch_size} sequences) per worker with {', '.join(map(str, uneven))} workers "
+                    f"(the global batch stays fixed as workers come and go); the smallest that fits every count "
+                    f"in {list(self.num_workers)} is gradient_accumulation_steps="
+                    f"{counts // math.gcd(counts, self.max_workers)}",
+                )
+            )
+        if self.elastic and self.wait_for_nodes_s is not None:
+            # Ray Train's elastic policy waits for min workers without a bound; its start timeout does not apply.
+            problems.append(("wait_for_nodes_s", "has no effect with an elastic num_workers: leave it unset"))
         if self.offload_optimizer and self.zero_stage == 0:
             problems.append(("offload_optimizer", "needs zero_stage >= 1 (ZeRO partitions what it offloads)"))
         if self.offload_params and self.zero_stage != 3:
@@ -151,8 +214,30 @@ class TrainConfig(StrictModel):
         return self
 
     @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def worker_counts(self) -> range:
+        return range(self.min_workers, self.max_workers + 1)
+
+    @property
     def effective_global_batch_size(self) -> int:
-        return self.micro_batch_size * self.gradient_accumulation_steps * self.num_workers
+        return self.micro_batch_size * self.gradient_accumulation_steps * self.max_workers
+
+    def accumulation_at(self, world: int) -> int:
+        """Micro-batches each of ``world`` workers accumulates per optimizer step: the global batch is fixed."""
+        if world not in self.worker_counts:
+            raise ValueError(f"{world} workers is outside train.num_workers={self.num_workers}")
+        return self.effective_global_batch_size // (self.micro_batch_size * world)
 
     def _derive(self, **changes: Any) -> TrainConfig:
         """A validated copy with ``changes`` (top-level fields; sections as models or mappings)."""
@@ -190,16 +275,17 @@ class TrainConfig(StrictModel):
             eval_every=every,
         )
 
-    def for_trial(self, params: dict[str, Any], steps: int, workers: int) -> TrainConfig:
-        """A sweep trial: the trial's values, ``steps`` long on ``workers`` workers, keeping this config's global
-        batch (accumulation absorbs another worker count or micro-batch), evaluated at every report so the
-        objective is in every result Tune sees."""
+    def for_trial(self, params: dict[str, Any], steps: int, workers: int | tuple[int, int]) -> TrainConfig:
+        """A sweep trial: the trial's values, ``steps`` long on ``workers`` workers (a number or an elastic
+        [min, max]), keeping this config's global batch (accumulation absorbs another worker count or
+        micro-batch), evaluated at every report so the objective is in every result Tune sees."""
         trial = self.with_params(params)
-        per_pass = trial.micro_batch_size * workers
+        most = workers[1] if isinstance(workers, tuple) else workers
+        per_pass = trial.micro_batch_size * most
         if self.effective_global_batch_size % per_pass:
             raise ValueError(
                 f"the global batch of {self.effective_global_batch_size} sequences is not a whole number of "
-                f"micro_batch_size ({trial.micro_batch_size}) x tune.workers_per_trial ({workers})"
+                f"micro_batch_size ({trial.micro_batch_size}) x tune.workers_per_trial ({most})"
             )
         return trial._derive(
             num_workers=workers,

@@ -7,10 +7,12 @@ from typing import Any
 from pipelines.train.config import TrainConfig
 
 
-def deepspeed_config(config: TrainConfig) -> dict[str, Any]:
+def deepspeed_config(config: TrainConfig, world: int, load_universal: bool = False) -> dict[str, Any]:
+    """The config of a group of ``world`` ranks (accumulation makes up the global batch); ``load_universal``: the
+    engine will load a universal checkpoint (ZeRO state written by another worker count, see ``reshard``)."""
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": config.micro_batch_size,
-        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "gradient_accumulation_steps": config.accumulation_at(world),
         "train_batch_size": config.effective_global_batch_size,
         "gradient_clipping": config.grad_clip,
         "zero_optimization": {"stage": config.zero_stage},
@@ -27,6 +29,8 @@ def deepspeed_config(config: TrainConfig) -> dict[str, Any]:
         ds["zero_optimization"].update(
             {"stage3_gather_16bit_weights_on_model_save": True, "stage3_param_persistence_threshold": 0}
         )
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
     if config.precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif config.precision == "fp16":

@@ -9,10 +9,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from pipelines.train.ledger import SampleLedger
+from pipelines.train.reshard import needs_universal, to_universal
 
 FINAL_EXPORT_MARKER = "LOOM_FINAL_EXPORT"
 #: Written next to the DeepSpeed state: what a restart must agree with before loading it.
@@ -33,13 +38,15 @@ def warmup_cosine(warmup_steps: int, max_steps: int, floor: float = 0.1):
 
 
 def _batches(shard, micro_batch_size: int, skip: int, rank: int = 0, world: int = 1):
-    """This rank's micro-batches of ``input_ids``, after the first ``skip`` rounds (the data position).
+    """This rank's micro-batches of ``input_ids`` after the first ``skip`` micro-batches of the epoch (the data
+    position), each with its index in the epoch.
 
-    Every worker streams the whole dataset in the same order and takes every ``world``-th
-    micro-batch: which rows a rank trains on, and in which step, is then fixed by the data
-    alone, so a restarted group resumes exactly where the last checkpoint was. (Ray's
-    streaming split hands blocks to whichever worker asks first: cheaper to read, but not
-    reproducible.) Only whole rounds are used, so every rank takes the same number of steps.
+    Every worker streams the whole dataset in the same order and, from the position on, takes every
+    ``world``-th micro-batch: which rows the group trains on, and in which step, is then fixed by the
+    data and the position alone, whatever the worker count, so a restarted or resized group resumes
+    exactly where the last checkpoint was. (Ray's streaming split hands blocks to whichever worker asks
+    first: cheaper to read, but not reproducible.) Only whole rounds (one micro-batch per rank) are used,
+    so every rank takes the same number of steps.
     """
     import numpy as np
     import torch
@@ -54,11 +61,11 @@ def _batches(shard, micro_batch_size: int, skip: int, rank: int = 0, world: int 
     for index, batch in enumerate(
         shard.iter_torch_batches(batch_size=micro_batch_size, collate_fn=collate, drop_last=True)
     ):
-        round_number, owner = divmod(index, world)
-        if round_number < skip:
+        if index < skip:
             continue
+        owner = (index - skip) % world
         if owner == rank:
-            held = batch
+            held = (index, batch)
         if owner == world - 1 and held is not None:  # the round is complete: every rank has its batch
             yield held
             held = None
@@ -160,7 +167,7 @@ def held_out_batches(shard, micro_batch_size: int, rank: int, world: int, max_ba
     then scores the same rows, and none pays for starting a Ray Data stream again (~15 s on 2 cores)."""
     import itertools
 
-    return list(itertools.islice(_batches(shard, micro_batch_size, 0, rank, world), max_batches))
+    return [batch for _, batch in itertools.islice(_batches(shard, micro_batch_size, 0, rank, world), max_batches)]
 
 
 def evaluate(engine, batches: list) -> float:
@@ -177,26 +184,38 @@ def evaluate(engine, batches: list) -> float:
     return _mean_across_ranks(local, engine.device)
 
 
-def restore_point(checkpoint, world: int) -> dict[str, Any] | None:
+def restore_point(checkpoint, config) -> dict[str, Any] | None:
     """What the latest checkpoint says about the run: None to start fresh, ``{"finished": True}`` when
-    the final export is the latest checkpoint, else the saved state (refused for another worker count)."""
+    the final export is the latest checkpoint, else the saved state. Any worker count may load it (ZeRO's
+    state is re-sharded, the data position is per micro-batch); another batch shape is refused, since
+    the position and the optimizer's steps would mean other rows."""
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as directory:
         if (Path(directory) / FINAL_EXPORT_MARKER).exists():
             return {"finished": True}
         saved = json.loads((Path(directory) / RUN_STATE).read_text())
-    if saved["world_size"] != world:
+    if "global_batch_size" not in saved:  # written before positions counted micro-batches: it counted rounds
+        saved.update(
+            data_position=saved["data_position"] * saved["world_size"],
+            global_batch_size=config.micro_batch_size * config.gradient_accumulation_steps * saved["world_size"],
+            micro_batch_size=config.micro_batch_size,
+        )
+    now = {"micro_batch_size": config.micro_batch_size, "global_batch_size": config.effective_global_batch_size}
+    changed = {key: (saved[key], value) for key, value in now.items() if saved[key] != value}
+    if changed:
         raise RuntimeError(
-            f"the checkpoint at step {saved['step']} was written by {saved['world_size']} workers; ZeRO shards "
-            f"and the data position are per worker count. Resume with train.num_workers={saved['world_size']}, "
-            "or start a new run_name."
+            f"the checkpoint at step {saved['step']} was written with "
+            + ", ".join(f"train.{key}={was} (now {value})" for key, (was, value) in changed.items())
+            + ": its data position and optimizer steps count other batches. Resume with the same batch shape "
+            "(the worker count may change), or start a new run_name."
         )
     return saved
 
 
-def build_engine(config, tokenizer_dir: str, seed: int):
-    """The DeepSpeed engine (model, AdamW, warmup + cosine schedule) and the trainable parameters."""
+def build_engine(config, tokenizer_dir: str, seed: int, world: int, load_universal: bool = False):
+    """The DeepSpeed engine of one of ``world`` ranks (model, AdamW, warmup + cosine schedule) and the trainable
+    parameters; ``load_universal``: it will load ZeRO state written by another worker count."""
     import deepspeed
     import torch
 
@@ -209,7 +228,7 @@ def build_engine(config, tokenizer_dir: str, seed: int):
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, config.max_steps))
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config)
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, world, load_universal)
     )
     return engine, scheduler, trainable
 
@@ -218,9 +237,11 @@ class RankRun:
     """One rank's training run, in the order it happens: restore, step through micro-batches, report
     (and checkpoint) at the configured steps, export at the end.
 
-    The data position counts rounds of micro-batches (one per rank) consumed in the current epoch;
-    it is saved with every checkpoint and is the same on every rank, so rank 0's client state
-    serves all.
+    The data position counts the micro-batches of the current epoch the group has trained on, whatever
+    its worker count; it is saved with every checkpoint and is the same on every rank, so rank 0's
+    client state serves all. A checkpoint written by another worker count (an elastic resize) is
+    re-sharded through DeepSpeed's universal checkpoint, and gradient accumulation makes up the same
+    global batch.
     """
 
     def __init__(self, loop_config: dict[str, Any]):
@@ -235,18 +256,27 @@ class RankRun:
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.checkpoint = ray.train.get_checkpoint()
-        self.saved = restore_point(self.checkpoint, self.world)
+        self.saved = restore_point(self.checkpoint, config)
         if self.finished_before:
             return
-        self.engine, self.scheduler, self.trainable = build_engine(config, self.tokenizer_dir, loop_config["seed"])
+        #: Seconds of this group start's restore, by phase (reported with its first step).
+        self.restart_s: dict[str, float] = {}
+        started = time.perf_counter()
+        self.resharding = self.saved is not None and needs_universal(
+            config.zero_stage, self.saved["world_size"], self.world
+        )
+        self.engine, self.scheduler, self.trainable = build_engine(
+            config, self.tokenizer_dir, loop_config["seed"], self.world, self.resharding
+        )
+        self.restart_s["engine"] = time.perf_counter() - started
         self.epoch, self.position = 0, 0
         #: Held-out loss of the model before its first step: the "before" of the run's before/after.
         self.initial_val_loss: float | None = None
         if self.checkpoint is not None:
-            with self.checkpoint.as_directory() as directory:
-                _, client_state = self.engine.load_checkpoint(directory, tag=DS_TAG)
-            self.epoch, self.position = client_state["epoch"], client_state["data_position"]
-            self.initial_val_loss = client_state.get("initial_val_loss")
+            self.restore(context)
+        else:
+            self.restart_s = {}  # a first start: nothing restored
+        self.ledger = SampleLedger(loop_config.get("ledger"), self.rank, self.world)
 
         module = self.engine.module
         self.parameters = count_parameters(module)
@@ -278,8 +308,42 @@ class RankRun:
     def finished_before(self) -> bool:
         return bool(self.saved and self.saved.get("finished"))
 
+    def restore(self, context) -> None:
+        """The engine, optimizer, schedule and data position of the last checkpoint; ZeRO state written by another
+        worker count is first converted to a universal checkpoint, once per node, in node-local scratch space."""
+        import torch.distributed as dist
+
+        with self.checkpoint.as_directory() as directory:
+            source, scratch = Path(directory), None
+            if self.resharding:
+                started = time.perf_counter()
+                name = re.sub(r"[^A-Za-z0-9_.-]", "_", context.get_experiment_name())
+                scratch = Path(tempfile.gettempdir()) / f"loom-universal-{name}-node{context.get_node_rank()}"
+                if context.get_local_rank() == 0:
+                    to_universal(source, DS_TAG, scratch)
+                dist.barrier()
+                source = scratch
+                self.restart_s["reshard"] = time.perf_counter() - started
+            started = time.perf_counter()
+            _, client_state = self.engine.load_checkpoint(str(source), tag=DS_TAG)
+            self.restart_s["load"] = time.perf_counter() - started
+        if scratch is not None:
+            dist.barrier()  # every rank of the node has read it
+            if context.get_local_rank() == 0:
+                shutil.rmtree(scratch, ignore_errors=True)
+        self.epoch, self.initial_val_loss = client_state["epoch"], client_state.get("initial_val_loss")
+        self.position = self.saved["data_position"]  # in micro-batches (restore_point converts older checkpoints)
+        if self.rank == 0 and self.saved["world_size"] != self.world:
+            print(
+                f"loom: resized from {self.saved['world_size']} to {self.world} workers at step {self.saved['step']}: "
+                f"ZeRO state re-sharded in {self.restart_s.get('reshard', 0):.1f} s, "
+                f"{self.config.accumulation_at(self.world)} micro-batches per worker per step",
+                flush=True,
+            )
+
     def micro_batches(self):
-        """This rank's micro-batches from the data position on, epoch after epoch."""
+        """This rank's micro-batches from the data position on, epoch after epoch, each with its index in the
+        epoch."""
         while True:
             start = self.position
             yield from _batches(self.train_shard, self.config.micro_batch_size, self.position, self.rank, self.world)
@@ -290,16 +354,17 @@ class RankRun:
                 )
             self.epoch, self.position = self.epoch + 1, 0
 
-    def step(self, batch: dict[str, Any]) -> bool:
-        """Forward, backward and DeepSpeed's step on one micro-batch; True when the optimizer stepped
-        (False inside a gradient accumulation window)."""
+    def step(self, index: int, batch: dict[str, Any]) -> bool:
+        """Forward, backward and DeepSpeed's step on one micro-batch (``index`` in the epoch); True when the
+        optimizer stepped (False inside a gradient accumulation window)."""
+        self.ledger.record(self.engine.global_steps + 1, self.epoch, index, batch)
         batch = _on(batch, self.engine.device)
         output = self.engine(**batch)
         loss = output.loss if self.teacher is None else self.distilled(output, batch)
         self.engine.backward(loss)
         steps_before = self.engine.global_steps
         self.engine.step()
-        self.position += 1
+        self.position += self.world  # every rank took one micro-batch of this round
         self.loss_sum, self.loss_count = self.loss_sum + float(loss), self.loss_count + 1
         if self.engine.global_steps == steps_before:
             return False
@@ -352,6 +417,8 @@ class RankRun:
             "tokens_per_s": self.tokens_per_step * self.window_steps / elapsed,
             "parameters": self.parameters,
             "trainable_parameters": sum(p.numel() for p in self.trainable),
+            "world_size": self.world,
+            "grad_accum": self.engine.gradient_accumulation_steps(),
             "memory_mib": _memory_mib(engine.device),
         }
         utilisation = mfu(metrics["tokens_per_s"] / self.world, self.token_flops, self.peak)
@@ -363,6 +430,9 @@ class RankRun:
         if evaluate_now:
             val_loss = self.held_out_loss()
             metrics.update(val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 50.0)))
+        if self.restart_s:  # the first report of a restored group: what its restore cost
+            metrics.update({f"restart_{phase}_s": seconds for phase, seconds in self.restart_s.items()})
+            self.restart_s = {}
         return metrics
 
     def report(self, evaluate_now: bool) -> None:
@@ -390,8 +460,11 @@ class RankRun:
                 "data_position": self.position,
                 "step": step,
                 "world_size": self.world,
+                "micro_batch_size": self.config.micro_batch_size,
+                "global_batch_size": self.config.effective_global_batch_size,
                 "initial_val_loss": self.initial_val_loss,
             }
+            self.ledger.flush()  # before the checkpoint: a restart from it supersedes the lines of later steps
             self.engine.save_checkpoint(directory, tag=DS_TAG, client_state=state)
             if self.rank == 0:
                 (Path(directory) / RUN_STATE).write_text(json.dumps(state))
@@ -428,8 +501,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if run.finished_before:
         return  # training already finished; the export is the latest checkpoint
     if not run.done:
-        for batch in run.micro_batches():
-            if not run.step(batch):
+        for index, batch in run.micro_batches():
+            if not run.step(index, batch):
                 continue  # inside a gradient accumulation window
             due, evaluate_now = run.report_due()
             if due:

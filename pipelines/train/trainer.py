@@ -34,6 +34,11 @@ def check_same_tokenizer(model_dir: Path, tokenizer_dir: Path) -> None:
         )
 
 
+def ledger_path(storage_path: Path, name: str) -> Path:
+    """Where a run's sample ledger (``train.sample_ledger``) is written: next to Ray Train's run directory."""
+    return Path(storage_path) / f"{name}.ledger.jsonl"
+
+
 def build_trainer(
     config: TrainConfig,
     run: RunDir,
@@ -86,12 +91,14 @@ def build_trainer(
             "tokenizer_dir": tokenizer_dir,
             "seq_len": seq_len,
             "has_val": has_val,
+            "ledger": str(ledger_path(storage_path, name)) if config.sample_ledger else None,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers,
             use_gpu=config.use_gpu,
             resources_per_worker={"CPU": config.cpus_per_worker},
             placement_strategy=config.placement_strategy,
+            elastic_resize_monitor_interval_s=config.resize_check_s,
         ),
         run_config=ray.train.RunConfig(
             name=name,
@@ -135,7 +142,7 @@ def worker_group_start_timeout(config: TrainConfig) -> Iterator[None]:
             raise
         per_worker = f"{config.cpus_per_worker:g} CPU{'s' if config.cpus_per_worker != 1 else ''}"
         raise NodesLostError(
-            f"training stopped: {config.num_workers} workers ({per_worker}{' and a GPU' if config.use_gpu else ''} "
+            f"training stopped: {config.min_workers}{' or more' if config.elastic else ''} workers ({per_worker}{' and a GPU' if config.use_gpu else ''} "
             f"each, placed {config.placement_strategy}) found no room on the cluster within train.wait_for_nodes_s="
             f"{config.wait_for_nodes_s:g} s (a node was lost and did not come back, or the cluster is too small). The "
             "checkpoints are kept: run the train stage again once the nodes are back and it resumes from the last one"

@@ -182,12 +182,67 @@ def submit(cluster: NamespaceCluster, storage: Path, stage: str, run_name: str, 
     return output, re.search(r"\[loom\] submitted (\S+) to ", output).group(1)
 
 
+#: The training batch of the node-loss cases, at any worker count: 48 sequences a step in micro-batches of 8 (two per
+#: worker at three workers, three at two).
+BATCH = ["train.micro_batch_size=8", "train.global_batch_size=48", "train.sample_ledger=true"]
+
+
 def train_overrides(wait_for_nodes_s: float) -> list[str]:
     return [
-        "train.num_workers=3", "train.placement_strategy=STRICT_SPREAD", f"train.max_steps={TRAIN_STEPS}",
-        f"train.checkpoint_every={CHECKPOINT_EVERY}", "train.log_every=1", "train.eval_every=8",
-        f"train.wait_for_nodes_s={wait_for_nodes_s}",
+        "train.num_workers=3", "train.placement_strategy=STRICT_SPREAD", "train.gradient_accumulation_steps=2",
+        *BATCH, f"train.max_steps={TRAIN_STEPS}", f"train.checkpoint_every={CHECKPOINT_EVERY}", "train.log_every=1",
+        "train.eval_every=8", f"train.wait_for_nodes_s={wait_for_nodes_s}",
     ]  # fmt: skip
+
+
+#: Elastic training on the three nodes: two to three workers of 2 CPUs (a node of 2 or 3 CPUs holds one, so the
+#: group is as large as the nodes alive), the batch of the fixed-count runs, room to grow looked for every 10 s.
+ELASTIC = [
+    "train.num_workers=[2, 3]", "train.cpus_per_worker=2", "train.gradient_accumulation_steps=2", *BATCH,
+    "train.resize_check_s=10", f"train.max_steps={TRAIN_STEPS}", f"train.checkpoint_every={CHECKPOINT_EVERY}",
+    "train.log_every=1", "train.eval_every=8",
+]  # fmt: skip
+
+
+def reported_at_world(run_dir: Path, world: int, after: float) -> list[dict]:
+    """Steps reported by a group of ``world`` workers after the wall-clock time ``after``."""
+    return [row for row in steps(run_dir) if row.get("world_size") == world and row["reported_at"] > after]
+
+
+def shrink_and_grow(cluster: NamespaceCluster, storage: Path, run_name: str) -> Measured:
+    """Elastic training (:data:`ELASTIC`) on three nodes; a worker node killed once training is past its first
+    checkpoint and kept down until two workers report a step (training went on without it), then started again,
+    until three workers report again (the group grew back). Milestones: declared dead, progressing on two workers,
+    the node back, progressing on three. The job must succeed."""
+    lost = cluster.workers[0]
+    _, submission = submit(cluster, storage, "train", run_name, *ELASTIC, wait=False)
+    run_dir = storage / run_name
+    wait_for(lambda: len(steps(run_dir)) >= CHECKPOINT_EVERY + 2, JOB_S, "training past its first checkpoint")
+    if {row.get("world_size") for row in steps(run_dir)} != {3}:
+        raise AssertionError(f"training did not start on three workers: {steps(run_dir)}")
+    lost_at, killed_at = time.time(), time.monotonic()
+    lost.kill()
+    wait_for(lambda: lost.address not in cluster.alive_node_addresses(), 120, "Ray to declare the node dead")
+    dead_s = time.monotonic() - killed_at
+    try:
+        wait_for(lambda: reported_at_world(run_dir, 2, lost_at), JOB_S, "two workers to report a step")
+        shrunk_s = reported_at_world(run_dir, 2, lost_at)[0]["reported_at"] - lost_at
+    finally:
+        cluster.start_worker(lost, cluster.worker_cpus)
+    wait_for(lambda: lost.address in cluster.alive_node_addresses(), 300, "the node to be back")
+    back_at, back_s = time.time(), time.monotonic() - killed_at
+    wait_for(lambda: reported_at_world(run_dir, 3, back_at), JOB_S, "three workers to report a step again")
+    grown_s = reported_at_world(run_dir, 3, back_at)[0]["reported_at"] - lost_at
+    final = cluster.job_ended(submission, JOB_S)
+    if final["status"] != "SUCCEEDED":
+        raise AssertionError(final)
+    seconds = {
+        "declared dead": dead_s,
+        "progressing on 2 workers": shrunk_s,
+        "node back": back_s,
+        "progressing on 3 workers": grown_s,
+    }
+    return Measured(seconds, requests=0, lost_at=lost_at)
 
 
 def steps(run_dir: Path) -> list[dict]:

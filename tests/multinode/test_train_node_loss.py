@@ -2,7 +2,11 @@
 
 - the node comes back within ``train.wait_for_nodes_s``: training resumes from its last checkpoint at the same
   data position, and every step's loss equals an undisturbed run's;
-- it does not: the stage stops within the bound with a message that says why and what to do.
+- it does not: the stage stops within the bound with a message that says why and what to do;
+
+and with an elastic one (``train.num_workers=[2, 3]``): training goes on with the two survivors without waiting,
+grows back to three when the node returns, and trains every row of the undisturbed run once, in the same steps,
+with its losses within a stated tolerance.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from tests.multinode.scenarios import (
     JOB_S,
     TRAIN_STEPS,
     lose_a_training_node,
+    shrink_and_grow,
     steps,
     submit,
     train_overrides,
@@ -31,7 +36,7 @@ def runs(cluster, tmp_path_factory):
     """One data stage, copied into a run per case (the same shards), and the undisturbed training."""
     storage = tmp_path_factory.mktemp("train-node-loss")
     submit(cluster, storage, "data", "base")
-    for name in ("undisturbed", "resumed", "stopped"):
+    for name in ("undisturbed", "resumed", "stopped", "elastic"):
         shutil.copytree(storage / "base", storage / name)
     submit(cluster, storage, "train", "undisturbed", *train_overrides(120))
     return storage
@@ -74,3 +79,45 @@ def test_training_stops_and_says_why_when_the_node_stays_lost(cluster, runs):
         print(f"training stopped {stopped_after_s:.1f} s after its node's loss (wait_for_nodes_s={wait_s})")
     finally:
         cluster.replace_lost(lost)  # for the tests after this one
+
+
+#: How far a step's loss after a resize may move from the undisturbed run's: the same rows and global batch,
+#: summed in another order (three micro-batches accumulated on each of two workers, not two on each of three).
+RESIZE_TOLERANCE = 1e-4
+
+
+def trained_rows(run_dir) -> list[tuple]:
+    """(step, epoch, index in the epoch, token hash) of every micro-batch the run's final model trained on."""
+    from pipelines.train.ledger import read_ledger
+    from pipelines.train.trainer import ledger_path
+
+    return [
+        (row["step"], row["epoch"], row["index"], row["hash"])
+        for row in read_ledger(ledger_path(run_dir / "train", "ray"))
+    ]
+
+
+def test_elastic_training_shrinks_on_a_lost_node_and_grows_back(cluster, runs):
+    measured = shrink_and_grow(cluster, runs, "elastic")
+    history = steps(runs / "elastic")
+    worlds = [row["world_size"] for row in history]
+    # Three workers, then two (without waiting for the node), then three again.
+    assert worlds[0] == 3 and 2 in worlds and worlds[-1] == 3, worlds
+    shrunk = next(row for row in history if row["world_size"] == 2)
+    assert shrunk["grad_accum"] == 3 and shrunk["restart_reshard_s"] > 0, shrunk
+    assert (shrunk["step"] - 1) % CHECKPOINT_EVERY == 0, shrunk  # from a checkpoint
+
+    reference = {row["step"]: row["loss"] for row in steps(runs / "undisturbed")}
+    last = {row["step"]: row["loss"] for row in history}
+    assert sorted(last) == sorted(reference) == list(range(1, TRAIN_STEPS + 1))
+    drift = {step: abs(last[step] - reference[step]) for step in reference}
+    assert max(drift.values()) <= RESIZE_TOLERANCE, drift
+
+    # Every micro-batch of the undisturbed run, in the same step, once; nothing else.
+    rows = trained_rows(runs / "elastic")
+    positions = [(epoch, index) for _, epoch, index, _ in rows]
+    assert len(positions) == len(set(positions)) == TRAIN_STEPS * 48 // 8
+    assert sorted(rows) == sorted(trained_rows(runs / "undisturbed"))
+    print(
+        measured.line("elastic training, a node lost and back"), f"; largest loss difference {max(drift.values()):.1e}"
+    )

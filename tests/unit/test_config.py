@@ -41,7 +41,7 @@ def test_three_mistakes_are_all_reported(tmp_path):
     keys = {key for key, _ in err.value.problems}
     assert keys == {"train.num_workers", "train.lr", "extra_section"}
     text = str(err.value)
-    assert "greater than or equal to 1" in text and "unknown key" in text and "'fast'" in text
+    assert "at least 1 worker (got -2)" in text and "unknown key" in text and "'fast'" in text
 
 
 def test_dotted_overrides_apply_and_typos_are_named():
