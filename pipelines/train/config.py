@@ -88,6 +88,13 @@ class TrainConfig(StrictModel):
         description="Elastic runs: how often Ray Train looks for room to grow the worker group towards its max "
         "(Ray's elastic_resize_monitor_interval_s).",
     )
+    elastic_start_wait_s: float = Field(
+        default=5,
+        gt=0,
+        description="Elastic runs: how long a worker group start waits to be placed before Ray Train counts the "
+        "nodes again and starts the group that fits. A lost node stays listed alive until Ray's health checks "
+        "fail (about 15 s by default); a start sized for it waits this long, not Ray's 60 s.",
+    )
     use_gpu: bool = Field(default=False, description="Give each worker a GPU (NCCL) instead of CPU (gloo).")
     cpus_per_worker: float = Field(default=1, gt=0, description="Logical CPUs reserved per worker.")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
@@ -162,7 +169,12 @@ class TrainConfig(StrictModel):
     eval_every: int = Field(
         default=0, ge=0, description="Held-out loss and perplexity every this many steps (0: only at the end)."
     )
-    eval_batches: int = Field(default=20, ge=1, description="Held-out micro-batches per rank in each evaluation.")
+    eval_batches: int = Field(
+        default=20,
+        ge=1,
+        description="Held-out micro-batches per worker in each evaluation (at the max worker count: the same "
+        "eval_batches x max workers micro-batches are shared among however many workers run).",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:

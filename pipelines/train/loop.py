@@ -37,16 +37,17 @@ def warmup_cosine(warmup_steps: int, max_steps: int, floor: float = 0.1):
     return factor
 
 
-def _batches(shard, micro_batch_size: int, skip: int, rank: int = 0, world: int = 1):
+def _batches(shard, micro_batch_size: int, skip: int, rank: int = 0, world: int = 1, limit: int | None = None):
     """This rank's micro-batches of ``input_ids`` after the first ``skip`` micro-batches of the epoch (the data
-    position), each with its index in the epoch.
+    position) and before the ``limit``-th, each with its index in the epoch.
 
     Every worker streams the whole dataset in the same order and, from the position on, takes every
     ``world``-th micro-batch: which rows the group trains on, and in which step, is then fixed by the
     data and the position alone, whatever the worker count, so a restarted or resized group resumes
     exactly where the last checkpoint was. (Ray's streaming split hands blocks to whichever worker asks
     first: cheaper to read, but not reproducible.) Only whole rounds (one micro-batch per rank) are used,
-    so every rank takes the same number of steps.
+    so every rank takes the same number of steps; with ``limit`` a multiple of every worker count (whole
+    optimizer steps, see ``RankRun.per_epoch``), the epoch ends at the same row whatever the count.
     """
     import numpy as np
     import torch
@@ -61,6 +62,8 @@ def _batches(shard, micro_batch_size: int, skip: int, rank: int = 0, world: int 
     for index, batch in enumerate(
         shard.iter_torch_batches(batch_size=micro_batch_size, collate_fn=collate, drop_last=True)
     ):
+        if limit is not None and index >= limit:
+            break
         if index < skip:
             continue
         owner = (index - skip) % world
@@ -149,6 +152,17 @@ def _memory_mib(device) -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def _sum_across_ranks(values: list[float], device) -> list[float]:
+    """Element-wise sums of per-rank scalars (see :func:`_mean_across_ranks` for the device)."""
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return [float(value) for value in tensor.tolist()]
+
+
 def _mean_across_ranks(value: float, device) -> float:
     """Mean of a per-rank scalar. The tensor lives on the engine's device: NCCL (GPU runs) refuses
     CPU tensors, gloo (CPU runs) takes them."""
@@ -162,26 +176,25 @@ def _mean_across_ranks(value: float, device) -> float:
     return float(tensor.item())
 
 
-def held_out_batches(shard, micro_batch_size: int, rank: int, world: int, max_batches: int) -> list:
-    """This rank's first ``max_batches`` held-out micro-batches, read once and kept: every evaluation
-    then scores the same rows, and none pays for starting a Ray Data stream again (~15 s on 2 cores)."""
-    import itertools
-
-    return [batch for _, batch in itertools.islice(_batches(shard, micro_batch_size, 0, rank, world), max_batches)]
+def held_out_batches(shard, micro_batch_size: int, rank: int, world: int, total: int) -> list:
+    """This rank's share of the first ``total`` held-out micro-batches (every ``world``-th), read once and kept:
+    every evaluation then scores the same rows, whatever the worker count, and none pays for starting a Ray
+    Data stream again (~15 s on 2 cores)."""
+    return [batch for index, batch in _batches(shard, micro_batch_size, 0, limit=total) if index % world == rank]
 
 
 def evaluate(engine, batches: list) -> float:
-    """Mean held-out loss across ranks (every rank holds the same number of batches)."""
+    """Mean held-out loss over every rank's batches (ranks may hold different numbers of them)."""
     import torch
 
-    losses = []
+    total = 0.0
     engine.eval()
     with torch.no_grad():
         for batch in batches:
-            losses.append(float(engine(**_on(batch, engine.device)).loss))
+            total += float(engine(**_on(batch, engine.device)).loss)
     engine.train()
-    local = sum(losses) / len(losses) if losses else float("nan")
-    return _mean_across_ranks(local, engine.device)
+    summed, count = _sum_across_ranks([total, float(len(batches))], engine.device)
+    return summed / count if count else float("nan")
 
 
 def restore_point(checkpoint, config) -> dict[str, Any] | None:
@@ -251,6 +264,8 @@ class RankRun:
         from pipelines.train.config import TrainConfig
         from pipelines.train.metrics import PrometheusGauges, flops_per_token, peak_flops
 
+        #: Wall-clock time this group start entered the training function (a restart's breakdown starts here).
+        self.started_at = time.time()
         self.config = config = TrainConfig.model_validate(loop_config["train"])
         self.tokenizer_dir: str = loop_config["tokenizer_dir"]
         context = ray.train.get_context()
@@ -289,6 +304,15 @@ class RankRun:
             if self.rank == 0
             else None
         )
+        per_step = config.effective_global_batch_size // config.micro_batch_size
+        #: Micro-batches trained per epoch: whole optimizer steps of the training rows.
+        self.per_epoch = loop_config["train_rows"] // config.micro_batch_size // per_step * per_step
+        if self.per_epoch == 0:
+            raise ValueError(
+                f"the training data holds {loop_config['train_rows']} sequences, fewer than one global batch "
+                f"({config.effective_global_batch_size}); add data or lower train.micro_batch_size or "
+                "train.gradient_accumulation_steps"
+            )
         self.train_shard = ray.train.get_dataset_shard("train")
         self.val_shard = ray.train.get_dataset_shard("val") if loop_config["has_val"] else None
         self.val_batches: list | None = None
@@ -303,6 +327,7 @@ class RankRun:
             from pipelines.compress.distill import load_teacher
 
             self.teacher = load_teacher(config.distill.teacher, self.engine.device)
+        self.ready_at = time.perf_counter()  # the first micro-batch's wait is the data stream's start
 
     @property
     def finished_before(self) -> bool:
@@ -343,20 +368,22 @@ class RankRun:
 
     def micro_batches(self):
         """This rank's micro-batches from the data position on, epoch after epoch, each with its index in the
-        epoch."""
+        epoch. An epoch is a whole number of optimizer steps (the rows past the last whole global batch wait
+        for the next epoch's order), so it ends at the same row whatever the worker count."""
         while True:
             start = self.position
-            yield from _batches(self.train_shard, self.config.micro_batch_size, self.position, self.rank, self.world)
+            yield from _batches(
+                self.train_shard, self.config.micro_batch_size, self.position, self.rank, self.world, self.per_epoch
+            )
             if self.position == start == 0:
-                raise RuntimeError(
-                    f"rank {self.rank}: the training shard holds fewer than micro_batch_size="
-                    f"{self.config.micro_batch_size} sequences; add data or lower train.micro_batch_size"
-                )
+                raise RuntimeError(f"rank {self.rank}: the training data stream ended before its first micro-batch")
             self.epoch, self.position = self.epoch + 1, 0
 
     def step(self, index: int, batch: dict[str, Any]) -> bool:
         """Forward, backward and DeepSpeed's step on one micro-batch (``index`` in the epoch); True when the
         optimizer stepped (False inside a gradient accumulation window)."""
+        if self.restart_s and "first_batch" not in self.restart_s:
+            self.restart_s["first_batch"] = time.perf_counter() - self.ready_at
         self.ledger.record(self.engine.global_steps + 1, self.epoch, index, batch)
         batch = _on(batch, self.engine.device)
         output = self.engine(**batch)
@@ -386,8 +413,9 @@ class RankRun:
 
     def held_out_loss(self) -> float:
         if self.val_batches is None:
+            total = self.config.eval_batches * self.config.max_workers  # the same rows at any worker count
             self.val_batches = held_out_batches(
-                self.val_shard, self.config.micro_batch_size, self.rank, self.world, self.config.eval_batches
+                self.val_shard, self.config.micro_batch_size, self.rank, self.world, total
             )
         return evaluate(self.engine, self.val_batches)
 
@@ -432,6 +460,7 @@ class RankRun:
             metrics.update(val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 50.0)))
         if self.restart_s:  # the first report of a restored group: what its restore cost
             metrics.update({f"restart_{phase}_s": seconds for phase, seconds in self.restart_s.items()})
+            metrics["restart_started_at"] = self.started_at
             self.restart_s = {}
         return metrics
 

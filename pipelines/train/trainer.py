@@ -91,6 +91,7 @@ def build_trainer(
             "tokenizer_dir": tokenizer_dir,
             "seq_len": seq_len,
             "has_val": has_val,
+            "train_rows": datasets["train"].count(),  # parquet: from the files' metadata
             "ledger": str(ledger_path(storage_path, name)) if config.sample_ledger else None,
         },
         scaling_config=ray.train.ScalingConfig(
@@ -123,10 +124,18 @@ class NodesLostError(RuntimeError):
 
 @contextmanager
 def worker_group_start_timeout(config: TrainConfig) -> Iterator[None]:
-    """Ray Train's wait for room on the cluster set to ``train.wait_for_nodes_s`` while ``fit`` runs (an
-    environment variable that Ray Train reads and passes on to its controller; restored after, since later stages
-    run in the same process), and its timeout turned into a :class:`NodesLostError` that says what to do."""
-    if config.wait_for_nodes_s is None:
+    """How long a worker group start waits to be placed on the cluster, while ``fit`` runs: Ray Train reads it from an
+    environment variable and passes it on to its controller (restored after, since later stages run in the same
+    process; a Tune trial's process sets its own).
+
+    - Elastic (``num_workers: [min, max]``): ``train.elastic_start_wait_s``. A worker lost with its node is seen by
+      Ray Train within a second, but the node stays listed alive until Ray's health checks fail; a start sized for
+      it waits for room that will not come. Past this wait the controller decides again with the nodes then alive.
+    - Fixed, with ``train.wait_for_nodes_s``: that bound, its timeout turned into a :class:`NodesLostError` that
+      says what to do.
+    """
+    seconds = config.elastic_start_wait_s if config.elastic else config.wait_for_nodes_s
+    if seconds is None:
         yield
         return
     from ray.train import ControllerError
@@ -134,15 +143,15 @@ def worker_group_start_timeout(config: TrainConfig) -> Iterator[None]:
 
     name = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
     before = os.environ.get(name)
-    os.environ[name] = str(config.wait_for_nodes_s)
+    os.environ[name] = str(seconds)
     try:
         yield
     except ControllerError as err:
-        if not isinstance(err.controller_failure, WorkerGroupStartupTimeoutError):
+        if config.elastic or not isinstance(err.controller_failure, WorkerGroupStartupTimeoutError):
             raise
         per_worker = f"{config.cpus_per_worker:g} CPU{'s' if config.cpus_per_worker != 1 else ''}"
         raise NodesLostError(
-            f"training stopped: {config.min_workers}{' or more' if config.elastic else ''} workers ({per_worker}{' and a GPU' if config.use_gpu else ''} "
+            f"training stopped: {config.num_workers} workers ({per_worker}{' and a GPU' if config.use_gpu else ''} "
             f"each, placed {config.placement_strategy}) found no room on the cluster within train.wait_for_nodes_s="
             f"{config.wait_for_nodes_s:g} s (a node was lost and did not come back, or the cluster is too small). The "
             "checkpoints are kept: run the train stage again once the nodes are back and it resumes from the last one"

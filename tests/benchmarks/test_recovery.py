@@ -13,6 +13,28 @@ from tests.training import fit, killer, reported_steps, resume_config
 
 pytestmark = [pytest.mark.benchmark, pytest.mark.timeout(2400)]
 CHECKPOINT_EVERY, KILL_AFTER, STEPS = 4, 6, 12
+#: Where the seconds from the kill to the next reported step go, in order (they add up to it).
+PHASES = (
+    "detection and group restart s",  # the kill -> the new group's workers enter the training function
+    "engine rebuild s",  # model, optimizer and deepspeed.initialize
+    "checkpoint load s",  # engine.load_checkpoint (and re-sharding, after a resize)
+    "first batch s",  # the data stream started again and read up to the position
+    "first step and report s",  # forward, backward, optimizer step, the report reaching the driver
+)
+
+
+def recovery_phases(first_report: dict, killed_at: float) -> dict[str, float]:
+    """The first report after a restart, split into :data:`PHASES` by the restart's own timings (loop.RankRun)."""
+    engine, first_batch = first_report["restart_engine_s"], first_report["restart_first_batch_s"]
+    load = first_report["restart_load_s"] + first_report.get("restart_reshard_s", 0.0)
+    restart = first_report["restart_started_at"] - killed_at
+    return {
+        "detection and group restart s": restart,
+        "engine rebuild s": engine,
+        "checkpoint load s": load,
+        "first batch s": first_batch,
+        "first step and report s": first_report["reported_at"] - killed_at - restart - engine - load - first_batch,
+    }
 
 
 def test_recovery_after_a_killed_worker(tmp_path, record_benchmark):
@@ -29,6 +51,7 @@ def test_recovery_after_a_killed_worker(tmp_path, record_benchmark):
     run_stage("data", cfg)
     config = resume_config(cfg.train, STEPS, CHECKPOINT_EVERY)
     quantities = {"seconds to progress": [], "steps redone": [], "steps skipped": [], "killed after step": []}
+    quantities.update({phase: [] for phase in PHASES})
     for run in range(RUNS):
         killed: dict[str, float] = {}
         result, history = fit(config, cfg, tmp_path, f"killed-{run}", during=killer(KILL_AFTER, killed))
@@ -38,6 +61,8 @@ def test_recovery_after_a_killed_worker(tmp_path, record_benchmark):
         first_after = after[0]
         assert first_after["step"] == CHECKPOINT_EVERY + 1
         quantities["seconds to progress"].append(first_after["reported_at"] - killed["at"])
+        for phase, seconds in recovery_phases(first_after, killed["at"]).items():
+            quantities[phase].append(seconds)
         quantities["steps redone"].append(int(killed["step"]) - CHECKPOINT_EVERY)
         quantities["steps skipped"].append(len(set(range(1, STEPS + 1)) - set(reported_steps(history))))
         quantities["killed after step"].append(int(killed["step"]))
@@ -62,6 +87,16 @@ def test_recovery_after_a_killed_worker(tmp_path, record_benchmark):
                 quantities,
                 "seconds to progress",
                 better="lower",
+            ),
+            *(
+                comparison(
+                    f"recovery: {phase.removesuffix(' s')}",
+                    f"seconds of the recovery spent on {phase.removesuffix(' s')}",
+                    quantities,
+                    phase,
+                    better="lower",
+                )
+                for phase in PHASES
             ),
             comparison(
                 "steps redone after a kill",

@@ -33,7 +33,7 @@ LINK_CUT_S = 20
 HEAD_DOWN_S = 10
 JOB_S = 900  # a ceiling for a loaded 2-core machine
 #: Training in the node-loss cases: three workers, one a node, checkpoints every CHECKPOINT_EVERY steps.
-TRAIN_STEPS = 16
+TRAIN_STEPS = 32
 CHECKPOINT_EVERY = 4
 
 
