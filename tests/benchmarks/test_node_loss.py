@@ -3,6 +3,8 @@
 
 - training (three workers, one a node): a worker node killed past the first checkpoint and started again once
   Ray declares it dead;
+- elastic training (two to three workers): a worker node killed, the group going on with two, the node started
+  again and the group grown back to three; the shrink's restart broken down;
 - serving (the chain deployed once, two vLLM replicas on two nodes, four callers): a worker node holding a
   replica killed and replaced, a worker node's link cut for 20 s, the head restarted with its GCS in Redis;
   requests failed in each.
@@ -29,13 +31,31 @@ from tests.multinode.scenarios import (
     lose_a_training_node,
     restart_the_head,
     run_data,
+    shrink_and_grow,
     shut_down_serve,
+    steps,
     submit,
     submit_chain,
     three_nodes,
 )
 
 pytestmark = [pytest.mark.benchmark, pytest.mark.timeout(5400)]
+
+
+def elastic_shrink_phases(run_dir: Path, lost_at: float) -> dict[str, float]:
+    """The first step two workers reported after the loss, split by the restart's own timings (loop.RankRun)."""
+    first = next(row for row in steps(run_dir) if row.get("world_size") == 2 and row["reported_at"] > lost_at)
+    restart = first["restart_started_at"] - lost_at
+    phases = {
+        "detection and group restart": restart,
+        "engine rebuild": first["restart_engine_s"],
+        "re-sharding": first["restart_reshard_s"],
+        "checkpoint load": first["restart_load_s"],
+        "first batch": first["restart_first_batch_s"],
+    }
+    phases["first step and report"] = first["reported_at"] - lost_at - sum(phases.values())
+    return phases
+
 
 SCENARIOS = {
     "node lost": lose_a_replica_node,
@@ -215,6 +235,61 @@ def test_node_loss_while_serving(cluster, tmp_path, record_benchmark):
                 quantities,
                 "head restart: requests failed, %",
                 better="lower",
+            ),
+        ],  # fmt: skip
+    )
+
+
+def test_elastic_training_on_a_lost_node(cluster, tmp_path, record_benchmark):
+    submit(cluster, tmp_path, "data", "base")
+    rounds: list[Measured] = []
+    phases: list[dict[str, float]] = []
+    for round_ in range(RUNS):
+        shutil.copytree(tmp_path / "base", tmp_path / f"elastic-{round_}")
+        rounds.append(shrink_and_grow(cluster, tmp_path, f"elastic-{round_}"))
+        phases.append(elastic_shrink_phases(tmp_path / f"elastic-{round_}", rounds[-1].lost_at))
+        print(rounds[-1].line("elastic training, a node lost and back"), phases[-1])
+    quantities = {f"seconds to {milestone}": [m.seconds[milestone] for m in rounds] for milestone in rounds[0].seconds}
+    quantities.update({f"shrink: {phase} s": [p[phase] for p in phases] for phase in phases[0]})
+    record_benchmark(
+        "node_loss_elastic",
+        stage="train: elastic, a node lost",
+        measure="seconds from a training node's loss to each milestone (train.num_workers=[2, 3]), and where the "
+        "shrink's seconds go",
+        inputs={
+            "nodes": NODES,
+            "workers": "two to three, 2 CPUs each (a node holds one)",
+            "steps": TRAIN_STEPS,
+            "checkpoint_every": CHECKPOINT_EVERY,
+            "resize_check_s": 10,
+            "loss": "every process of a worker node killed past the first checkpoint; started again once two "
+            "workers reported a step",
+        },
+        quantities=quantities,
+        comparisons=[
+            comparison(
+                "seconds to progress on the survivors",
+                "seconds from the node's loss to a step reported by the two survivors",
+                quantities,
+                "seconds to progressing on 2 workers",
+                better="lower",
+            ),
+            comparison(
+                "seconds to grow back after the node returned",
+                "seconds from the node's loss to a step reported by three workers again",
+                quantities,
+                "seconds to progressing on 3 workers",
+                better="lower",
+            ),
+            *(
+                comparison(
+                    f"elastic shrink: {phase}",
+                    f"seconds of the shrink spent on {phase}",
+                    quantities,
+                    f"shrink: {phase} s",
+                    better="lower",
+                )
+                for phase in phases[0]
             ),
         ],  # fmt: skip
     )
