@@ -319,6 +319,8 @@ class RankRun:
         self.tokens_per_step = config.effective_global_batch_size * loop_config["seq_len"]
         self.window_start, self.window_steps = time.perf_counter(), 0
         self.loss_sum, self.loss_count = 0.0, 0
+        #: Seconds of this window spent waiting for the next micro-batch, and the last report's (with its checkpoint).
+        self.data_wait, self.last_report_s = 0.0, 0.0
         self.last_loss = float("nan")
         if self.val_shard is not None and self.checkpoint is None:
             self.initial_val_loss = self.held_out_loss()
@@ -442,6 +444,9 @@ class RankRun:
             "loss": _mean_across_ranks(self.loss_sum / self.loss_count, engine.device),
             "lr": self.scheduler.get_last_lr()[0],
             "step_time_s": elapsed / self.window_steps,
+            # Where a step's time goes besides compute: waiting for data, and reporting (the last report's seconds).
+            "data_wait_s": self.data_wait / self.window_steps,
+            "last_report_s": self.last_report_s,
             "tokens_per_s": self.tokens_per_step * self.window_steps / elapsed,
             "parameters": self.parameters,
             "trainable_parameters": sum(p.numel() for p in self.trainable),
@@ -472,12 +477,14 @@ class RankRun:
         if self.gauges is not None:
             self.gauges.set(metrics)
         self.last_loss = metrics["loss"]
-        self.window_start = time.perf_counter()  # evaluation and reporting are not training time
-        self.window_steps, self.loss_sum, self.loss_count = 0, 0.0, 0
+        # Evaluation is not training time; the report itself (and a checkpoint) is, in the next window.
+        self.window_start = time.perf_counter()
+        self.window_steps, self.loss_sum, self.loss_count, self.data_wait = 0, 0.0, 0, 0.0
         if self.engine.global_steps % self.config.checkpoint_every == 0 or self.done:
             self.checkpoint_and_report(metrics)
         else:
             ray.train.report(metrics)
+        self.last_report_s = time.perf_counter() - self.window_start
 
     def checkpoint_and_report(self, metrics: dict[str, Any]) -> None:
         import ray.train
@@ -530,12 +537,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if run.finished_before:
         return  # training already finished; the export is the latest checkpoint
     if not run.done:
+        asked = time.perf_counter()
         for index, batch in run.micro_batches():
+            run.data_wait += time.perf_counter() - asked
             if not run.step(index, batch):
+                asked = time.perf_counter()
                 continue  # inside a gradient accumulation window
             due, evaluate_now = run.report_due()
             if due:
                 run.report(evaluate_now)
             if run.done:
                 break
+            asked = time.perf_counter()
     run.export()

@@ -21,6 +21,7 @@ import pytest
 from tests.benchmarks.conftest import RUNS, comparison
 from tests.multinode.scenarios import (
     CHECKPOINT_EVERY,
+    ELASTIC_STEPS,
     LINK_CUT_S,
     TRAIN_STEPS,
     Measured,
@@ -259,9 +260,9 @@ def test_elastic_training_on_a_lost_node(cluster, tmp_path, record_benchmark):
         inputs={
             "nodes": NODES,
             "workers": "two to three, 2 CPUs each (a node holds one)",
-            "steps": TRAIN_STEPS,
-            "checkpoint_every": CHECKPOINT_EVERY,
-            "resize_check_s": 10,
+            "steps": ELASTIC_STEPS,
+            "checkpoint_every": 8,
+            "resize_check_s": 5,
             "loss": "every process of a worker node killed past the first checkpoint; started again once two "
             "workers reported a step",
         },

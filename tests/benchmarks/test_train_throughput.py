@@ -45,8 +45,9 @@ def plain_torch_loop(cfg, shards: list[np.ndarray]) -> float:
 RUN_NUMBERS = itertools.count()
 
 
-def ray_deepspeed(cfg, tmp_path, workers: int) -> float:
-    """Seconds per optimizer step of the train stage's loop (Ray Data ingest included), median over reports."""
+def ray_deepspeed(cfg, tmp_path, workers: int) -> tuple[float, float, float]:
+    """Seconds per optimizer step of the train stage's loop (Ray Data ingest included), median over reports, and
+    of those the seconds rank 0 waited for data and spent reporting (the report's seconds spread over its window)."""
     import json
 
     from pipelines.train.config import TrainConfig
@@ -67,8 +68,12 @@ def ray_deepspeed(cfg, tmp_path, workers: int) -> float:
     )
     _, history = fit(config, cfg, tmp_path, f"bench-{workers}-{next(RUN_NUMBERS)}")
     rows = [json.loads(line) for line in history.read_text().splitlines()]
-    times = [r["step_time_s"] for r in rows if "step_time_s" in r and r["step"] > WARMUP_STEPS and not r.get("final")]
-    return statistics.median(times)
+    reports = [r for r in rows if "step_time_s" in r and r["step"] > WARMUP_STEPS and not r.get("final")]
+    return (
+        statistics.median(r["step_time_s"] for r in reports),
+        statistics.median(r["data_wait_s"] for r in reports),
+        statistics.median(r["last_report_s"] / WARMUP_STEPS for r in reports),  # one report per WARMUP_STEPS steps
+    )
 
 
 def test_ray_train_deepspeed_against_a_plain_torch_loop(tmp_path, record_benchmark):
@@ -100,11 +105,14 @@ def test_ray_train_deepspeed_against_a_plain_torch_loop(tmp_path, record_benchma
     ray.shutdown()
     quantities = {
         "plain torch s/step": runs["plain"],
-        "Ray 1 worker s/step": runs["one"],
-        "Ray 2 workers s/step": runs["two"],
+        "Ray 1 worker s/step": [step for step, _, _ in runs["one"]],
+        "Ray 2 workers s/step": [step for step, _, _ in runs["two"]],
         "plain torch tokens/s": [tokens_per_step / s for s in runs["plain"]],
-        "Ray 1 worker tokens/s": [tokens_per_step / s for s in runs["one"]],
-        "Ray 2 workers tokens/s": [2 * tokens_per_step / s for s in runs["two"]],
+        "Ray 1 worker tokens/s": [tokens_per_step / step for step, _, _ in runs["one"]],
+        "Ray 2 workers tokens/s": [2 * tokens_per_step / step for step, _, _ in runs["two"]],
+        # Where the 1-worker run's extra time per step goes: the data wait and the report are Loom's and Ray's.
+        "Ray 1 worker data wait s/step": [wait for _, wait, _ in runs["one"]],
+        "Ray 1 worker report s/step": [report for _, _, report in runs["one"]],
     }
     record_benchmark(
         "train_throughput",
@@ -131,6 +139,22 @@ def test_ray_train_deepspeed_against_a_plain_torch_loop(tmp_path, record_benchma
                 quantities,
                 "Ray 1 worker tokens/s",
                 "plain torch tokens/s",
+            ),
+            comparison(
+                "1 worker: share of a step waiting for data",
+                "seconds per step the Ray worker waited for its next micro-batch, over its step time",
+                quantities,
+                "Ray 1 worker data wait s/step",
+                "Ray 1 worker s/step",
+                better="lower",
+            ),
+            comparison(
+                "1 worker: share of a step reporting",
+                "seconds per step of ray.train.report (one a window of 5 steps), over the step time",
+                quantities,
+                "Ray 1 worker report s/step",
+                "Ray 1 worker s/step",
+                better="lower",
             ),
             comparison(
                 "tokens/s, 2 workers vs plain torch",

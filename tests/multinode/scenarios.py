@@ -33,7 +33,7 @@ LINK_CUT_S = 20
 HEAD_DOWN_S = 10
 JOB_S = 900  # a ceiling for a loaded 2-core machine
 #: Training in the node-loss cases: three workers, one a node, checkpoints every CHECKPOINT_EVERY steps.
-TRAIN_STEPS = 32
+TRAIN_STEPS = 16
 CHECKPOINT_EVERY = 4
 
 
@@ -196,12 +196,18 @@ def train_overrides(wait_for_nodes_s: float) -> list[str]:
 
 
 #: Elastic training on the three nodes: two to three workers of 2 CPUs (a node of 2 or 3 CPUs holds one, so the
-#: group is as large as the nodes alive), the batch of the fixed-count runs, room to grow looked for every 10 s.
+#: group is as large as the nodes alive), 96 sequences a step in micro-batches of 8, room to grow looked for every
+#: 5 s. Ray Train sees nodes come and go through Ray Data's autoscaling coordinator, which looks every 20 s: the
+#: group grows within about 30 s of the node's return (look, resize check, shutdown), so the two survivors must still
+#: be training then. At about 0.6 s a step they have some 70 s of steps left after the shrink (4 epochs in all).
+ELASTIC_STEPS = 128
 ELASTIC = [
-    "train.num_workers=[2, 3]", "train.cpus_per_worker=2", "train.gradient_accumulation_steps=2", *BATCH,
-    "train.resize_check_s=10", f"train.max_steps={TRAIN_STEPS}", f"train.checkpoint_every={CHECKPOINT_EVERY}",
-    "train.log_every=1", "train.eval_every=8",
+    "train.num_workers=[2, 3]", "train.cpus_per_worker=2", "train.micro_batch_size=8",
+    "train.gradient_accumulation_steps=4", "train.sample_ledger=true", "train.resize_check_s=5",
+    f"train.max_steps={ELASTIC_STEPS}", "train.checkpoint_every=8", "train.log_every=1", "train.eval_every=32",
 ]  # fmt: skip
+#: Sequences per step of the elastic runs.
+ELASTIC_BATCH = 96
 
 
 def reported_at_world(run_dir: Path, world: int, after: float) -> list[dict]:
@@ -217,7 +223,7 @@ def shrink_and_grow(cluster: NamespaceCluster, storage: Path, run_name: str) -> 
     lost = cluster.workers[0]
     _, submission = submit(cluster, storage, "train", run_name, *ELASTIC, wait=False)
     run_dir = storage / run_name
-    wait_for(lambda: len(steps(run_dir)) >= CHECKPOINT_EVERY + 2, JOB_S, "training past its first checkpoint")
+    wait_for(lambda: len(steps(run_dir)) >= 10, JOB_S, "training past its first checkpoint")
     if {row.get("world_size") for row in steps(run_dir)} != {3}:
         raise AssertionError(f"training did not start on three workers: {steps(run_dir)}")
     lost_at, killed_at = time.time(), time.monotonic()
