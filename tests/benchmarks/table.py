@@ -39,6 +39,7 @@ HEADLINES = [
     ("recovery", "seconds to progress after a kill"),
     ("node_loss_data", "stage seconds, a node lost vs undisturbed"),
     ("node_loss_training", "seconds to progress after a node's loss"),
+    ("node_loss_elastic", "seconds to progress on the survivors"),
     ("node_loss", "node lost: seconds to the replica running again"),
     ("node_loss", "node lost: requests failed, %"),
     ("node_loss", "head restart: requests failed, %"),
