@@ -43,7 +43,7 @@ def run_trial(params: dict[str, Any], *, train: dict[str, Any], tune_config: dic
         name=ray.tune.get_context().get_trial_name(),
         callbacks=[TuneReportCallback()],
     )
-    with worker_group_start_timeout(config):
+    with worker_group_start_timeout(config, stop_when_lost=False):
         trainer.fit()
 
 

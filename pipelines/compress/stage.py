@@ -89,7 +89,7 @@ def distill_into(
         storage_path=CompressionFront.at(run).root / "students",
         name=ray.tune.get_context().get_trial_id(),
     )
-    with worker_group_start_timeout(student):
+    with worker_group_start_timeout(student, stop_when_lost=False):
         result = trainer.fit()
     copy_export(result, out)
     return result.metrics

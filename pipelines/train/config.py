@@ -245,6 +245,11 @@ class TrainConfig(StrictModel):
     def effective_global_batch_size(self) -> int:
         return self.micro_batch_size * self.gradient_accumulation_steps * self.max_workers
 
+    @property
+    def micro_batches_per_step(self) -> int:
+        """Micro-batches in one optimizer step across all workers (the same at every worker count)."""
+        return self.effective_global_batch_size // self.micro_batch_size
+
     def accumulation_at(self, world: int) -> int:
         """Micro-batches each of ``world`` workers accumulates per optimizer step: the global batch is fixed."""
         if world not in self.worker_counts:
@@ -303,6 +308,8 @@ class TrainConfig(StrictModel):
             num_workers=workers,
             gradient_accumulation_steps=self.effective_global_batch_size // per_pass,
             global_batch_size=None,
+            # An elastic trial waits for its min workers as Ray Train does; the recipe's bound is for fixed counts.
+            wait_for_nodes_s=None if isinstance(workers, tuple) else trial.wait_for_nodes_s,
         ).shortened(steps, report_every=max(1, min(self.log_every, steps)))
 
     def for_student(

@@ -153,7 +153,8 @@ def _memory_mib(device) -> float:
 
 
 def _sum_across_ranks(values: list[float], device) -> list[float]:
-    """Element-wise sums of per-rank scalars (see :func:`_mean_across_ranks` for the device)."""
+    """Element-wise sums of per-rank scalars. The tensor lives on the engine's device: NCCL (GPU runs) refuses
+    CPU tensors, gloo (CPU runs) takes them."""
     import torch
     import torch.distributed as dist
 
@@ -164,40 +165,45 @@ def _sum_across_ranks(values: list[float], device) -> list[float]:
 
 
 def _mean_across_ranks(value: float, device) -> float:
-    """Mean of a per-rank scalar. The tensor lives on the engine's device: NCCL (GPU runs) refuses
-    CPU tensors, gloo (CPU runs) takes them."""
-    import torch
+    """Mean of a per-rank scalar."""
     import torch.distributed as dist
 
-    tensor = torch.tensor([value], dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor)
-        tensor /= dist.get_world_size()
-    return float(tensor.item())
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return _sum_across_ranks([value], device)[0] / world
 
 
-def held_out_batches(shard, micro_batch_size: int, rank: int, world: int, total: int) -> list:
+def held_out_batches(shard, micro_batch_size: int, rank: int, world: int, total: int) -> list[tuple[Any, bool]]:
     """This rank's share of the first ``total`` held-out micro-batches (every ``world``-th), read once and kept:
     every evaluation then scores the same rows, whatever the worker count, and none pays for starting a Ray
-    Data stream again (~15 s on 2 cores)."""
-    return [batch for index, batch in _batches(shard, micro_batch_size, 0, limit=total) if index % world == rank]
+    Data stream again (~15 s on 2 cores). Each comes with whether it counts: a rank with fewer than the others
+    repeats its first batch uncounted, so that every rank runs the same forward passes (ZeRO-3 gathers the
+    parameters in each, a collective)."""
+    read = list(_batches(shard, micro_batch_size, 0, limit=total))
+    mine = [(batch, True) for index, batch in read if index % world == rank]
+    passes = -(-len(read) // world)  # ceil: the most any rank holds
+    if read and len(mine) < passes:
+        padding = mine[0][0] if mine else read[0][1]
+        mine += [(padding, False)] * (passes - len(mine))
+    return mine
 
 
-def evaluate(engine, batches: list) -> float:
-    """Mean held-out loss over every rank's batches (ranks may hold different numbers of them)."""
+def evaluate(engine, batches: list[tuple[Any, bool]]) -> float:
+    """Mean held-out loss over every rank's counted batches (ranks may count different numbers of them)."""
     import torch
 
-    total = 0.0
+    total, counted = 0.0, 0
     engine.eval()
     with torch.no_grad():
-        for batch in batches:
-            total += float(engine(**_on(batch, engine.device)).loss)
+        for batch, counts in batches:
+            loss = float(engine(**_on(batch, engine.device)).loss)
+            if counts:
+                total, counted = total + loss, counted + 1
     engine.train()
-    summed, count = _sum_across_ranks([total, float(len(batches))], engine.device)
+    summed, count = _sum_across_ranks([total, float(counted)], engine.device)
     return summed / count if count else float("nan")
 
 
-def restore_point(checkpoint, config) -> dict[str, Any] | None:
+def restore_point(checkpoint, config, world: int) -> dict[str, Any] | None:
     """What the latest checkpoint says about the run: None to start fresh, ``{"finished": True}`` when
     the final export is the latest checkpoint, else the saved state. Any worker count may load it (ZeRO's
     state is re-sharded, the data position is per micro-batch); another batch shape is refused, since
@@ -209,9 +215,15 @@ def restore_point(checkpoint, config) -> dict[str, Any] | None:
             return {"finished": True}
         saved = json.loads((Path(directory) / RUN_STATE).read_text())
     if "global_batch_size" not in saved:  # written before positions counted micro-batches: it counted rounds
+        if saved["world_size"] != world:  # its batch shape is not recorded: only the same group can tell
+            raise RuntimeError(
+                f"the checkpoint at step {saved['step']} was written by {saved['world_size']} workers before Loom "
+                f"recorded batch shapes; resume it with train.num_workers={saved['world_size']} once (its next "
+                "checkpoint can then resume at any count), or start a new run_name."
+            )
         saved.update(
             data_position=saved["data_position"] * saved["world_size"],
-            global_batch_size=config.micro_batch_size * config.gradient_accumulation_steps * saved["world_size"],
+            global_batch_size=config.effective_global_batch_size,
             micro_batch_size=config.micro_batch_size,
         )
     now = {"micro_batch_size": config.micro_batch_size, "global_batch_size": config.effective_global_batch_size}
@@ -271,7 +283,7 @@ class RankRun:
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.checkpoint = ray.train.get_checkpoint()
-        self.saved = restore_point(self.checkpoint, config)
+        self.saved = restore_point(self.checkpoint, config, self.world)
         if self.finished_before:
             return
         #: Seconds of this group start's restore, by phase (reported with its first step).
@@ -304,7 +316,7 @@ class RankRun:
             if self.rank == 0
             else None
         )
-        per_step = config.effective_global_batch_size // config.micro_batch_size
+        per_step = config.micro_batches_per_step
         #: Micro-batches trained per epoch: whole optimizer steps of the training rows.
         self.per_epoch = loop_config["train_rows"] // config.micro_batch_size // per_step * per_step
         if self.per_epoch == 0:
@@ -363,8 +375,12 @@ class RankRun:
         if self.rank == 0 and self.saved["world_size"] != self.world:
             print(
                 f"loom: resized from {self.saved['world_size']} to {self.world} workers at step {self.saved['step']}: "
-                f"ZeRO state re-sharded in {self.restart_s.get('reshard', 0):.1f} s, "
-                f"{self.config.accumulation_at(self.world)} micro-batches per worker per step",
+                + (
+                    f"ZeRO state re-sharded in {self.restart_s['reshard']:.1f} s, "
+                    if "reshard" in self.restart_s
+                    else "ZeRO-0 state loaded as saved, "
+                )
+                + f"{self.config.accumulation_at(self.world)} micro-batches per worker per step",
                 flush=True,
             )
 
@@ -491,9 +507,11 @@ class RankRun:
 
         step = self.engine.global_steps
         with tempfile.TemporaryDirectory() as directory:
+            # A checkpoint on an epoch's last step resumes at the next epoch's start, not by streaming this one.
+            epoch, position = (self.epoch + 1, 0) if self.position >= self.per_epoch else (self.epoch, self.position)
             state = {
-                "epoch": self.epoch,
-                "data_position": self.position,
+                "epoch": epoch,
+                "data_position": position,
                 "step": step,
                 "world_size": self.world,
                 "micro_batch_size": self.config.micro_batch_size,

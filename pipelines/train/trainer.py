@@ -78,6 +78,13 @@ def build_trainer(
         if data.has_val:
             datasets["val"] = read_parquet(str(data.val))
     has_val = "val" in datasets
+    train_rows = datasets["train"].count()  # parquet: from the files' metadata
+    if train_rows < config.effective_global_batch_size:  # before any worker starts, rather than in each
+        raise ValueError(
+            f"the training data holds {train_rows} sequences, fewer than one global batch "
+            f"({config.effective_global_batch_size}); add data or lower train.micro_batch_size or "
+            "train.gradient_accumulation_steps"
+        )
     execution = ray.train.DataConfig.default_ingest_options()
     execution.preserve_order = True  # the same order after a restart, so the data position means something
     # Not split by Ray: every worker streams all rows in order and keeps its own micro-batches
@@ -91,7 +98,7 @@ def build_trainer(
             "tokenizer_dir": tokenizer_dir,
             "seq_len": seq_len,
             "has_val": has_val,
-            "train_rows": datasets["train"].count(),  # parquet: from the files' metadata
+            "train_rows": train_rows,
             "ledger": str(ledger_path(storage_path, name)) if config.sample_ledger else None,
         },
         scaling_config=ray.train.ScalingConfig(
@@ -123,7 +130,7 @@ class NodesLostError(RuntimeError):
 
 
 @contextmanager
-def worker_group_start_timeout(config: TrainConfig) -> Iterator[None]:
+def worker_group_start_timeout(config: TrainConfig, stop_when_lost: bool = True) -> Iterator[None]:
     """How long a worker group start waits to be placed on the cluster, while ``fit`` runs: Ray Train reads it from an
     environment variable and passes it on to its controller (restored after, since later stages run in the same
     process; a Tune trial's process sets its own).
@@ -131,10 +138,14 @@ def worker_group_start_timeout(config: TrainConfig) -> Iterator[None]:
     - Elastic (``num_workers: [min, max]``): ``train.elastic_start_wait_s``. A worker lost with its node is seen by
       Ray Train within a second, but the node stays listed alive until Ray's health checks fail; a start sized for
       it waits for room that will not come. Past this wait the controller decides again with the nodes then alive.
-    - Fixed, with ``train.wait_for_nodes_s``: that bound, its timeout turned into a :class:`NodesLostError` that
-      says what to do.
+    - Fixed, with ``train.wait_for_nodes_s`` and ``stop_when_lost`` (the train stage, whose trainer was built with
+      ``bounded_wait``): that bound, its timeout turned into a :class:`NodesLostError` that says what to do.
+      Sweep trials and distillation runs pass ``stop_when_lost=False``: Ray Train's own wait.
     """
-    seconds = config.elastic_start_wait_s if config.elastic else config.wait_for_nodes_s
+    if config.elastic:
+        seconds: float | None = config.elastic_start_wait_s
+    else:
+        seconds = config.wait_for_nodes_s if stop_when_lost else None
     if seconds is None:
         yield
         return

@@ -144,10 +144,10 @@ def test_a_checkpoint_loads_at_any_worker_count_but_not_with_another_batch(tmp_p
 
     state = {"epoch": 0, "data_position": 12, "step": 3, "world_size": 2, "micro_batch_size": 16}
     train = load_config(TINY, ["train.num_workers=[1, 2]"]).train  # global batch 32
-    saved = restore_point(_checkpoint(tmp_path, {**state, "global_batch_size": 32}), train)
+    saved = restore_point(_checkpoint(tmp_path, {**state, "global_batch_size": 32}), train, 1)
     assert saved["data_position"] == 12 and saved["world_size"] == 2
     with pytest.raises(RuntimeError, match=r"written with train.global_batch_size=64 \(now 32\)"):
-        restore_point(_checkpoint(tmp_path, {**state, "global_batch_size": 64}), train)
+        restore_point(_checkpoint(tmp_path, {**state, "global_batch_size": 64}), train, 2)
 
 
 def test_a_checkpoint_from_before_positions_counted_micro_batches_is_read_in_micro_batches(tmp_path):
@@ -155,4 +155,12 @@ def test_a_checkpoint_from_before_positions_counted_micro_batches_is_read_in_mic
 
     train = load_config(TINY, ["train.num_workers=2"]).train
     legacy = {"epoch": 1, "data_position": 6, "step": 3, "world_size": 2}  # 6 rounds of 2 micro-batches
-    assert restore_point(_checkpoint(tmp_path, legacy), train)["data_position"] == 12
+    assert restore_point(_checkpoint(tmp_path, legacy), train, 2)["data_position"] == 12
+    with pytest.raises(RuntimeError, match="resume it with train.num_workers=2 once"):
+        restore_point(_checkpoint(tmp_path, legacy), train, 1)
+
+
+def test_an_elastic_trial_drops_the_fixed_count_wait():
+    train = load_config(TINY, ["train.wait_for_nodes_s=30"]).train
+    assert train.for_trial({}, steps=4, workers=(1, 2)).wait_for_nodes_s is None
+    assert train.for_trial({}, steps=4, workers=2).wait_for_nodes_s == 30
