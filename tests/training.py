@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
 from pipelines.runs import RunDir
+
+
+def start_from_data_stage(source: Path, run_dir: Path) -> None:
+    """Make ``run_dir`` a run whose data stage is ``source``'s (copied, with its manifest record), nothing after."""
+    shutil.copytree(source / "data", run_dir / "data")
+    manifest = RunDir(source).manifest()
+    manifest["stages"] = {"data": manifest["stages"]["data"]}
+    RunDir(run_dir).manifest_path.write_text(json.dumps(manifest))
 
 
 def train_worker_pids() -> list[int]:
@@ -85,3 +95,65 @@ def killer(after_step: int, killed: dict):
             time.sleep(0.05)
 
     return kill_one_worker
+
+
+#: How far a step's loss may move when it is trained again at another worker count from the same checkpoint: the
+#: same rows and global batch, summed in another order (accumulation on fewer workers in place of an all-reduce).
+RESIZE_TOLERANCE = 1e-4
+
+
+def trained_at_two_sizes(reports: list[dict]) -> dict[int, list[tuple[int, float]]]:
+    """The steps an elastic run reported at more than one worker count (trained again after a resize, from the
+    same checkpoint): each one's (world size, loss) in report order."""
+    by_step: dict[int, list[tuple[int, float]]] = {}
+    for row in reports:
+        by_step.setdefault(int(row["step"]), []).append((int(row["world_size"]), float(row["loss"])))
+    return {step: runs for step, runs in by_step.items() if len({world for world, _ in runs}) > 1}
+
+
+def loss_spread(again: dict[int, list[tuple[int, float]]]) -> dict[int, float]:
+    """Per step of :func:`trained_at_two_sizes`, its largest loss minus its smallest."""
+    return {step: max(loss for _, loss in runs) - min(loss for _, loss in runs) for step, runs in again.items()}
+
+
+def trained_rows(ledger) -> list[tuple]:
+    """(step, epoch, index in the epoch, token hash) of every micro-batch a run's final model trained on, from its
+    sample ledger (``train.sample_ledger``; a restart's lines supersede the steps it trained again)."""
+    from pipelines.train.ledger import read_ledger
+
+    return [(row["step"], row["epoch"], row["index"], row["hash"]) for row in read_ledger(ledger)]
+
+
+def planned_rows(data_dir, steps: int, batch: int, micro: int) -> list[tuple]:
+    """(step, epoch, index in the epoch, token hash) of every micro-batch a run should train, read from the data
+    stage's packed shards alone: the rows in order, ``batch // micro`` micro-batches a step, epochs of whole steps."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+
+    from pipelines.train.ledger import fingerprint
+
+    table = pq.read_table(data_dir / "train")
+    ids = np.stack(table.column("input_ids").to_numpy(zero_copy_only=False)).astype("int64")
+    per_step = batch // micro
+    steps_per_epoch = len(ids) // micro // per_step
+    planned = []
+    for step in range(1, steps + 1):
+        epoch, in_epoch = divmod(step - 1, steps_per_epoch)
+        for index in range(in_epoch * per_step, (in_epoch + 1) * per_step):
+            planned.append(
+                (step, epoch, index, fingerprint(torch.from_numpy(ids[index * micro : (index + 1) * micro])))
+            )
+    return planned
+
+
+def lost_and_repeated(trained: list[tuple], planned: list[tuple]) -> tuple[int, int]:
+    """Micro-batches of the plan its run never trained in their epoch, and micro-batches it trained more often than
+    planned (rows of :func:`trained_rows` and :func:`planned_rows`; the step aside, which a test checks apart)."""
+    from collections import Counter
+
+    def per_epoch(rows: list[tuple]) -> Counter:
+        return Counter((epoch, index, token_hash) for _, epoch, index, token_hash in rows)
+
+    done, plan = per_epoch(trained), per_epoch(planned)
+    return sum((plan - done).values()), sum((done - plan).values())

@@ -280,14 +280,17 @@ class TrainConfig(StrictModel):
             node[leaf] = value
         return TrainConfig.model_validate(values)
 
-    def shortened(self, steps: int, report_every: int | None = None) -> TrainConfig:
-        """The same run cut to ``steps`` optimizer steps: warm-up within the first quarter, a checkpoint at the
-        end, reports (with an evaluation) every ``report_every`` steps (default: once, at the end)."""
+    def shortened(
+        self, steps: int, report_every: int | None = None, checkpoint_every: int | None = None
+    ) -> TrainConfig:
+        """The same run cut to ``steps`` optimizer steps: warm-up within the first quarter, reports (with an
+        evaluation) every ``report_every`` steps (default: once, at the end), checkpoints every
+        ``checkpoint_every`` (default: at the end only)."""
         every = report_every or steps
         return self._derive(
             max_steps=steps,
             warmup_steps=min(self.warmup_steps, steps // 4),
-            checkpoint_every=steps,
+            checkpoint_every=min(checkpoint_every or steps, steps),
             log_every=every,
             eval_every=every,
         )
@@ -310,7 +313,12 @@ class TrainConfig(StrictModel):
             global_batch_size=None,
             # An elastic trial waits for its min workers as Ray Train does; the recipe's bound is for fixed counts.
             wait_for_nodes_s=None if isinstance(workers, tuple) else trial.wait_for_nodes_s,
-        ).shortened(steps, report_every=max(1, min(self.log_every, steps)))
+        ).shortened(
+            steps,
+            report_every=max(1, min(self.log_every, steps)),
+            # An elastic trial resizes from its last checkpoint: at the recipe's cadence, not only at the end.
+            checkpoint_every=self.checkpoint_every if isinstance(workers, tuple) else None,
+        )
 
     def for_student(
         self,

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.training import RESUME_CHECKPOINT_EVERY, RESUME_STEPS, fit, killer, reported_steps
+from tests.training import RESIZE_TOLERANCE, RESUME_CHECKPOINT_EVERY, RESUME_STEPS, fit, killer, reported_steps
 
 pytestmark = pytest.mark.ray
 STEPS, CHECKPOINT_EVERY, KILL_AFTER = RESUME_STEPS, RESUME_CHECKPOINT_EVERY, 6
@@ -33,11 +33,6 @@ def test_killed_worker_resumes_exactly(uninterrupted, tiny_config, tmp_path):
     assert [p["step"] for p in resumed] == [p["step"] for p in expected] == list(range(1, STEPS + 1))
     for want, got in zip(expected, resumed, strict=True):
         assert abs(want["loss"] - got["loss"]) <= 1e-5, (want, got)
-
-
-#: How far a step's loss after a resize may move from the same step of the run that kept its worker count: the
-#: same rows and global batch, summed in another order (accumulation in place of an all-reduce).
-RESIZE_TOLERANCE = 1e-4
 
 
 def test_a_run_resized_to_one_worker_trains_every_row_once_with_the_same_losses(uninterrupted, tiny_config, tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,15 +15,13 @@ import yaml
 
 from tests.conftest import REPO_ROOT
 from tests.helpers import kill_after_first_finished_trial
-from tests.training import train_worker_pids
+from tests.training import start_from_data_stage, train_worker_pids
 
 pytestmark = pytest.mark.ray
 
 
 def test_killed_sweep_driver_resumes_and_a_killed_trial_worker_is_retried(data_done, tiny_config, tmp_path):
     import ray
-
-    from pipelines.runs import RunDir
 
     raw = tiny_config.model_dump()
     raw["run_name"] = "tune-resume"
@@ -36,11 +33,8 @@ def test_killed_sweep_driver_resumes_and_a_killed_trial_worker_is_retried(data_d
     )
     config = type(tiny_config).model_validate(raw)
     # Its own run on the tests' packed data (copied: a sweep reads its own run's data stage).
-    source, run_dir = tiny_config.run_dir(), config.run_dir()
-    shutil.copytree(source / "data", run_dir / "data")
-    manifest = RunDir(source).manifest()
-    manifest["stages"] = {"data": manifest["stages"]["data"]}
-    RunDir(run_dir).manifest_path.write_text(json.dumps(manifest))
+    run_dir = config.run_dir()
+    start_from_data_stage(tiny_config.run_dir(), run_dir)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_none=True)))
     # The CLI's drivers join this test's cluster, as `loom tune` joins a running cluster.

@@ -164,3 +164,12 @@ def test_an_elastic_trial_drops_the_fixed_count_wait():
     train = load_config(TINY, ["train.wait_for_nodes_s=30"]).train
     assert train.for_trial({}, steps=4, workers=(1, 2)).wait_for_nodes_s is None
     assert train.for_trial({}, steps=4, workers=2).wait_for_nodes_s == 30
+
+
+def test_an_elastic_trial_checkpoints_at_the_recipe_cadence():
+    """A resize goes on from the last checkpoint: an elastic trial keeps the recipe's cadence (within its budget);
+    a fixed-count trial checkpoints once, at its end."""
+    train = load_config(TINY, ["train.checkpoint_every=4"]).train
+    assert train.for_trial({}, steps=10, workers=(1, 2)).checkpoint_every == 4
+    assert train.for_trial({}, steps=3, workers=(1, 2)).checkpoint_every == 3
+    assert train.for_trial({}, steps=10, workers=2).checkpoint_every == 10
