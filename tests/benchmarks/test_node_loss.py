@@ -18,9 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.train.trainer import ledger_path
 from tests.benchmarks.conftest import RUNS, comparison
 from tests.multinode.scenarios import (
     CHECKPOINT_EVERY,
+    ELASTIC_BATCH,
+    ELASTIC_MICRO,
     ELASTIC_STEPS,
     LINK_CUT_S,
     TRAIN_STEPS,
@@ -39,6 +42,7 @@ from tests.multinode.scenarios import (
     submit_chain,
     three_nodes,
 )
+from tests.training import lost_and_repeated, planned_rows, trained_rows
 
 pytestmark = [pytest.mark.benchmark, pytest.mark.timeout(5400)]
 
@@ -245,13 +249,25 @@ def test_elastic_training_on_a_lost_node(cluster, tmp_path, record_benchmark):
     submit(cluster, tmp_path, "data", "base")
     rounds: list[Measured] = []
     phases: list[dict[str, float]] = []
+    accounts: list[tuple[int, int]] = []
     for round_ in range(RUNS):
         shutil.copytree(tmp_path / "base", tmp_path / f"elastic-{round_}")
         rounds.append(shrink_and_grow(cluster, tmp_path, f"elastic-{round_}"))
         phases.append(elastic_shrink_phases(tmp_path / f"elastic-{round_}", rounds[-1].lost_at))
-        print(rounds[-1].line("elastic training, a node lost and back"), phases[-1])
+        # The sample ledger against the plan read from the packed shards: every sequence once per epoch.
+        run_dir = tmp_path / f"elastic-{round_}"
+        accounts.append(
+            lost_and_repeated(
+                trained_rows(ledger_path(run_dir / "train", "ray")),
+                planned_rows(run_dir / "data", ELASTIC_STEPS, ELASTIC_BATCH, ELASTIC_MICRO),
+            )
+        )
+        print(rounds[-1].line("elastic training, a node lost and back"), phases[-1], "lost, repeated:", accounts[-1])
     quantities = {f"seconds to {milestone}": [m.seconds[milestone] for m in rounds] for milestone in rounds[0].seconds}
     quantities.update({f"shrink: {phase} s": [p[phase] for p in phases] for phase in phases[0]})
+    quantities["sequences lost"] = [lost * ELASTIC_MICRO for lost, _ in accounts]
+    quantities["sequences repeated"] = [repeated * ELASTIC_MICRO for _, repeated in accounts]
+    quantities["sequences lost or repeated"] = [(lost + repeated) * ELASTIC_MICRO for lost, repeated in accounts]
     record_benchmark(
         "node_loss_elastic",
         stage="train: elastic, a node lost",
@@ -273,6 +289,14 @@ def test_elastic_training_on_a_lost_node(cluster, tmp_path, record_benchmark):
                 "seconds from the node's loss to a step reported by the two survivors",
                 quantities,
                 "seconds to progressing on 2 workers",
+                better="lower",
+            ),
+            comparison(
+                "sequences lost or repeated across the resizes",
+                "sequences of the plan not trained in their epoch plus sequences trained more than once (sample "
+                "ledger against the packed shards)",
+                quantities,
+                "sequences lost or repeated",
                 better="lower",
             ),
             comparison(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.multinode.scenarios import three_nodes
+from tests.multinode.scenarios import DataRun, submit_tiny_data, three_nodes
 
 
 @pytest.fixture(scope="package")
@@ -21,3 +21,9 @@ def cluster():
     redis = shutil.which("redis-server") is not None or bool(os.environ.get("CI"))
     with three_nodes(Path(f"/tmp/lns{os.getpid()}"), redis=redis) as running:
         yield running
+
+
+@pytest.fixture(scope="package")
+def tiny_data(cluster, tmp_path_factory) -> DataRun:
+    """The tiny recipe's data stage, submitted once: the chain and the training cases start from copies of it."""
+    return submit_tiny_data(cluster, tmp_path_factory.mktemp("tiny-data"))

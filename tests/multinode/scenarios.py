@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -115,14 +116,20 @@ class Loss:
         return time.monotonic() - self.killed_at
 
 
-def kill_and_restart(cluster: NamespaceCluster, node) -> Loss:
+def kill_and_restart(
+    cluster: NamespaceCluster, node, stay_down_until: tuple[str, Callable[[float], bool]] | None = None
+) -> Loss:
     """Kill every process of ``node`` (the time taken before kill(), which returns once all have exited); once Ray
-    lists it dead, start a new Ray node at its address, whatever happened: what follows needs every node."""
+    lists it dead (and, with ``stay_down_until`` = (what, condition of the kill's wall-clock time), once the
+    condition holds), start a new Ray node at its address, whatever happened: what follows needs every node."""
     lost_at, killed_at = time.time(), time.monotonic()
     node.kill()
     try:
         wait_for(lambda: node.address not in cluster.alive_node_addresses(), 120, "Ray to declare the node dead")
         dead_s = time.monotonic() - killed_at
+        if stay_down_until is not None:
+            what, condition = stay_down_until
+            wait_for(lambda: condition(lost_at), JOB_S, what)
     finally:
         cluster.start_worker(node, cluster.worker_cpus)
     return Loss(lost_at, killed_at, dead_s)
@@ -143,6 +150,25 @@ def lose_a_data_node(cluster: NamespaceCluster, storage: Path, corpus: Path, run
     wait_for(lambda: lost.address in cluster.alive_node_addresses(), 300, "the node to be back")
     seconds = {"declared dead": loss.dead_s, "stage complete": complete_s, "stage": job_seconds(cluster, submission)}
     return Measured(seconds, requests=0, lost_at=loss.lost_at)
+
+
+@dataclass
+class DataRun:
+    """A run whose data stage completed on the cluster: its directory and the job that ran it."""
+
+    run_dir: Path
+    job_id: str
+
+    def copy_to(self, storage: Path, run_name: str) -> Path:
+        """A new run ``run_name`` that starts from this data stage (its manifest says data is complete, so the
+        chain skips it); the run's directory."""
+        return Path(shutil.copytree(self.run_dir, storage / run_name))
+
+
+def submit_tiny_data(cluster: NamespaceCluster, storage: Path) -> DataRun:
+    """The data stage of :func:`submit`'s recipe (the chain's and the training cases'), as a job of its own."""
+    _, submission = submit(cluster, storage, "data", "data")
+    return DataRun(storage / "data", cluster.job(submission)["job_id"])
 
 
 def submit_chain(cluster: NamespaceCluster, storage: Path, run_name: str = "across") -> Chain:
@@ -201,8 +227,9 @@ def train_overrides(wait_for_nodes_s: float) -> list[str]:
 #: group grows within about 30 s of the node's return (look, resize check, shutdown), so the two survivors must still
 #: be training then. At about 0.6 s a step they have some 70 s of steps left after the shrink (4 epochs in all).
 ELASTIC_STEPS = 128
+ELASTIC_MICRO = 8
 ELASTIC = [
-    "train.num_workers=[2, 3]", "train.cpus_per_worker=2", "train.micro_batch_size=8",
+    "train.num_workers=[2, 3]", "train.cpus_per_worker=2", f"train.micro_batch_size={ELASTIC_MICRO}",
     "train.gradient_accumulation_steps=4", "train.sample_ledger=true", "train.resize_check_s=5",
     f"train.max_steps={ELASTIC_STEPS}", "train.checkpoint_every=8", "train.log_every=1", "train.eval_every=32",
 ]  # fmt: skip
@@ -226,29 +253,23 @@ def shrink_and_grow(cluster: NamespaceCluster, storage: Path, run_name: str) -> 
     wait_for(lambda: len(steps(run_dir)) >= 10, JOB_S, "training past its first checkpoint")
     if {row.get("world_size") for row in steps(run_dir)} != {3}:
         raise AssertionError(f"training did not start on three workers: {steps(run_dir)}")
-    lost_at, killed_at = time.time(), time.monotonic()
-    lost.kill()
-    wait_for(lambda: lost.address not in cluster.alive_node_addresses(), 120, "Ray to declare the node dead")
-    dead_s = time.monotonic() - killed_at
-    try:
-        wait_for(lambda: reported_at_world(run_dir, 2, lost_at), JOB_S, "two workers to report a step")
-        shrunk_s = reported_at_world(run_dir, 2, lost_at)[0]["reported_at"] - lost_at
-    finally:
-        cluster.start_worker(lost, cluster.worker_cpus)
+    shrunk = ("two workers to report a step", lambda lost_at: bool(reported_at_world(run_dir, 2, lost_at)))
+    loss = kill_and_restart(cluster, lost, stay_down_until=shrunk)
+    shrunk_s = reported_at_world(run_dir, 2, loss.lost_at)[0]["reported_at"] - loss.lost_at
     wait_for(lambda: lost.address in cluster.alive_node_addresses(), 300, "the node to be back")
-    back_at, back_s = time.time(), time.monotonic() - killed_at
+    back_at, back_s = time.time(), loss.since()
     wait_for(lambda: reported_at_world(run_dir, 3, back_at), JOB_S, "three workers to report a step again")
-    grown_s = reported_at_world(run_dir, 3, back_at)[0]["reported_at"] - lost_at
+    grown_s = reported_at_world(run_dir, 3, back_at)[0]["reported_at"] - loss.lost_at
     final = cluster.job_ended(submission, JOB_S)
     if final["status"] != "SUCCEEDED":
         raise AssertionError(final)
     seconds = {
-        "declared dead": dead_s,
+        "declared dead": loss.dead_s,
         "progressing on 2 workers": shrunk_s,
         "node back": back_s,
         "progressing on 3 workers": grown_s,
     }
-    return Measured(seconds, requests=0, lost_at=lost_at)
+    return Measured(seconds, requests=0, lost_at=loss.lost_at)
 
 
 def steps(run_dir: Path) -> list[dict]:

@@ -31,21 +31,26 @@ pytestmark = pytest.mark.multinode
 
 
 @pytest.fixture(scope="module")
-def chain(cluster, tmp_path_factory):
-    yield submit_chain(cluster, tmp_path_factory.mktemp("multinode-runs"))
+def chain(cluster, tiny_data, tmp_path_factory):
+    """The chain from the package's data stage on (its job: test_the_data_stage_runs_on_more_than_one_node)."""
+    storage = tmp_path_factory.mktemp("multinode-runs")
+    tiny_data.copy_to(storage, "across")
+    yield submit_chain(cluster, storage, "across")
     shut_down_serve(cluster)  # the next modules want the nodes' CPUs
 
 
-def test_the_data_stage_runs_on_more_than_one_node(cluster, chain):
+def test_the_data_stage_runs_on_more_than_one_node(cluster, tiny_data, chain):
     nodes = cluster.node_addresses()
-    # Ray Data's operators (reads, maps, shuffles) run as tasks named after them; the chain's own tasks aside.
+    # Ray Data's operators (reads, maps, shuffles) run as tasks named after them; the stage's own tasks aside.
     data_tasks = [
         task
-        for task in cluster.job_tasks(chain.job_id)
+        for task in cluster.job_tasks(tiny_data.job_id)
         if re.match(r"^(Read|Map|_shuffle|Hash|Sort|Aggregate|Repartition)", task["name"])
     ]
     where = Counter(nodes[task["node_id"]] for task in data_tasks if task.get("node_id"))
     assert len(where) >= 2, (where, sorted({task["name"] for task in data_tasks}))
+    # The chain went on from that stage's outputs: the same config, so the same key.
+    assert "[loom] data: already complete" in chain.output, chain.output[-3000:]
     assert (chain.run_dir / "data" / "_COMPLETE").is_file()
 
 
