@@ -9,7 +9,15 @@ import pytest
 
 from tests.benchmarks.conftest import RUNS, comparison
 from tests.conftest import TINY
-from tests.training import fit, killer, reported_steps, resume_config
+from tests.training import (
+    fit,
+    killer,
+    lost_and_repeated,
+    planned_rows,
+    reported_steps,
+    resume_config,
+    trained_rows,
+)
 
 pytestmark = [pytest.mark.benchmark, pytest.mark.timeout(2400)]
 CHECKPOINT_EVERY, KILL_AFTER, STEPS = 4, 6, 12
@@ -43,6 +51,7 @@ def test_recovery_after_a_killed_worker(tmp_path, record_benchmark):
     from cluster.chain import run_stage
     from cluster.connect import connect
     from cluster.recipe import load_config
+    from pipelines.train.trainer import ledger_path
 
     cfg = load_config(
         TINY, [f"storage={tmp_path}", "run_name=recovery", "data.max_documents=120", "data.vocab_size=1024"]
@@ -51,6 +60,9 @@ def test_recovery_after_a_killed_worker(tmp_path, record_benchmark):
     run_stage("data", cfg)
     config = resume_config(cfg.train, STEPS, CHECKPOINT_EVERY)
     quantities = {"seconds to progress": [], "steps redone": [], "steps skipped": [], "killed after step": []}
+    quantities.update({"sequences lost": [], "sequences repeated": [], "sequences lost or repeated": []})
+    micro, batch = config.micro_batch_size, config.effective_global_batch_size
+    planned = planned_rows(cfg.run_dir() / "data", STEPS, batch, micro)
     quantities.update({phase: [] for phase in PHASES})
     for run in range(RUNS):
         killed: dict[str, float] = {}
@@ -66,6 +78,11 @@ def test_recovery_after_a_killed_worker(tmp_path, record_benchmark):
         quantities["steps redone"].append(int(killed["step"]) - CHECKPOINT_EVERY)
         quantities["steps skipped"].append(len(set(range(1, STEPS + 1)) - set(reported_steps(history))))
         quantities["killed after step"].append(int(killed["step"]))
+        # The sample ledger (the micro-batches the final model trained on) against the plan from the shards.
+        lost, repeated = lost_and_repeated(trained_rows(ledger_path(tmp_path, f"killed-{run}")), planned)
+        quantities["sequences lost"].append(lost * micro)
+        quantities["sequences repeated"].append(repeated * micro)
+        quantities["sequences lost or repeated"].append((lost + repeated) * micro)
     ray.shutdown()
     assert quantities["steps skipped"] == [0] * RUNS
     record_benchmark(
@@ -97,6 +114,14 @@ def test_recovery_after_a_killed_worker(tmp_path, record_benchmark):
                     better="lower",
                 )
                 for phase in PHASES
+            ),
+            comparison(
+                "sequences lost or repeated after a kill",
+                "sequences of the plan the final model did not train in their epoch, plus those it trained more "
+                "than once (sample ledger against the packed shards)",
+                quantities,
+                "sequences lost or repeated",
+                better="lower",
             ),
             comparison(
                 "steps redone after a kill",

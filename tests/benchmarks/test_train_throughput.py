@@ -1,11 +1,16 @@
 """Training throughput: Ray Train + DeepSpeed (1 and 2 workers) against a plain single-process torch loop
-on the same model, micro-batch and packed shards, in one run: three rounds, the three setups alternating."""
+on the same model, micro-batch and packed shards, in one run: three rounds, the setups alternating. Between them,
+to say where a step's extra time goes: DeepSpeed's step alone (one process, no Ray) and inside a Ray Train worker
+on batches in memory (no Ray Data): tests/benchmarks/deepspeed_loop.py."""
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from functools import partial
 
@@ -13,7 +18,7 @@ import numpy as np
 import pytest
 
 from tests.benchmarks.conftest import BENCH_MODEL, comparison, side_by_side
-from tests.conftest import TINY
+from tests.conftest import REPO_ROOT, TINY
 from tests.training import fit
 
 pytestmark = [pytest.mark.benchmark, pytest.mark.timeout(2400)]
@@ -39,6 +44,46 @@ def plain_torch_loop(cfg, shards: list[np.ndarray]) -> float:
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - started)
     return statistics.median(times[WARMUP_STEPS:])
+
+
+def engine_arguments(cfg, shards: list[np.ndarray]) -> dict:
+    """deepspeed_loop.median_step_s's arguments: the stage's 1-worker setup (ZeRO-0), the same batches."""
+    train = {**cfg.train.model_dump(), "num_workers": 1, "zero_stage": 0, "micro_batch_size": MICRO_BATCH}
+    return {
+        "train": {**train, "max_steps": STEPS},
+        "tokenizer_dir": str(cfg.run_dir() / "data" / "tokenizer"),
+        "seed": cfg.seed,
+        "shards": [shard.tolist() for shard in shards[:STEPS]],
+        "steps": STEPS,
+        "warmup": WARMUP_STEPS,
+    }
+
+
+def deepspeed_alone(cfg, shards: list[np.ndarray]) -> float:
+    """Seconds per step of DeepSpeed's engine in a process of its own: no Ray, batches in memory."""
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.benchmarks.deepspeed_loop", json.dumps(engine_arguments(cfg, shards))],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise AssertionError(result.stderr[-3000:])
+    return json.loads(result.stdout.strip().splitlines()[-1])["median_step_s"]
+
+
+def deepspeed_in_ray_train(cfg, shards: list[np.ndarray], tmp_path) -> float:
+    """Seconds per step of the same engine in a Ray Train worker with the machine's CPUs: no Ray Data, no reports."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from tests.benchmarks.deepspeed_loop import ray_train_worker
+
+    trainer = TorchTrainer(
+        ray_train_worker,
+        train_loop_config=engine_arguments(cfg, shards),
+        scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": os.cpu_count() or 1}),
+        run_config=ray.train.RunConfig(name=f"engine-{next(RUN_NUMBERS)}", storage_path=str(tmp_path / "engine")),
+    )
+    return trainer.fit().metrics["median_step_s"]
 
 
 #: Each training run's own name (and history file): a later round must not resume an earlier one's checkpoint.
@@ -98,6 +143,8 @@ def test_ray_train_deepspeed_against_a_plain_torch_loop(tmp_path, record_benchma
     runs = side_by_side(
         {
             "plain": partial(plain_torch_loop, cfg, shards),
+            "deepspeed": partial(deepspeed_alone, cfg, shards),
+            "ray_train": partial(deepspeed_in_ray_train, cfg, shards, tmp_path),
             "one": partial(ray_deepspeed, cfg, tmp_path, 1),
             "two": partial(ray_deepspeed, cfg, tmp_path, 2),
         }
@@ -105,6 +152,8 @@ def test_ray_train_deepspeed_against_a_plain_torch_loop(tmp_path, record_benchma
     ray.shutdown()
     quantities = {
         "plain torch s/step": runs["plain"],
+        "DeepSpeed alone s/step": runs["deepspeed"],
+        "DeepSpeed in a Ray Train worker s/step": runs["ray_train"],
         "Ray 1 worker s/step": [step for step, _, _ in runs["one"]],
         "Ray 2 workers s/step": [step for step, _, _ in runs["two"]],
         "plain torch tokens/s": [tokens_per_step / s for s in runs["plain"]],
@@ -127,6 +176,8 @@ def test_ray_train_deepspeed_against_a_plain_torch_loop(tmp_path, record_benchma
             "statistic_per_run": "median step time after the warm-up steps",
             "setups": {
                 "plain torch": "1 process, AdamW + clipping, the machine's threads",
+                "DeepSpeed alone": "the stage's engine (ZeRO-0, 1 rank) in 1 process, no Ray, batches in memory",
+                "DeepSpeed in a Ray Train worker": "the same in a Ray Train worker with all CPUs, no Ray Data",
                 "Ray 1 worker": f"ZeRO-0, 1 worker with {os.cpu_count()} CPUs, Ray Data ingest and reports included",
                 "Ray 2 workers": f"ZeRO-2, 2 workers with {max(1, (os.cpu_count() or 2) // 2)} CPU(s) each",
             },
@@ -139,6 +190,30 @@ def test_ray_train_deepspeed_against_a_plain_torch_loop(tmp_path, record_benchma
                 quantities,
                 "Ray 1 worker tokens/s",
                 "plain torch tokens/s",
+            ),
+            comparison(
+                "DeepSpeed's share: its engine alone vs plain torch",
+                "seconds per step, DeepSpeed's engine in one process over the plain torch loop's",
+                quantities,
+                "DeepSpeed alone s/step",
+                "plain torch s/step",
+                better="lower",
+            ),
+            comparison(
+                "Ray Train's share: the engine in a Ray Train worker vs alone",
+                "seconds per step, the engine in a Ray Train worker (no Ray Data) over the engine alone",
+                quantities,
+                "DeepSpeed in a Ray Train worker s/step",
+                "DeepSpeed alone s/step",
+                better="lower",
+            ),
+            comparison(
+                "the stage's share: the train stage's loop vs the engine in a Ray Train worker",
+                "seconds per step, the 1-worker train stage (Ray Data ingest, reports) over the bare engine in a worker",
+                quantities,
+                "Ray 1 worker s/step",
+                "DeepSpeed in a Ray Train worker s/step",
+                better="lower",
             ),
             comparison(
                 "1 worker: share of a step waiting for data",
