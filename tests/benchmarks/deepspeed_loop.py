@@ -3,7 +3,7 @@ DeepSpeed's config) on batches already in memory, timed per optimizer step. The 
 in a process of its own (no Ray) and inside a Ray Train worker (no Ray Data), between the plain torch loop and the
 train stage, so that the extra time of a step is split into DeepSpeed's, Ray Train's and the stage's own.
 
-Alone: ``python -m tests.benchmarks.deepspeed_loop '<json of median_step_s's arguments>'`` prints the median."""
+Alone: ``python -m tests.benchmarks.deepspeed_loop < arguments.json`` (median_step_s's) prints the median."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def ray_train_worker(arguments: dict[str, Any]) -> None:
 
 
 def _main() -> None:
-    arguments = json.loads(sys.argv[1])
+    arguments = json.loads(sys.stdin.read())  # the batches are too long for a command line
     with socket.socket() as probe:  # torch.distributed of one rank, as DeepSpeed sets it up outside a launcher
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

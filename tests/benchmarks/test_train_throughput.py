@@ -62,7 +62,7 @@ def engine_arguments(cfg, shards: list[np.ndarray]) -> dict:
 def deepspeed_alone(cfg, shards: list[np.ndarray]) -> float:
     """Seconds per step of DeepSpeed's engine in a process of its own: no Ray, batches in memory."""
     result = subprocess.run(
-        [sys.executable, "-m", "tests.benchmarks.deepspeed_loop", json.dumps(engine_arguments(cfg, shards))],
+        [sys.executable, "-m", "tests.benchmarks.deepspeed_loop"], input=json.dumps(engine_arguments(cfg, shards)),
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     if result.returncode != 0:
