@@ -157,3 +157,13 @@ def lost_and_repeated(trained: list[tuple], planned: list[tuple]) -> tuple[int, 
 
     done, plan = per_epoch(trained), per_epoch(planned)
     return sum((plan - done).values()), sum((done - plan).values())
+
+
+def sequence_accounts(accounts: list[tuple[int, int]], micro: int) -> dict[str, list[int]]:
+    """A benchmark's quantities from one :func:`lost_and_repeated` pair per run: sequences (micro-batches times their
+    size) lost, repeated, and both together."""
+    return {
+        "sequences lost": [lost * micro for lost, _ in accounts],
+        "sequences repeated": [repeated * micro for _, repeated in accounts],
+        "sequences lost or repeated": [(lost + repeated) * micro for lost, repeated in accounts],
+    }

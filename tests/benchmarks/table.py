@@ -37,6 +37,7 @@ HEADLINES = [
     ("serve_cold_start", "cold start"),
     ("tune_asha", "trial steps, TPE + ASHA / random + FIFO"),
     ("recovery", "seconds to progress after a kill"),
+    ("recovery", "sequences lost or repeated after a kill"),
     ("node_loss_data", "stage seconds, a node lost vs undisturbed"),
     ("node_loss_training", "seconds to progress after a node's loss"),
     ("node_loss_elastic", "seconds to progress on the survivors"),

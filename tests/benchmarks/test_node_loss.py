@@ -42,7 +42,7 @@ from tests.multinode.scenarios import (
     submit_chain,
     three_nodes,
 )
-from tests.training import lost_and_repeated, planned_rows, trained_rows
+from tests.training import lost_and_repeated, planned_rows, sequence_accounts, trained_rows
 
 pytestmark = [pytest.mark.benchmark, pytest.mark.timeout(5400)]
 
@@ -265,9 +265,7 @@ def test_elastic_training_on_a_lost_node(cluster, tmp_path, record_benchmark):
         print(rounds[-1].line("elastic training, a node lost and back"), phases[-1], "lost, repeated:", accounts[-1])
     quantities = {f"seconds to {milestone}": [m.seconds[milestone] for m in rounds] for milestone in rounds[0].seconds}
     quantities.update({f"shrink: {phase} s": [p[phase] for p in phases] for phase in phases[0]})
-    quantities["sequences lost"] = [lost * ELASTIC_MICRO for lost, _ in accounts]
-    quantities["sequences repeated"] = [repeated * ELASTIC_MICRO for _, repeated in accounts]
-    quantities["sequences lost or repeated"] = [(lost + repeated) * ELASTIC_MICRO for lost, repeated in accounts]
+    quantities.update(sequence_accounts(accounts, ELASTIC_MICRO))
     record_benchmark(
         "node_loss_elastic",
         stage="train: elastic, a node lost",

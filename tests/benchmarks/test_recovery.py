@@ -16,6 +16,7 @@ from tests.training import (
     planned_rows,
     reported_steps,
     resume_config,
+    sequence_accounts,
     trained_rows,
 )
 
@@ -60,10 +61,10 @@ def test_recovery_after_a_killed_worker(tmp_path, record_benchmark):
     run_stage("data", cfg)
     config = resume_config(cfg.train, STEPS, CHECKPOINT_EVERY)
     quantities = {"seconds to progress": [], "steps redone": [], "steps skipped": [], "killed after step": []}
-    quantities.update({"sequences lost": [], "sequences repeated": [], "sequences lost or repeated": []})
     micro, batch = config.micro_batch_size, config.effective_global_batch_size
     planned = planned_rows(cfg.run_dir() / "data", STEPS, batch, micro)
     quantities.update({phase: [] for phase in PHASES})
+    accounts: list[tuple[int, int]] = []
     for run in range(RUNS):
         killed: dict[str, float] = {}
         result, history = fit(config, cfg, tmp_path, f"killed-{run}", during=killer(KILL_AFTER, killed))
@@ -79,11 +80,9 @@ def test_recovery_after_a_killed_worker(tmp_path, record_benchmark):
         quantities["steps skipped"].append(len(set(range(1, STEPS + 1)) - set(reported_steps(history))))
         quantities["killed after step"].append(int(killed["step"]))
         # The sample ledger (the micro-batches the final model trained on) against the plan from the shards.
-        lost, repeated = lost_and_repeated(trained_rows(ledger_path(tmp_path, f"killed-{run}")), planned)
-        quantities["sequences lost"].append(lost * micro)
-        quantities["sequences repeated"].append(repeated * micro)
-        quantities["sequences lost or repeated"].append((lost + repeated) * micro)
+        accounts.append(lost_and_repeated(trained_rows(ledger_path(tmp_path, f"killed-{run}")), planned))
     ray.shutdown()
+    quantities.update(sequence_accounts(accounts, micro))
     assert quantities["steps skipped"] == [0] * RUNS
     record_benchmark(
         "recovery",
