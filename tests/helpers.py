@@ -48,14 +48,17 @@ def union_find_roots(nodes: Iterable[Hashable], edges: Iterable[tuple[Hashable, 
     return {node: find(node) for node in parent}
 
 
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.5) -> None:
-    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout_s``."""
+def wait_for(
+    condition: Callable[[], bool], timeout_s: float, what: str | Callable[[], str], poll_s: float = 0.5
+) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout_s`` (a callable: called then, so
+    that it can describe the state at the timeout)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if condition():
             return
         time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what() if callable(what) else what}")
 
 
 #: How long a test waits for Ray to give back what a stage reserved. Ray does it asynchronously (Ray Train's

@@ -30,9 +30,11 @@ pytestmark = pytest.mark.ray
 #: the trial's own one included), the added node for another.
 WORKER_CPUS = 6
 MICRO, GLOBAL_BATCH, CHECKPOINT_EVERY = 8, 32, 8
-#: Long enough that the trial is still training after both resizes (some 100 s of steps here): each takes Ray Train
-#: up to ~50 s (Ray Data's autoscaling coordinator, which Train asks for the cluster's nodes, looks every 20 s).
-STEPS = 480
+#: Long enough that the trial is still training when the node is lost, and no longer: every step after that is the
+#: test's wait. Before the loss it trains on one worker until Ray Train sees the new node (Ray Data's autoscaling
+#: coordinator, which Train asks for the cluster's nodes, looks every 20 s: up to ~110 steps at 0.3 s a step) and
+#: then up to 20 steps on two; a run here lost the node at step 41 of 480, with 440 steps (180 s) still to train.
+STEPS = 256
 
 
 def reports(sweep) -> list[dict]:
@@ -76,7 +78,7 @@ def test_a_sweep_trial_grows_when_a_node_joins_and_shrinks_when_it_is_lost(data_
     wait_for(
         lambda: WORKER_CPUS < ray.available_resources().get("CPU", 0) < 2 * WORKER_CPUS + 1,
         60,
-        f"room for one {WORKER_CPUS}-CPU worker on the head, not two: {ray.available_resources()}",
+        lambda: f"room for one {WORKER_CPUS}-CPU worker on the head, not two: {ray.available_resources()}",
     )
 
     sweep, failure = run_dir / "tune" / "sweep", []
