@@ -31,7 +31,7 @@ def run_trial(params: dict[str, Any], *, train: dict[str, Any], tune_config: dic
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipelines.train.trainer import build_trainer, worker_group_start_timeout
+    from pipelines.train.trainer import build_trainer, while_fitting
 
     run = RunDir(run_root)
     config = trial_of(TrainConfig.model_validate(train), TuneConfig.model_validate(tune_config), params)
@@ -43,7 +43,7 @@ def run_trial(params: dict[str, Any], *, train: dict[str, Any], tune_config: dic
         name=ray.tune.get_context().get_trial_name(),
         callbacks=[TuneReportCallback()],
     )
-    with worker_group_start_timeout(config, stop_when_lost=False):
+    with while_fitting(config, stop_when_lost=False):
         trainer.fit()
 
 

@@ -75,7 +75,7 @@ def distill_into(
     import ray.tune
 
     from pipelines.train.config import DistillConfig
-    from pipelines.train.trainer import build_trainer, copy_export, worker_group_start_timeout
+    from pipelines.train.trainer import build_trainer, copy_export, while_fitting
 
     knobs = settings.distill
     teacher = DistillConfig(teacher=str(TrainedModel.of(run).path), temperature=knobs.temperature, alpha=knobs.alpha)
@@ -89,7 +89,7 @@ def distill_into(
         storage_path=CompressionFront.at(run).root / "students",
         name=ray.tune.get_context().get_trial_id(),
     )
-    with worker_group_start_timeout(student, stop_when_lost=False):
+    with while_fitting(student, stop_when_lost=False):
         result = trainer.fit()
     copy_export(result, out)
     return result.metrics

@@ -16,7 +16,7 @@ from pipelines.artifacts import DataOutputs, TrainedModel
 from pipelines.progress import follow_steps
 from pipelines.runs import RunDir, StageResult, hash_dir, hash_files
 from pipelines.train.config import TrainConfig
-from pipelines.train.trainer import build_trainer, copy_export, worker_group_start_timeout
+from pipelines.train.trainer import build_trainer, copy_export, while_fitting
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def run_train(config: TrainConfig, run: RunDir, seed: int) -> StageResult:
     trainer = build_trainer(
         config, run, seed, storage_path=out, name="ray", callbacks=[metrics_log_callback(history)], bounded_wait=True
     )
-    with follow_steps(history, config.max_steps, "train"), worker_group_start_timeout(config):
+    with follow_steps(history, config.max_steps, "train"), while_fitting(config):
         result = trainer.fit()
     model_dir = copy_export(result, TrainedModel.at(run).path)
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ def build_trainer(
 ):
     """A TorchTrainer over the run's packed shards (shared by the train and tune stages).
 
-    ``bounded_wait``: the caller runs ``fit`` inside :func:`worker_group_start_timeout`, which bounds the wait for
+    ``bounded_wait``: the caller runs ``fit`` inside :func:`while_fitting`, which bounds the wait for
     room by ``train.wait_for_nodes_s``; only then is Ray Train told to make one start attempt, not one a minute.
     """
     import ray.train
@@ -113,7 +114,7 @@ def build_trainer(
             storage_path=str(storage_path),
             failure_config=ray.train.FailureConfig(
                 max_failures=config.max_failures,
-                # One start attempt bounded by wait_for_nodes_s (worker_group_start_timeout), not one a minute forever.
+                # One start attempt bounded by wait_for_nodes_s (while_fitting), not one a minute forever.
                 **({"controller_failure_limit": 0} if bounded_wait and config.wait_for_nodes_s is not None else {}),
             ),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.num_checkpoints_to_keep),
@@ -123,6 +124,59 @@ def build_trainer(
         dataset_config=data_config,
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
     )
+
+
+@contextmanager
+def while_fitting(config: TrainConfig, stop_when_lost: bool = True) -> Iterator[None]:
+    """What every ``trainer.fit()`` of Loom runs inside (the train stage, sweep trials, distillation runs): the bounded
+    wait for room (:func:`worker_group_start_timeout`) and, for elastic runs, a current count of the nodes
+    (:func:`fresh_node_view`)."""
+    with ExitStack() as stack:
+        stack.enter_context(worker_group_start_timeout(config, stop_when_lost))
+        if config.elastic:
+            stack.enter_context(fresh_node_view())
+        yield
+
+
+#: How often an elastic run asks the autoscaling coordinator to look at the cluster again (see fresh_node_view).
+NODE_VIEW_REFRESH_S = 2.0
+
+
+@contextmanager
+def fresh_node_view(every_s: float = NODE_VIEW_REFRESH_S) -> Iterator[None]:
+    """Ray Train's elastic policy counts the nodes it may use through Ray Data's autoscaling coordinator (one
+    detached actor per cluster), which looks at the cluster on a 20 s tick of its own (``TICK_INTERVAL_S``, a
+    constant in Ray 2.60). Between ticks a node declared dead is still counted, so the restart after a loss is sized
+    for it and waits to time out, and a returning node is not counted at all. While ``fit`` runs, a thread here asks
+    the coordinator for a tick on demand every ``every_s`` (``get_reserved_resources(recompute=True)``, its own API
+    for callers that need a current view). Ray Train has no setting for this; tests/unit/test_train_config.py fails
+    if the internals it relies on move."""
+    import ray
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+
+    coordinator = get_or_create_autoscaling_coordinator()  # the one Ray Train asks (get_if_exists)
+    stop = threading.Event()
+
+    def refresh() -> None:
+        warned = False
+        while not stop.wait(every_s):
+            try:
+                # A requester with no request of its own: the tick refreshes everyone's reservations, Train's too.
+                ray.get(coordinator.get_reserved_resources.remote("loom-node-view", recompute=True), timeout=30)
+            except Exception as error:  # noqa: BLE001 - a missed refresh only leaves the coordinator's own tick
+                if not warned:
+                    log.warning("could not refresh the cluster's node view (%s); Ray's 20 s tick still runs", error)
+                    warned = True
+
+    thread = threading.Thread(target=refresh, name="loom-node-view", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=60)
 
 
 class NodesLostError(RuntimeError):

@@ -223,10 +223,11 @@ def train_overrides(wait_for_nodes_s: float) -> list[str]:
 
 #: Elastic training on the three nodes: two to three workers of 2 CPUs (a node of 2 or 3 CPUs holds one, so the
 #: group is as large as the nodes alive), 96 sequences a step in micro-batches of 8, room to grow looked for every
-#: 5 s. Ray Train sees nodes come and go through Ray Data's autoscaling coordinator, which looks every 20 s: the
-#: group grows within about 30 s of the node's return (look, resize check, shutdown), so the two survivors must still
-#: be training then. At about 0.6 s a step they have some 70 s of steps left after the shrink (4 epochs in all).
-ELASTIC_STEPS = 128
+#: 5 s. Ray Train sees nodes come and go through Ray Data's autoscaling coordinator, which Loom has look every 2 s
+#: during an elastic fit (pipelines.train.trainer.fresh_node_view): the group grows within about 25 s of the node's
+#: return (look, resize check, shutdown, restart), so the two survivors must still be training then. At about 0.6 s a
+#: step they have some 50 s of steps left after the shrink (3 epochs in all).
+ELASTIC_STEPS = 96
 ELASTIC_MICRO = 8
 ELASTIC = [
     "train.num_workers=[2, 3]", "train.cpus_per_worker=2", f"train.micro_batch_size={ELASTIC_MICRO}",

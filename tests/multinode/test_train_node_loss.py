@@ -98,9 +98,10 @@ def test_elastic_training_shrinks_on_a_lost_node_and_grows_back(cluster, runs):
 
 
 # Last: the node it leaves lost comes back just before the module ends, and Ray Train counts nodes through Ray Data's
-# autoscaling coordinator, which looks every 20 s; the elastic test, which must start on three workers, runs before.
+# autoscaling coordinator, which looks every 20 s outside an elastic fit; the elastic test, which must start on three
+# workers, runs before.
 def test_training_stops_and_says_why_when_the_node_stays_lost(cluster, runs):
-    wait_s = 30
+    wait_s = 15
     lost = cluster.workers[1]
     _, submission = submit(cluster, runs, "train", "stopped", *train_overrides(wait_s), wait=False)
     wait_for(lambda: len(steps(runs / "stopped")) >= 2, JOB_S, "training to start")

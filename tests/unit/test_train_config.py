@@ -173,3 +173,22 @@ def test_an_elastic_trial_checkpoints_at_the_recipe_cadence():
     assert train.for_trial({}, steps=10, workers=(1, 2)).checkpoint_every == 4
     assert train.for_trial({}, steps=3, workers=(1, 2)).checkpoint_every == 3
     assert train.for_trial({}, steps=10, workers=2).checkpoint_every == 10
+
+
+def test_the_ray_internals_an_elastic_fit_refreshes_the_node_view_through_are_where_it_expects():
+    """pipelines.train.trainer.fresh_node_view ticks Ray Data's autoscaling coordinator, the one Ray Train's elastic
+    policy counts nodes through: if Ray moves any of this, an elastic resize falls back to the coordinator's 20 s
+    tick (only a warning at run time), so it must fail here when the pinned Ray is upgraded."""
+    import inspect
+
+    from ray.data._internal.cluster_autoscaler import default_autoscaling_coordinator as coordinator
+    from ray.train.v2._internal.execution.scaling_policy import autoscaling_coordinator_client, elastic
+
+    recompute = inspect.signature(coordinator._AutoscalingCoordinatorActor.get_reserved_resources).parameters
+    assert "recompute" in recompute, recompute
+    assert coordinator._AutoscalingCoordinatorActor.TICK_INTERVAL_S == 20  # what the refresh shortens
+    # Train's client gets its coordinator from the same function (the named, detached actor), and the elastic policy
+    # sizes restarts and resizes from that coordinator's reservations.
+    client = inspect.getsource(autoscaling_coordinator_client.TrainAutoscalingCoordinatorClient)
+    assert "get_or_create_autoscaling_coordinator()" in client
+    assert "get_reserved_resources.remote" in inspect.getsource(elastic.ElasticScalingPolicy._get_reserved_resources)
