@@ -27,6 +27,7 @@ from pipelines.artifacts import (
     TrainedModel,
 )
 from pipelines.eval.config import EvalConfig
+from pipelines.eval.metrics import export_gauges
 from pipelines.eval.tasks import HeldOutDocument, Task, build_tasks
 from pipelines.progress import progress
 from pipelines.runs import RunDir, StageResult
@@ -215,6 +216,7 @@ def run_eval(config: EvalConfig, run: RunDir, seed: int, with_variants: bool) ->
         models=scores,
     )
     results.summary_path.write_text(summary.model_dump_json(indent=2) + "\n")
+    export_gauges(run.root.name, summary)
     plot = plot_scores(summary, run.root / "report" / "eval_scores.png")
     return StageResult(
         outputs={"summary": str(results.summary_path), "harness": str(out / "harness"), "plot": str(plot)},

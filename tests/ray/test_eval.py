@@ -11,6 +11,7 @@ import pytest
 from pipelines.artifacts import CompressionFront, DataOutputs, EvalResults
 from pipelines.data.heldout import MAX_SHARE
 from pipelines.runs import RunDir
+from tests.helpers import wait_for
 
 
 def test_held_out_documents_are_a_capped_sample_of_each_source(data_done, tiny_config):
@@ -107,3 +108,36 @@ def test_the_served_variant_changes_when_its_eval_bound_is_tightened(eval_done, 
         tightened = worse[smallest] - 0.01
         with pytest.raises(RuntimeError, match=f"keeps the eval bounds; .*{smallest} .*fails {task}.{metric}"):
             served(tightened)
+
+
+def test_the_scores_are_in_prometheus_as_eval_json_has_them(eval_done, tiny_config, prometheus):
+    """Every scored model's headline of every task, as the eval dashboard (cluster/dashboards/loom_eval.json) plots
+    it: the value eval.json holds, labelled by run, model, task and metric, with which way is better."""
+    run = RunDir(tiny_config.run_dir())
+    summary = EvalResults.of(run).summary()
+    expected = {
+        (model, task, info.headline, info.better): scores.tasks[task][info.headline].value
+        for model, scores in summary.models.items()
+        if scores.not_scored is None
+        for task, info in summary.tasks.items()
+    }
+    seen: dict = {}
+
+    def every_headline_scraped() -> bool:
+        found = prometheus.api("query", query=f'ray_loom_eval_headline{{run="{run.root.name}"}}')["result"]
+        seen.clear()
+        for series in found:
+            labels = series["metric"]
+            seen[(labels["model"], labels["task"], labels["metric"], labels["better"])] = float(series["value"][1])
+        return set(seen) == set(expected)
+
+    wait_for(
+        every_headline_scraped, 60, lambda: f"the eval headlines in Prometheus: {sorted(seen)} of {sorted(expected)}"
+    )
+    assert all(math.isclose(seen[key], value, rel_tol=1e-6) for key, value in expected.items()), (seen, expected)
+    stderr = prometheus.api(
+        "query", query=f'ray_loom_eval_stderr{{run="{run.root.name}",model="base",task="loom_choice",metric="acc"}}'
+    )
+    assert math.isclose(
+        float(stderr["result"][0]["value"][1]), summary.models["base"].tasks["loom_choice"]["acc"].stderr, rel_tol=1e-6
+    )

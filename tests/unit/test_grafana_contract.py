@@ -175,7 +175,7 @@ def test_contract_push_creates_everything_then_updates_it_in_place(grafana, ray_
     assert grafana.datasources[DATASOURCE_UID]["url"] == "http://127.0.0.1:9090"
     assert set(grafana.folders) == {LOOM_FOLDER[0], RAY_FOLDER[0]} == set(first.folders)
     loom_uids = {board["uid"] for board in dashboards().values()}
-    assert {"loom-serve", "loom-train", "loom-data"} == loom_uids
+    assert {"loom-serve", "loom-train", "loom-data", "loom-eval"} == loom_uids
     assert all(grafana.dashboards[uid]["folderUid"] == LOOM_FOLDER[0] for uid in loom_uids)
     ray_uids = set(grafana.dashboards) - loom_uids
     assert len(ray_uids) == 4 and all(grafana.dashboards[uid]["folderUid"] == RAY_FOLDER[0] for uid in ray_uids)
@@ -227,7 +227,7 @@ def test_the_cli_takes_the_token_from_the_environment_and_never_prints_it(
     monkeypatch.setenv("GRAFANA_TOKEN", TOKEN)
     assert main(["dashboards", "push", "--grafana-url", grafana.url, "--ray-dashboards", str(ray_dashboards_dir)]) == 0
     out, err = capsys.readouterr()
-    assert "7 dashboards in folders loom, loom-ray; 7 alert rules" in out and TOKEN not in out + err
+    assert "8 dashboards in folders loom, loom-ray; 7 alert rules" in out and TOKEN not in out + err
 
     # A token in clear beyond loopback, or no credential at all: refused before any request.
     grafana.requests.clear()

@@ -55,7 +55,7 @@ def test_the_rules_follow_the_recipes_monitor_section(tmp_path):
 
 def test_every_dashboard_query_is_valid_promql(tmp_path):
     boards = dashboards()
-    assert set(boards) == {"loom_serve", "loom_train", "loom_data"}
+    assert set(boards) == {"loom_serve", "loom_train", "loom_data", "loom_eval"}
     # promtool parses expressions only inside rules: each query becomes a recording rule.
     queries = [expr for board in boards.values() for _, expr in dashboard_queries(board)]
     rules = {"groups": [{"name": "q", "rules": [{"record": f"q{i}", "expr": e} for i, e in enumerate(queries)]}]}
