@@ -116,7 +116,7 @@ def test_the_scores_are_in_prometheus_as_eval_json_has_them(eval_done, tiny_conf
     run = RunDir(tiny_config.run_dir())
     summary = EvalResults.of(run).summary()
     expected = {
-        (model, task, info.headline, info.better): scores.tasks[task][info.headline].value
+        (model, task, info.headline, info.better): summary.headline(task, model).value
         for model, scores in summary.models.items()
         if scores.not_scored is None
         for task, info in summary.tasks.items()
