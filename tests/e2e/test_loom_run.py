@@ -12,25 +12,21 @@ import time
 import pytest
 
 from tests.browser import render
-from tests.conftest import REPO_ROOT, SMALL_MODEL, TINY, free_port
+from tests.conftest import REPO_ROOT, TINY, free_port
+from tests.e2e.conftest import CHAIN, RUN_NAME
 
 pytestmark = pytest.mark.e2e
 READY = "[loom] serving at "
 
 
-def test_loom_run_whole_chain_then_query_the_endpoint(tmp_path):
+def test_loom_run_whole_chain_then_query_the_endpoint(e2e_storage, tmp_path):
     import openai
 
     port = free_port()
     log_path = tmp_path / "loom-run.log"
     command = [
         sys.executable, "-m", "cluster", "run", str(TINY),
-        f"storage={tmp_path}", "run_name=e2e", f"serve.port={port}",
-        "data.max_documents=150", *SMALL_MODEL, "train.max_steps=12", "train.checkpoint_every=6",
-        "train.eval_every=6",
-        "tune.num_trials=1", "tune.max_steps_per_trial=2",  # the sweep itself: tests/ray/test_stages.py
-        "compress.enabled=false",  # the compression sweep: tests/ray/test_compress.py
-        "--keep-serving",
+        f"storage={e2e_storage}", f"run_name={RUN_NAME}", f"serve.port={port}", *CHAIN, "--keep-serving",
     ]  # fmt: skip
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -50,7 +46,7 @@ def test_loom_run_whole_chain_then_query_the_endpoint(tmp_path):
 
         # The demo printed real completions and the run directory with its manifest.
         assert "[completion] 'def fibonacci(n):'" in output and "[chat]" in output
-        run_dir = tmp_path / "e2e"
+        run_dir = e2e_storage / RUN_NAME
         assert f"[loom] run directory: {run_dir}" in output
         # Loom's lines on the terminal; Ray's, vLLM's and DeepSpeed's logs in the run directory.
         assert "[loom] held-out perplexity: " in output and "before training -> " in output

@@ -2,6 +2,10 @@
 loopback; `ray exec` runs on it; `ray job submit` runs `loom run` there; the endpoint answers the openai
 client; Prometheus (as `loom monitor` starts it) scrapes the cluster; `ray down` stops it.
 
+The job's run starts from a copy of test_loom_run.py's (tests/e2e/conftest.py), as a run moved to a new cluster
+does: its `loom run` skips the stages complete under the same keys and serves. (Alone, the test's job runs every
+stage.) The stages' own work on a remote cluster: tests/multinode/test_chain_across_nodes.py.
+
 The SSH server is the test's own (tests/sshd.py), on a free loopback port that Ray reaches through
 ``auth.ssh_proxy_command``. The launcher config is cluster/local.yaml with the test's ports, folders and
 key. `ray down` runs `ray stop` on the head, which stops every Ray process of this user on this machine:
@@ -24,7 +28,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT, SMALL_MODEL, free_port
+from tests.conftest import REPO_ROOT, free_port
+from tests.e2e.conftest import CHAIN, RUN_NAME
 from tests.helpers import wait_for
 from tests.metrics import PrometheusServer
 from tests.ray.heads import OWN_PORT_FLAGS, env_without_ray_settings
@@ -67,7 +72,7 @@ def run(command: list[str], env: dict[str, str], timeout: float, what: str) -> s
     return output
 
 
-def test_ray_up_on_loopback_then_a_job_runs_the_chain_and_the_endpoint_and_prometheus_answer():
+def test_ray_up_on_loopback_then_a_job_runs_the_chain_and_the_endpoint_and_prometheus_answer(e2e_storage):
     import openai
 
     deadline = time.monotonic() + 60
@@ -76,6 +81,10 @@ def test_ray_up_on_loopback_then_a_job_runs_the_chain_and_the_endpoint_and_prome
         time.sleep(1)
     temp = Path(tempfile.mkdtemp(prefix="loom-up-", dir="/tmp"))  # short: Ray's socket paths
     ray_temp, storage = temp / "ray", temp / "runs"
+    trained = e2e_storage / RUN_NAME
+    moved = (trained / "manifest.json").is_file()
+    if moved:
+        shutil.copytree(trained, storage / "launcher", ignore=shutil.ignore_patterns("report"))  # the job writes one
     local_home = temp / "local"
     (local_home / ".ray").mkdir(parents=True)
     (local_home / ".ray" / "auth_token").write_text(TOKEN)
@@ -100,12 +109,15 @@ def test_ray_up_on_loopback_then_a_job_runs_the_chain_and_the_endpoint_and_prome
             job = run(
                 [RAY, "job", "submit", "--address", dashboard, "--working-dir", ".", "--",
                  "python", "-m", "cluster", "run", "pipelines/recipes/tiny.yaml",
-                 f"storage={storage}", "run_name=launcher", f"serve.port={serve_port}",
-                 "data.max_documents=150", *SMALL_MODEL, "train.max_steps=8", "train.checkpoint_every=8",
-                 "train.eval_every=8", "tune.enabled=false", "compress.enabled=false"],
+                 f"storage={storage}", "run_name=launcher", f"serve.port={serve_port}", *CHAIN],
                 job_env, 1500, "ray job submit of loom run",
             )  # fmt: skip
             assert "succeeded" in job and "[loom] the application stays deployed at" in job, job[-4000:]
+            if moved:  # the moved run's stages were not done again
+                skipped = [
+                    stage for stage in ("data", "tune", "train", "eval") if f"[loom] {stage}: already complete" in job
+                ]
+                assert skipped == ["data", "tune", "train", "eval"], job[-4000:]
             assert (storage / "launcher" / "report" / "index.html").is_file()
 
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{serve_port}/v1", api_key="unused")
