@@ -1,5 +1,6 @@
-"""A head started the way cluster.yaml starts it refuses clients without Ray's token, speaks TLS, and keeps its
-GCS's tables in the password-protected Redis that cluster.yaml's own command starts.
+"""A head started the way cluster.yaml starts it refuses clients without Ray's token, speaks TLS, keeps its GCS's
+tables in the password-protected Redis that cluster.yaml's own command starts, and runs the stage `loom submit`
+sends it.
 
 The head runs beside the tests' embedded cluster, in its own temporary folder, HOME and ports
 (tests/ray/heads.py, which stops it by PID); the token and the Redis password sit where cluster.yaml's
@@ -9,6 +10,7 @@ the loopback port cluster.yaml names (6380) and is shut down after the module.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shlex
@@ -24,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, TINY
 from tests.helpers import system_tool
 from tests.ray.heads import env_without_ray_settings, second_head
 
@@ -102,9 +104,12 @@ def secured_head():
     }
     # cluster.yaml's flags, less the ports and the launcher's autoscaling config, which this head chooses.
     skipped = ("--head", "--port", "--autoscaling-config")
-    flags = [word for word in argv[2:] if word.split("=")[0] not in skipped] + ["--num-cpus=1"]
+    flags = [word for word in argv[2:] if word.split("=")[0] not in skipped] + ["--num-cpus=4"]
+    # As on a cluster node, Loom's environment comes first on PATH: a job's `python` is the head's.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    head_env = env_without_ray_settings(home, PATH=path, **env, **tls_env)
     try:
-        with second_head(flags, env_without_ray_settings(home, **env, **tls_env), TOKEN, temp / "ray") as head:
+        with second_head(flags, head_env, TOKEN, temp / "ray") as head:
             yield Head(
                 gcs=head.gcs, dashboard=head.dashboard, home=home, tls_env=tls_env, ca_file=ca_file,
                 redis_password=password,
@@ -140,14 +145,24 @@ def test_job_submission_without_the_token_is_refused_and_with_it_runs(secured_he
     assert "job ran" in accepted.stdout
 
 
-def test_loom_submit_finds_the_token_where_ray_keeps_it(secured_head):
+def test_loom_submit_finds_the_token_where_ray_keeps_it_and_the_stage_runs(secured_head, tmp_path):
     from cluster.auth import enable_client_token
 
     environ = env_without_ray_settings(secured_head.home)
     assert enable_client_token(environ) == str(secured_head.home / ".ray" / "auth_token")
-    probe = "from ray.job_submission import JobSubmissionClient as C; print(C(%r).get_version())"
-    answered = run([sys.executable, "-c", probe % secured_head.dashboard], environ)
-    assert answered.returncode == 0, answered.stderr[-2000:]
+    result = run(
+        [sys.executable, "-m", "cluster", "submit", "data", str(TINY),
+         f"storage={tmp_path}", "run_name=submitted", "data.max_documents=40", "data.vocab_size=512",
+         "--address", secured_head.dashboard],
+        environ, timeout=900,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    assert "SUCCEEDED" in output and "python -m pipelines.data --config pipelines/recipes/tiny.yaml" in output
+    run_dir = tmp_path / "submitted"
+    assert (run_dir / "data" / "_COMPLETE").is_file()
+    stats = json.loads((run_dir / "data" / "stats.json").read_text())
+    assert stats["documents_in"] == 40 and stats["sequences"]["train"] > 0
 
 
 def test_ray_init_without_the_token_is_refused_and_with_it_connects(secured_head, tmp_path):
