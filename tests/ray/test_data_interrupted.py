@@ -30,7 +30,8 @@ RUN_S = 300
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
-    """A data-only recipe over about 2,000 short documents: planted near-duplicates, exact copies, too-short ones."""
+    """A data-only recipe over about 2,000 short documents: planted near-duplicates, exact copies, too-short ones.
+    Its model (head size 16) is one vLLM on CPU cannot serve: the whole chain is refused, `loom data` runs."""
     root = tmp_path_factory.mktemp("interrupted")
     corpus = planted_corpus(bases=250, variants_per_base=2, uniques=1000, words=80, seed=24)
     texts = [text for _, text in corpus.documents]
@@ -41,13 +42,17 @@ def recipe(tmp_path_factory):
         f"storage: {root}\nrun_name: whole\n"
         f"data:\n  sources:\n    - {{format: jsonl, path: {root / 'corpus.jsonl'}, name: planted}}\n"
         f"  steps: {STEPS}\n  vocab_size: 300\n  seq_len: 64\n  tokenize_actors: 1\n"
+        "train:\n  model: {hidden_size: 64, num_heads: 4, num_kv_heads: 4}\n"
     )
     return path, len(corpus.clusters) * 2
 
 
 def test_a_driver_killed_in_near_dedup_resumes_after_the_last_finished_step(ray_cluster, recipe):
+    from cluster.cli import main
+
     path, planted_drops = recipe
     storage = path.parent
+    assert main(["validate", str(path)]) == 2  # the whole chain would serve the model: refused
     # The drivers join this test's cluster, as `loom data` joins a running cluster (RAY_ADDRESS).
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     command = [sys.executable, "-m", "cluster", "data", str(path)]

@@ -138,26 +138,3 @@ def test_tune_stage_runs_optuna_trials_and_asha_stops_the_diverging_ones(
     # Ray Train's cleaner, which asks the State API, then removes its workers' placement group): each placement
     # group the sweep created is removed, whatever else runs on the machine.
     wait_released(stage_placement_groups["tune"], "the sweep's placement groups to be removed")
-
-
-def test_loom_data_runs_a_data_only_recipe(ray_cluster, tmp_path):
-    """A recipe naming only a source and a few steps: `loom data` runs it, whatever serving would demand
-    (this model's head size 16 is one vLLM on CPU cannot serve)."""
-    from cluster.cli import main
-
-    lines = [
-        json.dumps({"text": f"Document number {i}: " + "some words to learn from " * (i % 7 + 3)}) for i in range(60)
-    ]
-    (tmp_path / "corpus.jsonl").write_text("\n".join(lines) + "\n")
-    recipe = tmp_path / "data-only.yaml"
-    recipe.write_text(
-        f"storage: {tmp_path}\nrun_name: data-only\n"
-        f"data:\n  sources:\n    - {{format: jsonl, path: {tmp_path / 'corpus.jsonl'}, name: mine}}\n"
-        "  steps: [{type: normalize}, {type: length, min_chars: 20}, {type: exact_dedup}]\n"
-        "  vocab_size: 300\n  seq_len: 32\n"
-        "train:\n  model: {hidden_size: 64, num_heads: 4, num_kv_heads: 4}\n"
-    )
-    assert main(["validate", str(recipe)]) == 2  # the whole chain would serve it: refused
-    assert main(["data", str(recipe)]) == 0
-    stats = json.loads((tmp_path / "data-only" / "data" / "stats.json").read_text())
-    assert stats["documents_in"] == 60 and stats["sequences"]["train"] > 0
