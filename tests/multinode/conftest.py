@@ -19,7 +19,7 @@ def cluster():
         pytest.skip("the namespace cluster needs root (ip netns, a bridge, veth pairs)")
     # The head's GCS in Redis (the head-restart test) where redis-server is installed; CI installs it.
     redis = shutil.which("redis-server") is not None or bool(os.environ.get("CI"))
-    with three_nodes(Path(f"/tmp/lns{os.getpid()}"), redis=redis) as running:
+    with three_nodes(Path(f"/tmp/lns{os.getpid()}"), redis=redis, fast_detection=True) as running:
         yield running
 
 
