@@ -33,10 +33,8 @@ MICRO, GLOBAL_BATCH, CHECKPOINT_EVERY = 8, 32, 8
 #: Long enough that the trial is still training when the node is lost, and no longer: every step after that is the
 #: test's wait. Before the loss it trains on one worker until Ray Train sees the new node (the node join, a look of
 #: the autoscaling coordinator, every 2 s during an elastic fit, and a resize check) and restarts on two, then some
-#: 10-20 steps on two before the node is lost and a restart from a checkpoint on one. A make test run on a 2-core
-#: machine grew at step 12 and lost the node at step 21 (with 192 steps, 170 s of the test were the rest on one
-#: worker); a run here with 128 grew at step 33 and lost it at step 75; the latest loss seen, on another machine,
-#: was at about step 115 (grown at step 41; the trial's reports reach its result file in bursts).
+#: 10-20 steps on two before the node is lost and a restart from a checkpoint on one. The growth has come between
+#: steps 12 and 41, the loss as late as step 115 (the trial's reports reach its result file in bursts).
 STEPS = 128
 
 
