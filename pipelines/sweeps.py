@@ -124,3 +124,25 @@ def trial_progress_callback(stage: str):
                 self.bar.close()
 
     return TrialProgress()
+
+
+def scheduler_state_callback(scheduler):
+    """A Tune callback that carries ``scheduler``'s state (ASHA's rungs) through a resumed sweep.
+
+    Ray Tune 2.60 saves the searcher's and the callbacks' state with every experiment checkpoint but never the
+    scheduler's (``TuneController.save_to_dir``), so a restored sweep's ASHA would start with empty rungs: trials
+    finished before the interruption would no longer count toward its cut-offs. ``tuner.pkl`` pickles the tune and
+    run configs together, so the restored callback still holds the restored sweep's scheduler."""
+    from ray import tune
+
+    class SchedulerState(tune.Callback):
+        def __init__(self, scheduler):
+            self.scheduler = scheduler
+
+        def get_state(self):
+            return {"scheduler": dict(vars(self.scheduler))}
+
+        def set_state(self, state):
+            vars(self.scheduler).update(state["scheduler"])
+
+    return SchedulerState(scheduler)

@@ -18,6 +18,7 @@ from pipelines.sweeps import (
     optuna_sampler,
     releasing_trials_placement_groups,
     resumable_sweep,
+    scheduler_state_callback,
     sweep_identity,
     trial_progress_callback,
 )
@@ -109,6 +110,7 @@ def run_tune(config: TuneConfig, train: TrainConfig, run: RunDir, seed: int) -> 
         out, trainable, _sweep_identity(config, train, seed, shards), "tune", also_clear=("trials",)
     )
     if tuner is None:
+        scheduler = _scheduler(config, metric)
         tuner = tune.Tuner(
             trainable,
             param_space={key: distribution.sampler() for key, distribution in config.space.items()},
@@ -116,13 +118,16 @@ def run_tune(config: TuneConfig, train: TrainConfig, run: RunDir, seed: int) -> 
                 search_alg=OptunaSearch(
                     metric=metric, mode="min", sampler=optuna_sampler(config.search, seed, config.startup_trials)
                 ),
-                scheduler=_scheduler(config, metric),
+                scheduler=scheduler,
                 num_samples=config.num_trials,
                 max_concurrent_trials=config.max_concurrent_trials,
             ),
             # Tune's own status table off: the stage's progress line says how many trials are done.
             run_config=tune.RunConfig(
-                name="sweep", storage_path=str(out), verbose=0, callbacks=[trial_progress_callback("tune")]
+                name="sweep",
+                storage_path=str(out),
+                verbose=0,
+                callbacks=[trial_progress_callback("tune"), scheduler_state_callback(scheduler)],
             ),
         )
     with releasing_trials_placement_groups("tune"):

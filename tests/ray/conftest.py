@@ -11,8 +11,10 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 import yaml
@@ -151,11 +153,67 @@ def data_done(ray_cluster, prometheus, tiny_config, stage_placement_groups):
 
 
 @pytest.fixture(scope="package")
-def tune_done(data_done, tiny_config, stage_placement_groups):
-    from cluster.chain import run_stage
+def tune_done(data_done, tiny_config, tmp_path_factory, stage_placement_groups):
+    """The sweep as a user meets two failures: ``loom tune``'s driver killed once Tune's saved state records a
+    finished trial; then the stage run again, which resumes the sweep, with the first training worker of the
+    resumed sweep killed (Ray Train must retry it). What each failure left is returned beside the stage's record."""
+    import ray
 
+    from cluster.chain import run_stage
+    from tests.training import train_worker_pids
+
+    scratch = tmp_path_factory.mktemp("tune-driver")
+    recipe = scratch / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_config.model_dump(mode="json", exclude_none=True)))
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # the driver joins this cluster
+    sweep = tiny_config.run_dir() / "tune" / "sweep"
+    command = [sys.executable, "-m", "cluster", "tune", str(recipe)]
     with placement_groups_created() as stage_placement_groups["tune"]:
-        return run_stage("tune", tiny_config)
+        kept = kill_after_first_finished_trial(command, sweep, scratch / "driver.log", 300, cwd=REPO_ROOT, env=env)
+        ((kept_id, kept_dir),) = kept.items()
+        reports_before = (kept_dir / "result.json").read_text()
+        # Ray kills a dead driver's actors, its trial's training workers too; wait for that, so the worker killed
+        # below is surely one of the resumed sweep's.
+        wait_for(lambda: not train_worker_pids(), RELEASE_S, "the killed driver's training workers to end")
+        killer = _WorkerKiller()
+        killer.start()
+        try:
+            record = run_stage("tune", tiny_config)
+        finally:
+            killer.stop()
+    return {
+        "record": record,
+        "kept_id": kept_id,
+        "kept_dir": kept_dir,
+        "reports_before": reports_before,
+        "killed_worker": killer.killed,
+        "workers_started_after": killer.started_after,
+    }
+
+
+class _WorkerKiller(threading.Thread):
+    """Kills the first Ray Train worker it sees (SIGKILL) and records the workers started after it."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.killed: int | None = None
+        self.started_after: set[int] = set()
+        self._stopped = threading.Event()
+
+    def run(self):
+        from tests.training import train_worker_pids
+
+        while not self._stopped.wait(0.2):
+            pids = set(train_worker_pids())
+            if self.killed is None and pids:
+                self.killed = min(pids)
+                os.kill(self.killed, signal.SIGKILL)
+            elif self.killed is not None:
+                self.started_after |= pids - {self.killed}
+
+    def stop(self):
+        self._stopped.set()
+        self.join(timeout=10)
 
 
 @pytest.fixture(scope="package")

@@ -103,7 +103,7 @@ def test_tune_stage_runs_optuna_trials_and_asha_stops_the_diverging_ones(
 
     from tests.ray.conftest import DIVERGING_LR
 
-    record = tune_done
+    record = tune_done["record"]
     best = json.loads(Path(record["outputs"]["best"]).read_text())
     trials = best["trials"]
     assert len(trials) == tiny_config.tune.num_trials
