@@ -55,7 +55,7 @@ demo: setup
 	$(VENV)/bin/loom run $(RECIPE)
 
 test: setup system-packages
-	$(VENV)/bin/pytest tests -m "not benchmark" --durations=15 $(PYTEST_ARGS)
+	$(VENV)/bin/pytest tests -m "not benchmark" --durations=40 $(PYTEST_ARGS)
 
 bench: setup
 	$(VENV)/bin/pytest tests/benchmarks -m "benchmark and not scale" -s $(PYTEST_ARGS) || { $(PY) -m tests.benchmarks.table; exit 1; }
