@@ -3,8 +3,8 @@ from a CA made here) behind API keys, limits and the guard, driven through the o
 killed under load; metrics scraped from Ray's Prometheus endpoint.
 
 One deployment serves every test here (an engine start costs tens of seconds on CPU), so the tests
-run in file order: the endpoint, the refusals, the autoscaler, the killed replica, then the metrics
-that all of them produced.
+run in file order: the endpoint, the refusals, the autoscaler, the killed replica, the metrics that all
+of them produced, and last the autoscaler's scale-down (its delay passes while the others run).
 """
 
 from __future__ import annotations
@@ -474,7 +474,7 @@ def test_autoscaler_goes_up_under_a_burst_and_back_down(endpoint):
         load.join()
     assert outcomes and all(outcomes), f"{outcomes.count(False)} of {len(outcomes)} answers fell short"
     assert running_replicas(SECOND) == 1  # its own autoscaling: untouched by MAIN's load
-    wait_for(lambda: running_replicas(MAIN) == 1, RELEASE_S, "scale-down after the load stopped")
+    # Its scale-down (downscale_delay_s after the load) is checked last, while the tests between run.
 
 
 def test_a_killed_replica_is_replaced_while_requests_keep_succeeding(endpoint):
@@ -579,3 +579,8 @@ def test_prometheus_saw_the_whole_run_every_dashboard_query_has_data_and_the_rul
             if not prometheus.series_over_session(expr):
                 empty.append(f"{name} / {title}: {expr}")
     assert checked >= 25 and not empty, "no data for:\n" + "\n".join(empty)
+
+
+def test_the_autoscaler_scales_back_down_once_the_burst_is_over(endpoint):
+    """Last, so the autoscaler test's scale-down delay passes while the tests after it run."""
+    wait_for(lambda: running_replicas(MAIN) == 1, RELEASE_S, "scale-down after the load stopped")
