@@ -6,6 +6,7 @@ again here; nothing is read from module globals of the driver.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -252,10 +253,33 @@ def build_engine(config, tokenizer_dir: str, seed: int, world: int, load_univers
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, config.max_steps))
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, world, load_universal)
-    )
+    with _torch_compile_off():
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(config, world, load_universal),
+        )
     return engine, scheduler, trainable
+
+
+@contextlib.contextmanager
+def _torch_compile_off():
+    """torch.compile decorators applied inside the block leave their functions as they are.
+
+    deepspeed.initialize checks the optimizer against ZeRO's list by importing DeepSpeed's Muon optimizer, whose
+    @torch.compile decorators import torch's inductor compiler: about 1.5 s of every engine (re)build on these CPUs
+    (most of initialize), for an optimizer Loom does not use; Loom compiles nothing in training. torch reads
+    TORCHDYNAMO_DISABLE when a decorator is applied, so the variable is set for this call only."""
+    before = os.environ.get("TORCHDYNAMO_DISABLE")
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TORCHDYNAMO_DISABLE"]
+        else:
+            os.environ["TORCHDYNAMO_DISABLE"] = before
 
 
 class RankRun:
