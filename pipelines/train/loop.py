@@ -270,7 +270,8 @@ def _torch_compile_off():
     deepspeed.initialize checks the optimizer against ZeRO's list by importing DeepSpeed's Muon optimizer, whose
     @torch.compile decorators import torch's inductor compiler: about 1.5 s of every engine (re)build on these CPUs
     (most of initialize), for an optimizer Loom does not use; Loom compiles nothing in training. torch reads
-    TORCHDYNAMO_DISABLE when a decorator is applied, so the variable is set for this call only."""
+    TORCHDYNAMO_DISABLE when a decorator is applied, so the variable is set for this call only; what is decorated
+    meanwhile (modules first imported by initialize) stays uncompiled for the process's life."""
     before = os.environ.get("TORCHDYNAMO_DISABLE")
     os.environ["TORCHDYNAMO_DISABLE"] = "1"
     try:

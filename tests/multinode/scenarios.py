@@ -540,8 +540,9 @@ def lose_a_training_node(cluster: NamespaceCluster, storage: Path, run_name: str
     final = cluster.job_ended(submission, JOB_S)
     if final["status"] != "SUCCEEDED":
         raise AssertionError(final)
-    # A step all workers finished before the kill can still be collected after it: the first step after the loss is
-    # the restored group's first report, which says what its restore cost.
+    # A step all workers finished before the kill can still be collected after it, so the first step counted after
+    # the loss is the first report carrying restart_load_s: the restored group's first, which says what its restore
+    # cost.
     restored = [row for row in steps(run_dir) if row["reported_at"] > loss.lost_at and "restart_load_s" in row]
     if not restored:
         raise AssertionError("no restored group reported a step after the node's loss")

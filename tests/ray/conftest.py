@@ -165,7 +165,9 @@ def tune_done(data_done, tiny_config, tmp_path_factory, stage_placement_groups):
     scratch = tmp_path_factory.mktemp("tune-driver")
     recipe = scratch / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(tiny_config.model_dump(mode="json", exclude_none=True)))
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # the driver joins this cluster
+    # The driver joins this cluster and saves the sweep's state every second (Tune's default starts at 10 s), so it
+    # is killed soon after its first trial finishes, before the next one can reach a rung and end too.
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     sweep = tiny_config.run_dir() / "tune" / "sweep"
     command = [sys.executable, "-m", "cluster", "tune", str(recipe)]
     with placement_groups_created() as stage_placement_groups["tune"]:
@@ -206,8 +208,11 @@ class _WorkerKiller(threading.Thread):
         while not self._stopped.wait(0.2):
             pids = set(train_worker_pids())
             if self.killed is None and pids:
+                try:
+                    os.kill(min(pids), signal.SIGKILL)
+                except ProcessLookupError:  # it ended on its own meanwhile: the next one seen is killed
+                    continue
                 self.killed = min(pids)
-                os.kill(self.killed, signal.SIGKILL)
             elif self.killed is not None:
                 self.started_after |= pids - {self.killed}
 
