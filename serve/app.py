@@ -244,13 +244,26 @@ def build_app(args: dict[str, Any]):
                     "canary_controller": controller,
                 },
             },
-            ingress_deployment_config=ingress_options(parsed.serve_config.ingress_replicas),
+            ingress_deployment_config=ingress_options(parsed.serve_config.ingress_replicas, alive_nodes()),
         )
     )
 
 
-def ingress_options(replicas: int) -> dict[str, Any]:
-    """The ingress deployment's options: Ray's defaults for one replica, else exactly ``replicas``."""
+def ingress_options(replicas: int, nodes: int = 1) -> dict[str, Any]:
+    """The ingress deployment's options: Ray's defaults for one replica, else exactly ``replicas``, one a node when
+    the cluster has ``nodes`` enough for that (Serve would otherwise place a replica that replaces a lost one
+    anywhere, the node of the other replica too, whose loss then takes every ingress with it)."""
     if replicas == 1:
         return {}
-    return {"autoscaling_config": {"min_replicas": replicas, "initial_replicas": replicas, "max_replicas": replicas}}
+    options: dict[str, Any] = {
+        "autoscaling_config": {"min_replicas": replicas, "initial_replicas": replicas, "max_replicas": replicas}
+    }
+    if nodes >= replicas:
+        options["max_replicas_per_node"] = 1
+    return options
+
+
+def alive_nodes() -> int:
+    import ray
+
+    return sum(node["Alive"] for node in ray.nodes())

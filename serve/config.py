@@ -460,8 +460,9 @@ class ServeConfig(StrictModel):
         ge=1,
         description="Replicas of the ingress (Loom's checks in front of every model), spread by Serve's proxy. More "
         "take the per-request cost of the checks off one process; each keeps its own rate buckets, concurrency "
-        "counts and engine slots, so every per-key limit holds per replica. 1: Ray's default, which scales to zero "
-        "with the models.",
+        "counts and engine slots, so every per-key limit holds per replica. On a cluster with at least as many "
+        "nodes at deployment, one a node, so that no node's loss takes every ingress with it. 1: Ray's default, "
+        "which scales to zero with the models.",
     )
     demo_prompts: list[str] = Field(
         default_factory=lambda: ["def fibonacci(n):", "import os\nimport sys\n", "The standard library"],

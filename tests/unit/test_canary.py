@@ -112,3 +112,6 @@ def test_the_app_deploys_each_version_and_a_fixed_ingress_count_when_asked(tmp_p
         ServeAppArgs(serve_config=config, model_sources={"m": str(tmp_path / "m")})
     assert ingress_options(1) == {}  # Ray's default: one replica, to zero with the models
     assert ingress_options(3)["autoscaling_config"] == {"min_replicas": 3, "initial_replicas": 3, "max_replicas": 3}
+    # One a node where there are nodes enough, so that no node's loss takes every ingress with it.
+    assert "max_replicas_per_node" not in ingress_options(3, nodes=2)
+    assert ingress_options(3, nodes=3)["max_replicas_per_node"] == 1
