@@ -264,6 +264,9 @@ def ingress_options(replicas: int, nodes: int = 1) -> dict[str, Any]:
 
 
 def alive_nodes() -> int:
+    """The cluster's live nodes; 1 where the app is built outside a Ray connection (nothing to spread over)."""
     import ray
 
+    if not ray.is_initialized():
+        return 1
     return sum(node["Alive"] for node in ray.nodes())
