@@ -272,6 +272,8 @@ def _torch_compile_off():
     (most of initialize), for an optimizer Loom does not use; Loom compiles nothing in training. torch reads
     TORCHDYNAMO_DISABLE when a decorator is applied, so the variable is set for this call only; what is decorated
     meanwhile (modules first imported by initialize) stays uncompiled for the process's life."""
+    # One variable put back by hand: mock.patch.dict would restore the whole environment, undoing what
+    # deepspeed.initialize sets in it (its distributed variables).
     before = os.environ.get("TORCHDYNAMO_DISABLE")
     os.environ["TORCHDYNAMO_DISABLE"] = "1"
     try:

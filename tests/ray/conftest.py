@@ -208,11 +208,12 @@ class _WorkerKiller(threading.Thread):
         while not self._stopped.wait(0.2):
             pids = set(train_worker_pids())
             if self.killed is None and pids:
+                victim = min(pids)
                 try:
-                    os.kill(min(pids), signal.SIGKILL)
+                    os.kill(victim, signal.SIGKILL)
                 except ProcessLookupError:  # it ended on its own meanwhile: the next one seen is killed
                     continue
-                self.killed = min(pids)
+                self.killed = victim
             elif self.killed is not None:
                 self.started_after |= pids - {self.killed}
 
