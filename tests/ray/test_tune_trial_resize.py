@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -29,21 +30,29 @@ pytestmark = pytest.mark.ray
 #: One worker's logical CPUs: the tests' head node (10) has room for one (Ray Train counts a node's whole CPUs,
 #: the trial's own one included), the added node for another.
 WORKER_CPUS = 6
-MICRO, GLOBAL_BATCH, CHECKPOINT_EVERY = 8, 32, 8
+MICRO, GLOBAL_BATCH, CHECKPOINT_EVERY = 8, 32, 16
+#: The node is lost once two workers have reported a step at most this far past a checkpoint: the workers, a step or
+#: two ahead of the driver's file (here two workers trained 2-5 steps a second), must not reach the next checkpoint
+#: before the loss, or no step is trained again at one worker.
+LOSS_WINDOW = 6
 #: Long enough that the trial is still training when the node is lost, and no longer: every step after that is the
-#: test's wait. Before the loss it trains on one worker until Ray Train sees the new node (the node join, a look of
-#: the autoscaling coordinator, every 2 s during an elastic fit, and a resize check) and restarts on two, then some
-#: 10-20 steps on two before the node is lost and a restart from a checkpoint on one. The growth has come between
-#: steps 12 and 41, the loss as late as step 115 (the trial's reports reach its result file in bursts).
+#: test's wait. One worker past its first checkpoint, the node added; Ray Train sees it (an elastic fit looks every
+#: 2 s) and restarts on two from the last checkpoint; the loss once two have trained past a checkpoint of their own.
 STEPS = 128
 
 
-def reports(sweep) -> list[dict]:
-    """Every training report of the sweep's one trial so far (a step reported again after a resize appears twice)."""
-    found = sorted(sweep.glob("run_trial_*/result.json"))
-    if not found:
+def result_files(ray_module) -> set:
+    """Every trial result file the running Tune drivers write as they go: the copies under the sweep's storage
+    follow them only every few seconds, many steps at once, too late to time a node's loss by."""
+    session = Path(ray_module._private.worker.global_worker.node.get_session_dir_path())
+    return set(session.glob("artifacts/*/sweep/driver_artifacts/run_trial_*/result.json"))
+
+
+def reports(result_file) -> list[dict]:
+    """Every training report of a trial so far (a step reported again after a resize appears twice)."""
+    if result_file is None or not result_file.is_file():
         return []
-    rows = [json.loads(line) for line in found[0].read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
     return [row for row in rows if "world_size" in row and not row.get("final")]
 
 
@@ -82,7 +91,7 @@ def test_a_sweep_trial_grows_when_a_node_joins_and_shrinks_when_it_is_lost(data_
         lambda: f"room for one {WORKER_CPUS}-CPU worker on the head, not two: {ray.available_resources()}",
     )
 
-    sweep, failure = run_dir / "tune" / "sweep", []
+    sweep, failure, earlier = run_dir / "tune" / "sweep", [], result_files(ray)
 
     def sweep_driver():
         try:
@@ -93,29 +102,32 @@ def test_a_sweep_trial_grows_when_a_node_joins_and_shrinks_when_it_is_lost(data_
     driver = threading.Thread(target=sweep_driver, daemon=True)
     driver.start()
 
-    def reported(world: int, after: int = 0) -> list[dict]:
+    def live() -> list[dict]:
         assert not failure, failure
-        return [row for row in reports(sweep)[after:] if row["world_size"] == world]
+        return reports(next(iter(result_files(ray) - earlier), None))
 
-    wait_for(lambda: reported(1) and reports(sweep)[-1]["step"] > CHECKPOINT_EVERY, 300, "one worker past a checkpoint")
+    def reported(world: int, after: int = 0) -> list[dict]:
+        return [row for row in live()[after:] if row["world_size"] == world]
+
+    wait_for(lambda: reported(1) and live()[-1]["step"] > CHECKPOINT_EVERY, 300, "one worker past a checkpoint")
     with added_node(WORKER_CPUS) as node:
-        grew_from = len(reports(sweep))
+        grew_from = len(live())
         wait_for(lambda: reported(2, grew_from), 180, "the trial to grow to two workers")
         # Lost a few steps past a checkpoint two workers wrote: the shrink re-shards it and trains those steps again.
         first_of_two = reported(2, grew_from)[0]["step"]
 
         def past_a_checkpoint_of_two() -> bool:
             step = reported(2, grew_from)[-1]["step"]
-            return step > first_of_two + CHECKPOINT_EVERY and 1 <= step % CHECKPOINT_EVERY <= CHECKPOINT_EVERY // 2
+            return step > first_of_two + CHECKPOINT_EVERY and 1 <= step % CHECKPOINT_EVERY <= LOSS_WINDOW
 
         wait_for(past_a_checkpoint_of_two, 180, "two workers a few steps past their checkpoint", poll_s=0.05)
-        shrank_from = len(reports(sweep))
+        shrank_from = len(live())
         lose(node)
         wait_for(lambda: reported(1, shrank_from), 180, "the trial to shrink to one worker")
     driver.join(timeout=600)
     assert not driver.is_alive() and not failure, failure
 
-    history = reports(sweep)
+    history = reports(next(sweep.glob("run_trial_*/result.json")))  # what the sweep keeps, all of it by now
     worlds = [row["world_size"] for row in history]
     assert worlds[0] == 1 and worlds[-1] == 1 and 2 in worlds, worlds
     grown = next(row for row in history if row["world_size"] == 2)
