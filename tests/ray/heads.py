@@ -58,6 +58,9 @@ def second_head(flags: list[str], env: dict[str, str], token: str, temp_dir: Pat
     """
     port, dashboard_port = free_port(), free_port()
     own_ports = [f"--{flag}={free_port()}" for flag in OWN_PORT_FLAGS]
+    # Stopped with SIGTERM below: Ray drains the node first, for up to 30 s while anything holds a lease (in the
+    # auth tests' teardown it waited all 30 s); a drain is for Serve replicas behind live proxies, none here.
+    env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
          f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}", *flags, *own_ports],
