@@ -69,3 +69,31 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
+
+
+#: Shared fixtures (package or module scope) that took longer than this to set up, listed at the end of a run:
+#: pytest's --durations charges them to whichever test asked first, which hides what the suite's time goes to.
+SLOW_FIXTURE_S = 20
+_FIXTURE_SECONDS: list[tuple[float, str]] = []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    import time
+
+    started = time.monotonic()
+    try:
+        return (yield)
+    finally:
+        seconds = time.monotonic() - started
+        if fixturedef.scope != "function" and seconds > SLOW_FIXTURE_S:
+            _FIXTURE_SECONDS.append(
+                (seconds, f"{fixturedef.scope} fixture {fixturedef.argname} ({request.node.nodeid})")
+            )
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _FIXTURE_SECONDS:
+        terminalreporter.write_sep("=", f"shared fixtures slower than {SLOW_FIXTURE_S} s to set up (own time)")
+        for seconds, what in sorted(_FIXTURE_SECONDS, reverse=True):
+            terminalreporter.write_line(f"{seconds:8.1f}s {what}")
