@@ -24,7 +24,6 @@ from tests.multinode.scenarios import (
     CHECKPOINT_EVERY,
     ELASTIC_BATCH,
     ELASTIC_MICRO,
-    ELASTIC_STEPS,
     LINK_CUT_S,
     TRAIN_STEPS,
     Measured,
@@ -245,6 +244,11 @@ def test_node_loss_while_serving(cluster, tmp_path, record_benchmark):
     )
 
 
+#: The benchmark's elastic runs: longer than the test's (tests/multinode), as docs/results/node_loss_elastic.json
+#: records them; with Ray's default failure detection (about 15 s) the survivors train longer before the grow-back.
+BENCH_ELASTIC_STEPS = 96
+
+
 def test_elastic_training_on_a_lost_node(cluster, tmp_path, record_benchmark):
     submit(cluster, tmp_path, "data", "base")
     rounds: list[Measured] = []
@@ -252,14 +256,14 @@ def test_elastic_training_on_a_lost_node(cluster, tmp_path, record_benchmark):
     accounts: list[tuple[int, int]] = []
     for round_ in range(RUNS):
         shutil.copytree(tmp_path / "base", tmp_path / f"elastic-{round_}")
-        rounds.append(shrink_and_grow(cluster, tmp_path, f"elastic-{round_}"))
+        rounds.append(shrink_and_grow(cluster, tmp_path, f"elastic-{round_}", BENCH_ELASTIC_STEPS))
         phases.append(elastic_shrink_phases(tmp_path / f"elastic-{round_}", rounds[-1].lost_at))
         # The sample ledger against the plan read from the packed shards: every sequence once per epoch.
         run_dir = tmp_path / f"elastic-{round_}"
         accounts.append(
             lost_and_repeated(
                 trained_rows(ledger_path(run_dir / "train", "ray")),
-                planned_rows(run_dir / "data", ELASTIC_STEPS, ELASTIC_BATCH, ELASTIC_MICRO),
+                planned_rows(run_dir / "data", BENCH_ELASTIC_STEPS, ELASTIC_BATCH, ELASTIC_MICRO),
             )
         )
         print(rounds[-1].line("elastic training, a node lost and back"), phases[-1], "lost, repeated:", accounts[-1])
@@ -274,7 +278,7 @@ def test_elastic_training_on_a_lost_node(cluster, tmp_path, record_benchmark):
         inputs={
             "nodes": NODES,
             "workers": "two to three, 2 CPUs each (a node holds one)",
-            "steps": ELASTIC_STEPS,
+            "steps": BENCH_ELASTIC_STEPS,
             "checkpoint_every": 8,
             "resize_check_s": 5,
             "loss": "every process of a worker node killed past the first checkpoint; started again once two "

@@ -61,9 +61,14 @@ def test_a_driver_killed_in_near_dedup_resumes_after_the_last_finished_step(ray_
     # The uninterrupted run beside the killed one, on the same cluster: a job of its own, which the kill's checks
     # (the killed driver's processes and job) leave out.
     whole: dict = {}
-    beside = threading.Thread(
-        target=lambda: whole.update(run_uninterrupted(command, env, storage / "whole", 2 * RUN_S, cwd=REPO_ROOT))
-    )
+
+    def uninterrupted() -> None:
+        try:
+            whole.update(run_uninterrupted(command, env, storage / "whole", 2 * RUN_S, cwd=REPO_ROOT))
+        except BaseException as error:  # noqa: BLE001 - raised in the test's thread below
+            whole["error"] = error
+
+    beside = threading.Thread(target=uninterrupted)
     beside.start()
     try:
         killed = storage / "killed"
@@ -73,6 +78,8 @@ def test_a_driver_killed_in_near_dedup_resumes_after_the_last_finished_step(ray_
         )  # fmt: skip
     finally:
         beside.join()
+    if "error" in whole:
+        raise whole["error"]
     assert whole["returncode"] == 0, whole["output"][-4000:]
     summary = {key: value for key, value in report.items() if key != "rerun_output"}
     # The kill landed in near-dedup: every step before it complete, near-dedup not.

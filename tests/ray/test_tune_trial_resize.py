@@ -102,9 +102,15 @@ def test_a_sweep_trial_grows_when_a_node_joins_and_shrinks_when_it_is_lost(data_
     driver = threading.Thread(target=sweep_driver, daemon=True)
     driver.start()
 
+    trial_file: list = []  # the trial's live result file, once it appears
+
     def live() -> list[dict]:
         assert not failure, failure
-        return reports(next(iter(result_files(ray) - earlier), None))
+        if not trial_file:
+            new = result_files(ray) - earlier
+            assert len(new) <= 1, f"more than one new trial result file: {new}"
+            trial_file.extend(new)
+        return reports(trial_file[0] if trial_file else None)
 
     def reported(world: int, after: int = 0) -> list[dict]:
         return [row for row in live()[after:] if row["world_size"] == world]
