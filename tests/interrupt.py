@@ -218,9 +218,10 @@ def job_dead(job_id: str) -> bool:
 
 
 def job_worker_pids(api: str, job_id: str) -> set[int]:
-    """Pids of the worker processes that ran a task or hold an actor of ``job_id`` (Ray's State API at ``api``:
-    task events reach it within about a second of a task starting). The API answers at most 10,000 tasks: the
-    running ones are asked for on their own, so a big job's busy workers are never among those cut off."""
+    """Pids of the worker processes that ran a task or hold an actor of ``job_id``, detached actors aside (Ray's
+    State API at ``api``: task events reach it within about a second of a task starting). The API answers at most
+    10,000 tasks: the running ones are asked for on their own, so a big job's busy workers are never among those cut
+    off."""
     from ray.util.state import list_actors, list_tasks
 
     job = ("job_id", "=", job_id)
@@ -230,7 +231,14 @@ def job_worker_pids(api: str, job_id: str) -> set[int]:
         for task in list_tasks(address=api, filters=filters, limit=10_000, raise_on_missing_output=False)
     ]
     actors = list_actors(address=api, filters=[job], limit=10_000, raise_on_missing_output=False)
-    return {t.worker_pid for t in tasks if t.worker_pid} | {a.pid for a in actors if a.pid}
+    # A detached actor outlives the job that made it, by design: Ray Data's autoscaling coordinator is one a cluster,
+    # made by whichever job asks first and used by every job after. It is no process of the job to end with it.
+    detached = {
+        actor.pid
+        for actor in list_actors(address=api, limit=10_000, raise_on_missing_output=False, detail=True)
+        if actor.is_detached and actor.pid
+    }
+    return ({t.worker_pid for t in tasks if t.worker_pid} | {a.pid for a in actors if a.pid}) - detached
 
 
 # -- the experiment ----------------------------------------------------------------------------------------------
