@@ -250,13 +250,15 @@ def reported_at_world(run_dir: Path, world: int, after: float) -> list[dict]:
     return [row for row in steps(run_dir) if row.get("world_size") == world and row["reported_at"] > after]
 
 
-def shrink_and_grow(cluster: NamespaceCluster, storage: Path, run_name: str, steps: int = ELASTIC_STEPS) -> Measured:
-    """Elastic training (:data:`ELASTIC`, ``steps`` steps) on three nodes; a worker node killed once training is past its first
+def shrink_and_grow(
+    cluster: NamespaceCluster, storage: Path, run_name: str, max_steps: int = ELASTIC_STEPS
+) -> Measured:
+    """Elastic training (:data:`ELASTIC`, ``max_steps`` steps) on three nodes; a worker node killed once training is past its first
     checkpoint and kept down until two workers report a step (training went on without it), then started again,
     until three workers report again (the group grew back). Milestones: declared dead, progressing on two workers,
     the node back, progressing on three. The job must succeed."""
     lost = cluster.workers[0]
-    _, submission = submit(cluster, storage, "train", run_name, *ELASTIC, f"train.max_steps={steps}", wait=False)
+    _, submission = submit(cluster, storage, "train", run_name, *ELASTIC, f"train.max_steps={max_steps}", wait=False)
     run_dir = storage / run_name
     wait_for(lambda: len(steps(run_dir)) >= 10, JOB_S, "training past its first checkpoint")
     if {row.get("world_size") for row in steps(run_dir)} != {3}:
