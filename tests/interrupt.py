@@ -230,15 +230,13 @@ def job_worker_pids(api: str, job_id: str) -> set[int]:
         for filters in ([job], [job, ("state", "=", "RUNNING")])
         for task in list_tasks(address=api, filters=filters, limit=10_000, raise_on_missing_output=False)
     ]
-    actors = list_actors(address=api, filters=[job], limit=10_000, raise_on_missing_output=False)
-    # A detached actor outlives the job that made it, by design: Ray Data's autoscaling coordinator is one a cluster,
-    # made by whichever job asks first and used by every job after. It is no process of the job to end with it.
-    detached = {
-        actor.pid
-        for actor in list_actors(address=api, limit=10_000, raise_on_missing_output=False, detail=True)
-        if actor.is_detached and actor.pid
-    }
-    return ({t.worker_pid for t in tasks if t.worker_pid} | {a.pid for a in actors if a.pid}) - detached
+    # Every actor once (the job's own and the detached ones). A detached actor outlives the job that made it, by
+    # design: Ray Data's autoscaling coordinator is one a cluster, made by whichever job asks first and used by every
+    # job after. It is no process of the job to end with it.
+    actors = list_actors(address=api, limit=10_000, raise_on_missing_output=False, detail=True)
+    detached = {actor.pid for actor in actors if actor.is_detached and actor.pid}
+    own = {actor.pid for actor in actors if actor.job_id == job_id and actor.pid}
+    return ({t.worker_pid for t in tasks if t.worker_pid} | own) - detached
 
 
 # -- the experiment ----------------------------------------------------------------------------------------------

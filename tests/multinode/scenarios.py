@@ -253,9 +253,9 @@ def reported_at_world(run_dir: Path, world: int, after: float) -> list[dict]:
 def shrink_and_grow(
     cluster: NamespaceCluster, storage: Path, run_name: str, max_steps: int = ELASTIC_STEPS
 ) -> Measured:
-    """Elastic training (:data:`ELASTIC`, ``max_steps`` steps) on three nodes; a worker node killed once training is past its first
-    checkpoint and kept down until two workers report a step (training went on without it), then started again,
-    until three workers report again (the group grew back). Milestones: declared dead, progressing on two workers,
+    """Elastic training (:data:`ELASTIC`, ``max_steps`` steps) on three nodes; a worker node killed once training is
+    past its first checkpoint and kept down until two workers report a step (training went on without it), then
+    started again, until three workers report again (the group grew back). Milestones: declared dead, progressing on two workers,
     the node back, progressing on three. The job must succeed."""
     lost = cluster.workers[0]
     _, submission = submit(cluster, storage, "train", run_name, *ELASTIC, f"train.max_steps={max_steps}", wait=False)

@@ -5,11 +5,11 @@ million-document benchmark calls the same)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import signal
 import sys
-import threading
 
 import pytest
 
@@ -60,26 +60,14 @@ def test_a_driver_killed_in_near_dedup_resumes_after_the_last_finished_step(ray_
 
     # The uninterrupted run beside the killed one, on the same cluster: a job of its own, which the kill's checks
     # (the killed driver's processes and job) leave out.
-    whole: dict = {}
-
-    def uninterrupted() -> None:
-        try:
-            whole.update(run_uninterrupted(command, env, storage / "whole", 2 * RUN_S, cwd=REPO_ROOT))
-        except BaseException as error:  # noqa: BLE001 - raised in the test's thread below
-            whole["error"] = error
-
-    beside = threading.Thread(target=uninterrupted)
-    beside.start()
-    try:
+    with concurrent.futures.ThreadPoolExecutor(1) as beside:
+        uninterrupted = beside.submit(run_uninterrupted, command, env, storage / "whole", 2 * RUN_S, cwd=REPO_ROOT)
         killed = storage / "killed"
         report = run_killed_then_resumed(
             [*command, "run_name=killed"], env, killed, inside_step("minhash_dedup", NEAR_DEDUP), 2 * RUN_S,
             cwd=REPO_ROOT,
         )  # fmt: skip
-    finally:
-        beside.join()
-    if "error" in whole:
-        raise whole["error"]
+        whole = uninterrupted.result()  # its own failure, if any, raised here
     assert whole["returncode"] == 0, whole["output"][-4000:]
     summary = {key: value for key, value in report.items() if key != "rerun_output"}
     # The kill landed in near-dedup: every step before it complete, near-dedup not.
