@@ -278,9 +278,13 @@ def write_report(run: RunDir, stats: dict, step_stats: dict[str, dict]) -> Path:
 def run_data(config: DataConfig, run: RunDir, seed: int) -> StageResult:
     """curate -> tokenize + mix -> pack + split -> report."""
     import ray.data
+    from ray.data.context import ShuffleStrategy
 
+    context = ray.data.DataContext.get_current()
     # Deterministic output for the same input and seed (limits, shuffles and splits see rows in order).
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    context.execution_options.preserve_order = True
+    sort = config.shuffle == "sort"
+    context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED if sort else ShuffleStrategy.SHUFFLE_V2
     out = run.begin(DataOutputs.stage)
     outputs = DataOutputs.at(run)
     # Not steps/: it is how a rerun resumes after a crash.
