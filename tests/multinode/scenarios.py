@@ -86,6 +86,7 @@ def submit_data(cluster: NamespaceCluster, storage: Path, corpus: Path, run_name
          f"storage={storage}", f"run_name={run_name}",
          f"data.sources=[{{format: jsonl, path: '{corpus}', name: planted}}]", f"data.steps={DATA_STEPS}",
          "data.max_documents=null", "data.vocab_size=300", "data.seq_len=64", "data.tokenize_actors=1",
+         "data.shuffle=hash",  # Ray's default shuffle (aggregator actors, some on the lost node), not the tiny recipe's
          "--address", cluster.dashboard, "--no-wait"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=cluster.env,
     )  # fmt: skip
@@ -288,6 +289,25 @@ def steps(run_dir: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [row for row in map(json.loads, path.read_text().splitlines()) if "loss" in row]
+
+
+def hold_the_heads_cpus(cluster: NamespaceCluster) -> str:
+    """A job that holds every logical CPU of the head until stopped (its entrypoint's CPUs, pinned to the head by
+    its ``node:`` resource): what the chain submits next leaves the head to Ray's own processes and the drivers, as
+    Ray advises for a cluster's head (``--num-cpus=0``), so its vLLM replicas run on the worker nodes and a head
+    restart loses none of them. The nodes keep their CPUs for the training cases, which want the head's. Its
+    submission id."""
+    submission = cluster.get(
+        "/api/jobs/",
+        method="POST",
+        body={
+            "entrypoint": "sleep 86400",
+            "entrypoint_num_cpus": cluster.head_cpus,
+            "entrypoint_resources": {f"node:{cluster.head.address}": 0.001},
+        },
+    )["submission_id"]
+    wait_for(lambda: cluster.job(submission)["status"] == "RUNNING", 120, "the job holding the head's CPUs to run")
+    return submission
 
 
 def shut_down_serve(cluster: NamespaceCluster) -> None:
