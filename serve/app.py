@@ -122,7 +122,7 @@ def llm_config(model_id: str, model: ModelConfig, source: str, draft: str | None
     """One ``LLMConfig`` for the real vLLM engine on CPU or GPU (with ``draft`` proposing tokens, if given)."""
     from ray.serve.llm import LLMConfig
 
-    from serve.engine import LoomLLMServer
+    from serve.engine import LocalModelCallback, LoomLLMServer
 
     engine = model.engine
     engine_kwargs: dict[str, Any] = {
@@ -153,6 +153,7 @@ def llm_config(model_id: str, model: ModelConfig, source: str, draft: str | None
         model_loading_config={"model_id": model_id, "model_source": source},
         engine_kwargs=engine_kwargs,
         placement_group_config={"bundles": bundles},
+        callback_config={"callback_class": LocalModelCallback},
         runtime_env={"env_vars": env_vars} if env_vars else None,
         deployment_config={
             "autoscaling_config": {

@@ -16,6 +16,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
+from ray.llm._internal.common.callbacks.base import CallbackBase
 from ray.serve.llm.deployment import LLMServer
 
 T = TypeVar("T")
@@ -81,3 +82,22 @@ class LoomLLMServer(LLMServer):
     def _batch_output_stream(self, generator: AsyncIterator[Any]) -> AsyncIterator[list[Any]]:
         # The one method Ray Serve LLM routes streamed output through (ray 2.60); interval as configured.
         return first_then_batched(generator, self._get_batch_interval_ms() / 1000)
+
+
+class LocalModelCallback(CallbackBase):
+    """Skips Ray Serve LLM's node initialization: Loom serves model directories on the storage every node
+    reads, so there is nothing to download.
+
+    Before each engine start, ``LLMServer`` runs a task on every node of the replica's placement group to
+    download the model (``ray.llm``'s ``initialize_node``), in a fresh worker process with the replica's
+    runtime environment; for a local directory that task only returns the path it was given. The context's
+    ``run_init_node`` switch is Ray's own way to skip it (``LLMConfig.callback_config``). The hooks it
+    relies on: :data:`CALLBACK_HOOKS` (tests/unit/test_private_hooks.py checks them).
+    """
+
+    async def on_before_node_init(self) -> None:
+        self.ctx.run_init_node = False
+
+
+#: What LocalModelCallback relies on in ray.llm (ray 2.60): the context switch and the hook it sets it in.
+CALLBACK_HOOKS = ("run_init_node", "on_before_node_init")

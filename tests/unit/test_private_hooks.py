@@ -20,6 +20,19 @@ def test_llm_server_still_routes_streams_through_the_batcher_hooks():
     assert LoomLLMServer._batch_output_stream is not LLMServer._batch_output_stream
 
 
+def test_ray_serve_llm_still_skips_node_initialization_through_its_callback_context():
+    from ray.llm._internal.common.callbacks.base import CallbackBase, CallbackCtx
+    from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
+
+    from serve.engine import CALLBACK_HOOKS
+
+    switch, hook = CALLBACK_HOOKS
+    assert CallbackCtx().__dict__[switch] is True and callable(getattr(CallbackBase, hook))
+    # The engine's start reads the switch after running the hook.
+    source = inspect.getsource(VLLMEngine.start)
+    assert source.index(f'"{hook}"') < source.index(f"ctx.{switch}"), source
+
+
 def test_every_route_the_stock_builder_maps_is_a_loom_route():
     # build_openai_app routes each of these paths to the ingress method of that name: a method Loom did
     # not write would answer without the key check.
