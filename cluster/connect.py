@@ -20,6 +20,10 @@ def embedded_num_cpus(config: ClusterConfig) -> int:
     return config.num_cpus or max(8, os.cpu_count() or 1)
 
 
+#: The embedded Ray's own settings: one node, which no autoscaler or spot market drains, so Ray Train's preemption
+#: watcher (an actor per training run that polls for draining nodes) has nothing to watch.
+EMBEDDED_ENV_VARS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
 #: How often a Ray Data execution re-reads the cluster's resources (Ray's default: 1 s).
 DATA_LIMITS_REFRESH_S = 0.1
 
@@ -91,7 +95,7 @@ def connect(config: ClusterConfig, address: str | None = None, log_to_driver: bo
         return f"Ray cluster at {target}"
     num_cpus = embedded_num_cpus(config)
     # The embedded cluster's processes inherit this process's environment.
-    for name, value in config.ray_env_vars().items():
+    for name, value in {**config.ray_env_vars(), **EMBEDDED_ENV_VARS}.items():
         os.environ.setdefault(name, value)
     warn_if_embedded_unauthenticated()
     dashboard_port = _free_loopback_port()
