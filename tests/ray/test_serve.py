@@ -64,9 +64,9 @@ def endpoint(ray_cluster, train_done, lora_done, compress_done, tiny_config, tmp
         "max_replicas": 2,
         "target_ongoing_requests": 2,
         "upscale_delay_s": 0,
-        # Longer than the pause between the autoscaler test's waves (as long as a wave took): with 4 s, a slow
-        # wave's pause scaled down the second replica while it was still starting, again and again.
-        "downscale_delay_s": 30,
+        # Longer than the pause between the autoscaler test's waves (three times as long as a wave took): with 4 s,
+        # a slow wave's pause scaled down the second replica while it was still starting, again and again.
+        "downscale_delay_s": 60,
         "metrics_interval_s": 0.5,
         "look_back_period_s": 2,
     }
@@ -455,15 +455,16 @@ def test_autoscaler_adds_a_replica_under_a_burst(endpoint):
         return done.usage.completion_tokens == 48
 
     def waves(width: int = 8) -> None:
-        """``width`` requests at once, then a pause as long as they took: the autoscaler sees about
-        width / 2 = 4 ongoing requests (twice the target of 2), while the engine idles half the time, so
-        the load does not starve the new replica's start (on 2 cores, vLLM's start under a constant load
-        took longer than 4 minutes)."""
+        """``width`` requests at once, then a pause three times as long as they took: each wave shows the
+        autoscaler 8 ongoing requests (four times the target of 2), and it upscales at once (upscale_delay_s
+        0), while the engine idles three quarters of the time, so the load does not starve the new replica's
+        start (on 2 cores, vLLM's start under a constant load took longer than 4 minutes, and about 3 minutes
+        at half the time busy). A wave comes well within downscale_delay_s of the last, so the decision holds."""
         with concurrent.futures.ThreadPoolExecutor(width) as pool:
             while not stop.is_set():
                 started = time.monotonic()
                 outcomes.extend(pool.map(one, range(width)))
-                stop.wait(time.monotonic() - started)
+                stop.wait(3 * (time.monotonic() - started))
 
     load = threading.Thread(target=waves)
     load.start()
