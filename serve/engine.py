@@ -85,18 +85,21 @@ class LoomLLMServer(LLMServer):
 
 
 class LocalModelCallback(CallbackBase):
-    """Skips Ray Serve LLM's node initialization: Loom serves model directories on the storage every node
-    reads, so there is nothing to download.
+    """Skips Ray Serve LLM's node initialization for a model directory: Loom serves directories on the storage
+    every node reads, so there is nothing to download.
 
     Before each engine start, ``LLMServer`` runs a task on every node of the replica's placement group to
     download the model (``ray.llm``'s ``initialize_node``), in a fresh worker process with the replica's
     runtime environment; for a local directory that task only returns the path it was given. The context's
-    ``run_init_node`` switch is Ray's own way to skip it (``LLMConfig.callback_config``). The hooks it
-    relies on: :data:`CALLBACK_HOOKS` (tests/unit/test_private_hooks.py checks them).
+    ``run_init_node`` switch is Ray's own way to skip it (``LLMConfig.callback_config``). A remote source (a
+    URI, as ``serve run`` may be given) is still downloaded. The hooks it relies on: :data:`CALLBACK_HOOKS`
+    (tests/unit/test_private_hooks.py checks them).
     """
 
     async def on_before_node_init(self) -> None:
-        self.ctx.run_init_node = False
+        source = self.llm_config.model_loading_config.model_source
+        if isinstance(source, str) and "://" not in source:
+            self.ctx.run_init_node = False
 
 
 #: What LocalModelCallback relies on in ray.llm (ray 2.60): the context switch and the hook it sets it in.

@@ -399,12 +399,12 @@ class DataConfig(StrictModel):
         default=2, ge=1, description="Actors in the tokenizer pool (each loads the tokenizer once)."
     )
     batch_size: int = Field(default=128, ge=1, description="Documents per Ray Data batch for tokenize and pack.")
-    shuffle: Literal["hash", "sort"] = Field(
-        default="hash",
-        description="How Ray Data shuffles (dedup's group-bys, the pack's sort): 'hash' (Ray's default, SHUFFLE_V2) "
-        "starts aggregator actors for every shuffle; 'sort' (SORT_SHUFFLE_PULL_BASED) runs tasks on the pooled workers. "
-        "The output is the same either way; on a small corpus and few cores 'sort' skips seconds of actor "
-        "start-up per group-by.",
+    shuffle: Literal["default", "sort"] = Field(
+        default="default",
+        description="How Ray Data shuffles for the data stage's group-bys and sorts: 'default' leaves Ray's choice "
+        "(SHUFFLE_V2, which starts aggregator actors for every group-by, or RAY_DATA_DEFAULT_SHUFFLE_STRATEGY); "
+        "'sort' (SORT_SHUFFLE_PULL_BASED) runs them as tasks on the pooled workers. The output is the same either "
+        "way; on a small corpus and few cores 'sort' skips seconds of actor start-up per group-by.",
     )
 
     @model_validator(mode="after")

@@ -275,16 +275,34 @@ def write_report(run: RunDir, stats: dict, step_stats: dict[str, dict]) -> Path:
     return plot
 
 
-def run_data(config: DataConfig, run: RunDir, seed: int) -> StageResult:
-    """curate -> tokenize + mix -> pack + split -> report."""
+@contextlib.contextmanager
+def shuffled_by(choice: str) -> Iterator[None]:
+    """Ray Data's shuffle strategy for the datasets created inside (each keeps a copy of the context), put back
+    afterwards: the context is the process's, and a caller's own datasets keep Ray's choice."""
     import ray.data
     from ray.data.context import ShuffleStrategy
 
     context = ray.data.DataContext.get_current()
+    before = context.shuffle_strategy
+    if choice == "sort":
+        context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    try:
+        yield
+    finally:
+        context.shuffle_strategy = before
+
+
+def run_data(config: DataConfig, run: RunDir, seed: int) -> StageResult:
+    """curate -> tokenize + mix -> pack + split -> report."""
+    with shuffled_by(config.shuffle):
+        return _run_data(config, run, seed)
+
+
+def _run_data(config: DataConfig, run: RunDir, seed: int) -> StageResult:
+    import ray.data
+
     # Deterministic output for the same input and seed (limits, shuffles and splits see rows in order).
-    context.execution_options.preserve_order = True
-    sort = config.shuffle == "sort"
-    context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED if sort else ShuffleStrategy.SHUFFLE_V2
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     out = run.begin(DataOutputs.stage)
     outputs = DataOutputs.at(run)
     # Not steps/: it is how a rerun resumes after a crash.

@@ -86,7 +86,7 @@ def submit_data(cluster: NamespaceCluster, storage: Path, corpus: Path, run_name
          f"storage={storage}", f"run_name={run_name}",
          f"data.sources=[{{format: jsonl, path: '{corpus}', name: planted}}]", f"data.steps={DATA_STEPS}",
          "data.max_documents=null", "data.vocab_size=300", "data.seq_len=64", "data.tokenize_actors=1",
-         "data.shuffle=hash",  # Ray's default shuffle (aggregator actors, some on the lost node), not the tiny recipe's
+         "data.shuffle=default",  # Ray's shuffle (aggregator actors, some on the lost node), not the tiny recipe's
          "--address", cluster.dashboard, "--no-wait"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=cluster.env,
     )  # fmt: skip
@@ -306,7 +306,11 @@ def hold_the_heads_cpus(cluster: NamespaceCluster) -> str:
             "entrypoint_resources": {f"node:{cluster.head.address}": 0.001},
         },
     )["submission_id"]
-    wait_for(lambda: cluster.job(submission)["status"] == "RUNNING", 120, "the job holding the head's CPUs to run")
+    try:
+        wait_for(lambda: cluster.job(submission)["status"] == "RUNNING", 120, "the job holding the head's CPUs to run")
+    except BaseException:
+        cluster.get(f"/api/jobs/{submission}/stop", method="POST")  # not to start later and hold them anyway
+        raise
     return submission
 
 

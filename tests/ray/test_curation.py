@@ -10,6 +10,7 @@ import pytest
 
 from pipelines.data.config import DataConfig
 from pipelines.data.dedup import MinHashDedup
+from pipelines.data.stage import shuffled_by
 from tests.helpers import document_table, union_find_roots
 from tests.planted_corpus import planted_corpus
 
@@ -58,11 +59,14 @@ def test_near_duplicates_are_found_with_high_precision_and_recall(first_run, cor
     assert step.stats()["cluster_size_histogram"] == {"3": len(corpus.clusters)}
 
 
-def test_survivors_are_the_same_across_partitions_blocks_components_and_verification(first_run, corpus):
+def test_survivors_are_the_same_across_partitions_blocks_components_verification_and_shuffles(first_run, corpus):
     _, dropped = first_run
     # Components distributed to the end here (the first run finished its small graph in one process).
     other = MinHashDedup(threshold=0.8, num_perm=128, num_partitions=3, verify=True, local_components_edges=0)
     assert dropped_ids(other.apply(as_dataset(corpus.documents, blocks=5))) == dropped
+    # And with the data stage's other shuffle (data.shuffle: sort): tasks in place of Ray's aggregator actors.
+    with shuffled_by("sort"):
+        assert dropped_ids(other.apply(as_dataset(corpus.documents, blocks=5))) == dropped
 
 
 def test_simhash_finds_the_same_planted_clusters(ray_cluster, corpus):

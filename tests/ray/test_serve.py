@@ -30,6 +30,8 @@ from tests.metrics import scrape, total
 pytestmark = pytest.mark.ray
 #: Models the autoscaler test scaled up: the last test checks they scale back down.
 SCALED_UP: list[str] = []
+#: The longest pause between the autoscaler test's waves: well inside MAIN's downscale_delay_s (60 s), slow waves too.
+WAVE_PAUSE_MAX_S = 15
 
 KEY, OTHER_KEY, BUDGET_KEY = "loom-test-key-0123456789", "loom-second-key-abcdef", "loom-budget-key-987654"
 #: The endpoint's price ceiling per request, and the small token budget of BUDGET_KEY (per minute).
@@ -455,16 +457,17 @@ def test_autoscaler_adds_a_replica_under_a_burst(endpoint):
         return done.usage.completion_tokens == 48
 
     def waves(width: int = 8) -> None:
-        """``width`` requests at once, then a pause three times as long as they took: each wave shows the
-        autoscaler 8 ongoing requests (four times the target of 2), and it upscales at once (upscale_delay_s
-        0), while the engine idles three quarters of the time, so the load does not starve the new replica's
-        start (on 2 cores, vLLM's start under a constant load took longer than 4 minutes, and about 3 minutes
-        at half the time busy). A wave comes well within downscale_delay_s of the last, so the decision holds."""
+        """``width`` requests at once, then a pause three times as long as they took (at most WAVE_PAUSE_MAX_S):
+        each wave shows the autoscaler 8 ongoing requests (four times the target of 2), and it upscales at once
+        (upscale_delay_s 0), while the engine idles three quarters of the time, so the load does not starve the
+        new replica's start (on 2 cores, vLLM's start under a constant load took longer than 4 minutes, and
+        about 3 minutes at half the time busy). Each wave brings the desired count back to 2, which resets the
+        autoscaler's downscale count, and the next comes within downscale_delay_s, so the decision holds."""
         with concurrent.futures.ThreadPoolExecutor(width) as pool:
             while not stop.is_set():
                 started = time.monotonic()
                 outcomes.extend(pool.map(one, range(width)))
-                stop.wait(3 * (time.monotonic() - started))
+                stop.wait(min(3 * (time.monotonic() - started), WAVE_PAUSE_MAX_S))
 
     load = threading.Thread(target=waves)
     load.start()

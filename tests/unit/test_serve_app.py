@@ -30,6 +30,17 @@ def test_cpu_llm_config():
     assert config.deployment_config["max_queued_requests"] == 256
 
 
+@pytest.mark.parametrize(("source", "initialized"), [("/models/m", False), ("s3://bucket/models/m", True)])
+def test_a_model_directory_skips_ray_serve_llms_download_and_a_remote_source_does_not(source, initialized):
+    from serve.engine import LocalModelCallback
+
+    config = llm_config("loom-tiny", load_config(TINY).serve.models["loom-tiny"], source)
+    assert config.callback_config.callback_class is LocalModelCallback
+    callback = LocalModelCallback(llm_config=config)  # as LLMConfig.get_or_create_callback builds it
+    asyncio.run(callback.on_before_node_init())
+    assert callback.ctx.run_init_node is initialized
+
+
 def test_a_drafting_model_gets_vllms_draft_model_method_and_needs_its_draft():
     serve = load_config(TINY, ["serve.models.loom-tiny.engine.speculative={num_speculative_tokens: 2}"]).serve
     config = llm_config("loom-tiny", serve.models["loom-tiny"], "/models/m", draft="/models/student")
