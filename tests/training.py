@@ -59,7 +59,8 @@ def fit(config, tiny_config, tmp_path, name, during=None):
             thread.join(timeout=30)
 
 
-#: The kill/resume test's run: long enough to checkpoint, be killed after step 6 and resume from step 4.
+#: The ZeRO-2 reference run (tests/ray/conftest.py, uninterrupted) and the recovery benchmark's: long enough to
+#: checkpoint, be killed after step 6 and resume from step 4.
 RESUME_STEPS, RESUME_CHECKPOINT_EVERY = 12, 4
 #: The learning rate of the tests' short runs (10-12 steps) that assert a falling loss: at the tests' usual
 #: 3e-3 ten steps drop the loss by 0.50, which one CPU's rounding put on either side of the 0.5 the tests ask.
@@ -77,7 +78,7 @@ def resume_config(train, steps: int, checkpoint_every: int):
         "log_every": 1,
         "checkpoint_every": checkpoint_every,
     }
-    # The sample ledger on: the resized run's rows are checked against this run's (tests/ray/test_train_resume.py).
+    # The sample ledger on: a resumed run's rows can be checked against this run's.
     return TrainConfig.model_validate({**train.model_dump(), **overrides, "max_failures": 2, "sample_ledger": True})
 
 

@@ -13,8 +13,8 @@ from tests.training import SHORT_RUN_LR, fit
 
 pytestmark = pytest.mark.ray
 
-#: ZeRO-2 without offload is the recipe's own setup: test_zero2_... below checks it on the run
-#: test_train_resume.py also uses as its uninterrupted reference (one training run fewer).
+#: ZeRO-2 without offload is the recipe's own setup: test_zero2_... below checks it on the package's
+#: uninterrupted run (tests/ray/conftest.py).
 CASES = {
     "zero0": {"zero_stage": 0},
     "zero1-checkpointing-offload-accumulation": {
