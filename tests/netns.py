@@ -209,15 +209,11 @@ class NamespaceCluster:
     def nodes(self) -> list[Node]:
         return [self.head, *self.workers]
 
-    def get(self, path: str, method: str = "GET", body: dict | None = None) -> dict:
-        """JSON from the head's dashboard (Ray's State, Jobs and Serve APIs), with the token; ``body`` is sent as
-        JSON."""
-        headers = {"Authorization": f"Bearer {self.token}"}
-        data = None
-        if body is not None:
-            headers["Content-Type"] = "application/json"
-            data = json.dumps(body).encode()
-        request = urllib.request.Request(f"{self.dashboard}{path}", data=data, headers=headers, method=method)
+    def get(self, path: str, method: str = "GET") -> dict:
+        """JSON from the head's dashboard (Ray's State, Jobs and Serve APIs), with the token."""
+        request = urllib.request.Request(
+            f"{self.dashboard}{path}", headers={"Authorization": f"Bearer {self.token}"}, method=method
+        )
         with urllib.request.urlopen(request, timeout=30) as response:
             body = response.read()
         return json.loads(body) if body.strip() else {}

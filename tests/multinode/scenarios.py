@@ -291,29 +291,6 @@ def steps(run_dir: Path) -> list[dict]:
     return [row for row in map(json.loads, path.read_text().splitlines()) if "loss" in row]
 
 
-def hold_the_heads_cpus(cluster: NamespaceCluster) -> str:
-    """A job that holds every logical CPU of the head until stopped (its entrypoint's CPUs, pinned to the head by
-    its ``node:`` resource): what the chain submits next leaves the head to Ray's own processes and the drivers, as
-    Ray advises for a cluster's head (``--num-cpus=0``), so its vLLM replicas run on the worker nodes and a head
-    restart loses none of them. The nodes keep their CPUs for the training cases, which want the head's. Its
-    submission id."""
-    submission = cluster.get(
-        "/api/jobs/",
-        method="POST",
-        body={
-            "entrypoint": "sleep 86400",
-            "entrypoint_num_cpus": cluster.head_cpus,
-            "entrypoint_resources": {f"node:{cluster.head.address}": 0.001},
-        },
-    )["submission_id"]
-    try:
-        wait_for(lambda: cluster.job(submission)["status"] == "RUNNING", 120, "the job holding the head's CPUs to run")
-    except BaseException:
-        cluster.get(f"/api/jobs/{submission}/stop", method="POST")  # not to start later and hold them anyway
-        raise
-    return submission
-
-
 def shut_down_serve(cluster: NamespaceCluster) -> None:
     """The application stays deployed after the job (as on any cluster): removed for the next modules' room."""
     cluster.get("/api/serve/applications/", method="DELETE")
