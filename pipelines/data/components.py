@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.data.minhash import fmix64
-from pipelines.data.utils import LOCAL_EDGES, arrow_tables, small_side_join
+from pipelines.data.utils import LOCAL_EDGES, arrow_tables, hash_shuffled, small_side_join
 
 log = logging.getLogger(__name__)
 EDGE_SCHEMA = pa.schema([("u", pa.uint64()), ("v", pa.uint64())])
@@ -78,7 +78,7 @@ def _fingerprint(table: pa.Table) -> pa.Table:
 def _star(edges, orient, emit, num_partitions: int):
     from ray.data.aggregate import Min
 
-    directed = edges.map_batches(orient, batch_format="pyarrow").materialize()
+    directed = hash_shuffled(edges.map_batches(orient, batch_format="pyarrow")).materialize()
     minima = directed.groupby("u", num_partitions=num_partitions).aggregate(Min("v", alias_name="m"))
     joined = small_side_join(directed, minima.materialize(), "u", "inner", num_partitions)
     return joined.map_batches(emit, batch_format="pyarrow")
@@ -87,7 +87,8 @@ def _star(edges, orient, emit, num_partitions: int):
 def _distinct(edges, num_partitions: int):
     from ray.data.aggregate import Count
 
-    counted = edges.groupby(["u", "v"], num_partitions=num_partitions).aggregate(Count(alias_name="n"))
+    grouped = hash_shuffled(edges).groupby(["u", "v"], num_partitions=num_partitions)
+    counted = grouped.aggregate(Count(alias_name="n"))
     return counted.select_columns(["u", "v"]).materialize()
 
 

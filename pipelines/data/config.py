@@ -403,8 +403,9 @@ class DataConfig(StrictModel):
         default="default",
         description="How Ray Data shuffles for the data stage's group-bys and sorts: 'default' leaves Ray's choice "
         "(SHUFFLE_V2, which starts aggregator actors for every group-by, or RAY_DATA_DEFAULT_SHUFFLE_STRATEGY); "
-        "'sort' (SORT_SHUFFLE_PULL_BASED) runs them as tasks on the pooled workers. The output is the same either "
-        "way; on a small corpus and few cores 'sort' skips seconds of actor start-up per group-by.",
+        "'sort' (SORT_SHUFFLE_PULL_BASED) runs them as tasks on the pooled workers (group-bys on uint64 hashes keep "
+        "the hash shuffle). The output is the same either way; on a small corpus and few cores 'sort' skips "
+        "seconds of actor start-up per group-by.",
     )
 
     @model_validator(mode="after")

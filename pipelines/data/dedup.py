@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from pipelines.data.components import _distinct, connected_components
 from pipelines.data.minhash import EMPTY, LSHParams, band_keys, permutations, signatures
 from pipelines.data.steps import Step, with_columns
-from pipelines.data.utils import BROADCAST_BYTES, LOCAL_EDGES, arrow_tables, small_side_join
+from pipelines.data.utils import BROADCAST_BYTES, LOCAL_EDGES, arrow_tables, hash_shuffled, small_side_join
 
 _WHITESPACE = re.compile(r"\s+")
 
@@ -248,7 +248,8 @@ class NearDedup(Step):
         from ray.data.aggregate import Count, Min
 
         shared = (
-            buckets.groupby("bucket", num_partitions=self.num_partitions)
+            hash_shuffled(buckets)
+            .groupby("bucket", num_partitions=self.num_partitions)
             .aggregate(Min("node", alias_name="root"), Count(alias_name="size"))
             .filter(expr=_col("size") >= 2)
         )
@@ -430,8 +431,10 @@ class SimHashDedup(NearDedup):
         ).materialize()
         shared = self._shared_buckets(buckets)
         # One call per shared bucket only: buckets of one document never reach Python.
-        return shared.groupby("bucket", num_partitions=self.num_partitions).map_groups(
-            _pairs_within, fn_kwargs={"max_hamming": self.max_hamming}, batch_format="pyarrow"
+        return (
+            hash_shuffled(shared)
+            .groupby("bucket", num_partitions=self.num_partitions)
+            .map_groups(_pairs_within, fn_kwargs={"max_hamming": self.max_hamming}, batch_format="pyarrow")
         )
 
 

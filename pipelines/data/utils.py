@@ -23,6 +23,17 @@ BROADCAST_ROWS = 5_000_000
 BROADCAST_BYTES = 1 << 30
 
 
+def hash_shuffled(ds):
+    """``ds``, with Ray Data's hash shuffle for every dataset derived from it (each copies its parent's context),
+    whatever ``data.shuffle`` chose: for group-bys on uint64 keys (hashes, node ids). Ray Data 2.60's sort-based
+    aggregation turns such a column with values above 2**63 into pickled Python objects, which Arrow then fails to
+    sort ("Unsupported type for RecordBatch sorting")."""
+    from ray.data.context import ShuffleStrategy
+
+    ds.context.shuffle_strategy = ShuffleStrategy.SHUFFLE_V2
+    return ds
+
+
 def _lookup(table: pa.Table, on: str, keys: np.ndarray, values: dict[str, np.ndarray], how: str) -> pa.Table:
     import numpy as np
     import pyarrow as pa

@@ -69,6 +69,24 @@ def test_survivors_are_the_same_across_partitions_blocks_components_verification
         assert dropped_ids(other.apply(as_dataset(corpus.documents, blocks=5))) == dropped
 
 
+def test_uint64_keys_are_grouped_by_hash_under_the_sort_shuffle(ray_cluster):
+    """Ray Data 2.60's sort-based aggregation fails on uint64 keys above 2**63 (they become pickled objects): the
+    dedup's and components' group-bys on hashes and node ids keep the hash shuffle (pipelines.data.utils)."""
+    import numpy as np
+    import ray.data
+    from ray.data.aggregate import Count
+    from ray.data.expressions import col
+
+    from pipelines.data.utils import hash_shuffled
+
+    keys = np.random.default_rng(0).integers(0, 2**64 - 1, size=20_000, dtype=np.uint64)
+    table = pa.table({"bucket": pa.array(np.concatenate([keys, keys[:5_000]]), pa.uint64())})
+    with shuffled_by("sort"):
+        ds = hash_shuffled(ray.data.from_arrow(table).repartition(8))
+        counted = ds.groupby("bucket", num_partitions=3).aggregate(Count(alias_name="n"))
+        assert counted.filter(expr=col("n") == 2).count() == 5_000
+
+
 def test_simhash_finds_the_same_planted_clusters(ray_cluster, corpus):
     from pipelines.data.dedup import SimHashDedup
 
