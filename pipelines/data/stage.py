@@ -25,6 +25,7 @@ from pipelines.data.pack import Tokenize, keep_until_cutoff, mix_cutoffs, mix_to
 from pipelines.data.perplexity import plot_histogram
 from pipelines.data.readers import SOURCES_CACHE, read_documents, source_fingerprint
 from pipelines.data.steps import reason_key, split_kept
+from pipelines.data.utils import shuffled_by
 from pipelines.datasets import read_parquet
 from pipelines.progress import PartsProgress
 from pipelines.runs import MARKER, RunDir, StageResult
@@ -273,23 +274,6 @@ def write_report(run: RunDir, stats: dict, step_stats: dict[str, dict]) -> Path:
         if found.get("histogram", {}).get("counts"):
             plot_histogram(found["histogram"], found["threshold"], run.root / "report" / f"data_{name}.png", name)
     return plot
-
-
-@contextlib.contextmanager
-def shuffled_by(choice: str) -> Iterator[None]:
-    """Ray Data's shuffle strategy for the datasets created inside (each keeps a copy of the context), put back
-    afterwards: the context is the process's, and a caller's own datasets keep Ray's choice."""
-    import ray.data
-    from ray.data.context import ShuffleStrategy
-
-    context = ray.data.DataContext.get_current()
-    before = context.shuffle_strategy
-    if choice == "sort":
-        context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    try:
-        yield
-    finally:
-        context.shuffle_strategy = before
 
 
 def run_data(config: DataConfig, run: RunDir, seed: int) -> StageResult:

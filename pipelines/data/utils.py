@@ -1,4 +1,5 @@
-"""Helpers several data steps share: the broadcast-or-shuffle join and the local-components bound.
+"""Helpers several data steps share: the broadcast-or-shuffle join, the local-components bound and the shuffle
+strategy (``data.shuffle``, and the hash shuffle uint64 keys need).
 
 A leaf module: it imports no other Loom module, and numpy, pyarrow and Ray only where they are
 used, so the steps, the components algorithm and the step configs (read with every recipe,
@@ -7,7 +8,9 @@ which should not pay for numpy) all import it without importing each other.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     import numpy as np
@@ -21,6 +24,23 @@ BROADCAST_ROWS = 5_000_000
 
 #: Right-hand sides with wide columns (shingle sets) are broadcast up to this many bytes.
 BROADCAST_BYTES = 1 << 30
+
+
+@contextlib.contextmanager
+def shuffled_by(choice: Literal["default", "sort"]) -> Iterator[None]:
+    """``data.shuffle``: Ray Data's shuffle strategy for the datasets created inside (each keeps a copy of the
+    context), put back afterwards: the context is the process's, and a caller's own datasets keep Ray's choice."""
+    import ray.data
+    from ray.data.context import ShuffleStrategy
+
+    context = ray.data.DataContext.get_current()
+    before = context.shuffle_strategy
+    if choice == "sort":
+        context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    try:
+        yield
+    finally:
+        context.shuffle_strategy = before
 
 
 def hash_shuffled(ds):

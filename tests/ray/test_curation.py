@@ -10,7 +10,7 @@ import pytest
 
 from pipelines.data.config import DataConfig
 from pipelines.data.dedup import MinHashDedup
-from pipelines.data.stage import shuffled_by
+from pipelines.data.utils import hash_shuffled, shuffled_by
 from tests.helpers import document_table, union_find_roots
 from tests.planted_corpus import planted_corpus
 
@@ -76,8 +76,6 @@ def test_uint64_keys_are_grouped_by_hash_under_the_sort_shuffle(ray_cluster):
     import ray.data
     from ray.data.aggregate import Count
     from ray.data.expressions import col
-
-    from pipelines.data.utils import hash_shuffled
 
     keys = np.random.default_rng(0).integers(0, 2**64 - 1, size=20_000, dtype=np.uint64)
     table = pa.table({"bucket": pa.array(np.concatenate([keys, keys[:5_000]]), pa.uint64())})
