@@ -59,9 +59,6 @@ def fit(config, tiny_config, tmp_path, name, during=None):
             thread.join(timeout=30)
 
 
-#: The ZeRO-2 reference run (tests/ray/conftest.py, uninterrupted) and the recovery benchmark's: long enough to
-#: checkpoint, be killed after step 6 and resume from step 4.
-RESUME_STEPS, RESUME_CHECKPOINT_EVERY = 12, 4
 #: The learning rate of the tests' short runs (10-12 steps) that assert a falling loss: at the tests' usual
 #: 3e-3 ten steps drop the loss by 0.50, which one CPU's rounding put on either side of the 0.5 the tests ask.
 SHORT_RUN_LR = 1e-2
@@ -168,3 +165,20 @@ def sequence_accounts(accounts: list[tuple[int, int]], micro: int) -> dict[str, 
         "sequences repeated": [repeated * micro for _, repeated in accounts],
         "sequences lost or repeated": [(lost + repeated) * micro for lost, repeated in accounts],
     }
+
+
+def watch_train_gauges(run_name: str, seen: list[float], done: threading.Event, grace_s: float = 30) -> None:
+    """Scrape Ray's Prometheus endpoint until rank 0's step gauge for this run shows up (Ray exports metrics every
+    few seconds), for as long as training runs (worker start-up and the held-out read come first: no fixed deadline
+    fits) and a grace period after it."""
+    from tests.metrics import scrape, total
+
+    deadline = None
+    while not seen and (deadline is None or time.monotonic() < deadline):
+        if deadline is None and done.is_set():
+            deadline = time.monotonic() + grace_s
+        samples = scrape()
+        steps = [s.value for s in samples.get("ray_loom_train_step", []) if s.labels.get("run") == run_name]
+        if steps and total(samples, "ray_loom_train_loss", run=run_name) > 0:
+            seen.extend(steps)
+        time.sleep(1)

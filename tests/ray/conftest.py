@@ -231,18 +231,6 @@ def train_done(tune_done, tiny_config, stage_placement_groups):
         return run_stage("train", tiny_config)
 
 
-@pytest.fixture(scope="package")
-def uninterrupted(data_done, tiny_config, tmp_path_factory):
-    """The recipe's ZeRO-2 training, reporting every step: the matrix's ZeRO-2 case. (A run that resumes after a
-    lost worker, or at another worker count, is checked against its undisturbed twin in tests/multinode/
-    test_train_node_loss.py, and within a sweep in test_tune_trial_resize.py.)"""
-    from tests.training import RESUME_CHECKPOINT_EVERY, RESUME_STEPS, fit, resume_config
-
-    config = resume_config(tiny_config.train, RESUME_STEPS, RESUME_CHECKPOINT_EVERY)
-    result, history = fit(config, tiny_config, tmp_path_factory.mktemp("uninterrupted"), "uninterrupted")
-    return config, result, history
-
-
 def write_sft_pairs(path, pairs: int = 96) -> None:
     """Prompt/response pairs a tiny model can learn (the response restates the prompt's word), plus two bad lines."""
     words = ["alpha", "bravo", "delta", "kilo", "lima", "oscar", "romeo", "tango", "victor", "zulu", "echo", "hotel"]

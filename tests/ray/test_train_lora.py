@@ -50,25 +50,40 @@ def test_sft_rejects_bad_lines_with_reasons(lora_done):
 
 def test_continued_pretraining_starts_from_the_given_model(train_done, tiny_config, tmp_path):
     """train.init_from on the packed shards (tokenized with that model's tokenizer): the first loss is the
-    trained model's, far below a fresh model's, and training goes on from there."""
+    trained model's, far below a fresh model's, and training goes on from there. It is also the ZeRO matrix's
+    stage-0 case (tests/ray/test_train_matrix.py), and reads rank 0's gauges from Prometheus while it trains."""
+    import threading
+
     from pipelines.train.config import TrainConfig
     from pipelines.train.stage import read_loss_curve
-    from tests.training import fit
+    from tests.training import fit, watch_train_gauges
 
     fresh = read_loss_curve(Path(train_done["outputs"]["metrics"]))
     config = TrainConfig.model_validate(
         {
             **tiny_config.train.model_dump(),
             "init_from": train_done["outputs"]["model"],
+            "zero_stage": 0,
             "max_steps": 4,
             "log_every": 1,
             "checkpoint_every": 4,
             "eval_every": 0,
         }
     )
-    result, history = fit(config, tiny_config, tmp_path, "continued")
+    seen: list[float] = []
+    done = threading.Event()
+    watcher = threading.Thread(target=watch_train_gauges, args=("continued", seen, done), daemon=True)
+    watcher.start()
+    try:
+        result, history = fit(config, tiny_config, tmp_path, "continued")
+    finally:
+        done.set()
+    watcher.join(timeout=120)
+    assert seen and max(seen) >= 1, "ray_loom_train_step never reached Prometheus during training"
     curve = read_loss_curve(history)
     assert result.error is None and [p["step"] for p in curve] == [1, 2, 3, 4]
     # A fresh model starts near ln(vocab); this one starts where the first run ended (other batches: ± noise).
     assert curve[0]["loss"] < fresh[0]["loss"] - 0.5, (curve[0], fresh[0])
     assert abs(curve[0]["loss"] - fresh[-1]["loss"]) < 0.3, (curve[0], fresh[-1])
+    assert result.checkpoint.to_directory(str(tmp_path / "export")) is not None
+    assert (tmp_path / "export" / "model.safetensors").is_file()
