@@ -42,7 +42,7 @@ def recipe(tmp_path_factory):
     path.write_text(
         f"storage: {root}\nrun_name: whole\n"
         f"data:\n  sources:\n    - {{format: jsonl, path: {root / 'corpus.jsonl'}, name: planted}}\n"
-        f"  steps: {STEPS}\n  vocab_size: 300\n  seq_len: 64\n  tokenize_actors: 1\n"
+        f"  steps: {STEPS}\n  vocab_size: 300\n  seq_len: 64\n  tokenize_actors: 1\n  shuffle: sort\n"
         "train:\n  model: {hidden_size: 64, num_heads: 4, num_kv_heads: 4}\n"
     )
     return path, len(corpus.clusters) * 2
