@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.multinode.scenarios import DataRun, submit_tiny_data, three_nodes
+from tests.multinode.scenarios import StageRun, submit_tiny_data, submit_tiny_training, three_nodes
 
 
 @pytest.fixture(scope="package")
@@ -24,6 +24,14 @@ def cluster():
 
 
 @pytest.fixture(scope="package")
-def tiny_data(cluster, tmp_path_factory) -> DataRun:
-    """The tiny recipe's data stage, submitted once: the chain and the training cases start from copies of it."""
+def tiny_data(cluster, tmp_path_factory) -> StageRun:
+    """The tiny recipe's data stage, submitted once: the chain and the training cases start from copies of it, and
+    the data node-loss case compares its disturbed run with it."""
     return submit_tiny_data(cluster, tmp_path_factory.mktemp("tiny-data"))
+
+
+@pytest.fixture(scope="package")
+def trained(cluster, tiny_data, tmp_path_factory) -> StageRun:
+    """That data stage trained once, undisturbed, three workers on three nodes: the chain serves its model, and the
+    training node-loss cases compare their losses with its."""
+    return submit_tiny_training(cluster, tiny_data, tmp_path_factory.mktemp("trained"))

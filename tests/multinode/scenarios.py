@@ -160,22 +160,31 @@ def lose_a_data_node(cluster: NamespaceCluster, storage: Path, corpus: Path, run
 
 
 @dataclass
-class DataRun:
-    """A run whose data stage completed on the cluster: its directory and the job that ran it."""
+class StageRun:
+    """A run whose stages so far completed on the cluster: its directory and the job that ran the last one."""
 
     run_dir: Path
     job_id: str
 
     def copy_to(self, storage: Path, run_name: str) -> Path:
-        """A new run ``run_name`` that starts from this data stage (its manifest says data is complete, so the
-        chain skips it); the run's directory."""
+        """A new run ``run_name`` that starts from this one (its manifest says which stages are complete, so the
+        chain skips them); the run's directory."""
         return Path(shutil.copytree(self.run_dir, storage / run_name))
 
 
-def submit_tiny_data(cluster: NamespaceCluster, storage: Path) -> DataRun:
+def submit_tiny_data(cluster: NamespaceCluster, storage: Path) -> StageRun:
     """The data stage of :func:`submit`'s recipe (the chain's and the training cases'), as a job of its own."""
     _, submission = submit(cluster, storage, "data", "data")
-    return DataRun(storage / "data", cluster.job(submission)["job_id"])
+    return StageRun(storage / "data", cluster.job(submission)["job_id"])
+
+
+def submit_tiny_training(cluster: NamespaceCluster, data: StageRun, storage: Path) -> StageRun:
+    """The train stage on a copy of ``data``, undisturbed, with the node-loss cases' settings (:func:`train_overrides`:
+    three workers, one a node), as a job of its own: the model the chain serves, and the losses the training cases
+    are held to. One training run for both: each costs minutes of make test on this machine."""
+    data.copy_to(storage, "undisturbed")
+    _, submission = submit(cluster, storage, "train", "undisturbed", *train_overrides(120))
+    return StageRun(storage / "undisturbed", cluster.job(submission)["job_id"])
 
 
 def submit_chain(cluster: NamespaceCluster, storage: Path, run_name: str = "across") -> Chain:
@@ -185,9 +194,9 @@ def submit_chain(cluster: NamespaceCluster, storage: Path, run_name: str = "acro
     result = subprocess.run(
         [sys.executable, "-m", "cluster", "submit", "run", str(TINY),
          f"storage={storage}", f"run_name={run_name}", "data.max_documents=150", *SMALL_MODEL,
-         "train.max_steps=12", "train.checkpoint_every=6", "train.eval_every=6",
-         "train.placement_strategy=STRICT_SPREAD",  # one worker a node
+         *train_overrides(120),  # three workers, one a node: submit_tiny_training's, whose run the tests start from
          "tune.enabled=false", "compress.enabled=false",  # their sweeps: tests/ray/test_stages.py, test_compress.py
+         "eval.enabled=false",  # the harness over one model: tests/ray/test_eval.py, tests/e2e/test_loom_run.py
          "serve.host=0.0.0.0",  # the nodes' addresses on the bridge; the key in every node's environment
          "serve.ingress_replicas=2",  # no node's loss takes every ingress with it
          f"serve.models.{MODEL}.autoscaling={{min_replicas: 2, max_replicas: 2}}",

@@ -1,6 +1,6 @@
 """`loom submit run` to a cluster of three nodes (network namespaces on a bridge, tests/netns.py): the data stage's
-tasks run on more than one node, the two training workers on two nodes (gloo over the bridge, the path NCCL takes
-on GPUs), two vLLM replicas on two nodes, and the endpoint answers through the head's proxy and a worker node's.
+tasks run on more than one node, the three training workers on three nodes (gloo over the bridge, the path NCCL
+takes on GPUs), two vLLM replicas on two nodes, and the endpoint answers through the head's proxy and a worker node's.
 Then, under a load of four callers (tests/multinode/scenarios.py): a node holding a replica lost, a node's link
 cut for 20 s, and the head restarted with its GCS in Redis."""
 
@@ -31,10 +31,12 @@ pytestmark = pytest.mark.multinode
 
 
 @pytest.fixture(scope="module")
-def chain(cluster, tiny_data, tmp_path_factory):
-    """The chain from the package's data stage on (its job: test_the_data_stage_runs_on_more_than_one_node)."""
+def chain(cluster, trained, tmp_path_factory):
+    """The chain from the package's trained run on (its data stage's job: test_the_data_stage_runs_on_more_than_one_node;
+    its training's: test_training_workers_run_on_two_nodes_and_learn): the same config, so the same keys, and
+    `loom submit run` goes on to serve."""
     storage = tmp_path_factory.mktemp("multinode-runs")
-    tiny_data.copy_to(storage, "across")
+    trained.copy_to(storage, "across")
     yield submit_chain(cluster, storage, "across")
     shut_down_serve(cluster)  # the next modules want the nodes' CPUs
 
@@ -54,11 +56,12 @@ def test_the_data_stage_runs_on_more_than_one_node(cluster, tiny_data, chain):
     assert (chain.run_dir / "data" / "_COMPLETE").is_file()
 
 
-def test_training_workers_run_on_two_nodes_and_learn(cluster, chain):
+def test_training_workers_run_on_two_nodes_and_learn(cluster, trained, chain):
     nodes = cluster.node_addresses()
-    workers = cluster.job_actors(chain.job_id, "RayTrainWorker")
-    assert len(workers) >= 2, workers
-    assert len({nodes[worker["node_id"]] for worker in workers}) == 2, [w["node_id"] for w in workers]
+    workers = cluster.job_actors(trained.job_id, "RayTrainWorker")
+    assert len(workers) >= 3, workers
+    assert len({nodes[worker["node_id"]] for worker in workers}) == 3, [w["node_id"] for w in workers]
+    assert "[loom] train: already complete" in chain.output, chain.output[-3000:]
     manifest = json.loads((chain.run_dir / "manifest.json").read_text())
     trained = manifest["stages"]["train"]["metrics"]
     assert trained["val_perplexity"] < trained["initial_val_perplexity"], trained
