@@ -33,7 +33,7 @@ pytestmark = pytest.mark.multinode
 @pytest.fixture(scope="module")
 def chain(cluster, trained, tmp_path_factory):
     """The chain from the package's trained run on (its data stage's job: test_the_data_stage_runs_on_more_than_one_node;
-    its training's: test_training_workers_run_on_two_nodes_and_learn): the same config, so the same keys, and
+    its training's: test_training_workers_run_on_three_nodes_and_learn): the same config, so the same keys, and
     `loom submit run` goes on to serve."""
     storage = tmp_path_factory.mktemp("multinode-runs")
     trained.copy_to(storage, "across")
@@ -56,15 +56,15 @@ def test_the_data_stage_runs_on_more_than_one_node(cluster, tiny_data, chain):
     assert (chain.run_dir / "data" / "_COMPLETE").is_file()
 
 
-def test_training_workers_run_on_two_nodes_and_learn(cluster, trained, chain):
+def test_training_workers_run_on_three_nodes_and_learn(cluster, trained, chain):
     nodes = cluster.node_addresses()
     workers = cluster.job_actors(trained.job_id, "RayTrainWorker")
     assert len(workers) >= 3, workers
     assert len({nodes[worker["node_id"]] for worker in workers}) == 3, [w["node_id"] for w in workers]
     assert "[loom] train: already complete" in chain.output, chain.output[-3000:]
     manifest = json.loads((chain.run_dir / "manifest.json").read_text())
-    trained = manifest["stages"]["train"]["metrics"]
-    assert trained["val_perplexity"] < trained["initial_val_perplexity"], trained
+    metrics = manifest["stages"]["train"]["metrics"]
+    assert metrics["val_perplexity"] < metrics["initial_val_perplexity"], metrics
 
 
 def test_two_replicas_on_two_nodes_answer_through_the_head_and_a_worker_node(cluster, chain):

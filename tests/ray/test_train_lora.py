@@ -85,5 +85,11 @@ def test_continued_pretraining_starts_from_the_given_model(train_done, tiny_conf
     # A fresh model starts near ln(vocab); this one starts where the first run ended (other batches: ± noise).
     assert curve[0]["loss"] < fresh[0]["loss"] - 0.5, (curve[0], fresh[0])
     assert abs(curve[0]["loss"] - fresh[-1]["loss"]) < 0.3, (curve[0], fresh[-1])
+    # Its optimizer stepped: the exported weights moved from the ones it started from.
+    from safetensors.torch import load_file
+
     assert result.checkpoint.to_directory(str(tmp_path / "export")) is not None
-    assert (tmp_path / "export" / "model.safetensors").is_file()
+    started = load_file(Path(train_done["outputs"]["model"]) / "model.safetensors")
+    exported = load_file(tmp_path / "export" / "model.safetensors")
+    assert set(exported) == set(started)
+    assert any(not exported[name].equal(weight) for name, weight in started.items()), "no weight changed"
