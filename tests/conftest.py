@@ -22,6 +22,11 @@ SMALL_MODEL = [
 
 # vLLM's CPU engine sizes its KV cache from this; keep tests small.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# vLLM's CPU binding ('auto') gives each engine's worker the last core of the machine's first NUMA node and reserves
+# the rest: on a 2-core machine every engine of the tests runs on core 0 (their logs: "core ids=[0]"), the autoscaled
+# replicas, the canary's two versions and the multi-node replicas alike. Unbound, the scheduler spreads them. Ray's
+# processes (the Serve replicas and the engines they spawn) inherit this from the raylet the tests start.
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 
 def _ephemeral_ports() -> range:
