@@ -193,9 +193,9 @@ def submit_chain(cluster: NamespaceCluster, storage: Path, run_name: str = "acro
     proxy on its bridge address with the key."""
     result = subprocess.run(
         [sys.executable, "-m", "cluster", "submit", "run", str(TINY),
-         f"storage={storage}", f"run_name={run_name}", "data.max_documents=150", *SMALL_MODEL,
+         f"storage={storage}", f"run_name={run_name}", *TINY_RUN,
          *train_overrides(120),  # three workers, one a node: submit_tiny_training's, whose run the tests start from
-         "tune.enabled=false", "compress.enabled=false",  # their sweeps: tests/ray/test_stages.py, test_compress.py
+         "compress.enabled=false",  # its sweep: tests/ray/test_compress.py
          "eval.enabled=false",  # the harness over one model: tests/ray/test_eval.py, tests/e2e/test_loom_run.py
          "serve.host=0.0.0.0",  # the nodes' addresses on the bridge; the key in every node's environment
          "serve.ingress_replicas=2",  # no node's loss takes every ingress with it
@@ -210,11 +210,16 @@ def submit_chain(cluster: NamespaceCluster, storage: Path, run_name: str = "acro
     return Chain(output, submission, cluster.job(submission)["job_id"], storage / run_name)
 
 
+#: What every run of the chain, the data stage and the training cases shares (150 documents, the small model, no
+#: sweep: tests/ray/test_stages.py has it): one list, so the chain's stage keys equal those of the runs it copies.
+TINY_RUN = ["data.max_documents=150", *SMALL_MODEL, "tune.enabled=false"]
+
+
 def submit(cluster: NamespaceCluster, storage: Path, stage: str, run_name: str, *overrides: str, wait: bool = True):
     """`loom submit STAGE` of the tiny recipe (150 documents, the small model); its output and submission id."""
     result = subprocess.run(
         [sys.executable, "-m", "cluster", "submit", stage, str(TINY), f"storage={storage}", f"run_name={run_name}",
-         "data.max_documents=150", *SMALL_MODEL, "tune.enabled=false", *overrides, "--address", cluster.dashboard,
+         *TINY_RUN, *overrides, "--address", cluster.dashboard,
          *([] if wait else ["--no-wait"])],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=JOB_S, env=cluster.env,
     )  # fmt: skip
