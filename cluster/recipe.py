@@ -19,6 +19,7 @@ from cluster.config import ClusterConfig, MonitorConfig
 from pipelines.compress.config import CompressConfig
 from pipelines.data.config import DataConfig
 from pipelines.eval.config import EvalConfig
+from pipelines.eval.tasks import task_names
 from pipelines.schema import StrictModel, pydantic_problems
 from pipelines.train.config import TrainConfig
 from serve.config import ServeConfig
@@ -73,6 +74,8 @@ class LoomConfig(StrictModel):
 
         if checks("tune"):
             problems += space_problems(self.tune, self.train)
+            if self.tune.enabled and self.tune.objective is not None:
+                problems += self._objective_problems()
         if checks("train", "tune") and model.max_position_embeddings < self.data.seq_len:
             problems.append(
                 (
@@ -146,6 +149,27 @@ class LoomConfig(StrictModel):
                         f"(supported: {', '.join(map(str, VLLM_CPU_HEAD_SIZES))}); serve.models.{model_id} serves it",
                     )
                 )
+        return problems
+
+    def _objective_problems(self) -> list[tuple[str, str]]:
+        """A sweep judged by an eval task needs the task to be one the eval section builds from held-out documents."""
+        problems = []
+        if self.data.heldout_documents == 0:
+            problems.append(
+                (
+                    "tune.objective",
+                    "judges trials by an eval task, built from held-out documents, but data.heldout_documents is 0",
+                )
+            )
+        names = task_names(self.eval, [source.name for source in self.data.sources])
+        if self.tune.objective.task not in names:
+            problems.append(
+                (
+                    "tune.objective.task",
+                    f"{self.tune.objective.task!r} is not a task eval.tasks builds for this recipe's sources; "
+                    f"those are: {', '.join(names)}",
+                )
+            )
         return problems
 
     def run_dir(self) -> Path:

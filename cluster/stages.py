@@ -35,6 +35,8 @@ class Stage:
     run: Callable[[LoomConfig, RunDir], StageResult]
     #: Recipe sections (dotted attributes of LoomConfig) whose values are this stage's own config.
     sections: tuple[str, ...]
+    #: Sections that configure this stage only while a recipe value is set: (section, dotted value).
+    sections_while: tuple[tuple[str, str], ...] = ()
     #: Artifacts of other stages this one reads; their producers are its upstream stages.
     reads: tuple[type[Artifact], ...] = ()
     #: What it reads from outside the run, by name: a fingerprint of each (listings; a local file's content hash is
@@ -53,7 +55,8 @@ class Stage:
         return self.switch is None or bool(_attribute(cfg, self.switch))
 
     def own_config(self, cfg: LoomConfig) -> dict[str, Any]:
-        return {section: _dump(_attribute(cfg, section)) for section in self.sections}
+        sections = [*self.sections, *(s for s, value in self.sections_while if _attribute(cfg, value) is not None)]
+        return {section: _dump(_attribute(cfg, section)) for section in sections}
 
 
 def _attribute(cfg: Any, dotted: str) -> Any:
@@ -72,7 +75,7 @@ def tuned_train_config(cfg: LoomConfig, run: RunDir) -> tuple[TrainConfig, dict[
     if not cfg.tune.enabled:
         return cfg.train, None
     best = TuneBest.of(run).best
-    return cfg.train.with_params(best.params), best.model_dump()
+    return cfg.train.with_params(best.params), best.model_dump(exclude_none=True)
 
 
 def _data(cfg: LoomConfig, run: RunDir) -> StageResult:
@@ -90,7 +93,7 @@ def _data_sources(cfg: LoomConfig) -> dict[str, str]:
 def _tune(cfg: LoomConfig, run: RunDir) -> StageResult:
     from tune.stage import run_tune
 
-    return run_tune(cfg.tune, cfg.train, run, cfg.seed)
+    return run_tune(cfg.tune, cfg.train, run, cfg.seed, eval_config=cfg.eval)
 
 
 def _train(cfg: LoomConfig, run: RunDir) -> StageResult:
@@ -140,6 +143,8 @@ STAGES: dict[str, Stage] = {
             module="tune",
             run=_tune,
             sections=("tune", "train", "seed"),
+            # A sweep judged by an eval task builds and scores that task as the eval section says.
+            sections_while=(("eval", "tune.objective"),),
             reads=(DataOutputs,),
             switch="tune.enabled",
         ),

@@ -109,6 +109,10 @@ class TunedValues(StrictModel):
     trial_id: str = Field(description="Ray Tune's id of the best trial.")
     params: dict[str, Any] = Field(description="Dotted train.* keys to the values the trial trained with.")
     val_loss: float | None = Field(default=None, description="Its held-out loss at the trial's budget.")
+    objective: str | None = Field(
+        default=None, description="What the sweep judged trials by: val_loss, or an eval task's task.metric."
+    )
+    score: float | None = Field(default=None, description="Its figure on that objective.")
 
 
 @dataclass(frozen=True)
@@ -127,7 +131,7 @@ class TuneBest(Artifact):
 
     @classmethod
     def write(cls, run: RunDir, summary: dict[str, Any]) -> Path:
-        TunedValues.model_validate({k: summary["best"].get(k) for k in ("trial_id", "params", "val_loss")})
+        TunedValues.model_validate({k: summary["best"].get(k) for k in TunedValues.model_fields})
         path = cls.path_in(run)
         path.write_text(json.dumps(summary, indent=2) + "\n")
         return path
@@ -145,7 +149,7 @@ class TuneBest(Artifact):
             raise MissingInputError(
                 f"{path} was written by an earlier Loom (no params): redo the sweep with `loom tune --force`"
             )
-        return cls(path, TunedValues.model_validate({k: found.get(k) for k in ("trial_id", "params", "val_loss")}))
+        return cls(path, TunedValues.model_validate({k: found.get(k) for k in TunedValues.model_fields}))
 
     @classmethod
     def fingerprint(cls, run: RunDir) -> str | None:

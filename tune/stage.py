@@ -1,16 +1,22 @@
 """The tune stage: Optuna proposes values for the recipe's search space (``tune.space``), each trial is
-a short Ray Train run judged by its held-out loss.
+a short Ray Train run judged by its held-out loss, or (``tune.objective``) by its exported model's score on an
+eval task. ASHA stops trials at its rungs by held-out loss either way.
 
 Outputs under ``<run>/tune/``: ``sweep/`` (Ray Tune's experiment), ``trials/`` (each trial's Ray Train
 run), ``best.json`` (the best trial and every trial's values, status and stop reason) and
-``trials.parquet`` (every report of every trial); the plot is ``<run>/report/tune_sweep.png``. A sweep
+``trials.parquet`` (every report of every trial); for an eval objective, ``eval-tasks/`` (the task, built from
+the held-out documents) and ``eval/<trial>/`` (the harness's result and sample files of each scored trial); the
+plot is ``<run>/report/tune_sweep.png``. A sweep
 whose driver was killed resumes where it stopped when ``loom tune`` runs it again with the same setup.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from pipelines.artifacts import DataOutputs, TuneBest
 from pipelines.runs import RunDir, StageResult, hash_dir
@@ -24,11 +30,24 @@ from pipelines.sweeps import (
 )
 from pipelines.train.config import TrainConfig
 from tune.config import TuneConfig, trial_of
-from tune.trials import TrialRecord, finite, param_importances, plot_sweep, write_trials_table
+from tune.trials import Objective, TrialRecord, finite, param_importances, plot_sweep, write_trials_table
+
+if TYPE_CHECKING:
+    from pipelines.eval.config import EvalConfig
 
 
-def run_trial(params: dict[str, Any], *, train: dict[str, Any], tune_config: dict[str, Any], run_root: str, seed: int):
-    """Tune trainable: one Ray Train run whose reports flow back to Tune."""
+def run_trial(
+    params: dict[str, Any],
+    *,
+    train: dict[str, Any],
+    tune_config: dict[str, Any],
+    eval_config: dict[str, Any] | None,
+    objective: Objective,
+    run_root: str,
+    seed: int,
+):
+    """Tune trainable: one Ray Train run whose reports flow back to Tune; then, for an eval objective, its
+    exported model scored on the task, reported once more."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -36,42 +55,127 @@ def run_trial(params: dict[str, Any], *, train: dict[str, Any], tune_config: dic
 
     run = RunDir(run_root)
     config = trial_of(TrainConfig.model_validate(train), TuneConfig.model_validate(tune_config), params)
+    name = ray.tune.get_context().get_trial_name()
     trainer = build_trainer(
         config,
         run,
         seed,
         storage_path=run.stage_dir("tune") / "trials",
-        name=ray.tune.get_context().get_trial_name(),
+        name=name,
         callbacks=[TuneReportCallback()],
     )
     with while_fitting(config, stop_when_lost=False):
-        trainer.fit()
+        result = trainer.fit()
+    if objective.scored_by_eval:
+        from pipelines.eval.config import EvalConfig
+
+        ray.tune.report(_eval_report(result, objective, EvalConfig.model_validate(eval_config), run, name, seed))
 
 
-def objective(has_val: bool) -> str:
+def _eval_report(result, objective: Objective, eval_config: EvalConfig, run: RunDir, trial: str, seed: int):
+    """The trial's exported model scored on the objective's task (the harness's files under
+    ``tune/eval/<trial>/``), as the trial's last report: the final step, the score and its standard error."""
+    from pipelines.eval.stage import harness_environment, load, score
+
+    if result.checkpoint is None:
+        raise RuntimeError(f"trial {trial} finished without its model export; nothing to score on {objective.key}")
+    out = run.stage_dir("tune") / "eval" / trial
+    out.mkdir(parents=True, exist_ok=True)
+    harness_environment()
+    with result.checkpoint.as_directory() as model_dir:
+        model = load(model_dir, eval_config, DataOutputs.of(run).seq_len)
+        scores = score(model, model_dir, [objective.task], out, seed)
+    scored = scores.tasks[objective.task.name][objective.metric]
+    return {
+        objective.key: scored.value,
+        f"{objective.key}_stderr": scored.stderr,
+        "step": int(result.metrics["step"]),
+        "final": True,
+    }
+
+
+def loss_objective(has_val: bool) -> Objective:
     """Held-out loss at the trial's budget; the training loss only when the data has no held-out split."""
-    return "val_loss" if has_val else "loss"
+    return Objective(key="val_loss" if has_val else "loss", mode="min")
 
 
-def _scheduler(config: TuneConfig, metric: str):
+def eval_objective(config: TuneConfig, eval_config: EvalConfig, data: DataOutputs, run: RunDir, seed: int) -> Objective:
+    """The recipe's eval task, built here once from the held-out documents, and its metric, checked before any
+    trial trains."""
+    from pipelines.eval.stage import run_tasks
+
+    wanted = config.objective
+    tasks = {task.name: task for task in run_tasks(data, eval_config, run.stage_dir("tune") / "eval-tasks", seed)}
+    task = tasks.get(wanted.task)
+    if task is None:
+        raise ValueError(
+            f"tune.objective.task: the held-out documents built no task {wanted.task!r}; built: {', '.join(tasks)}"
+        )
+    metric = wanted.metric or task.headline
+    metrics = [entry["metric"] for entry in task.config["metric_list"]]
+    if metric not in metrics:
+        raise ValueError(
+            f"tune.objective.metric: {task.name} has no metric {metric!r}; its metrics: {', '.join(metrics)}"
+        )
+    return Objective(
+        key=f"{task.name}.{metric}", mode="min" if task.lower_is_better else "max", task=task, metric=metric
+    )
+
+
+def _scheduler(config: TuneConfig, loss: str, objective: Objective):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if config.scheduler == "fifo":
         return FIFOScheduler()
     # Rungs in optimizer steps (every report carries "step"), so the recipe's numbers mean the same
-    # whatever the report interval is.
+    # whatever the report interval is. Judged by the loss every report has, whatever the objective.
     return ASHAScheduler(
         time_attr="step",
-        metric=metric,
+        metric=loss,
         mode="min",
         max_t=config.max_steps_per_trial,
         grace_period=config.grace_period_steps,
         reduction_factor=config.reduction_factor,
+        # A trial at its budget is not stopped there: it still scores its model for an eval objective.
+        stop_last_trials=not objective.scored_by_eval,
     )
 
 
-def _record(result, keys) -> TrialRecord:
-    """A Tune result as plain data: the values, every report's step and losses, the error."""
+def _searcher(config: TuneConfig, objective: Objective, seed: int):
+    """Optuna, told each trial's objective. For an eval objective that is one report after training: the
+    reports before it carry the loss only, and Optuna is not told of them (OptunaSearch would fail on them)."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    class FinalScoreSearch(OptunaSearch):
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            if self.metric in result:
+                super().on_trial_result(trial_id, result)
+
+    searcher = FinalScoreSearch if objective.scored_by_eval else OptunaSearch
+    return searcher(
+        metric=objective.key, mode=objective.mode, sampler=optuna_sampler(config.search, seed, config.startup_trials)
+    )
+
+
+@contextlib.contextmanager
+def _metric_checks(objective: Objective) -> Iterator[None]:
+    """Tune checks that every report has the searcher's metric; an eval objective's is in the last one only.
+    Off while such a sweep runs (Tune reads it from the environment), restored after: later stages share
+    this process."""
+    name, before = "TUNE_DISABLE_STRICT_METRIC_CHECKING", os.environ.get("TUNE_DISABLE_STRICT_METRIC_CHECKING")
+    if objective.scored_by_eval:
+        os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
+def _record(result, keys, objective: Objective) -> TrialRecord:
+    """A Tune result as plain data: the values, every report's step and losses, the eval score, the error."""
     reports = result.metrics_dataframe
     rows = [] if reports is None else reports.to_dict("records")
     # The final report (the export's) repeats the last step; in the table other rows hold NaN under "final".
@@ -88,36 +192,43 @@ def _record(result, keys) -> TrialRecord:
         loss=[number(row, "loss") for row in rows],
         val_loss=[number(row, "val_loss") for row in rows],
         error=str(result.error) if result.error else None,
+        eval_score=number(result.metrics or {}, objective.key) if objective.scored_by_eval else None,
     )
 
 
-def run_tune(config: TuneConfig, train: TrainConfig, run: RunDir, seed: int) -> StageResult:
+def run_tune(
+    config: TuneConfig, train: TrainConfig, run: RunDir, seed: int, eval_config: EvalConfig | None = None
+) -> StageResult:
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
 
     data = DataOutputs.of(run)
     out = run.begin("tune")
-    metric = objective(data.has_val)
+    loss = loss_objective(data.has_val)
+    if config.objective is not None:
+        if eval_config is None:
+            raise ValueError("tune.objective names an eval task: the sweep needs the recipe's eval section")
+        objective = eval_objective(config, eval_config, data, run, seed)
+    else:
+        objective, eval_config = loss, None
     shards = hash_dir(data.train)
     trainable = tune.with_parameters(
         run_trial,
         train=train.model_dump(mode="json"),
         tune_config=config.model_dump(mode="json"),
+        eval_config=eval_config.model_dump(mode="json") if eval_config is not None else None,
+        objective=objective,
         run_root=str(run.root),
         seed=seed,
     )
-    tuner = resumable_sweep(
-        out, trainable, _sweep_identity(config, train, seed, shards), "tune", also_clear=("trials",)
-    )
+    identity = _sweep_identity(config, train, seed, shards, eval_config)
+    tuner = resumable_sweep(out, trainable, identity, "tune", also_clear=("trials", "eval"))
     if tuner is None:
-        scheduler = _scheduler(config, metric)
+        scheduler = _scheduler(config, loss.key, objective)
         tuner = tune.Tuner(
             trainable,
             param_space={key: distribution.sampler() for key, distribution in config.space.items()},
             tune_config=tune.TuneConfig(
-                search_alg=OptunaSearch(
-                    metric=metric, mode="min", sampler=optuna_sampler(config.search, seed, config.startup_trials)
-                ),
+                search_alg=_searcher(config, objective, seed),
                 scheduler=scheduler,
                 num_samples=config.num_trials,
                 max_concurrent_trials=config.max_concurrent_trials,
@@ -130,41 +241,62 @@ def run_tune(config: TuneConfig, train: TrainConfig, run: RunDir, seed: int) -> 
                 callbacks=[trial_progress_callback("tune"), scheduler_state_callback(scheduler)],
             ),
         )
-    with releasing_trials_placement_groups("tune"):
+    with releasing_trials_placement_groups("tune"), _metric_checks(objective):
         results = tuner.fit()
-    return _summarise([_record(result, config.space) for result in results], config, metric, shards, run)
+    records = [_record(result, config.space, objective) for result in results]
+    return _summarise(records, config, loss.key, objective, shards, run)
 
 
-def _sweep_identity(config: TuneConfig, train: TrainConfig, seed: int, shards: str) -> str:
+def _sweep_identity(
+    config: TuneConfig, train: TrainConfig, seed: int, shards: str, eval_config: EvalConfig | None
+) -> str:
     """What a sweep's trials depend on: an interrupted sweep is resumed only when all of it is unchanged."""
     described = {"tune": config.model_dump(mode="json"), "train": train.model_dump(mode="json"), "seed": seed}
+    if eval_config is not None:  # the objective's task is built and scored as the eval section says
+        described["eval"] = eval_config.model_dump(mode="json")
     return sweep_identity({**described, "train_shards": shards})
 
 
-def _summarise(records: list[TrialRecord], config: TuneConfig, metric: str, shards: str, run: RunDir) -> StageResult:
-    """best.json, trials.parquet and the sweep's plot in the run's report. The best trial is the lowest
-    objective among the trials that trained their whole budget: a stopped trial's loss is from fewer steps."""
+def _summarise(
+    records: list[TrialRecord], config: TuneConfig, loss: str, objective: Objective, shards: str, run: RunDir
+) -> StageResult:
+    """best.json, trials.parquet and the sweep's plot in the run's report. The best trial is the best objective
+    among the trials that trained their whole budget: a stopped trial's loss is from fewer steps, and it
+    scored no model. ``loss``: the held-out (or training) loss ASHA stops trials by."""
     out = run.stage_dir("tune")
     budget = config.max_steps_per_trial
-    trials = [record.summary(budget, metric, config.scheduler) for record in records]
-    finished = [t for t in trials if t["status"] == "completed" and finite(t[metric])]
+    summaries = {id(record): record.summary(budget, loss, config.scheduler, objective) for record in records}
+    finished = [r for r in records if r.status(budget) == "completed" and finite(r.score(objective))]
     if not finished:
-        raise RuntimeError(f"tune: no trial trained its budget and reported {metric}; trials: {trials}")
-    best = min(finished, key=lambda t: t[metric])
-    importances = param_importances(records, {k: d.optuna() for k, d in config.space.items()}, metric, budget)
-    summary = {"metric": metric, "mode": "min", "best": best, "importances": importances, "trials": trials}
+        raise RuntimeError(
+            f"tune: no trial trained its budget and reported {objective.key}; trials: {list(summaries.values())}"
+        )
+    top = objective.best([r.score(objective) for r in finished])
+    winner = summaries[id(next(r for r in finished if r.score(objective) == top))]
+    best = {**winner, "objective": objective.key, "score": top}
+    importances = param_importances(records, {k: d.optuna() for k, d in config.space.items()}, objective, budget)
+    summary = {
+        "metric": objective.key,
+        "mode": objective.mode,
+        "best": best,
+        "importances": importances,
+        "trials": list(summaries.values()),
+    }
     best_path = TuneBest.write(run, summary)
-    table = write_trials_table(records, out / "trials.parquet", budget, metric, config.scheduler)
-    plot = plot_sweep(records, importances, run.root / "report" / "tune_sweep.png", metric, budget)
+    table = write_trials_table(records, out / "trials.parquet", budget, loss, config.scheduler, objective)
+    plot = plot_sweep(records, importances, run.root / "report" / "tune_sweep.png", loss, budget, objective)
+    outputs = {"best": str(best_path), "trials": str(table), "plot": str(plot), "sweep": str(out / "sweep")}
+    if objective.scored_by_eval:
+        outputs["eval"] = str(out / "eval")
     return StageResult(
         inputs={"train_shards": shards},
-        outputs={"best": str(best_path), "trials": str(table), "plot": str(plot), "sweep": str(out / "sweep")},
+        outputs=outputs,
         metrics={
             "best_params": best["params"],
-            f"best_{metric}": best[metric],
-            "trials": len(trials),
-            "stopped_early": sum(t["status"] == "stopped" for t in trials),
-            "failed": sum(t["status"] == "error" for t in trials),
+            f"best_{objective.key}": top,
+            "trials": len(records),
+            "stopped_early": sum(s["status"] == "stopped" for s in summaries.values()),
+            "failed": sum(s["status"] == "error" for s in summaries.values()),
             "trial_steps": sum(record.last_step for record in records),
         },
     )

@@ -10,9 +10,30 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from pipelines.eval.tasks import Task
 
 Status = Literal["completed", "stopped", "error"]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What judges a trial: the key of its result that holds the figure, and which way is better. ``task``: the
+    eval task each trial that trains its budget is scored on (None: the held-out loss every report carries)."""
+
+    key: str
+    mode: Literal["min", "max"]
+    task: Task | None = None
+    metric: str | None = None
+
+    @property
+    def scored_by_eval(self) -> bool:
+        return self.task is not None
+
+    def best(self, values: list[float]) -> float:
+        return min(values) if self.mode == "min" else max(values)
 
 
 @dataclass
@@ -25,6 +46,8 @@ class TrialRecord:
     loss: list[float] = field(default_factory=list)
     val_loss: list[float | None] = field(default_factory=list)
     error: str | None = None
+    #: The eval objective's score of the trial's model (None: not scored, or the sweep is judged by loss).
+    eval_score: float | None = None
 
     @property
     def last_step(self) -> int:
@@ -33,6 +56,10 @@ class TrialRecord:
     def last(self, metric: str) -> float | None:
         values = [v for v in (self.val_loss if metric == "val_loss" else self.loss) if v is not None]
         return values[-1] if values else None
+
+    def score(self, objective: Objective) -> float | None:
+        """The figure the trial is judged by: its eval score, or its last loss."""
+        return self.eval_score if objective.scored_by_eval else self.last(objective.key)
 
     def status(self, budget: int) -> Status:
         if self.error is not None:
@@ -50,13 +77,15 @@ class TrialRecord:
             "was not among the best at that rung"
         )
 
-    def summary(self, budget: int, metric: str, scheduler: str) -> dict[str, Any]:
-        """The trial as best.json lists it: values, last losses, status and why it ended."""
+    def summary(self, budget: int, metric: str, scheduler: str, objective: Objective) -> dict[str, Any]:
+        """The trial as best.json lists it: values, last losses (and eval score), status and why it ended.
+        ``metric``: the loss ASHA judged it by."""
         return {
             "trial_id": self.trial_id,
             "params": self.params,
             "loss": self.last("loss"),
             "val_loss": self.last("val_loss"),
+            **({objective.key: self.eval_score} if objective.scored_by_eval else {}),
             "last_step": self.last_step,
             "status": self.status(budget),
             "stop_reason": self.stop_reason(budget, metric, scheduler),
@@ -68,16 +97,20 @@ def finite(value: float | None) -> bool:
     return isinstance(value, float) and math.isfinite(value)
 
 
-def write_trials_table(records: list[TrialRecord], path: Path, budget: int, metric: str, scheduler: str) -> Path:
+def write_trials_table(
+    records: list[TrialRecord], path: Path, budget: int, metric: str, scheduler: str, objective: Objective
+) -> Path:
     """``trials.parquet``: every trial with its values (a JSON object: keys are dotted and values of mixed
-    types), each report's step and losses, its status and stop reason."""
+    types), each report's step and losses, the figure it is judged by (``score``), its status and stop reason."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    kept = ("trial_id", "status", "stop_reason", "last_step", "val_loss", "error")
     rows = [
         {
-            **{k: v for k, v in record.summary(budget, metric, scheduler).items() if k not in ("params", "loss")},
+            **{k: v for k, v in record.summary(budget, metric, scheduler, objective).items() if k in kept},
             "params": json.dumps(record.params, sort_keys=True),
+            "score": record.score(objective),
             "final_loss": record.last("loss"),
             "steps": record.steps,
             "loss_curve": record.loss,
@@ -94,6 +127,7 @@ def write_trials_table(records: list[TrialRecord], path: Path, budget: int, metr
             ("last_step", pa.int64()),
             ("final_loss", pa.float64()),
             ("val_loss", pa.float64()),
+            ("score", pa.float64()),
             ("error", pa.string()),
             ("steps", pa.list_(pa.int64())),
             ("loss_curve", pa.list_(pa.float64())),
@@ -104,26 +138,37 @@ def write_trials_table(records: list[TrialRecord], path: Path, budget: int, metr
     return path
 
 
-def param_importances(records: list[TrialRecord], space: dict[str, Any], metric: str, budget: int) -> dict[str, float]:
-    """Optuna's fANOVA importances over the trials that trained their budget (empty below two of them).
-    ``space`` maps each key to its Optuna distribution."""
+def param_importances(
+    records: list[TrialRecord], space: dict[str, Any], objective: Objective, budget: int
+) -> dict[str, float]:
+    """Optuna's fANOVA importances for the objective, over the trials that trained their budget (empty below two
+    of them). ``space`` maps each key to its Optuna distribution."""
     import optuna
 
-    done = [r for r in records if r.status(budget) == "completed" and finite(r.last(metric))]
+    done = [r for r in records if r.status(budget) == "completed" and finite(r.score(objective))]
     if len(done) < 2:
         return {}
-    study = optuna.create_study(direction="minimize")
+    study = optuna.create_study(direction="minimize" if objective.mode == "min" else "maximize")
     for record in done:
-        study.add_trial(optuna.trial.create_trial(params=record.params, distributions=space, value=record.last(metric)))
+        study.add_trial(
+            optuna.trial.create_trial(params=record.params, distributions=space, value=record.score(objective))
+        )
     try:
         return {key: float(value) for key, value in optuna.importance.get_param_importances(study).items()}
     except (RuntimeError, ValueError):  # e.g. every trial drew the same value: nothing to attribute
         return {}
 
 
-def plot_sweep(records: list[TrialRecord], importances: dict[str, float], path: Path, metric: str, budget: int) -> Path:
-    """Three panels: each trial's curve (early-stopped ones dashed, ending in a cross), the optimisation
-    history (each trial's result and the best so far, in trial order) and the parameter importances."""
+def plot_sweep(
+    records: list[TrialRecord],
+    importances: dict[str, float],
+    path: Path,
+    metric: str,
+    budget: int,
+    objective: Objective,
+) -> Path:
+    """Three panels: each trial's ``metric`` curve (early-stopped ones dashed, ending in a cross), the optimisation
+    history (each trial's objective and the best so far, in trial order) and the parameter importances."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,16 +194,14 @@ def plot_sweep(records: list[TrialRecord], importances: dict[str, float], path: 
     curves.grid(alpha=0.3)
     if len(records) <= 12:
         curves.legend(fontsize="small")
-    results = [(i, r.last(metric)) for i, r in enumerate(records, 1) if r.status(budget) == "completed"]
+    results = [(i, r.score(objective)) for i, r in enumerate(records, 1) if r.status(budget) == "completed"]
     results = [(i, v) for i, v in results if finite(v)]
     if results:
         history.scatter([i for i, _ in results], [v for _, v in results], label="trial's result")
-        best, running = [], math.inf
-        for _, value in results:
-            running = min(running, value)
-            best.append(running)
+        best = [objective.best([v for _, v in results[: n + 1]]) for n in range(len(results))]
         history.step([i for i, _ in results], best, where="post", color="C1", label="best so far")
-    stopped = [(i, r.last(metric)) for i, r in enumerate(records, 1) if r.status(budget) == "stopped"]
+    # A stopped trial has no eval score: its last loss is drawn only where the history is of the loss.
+    stopped = [(i, r.score(objective)) for i, r in enumerate(records, 1) if r.status(budget) == "stopped"]
     stopped = [(i, v) for i, v in stopped if finite(v)]
     if stopped:
         history.scatter(
@@ -166,7 +209,8 @@ def plot_sweep(records: list[TrialRecord], importances: dict[str, float], path: 
         )
     if results or stopped:
         history.legend(fontsize="small")
-    history.set(xlabel="trial (in order)", ylabel=metric, title="optimisation history")
+    better = "lower" if objective.mode == "min" else "higher"
+    history.set(xlabel="trial (in order)", ylabel=f"{objective.key} ({better} is better)", title="optimisation history")
     history.grid(alpha=0.3)
     if importances:
         keys = sorted(importances, key=importances.get)

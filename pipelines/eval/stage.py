@@ -58,11 +58,15 @@ def read_heldout(outputs: DataOutputs) -> list[HeldOutDocument]:
     return [HeldOutDocument(**row) for row in table.select(["doc_id", "source", "text"]).to_pylist()]
 
 
-def run_tasks(data: DataOutputs, config: EvalConfig, root: Path, seed: int) -> list[Task]:
-    """The run's tasks, built under ``root`` from its held-out documents, with the harness's environment set
-    (offline; its progress bars off the terminal)."""
+def harness_environment() -> None:
+    """The harness's environment in this process: offline, its progress bars off the terminal."""
     for name, value in HARNESS_ENV.items():
         os.environ.setdefault(name, value)
+
+
+def run_tasks(data: DataOutputs, config: EvalConfig, root: Path, seed: int) -> list[Task]:
+    """The run's tasks, built under ``root`` from its held-out documents, with the harness's environment set."""
+    harness_environment()
     if config.continuation_chars > data.seq_len:
         config = config.model_copy(update={"continuation_chars": data.seq_len})
     return build_tasks(read_heldout(data), config, root, seed)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -250,6 +250,17 @@ BUILDERS: dict[str, Callable[[TaskInputs], list[Task]]] = {
     "choice": choice_task,
     "next_line": next_line_task,
 }
+
+
+def task_names(config: EvalConfig, sources: Iterable[str]) -> list[str]:
+    """The names of the tasks ``config`` can build from held-out documents of these sources (a source with no
+    held-out document, or a kind with no question to ask, builds none: known only once the tasks are built)."""
+    names = {
+        "perplexity": [f"{PREFIX}perplexity_{_slug(source)}" for source in sorted(set(sources))],
+        "choice": [f"{PREFIX}choice"],
+        "next_line": [f"{PREFIX}next_line"],
+    }
+    return [name for kind in config.tasks for name in names[kind]]
 
 
 def build_tasks(documents: list[HeldOutDocument], config: EvalConfig, root: Path, seed: int) -> list[Task]:

@@ -115,6 +115,8 @@ def tiny_config(tmp_path_factory, planted_sources) -> LoomConfig:
             f"tune.space={{train.lr: {{kind: choice, values: [3.0e-3, 4.0e-3, {DIVERGING_LR}]}}}}",
             "tune.scheduler=asha",
             "tune.grace_period_steps=2",
+            # Judged by an eval task (each finished trial's model scored by the harness); ASHA still stops by loss.
+            "tune.objective={task: loom_choice, metric: acc_norm}",
             *COMPRESS,
             f"serve.port={free_port()}",
             "serve.demo_max_tokens=8",
