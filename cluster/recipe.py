@@ -19,7 +19,7 @@ from cluster.config import ClusterConfig, MonitorConfig
 from pipelines.compress.config import CompressConfig
 from pipelines.data.config import DataConfig
 from pipelines.eval.config import EvalConfig
-from pipelines.eval.tasks import task_names
+from pipelines.eval.tasks import KIND_METRICS, task_names
 from pipelines.schema import StrictModel, pydantic_problems
 from pipelines.train.config import TrainConfig
 from serve.config import ServeConfig
@@ -161,13 +161,22 @@ class LoomConfig(StrictModel):
                     "judges trials by an eval task, built from held-out documents, but data.heldout_documents is 0",
                 )
             )
+        objective = self.tune.objective
         names = task_names(self.eval, [source.name for source in self.data.sources])
-        if self.tune.objective.task not in names:
+        kind = names.get(objective.task)
+        if kind is None:
             problems.append(
                 (
                     "tune.objective.task",
-                    f"{self.tune.objective.task!r} is not a task eval.tasks builds for this recipe's sources; "
+                    f"{objective.task!r} is not a task eval.tasks builds for this recipe's sources; "
                     f"those are: {', '.join(names)}",
+                )
+            )
+        elif objective.metric is not None and objective.metric not in KIND_METRICS[kind]:
+            problems.append(
+                (
+                    "tune.objective.metric",
+                    f"{objective.task} reports no {objective.metric!r}; its metrics: {', '.join(KIND_METRICS[kind])}",
                 )
             )
         return problems

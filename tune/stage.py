@@ -16,6 +16,7 @@ import contextlib
 import math
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines.artifacts import DataOutputs, TuneBest
@@ -76,6 +77,7 @@ def _eval_report(result, objective: Objective, eval_config: EvalConfig, run: Run
     """The trial's exported model scored on the objective's task (the harness's files under
     ``tune/eval/<trial>/``), as the trial's last report: the final step, the score and its standard error."""
     from pipelines.eval.stage import harness_environment, load, score
+    from pipelines.train.loop import FINAL_EXPORT_MARKER
 
     if result.checkpoint is None:
         raise RuntimeError(f"trial {trial} finished without its model export; nothing to score on {objective.key}")
@@ -83,6 +85,8 @@ def _eval_report(result, objective: Objective, eval_config: EvalConfig, run: Run
     out.mkdir(parents=True, exist_ok=True)
     harness_environment()
     with result.checkpoint.as_directory() as model_dir:
+        if not (Path(model_dir) / FINAL_EXPORT_MARKER).exists():
+            raise RuntimeError(f"trial {trial}: its last checkpoint {result.checkpoint.path} is not its model export")
         model = load(model_dir, eval_config, DataOutputs.of(run).seq_len)
         scores = score(model, model_dir, [objective.task], out, seed)
     scored = scores.tasks[objective.task.name][objective.metric]
@@ -123,21 +127,29 @@ def eval_objective(config: TuneConfig, eval_config: EvalConfig, data: DataOutput
 
 
 def _scheduler(config: TuneConfig, loss: str, objective: Objective):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+
+    class ScoredAfterItsBudget(ASHAScheduler):
+        """ASHA that lets a trial at its budget go on to score its model. Stock ASHA stops it there
+        (``stop_last_trials``) or, without that, compares it at a top rung equal to the budget and may stop it
+        mid-export; here no rung is compared at the budget, as with ``stop_last_trials``, and nothing is stopped."""
+
+        def on_trial_result(self, tune_controller, trial, result):
+            if result.get(self._time_attr, 0) >= self._max_t:
+                return TrialScheduler.CONTINUE
+            return super().on_trial_result(tune_controller, trial, result)
 
     if config.scheduler == "fifo":
         return FIFOScheduler()
     # Rungs in optimizer steps (every report carries "step"), so the recipe's numbers mean the same
     # whatever the report interval is. Judged by the loss every report has, whatever the objective.
-    return ASHAScheduler(
+    return (ScoredAfterItsBudget if objective.scored_by_eval else ASHAScheduler)(
         time_attr="step",
         metric=loss,
         mode="min",
         max_t=config.max_steps_per_trial,
         grace_period=config.grace_period_steps,
         reduction_factor=config.reduction_factor,
-        # A trial at its budget is not stopped there: it still scores its model for an eval objective.
-        stop_last_trials=not objective.scored_by_eval,
     )
 
 

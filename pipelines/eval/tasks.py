@@ -252,15 +252,25 @@ BUILDERS: dict[str, Callable[[TaskInputs], list[Task]]] = {
 }
 
 
-def task_names(config: EvalConfig, sources: Iterable[str]) -> list[str]:
-    """The names of the tasks ``config`` can build from held-out documents of these sources (a source with no
-    held-out document, or a kind with no question to ask, builds none: known only once the tasks are built)."""
+def task_names(config: EvalConfig, sources: Iterable[str]) -> dict[str, str]:
+    """The tasks ``config`` can build from held-out documents of these sources, by name, each to its kind (a
+    source with no held-out document, or a kind with no question to ask, builds none: known only once the tasks
+    are built). Their metrics are ``KIND_METRICS[kind]``."""
     names = {
         "perplexity": [f"{PREFIX}perplexity_{_slug(source)}" for source in sorted(set(sources))],
         "choice": [f"{PREFIX}choice"],
         "next_line": [f"{PREFIX}next_line"],
     }
-    return [name for kind in config.tasks for name in names[kind]]
+    return {name: kind for kind in config.tasks for name in names[kind]}
+
+
+#: The metrics each kind's tasks report (their harness ``metric_list``), for checking a recipe before any task is
+#: built; tests/unit/test_eval_tasks.py checks them against the built tasks.
+KIND_METRICS: dict[str, tuple[str, ...]] = {
+    "perplexity": ("word_perplexity", "byte_perplexity", "bits_per_byte"),
+    "choice": ("acc", "acc_norm"),
+    "next_line": ("exact_match",),
+}
 
 
 def build_tasks(documents: list[HeldOutDocument], config: EvalConfig, root: Path, seed: int) -> list[Task]:

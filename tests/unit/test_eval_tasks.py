@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pipelines.eval.config import EvalConfig
-from pipelines.eval.tasks import FIRST_LINE, PREFIX, HeldOutDocument, build_tasks, question
+from pipelines.eval.tasks import FIRST_LINE, KIND_METRICS, PREFIX, HeldOutDocument, build_tasks, question, task_names
 
 
 def _document(i: int, source: str = "code") -> HeldOutDocument:
@@ -54,6 +54,10 @@ def test_tasks_hold_what_the_documents_say(tmp_path):
         f"{PREFIX}choice",
         f"{PREFIX}next_line",
     }
+    # What a recipe is checked against before any task is built: the same names, kinds and metrics.
+    assert task_names(config, ["prose docs", "code"]) == {name: task.kind for name, task in tasks.items()}
+    for task in tasks.values():
+        assert tuple(entry["metric"] for entry in task.config["metric_list"]) == KIND_METRICS[task.kind]
     texts = {d.doc_id: d.text for d in documents}
 
     perplexity = [json.loads(line) for line in tasks[f"{PREFIX}perplexity_code"].path.read_text().splitlines()]

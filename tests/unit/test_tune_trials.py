@@ -120,5 +120,30 @@ def test_an_eval_objective_must_be_a_task_the_recipe_builds():
     assert "data.heldout_documents is 0" in problems["tune.objective"]
     with pytest.raises(ConfigError, match="tune.objective.task"):
         load_config(None, ["tune.objective={task: loom_choice}", "eval.tasks=[perplexity]"])
+    with pytest.raises(
+        ConfigError, match="tune.objective.metric: loom_choice reports no 'acc_nrom'; its metrics: acc, acc_norm"
+    ):
+        load_config(None, ["tune.objective={task: loom_choice, metric: acc_nrom}"])
     config = load_config(None, ["tune.objective={task: loom_perplexity_stdlib, metric: word_perplexity}"])
     assert config.tune.objective.metric == "word_perplexity"
+
+
+def test_asha_lets_a_trial_at_its_budget_go_on_to_be_scored():
+    """Budget 4, rungs at 2 and 4: stock ASHA without stop_last_trials would compare the second trial at the top rung
+    (step 4, the budget) and stop it, before its model is scored. Rungs below the budget still stop trials."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from tune.stage import _scheduler
+
+    config = TuneConfig(space=SPACE, max_steps_per_trial=BUDGET, grace_period_steps=2, reduction_factor=2)
+    asha = _scheduler(config, "val_loss", CHOICE)
+    first, second, third = (Trial("run_trial", trial_id=f"t{i}", stub=True) for i in range(3))
+    for trial in (first, second, third):
+        asha.on_trial_add(None, trial)
+    reports = [(first, 2, 6.0), (first, 4, 5.0), (second, 2, 5.9), (second, 4, 5.5), (third, 2, 9.0)]
+    decisions = [asha.on_trial_result(None, t, {"step": step, "val_loss": loss}) for t, step, loss in reports]
+    assert decisions[:4] == [TrialScheduler.CONTINUE] * 4
+    assert decisions[4] == TrialScheduler.STOP  # a rung below the budget: the worse trial stopped
+    # The score that ends a trial (no loss in it) is not ASHA's to judge.
+    assert asha.on_trial_result(None, second, {"step": 4, "loom_choice.acc": 0.5}) == TrialScheduler.CONTINUE
