@@ -106,8 +106,9 @@ def _hold_or_stop(cfg: LoomConfig, args: argparse.Namespace, url: str, shutdown:
 
 def _eval_endpoint(cfg: LoomConfig, args: argparse.Namespace) -> int:
     """``loom eval --endpoint URL --model ID``: the run's eval tasks through a served endpoint (no Ray needed)."""
-    from pipelines.artifacts import MissingInputError
-    from pipelines.eval.endpoint import API_KEY_ENV, SCORES, Endpoint, EndpointError, endpoint_problems, score_endpoint
+    from cluster.report import write_report
+    from pipelines.artifacts import ENDPOINT_SCORES, MissingInputError
+    from pipelines.eval.endpoint import API_KEY_ENV, Endpoint, EndpointError, endpoint_problems, score_endpoint
     from pipelines.runs import RunDir
 
     problems = endpoint_problems(args.endpoint, args.model, args.ca_file, args.batch_size)
@@ -134,7 +135,9 @@ def _eval_endpoint(cfg: LoomConfig, args: argparse.Namespace) -> int:
             for metric, score in metrics.items()
         )
         print(f"[loom]   {task}: {shown}", flush=True)
-    print(f"[loom] scores: {out / SCORES}; the harness's files: {out / 'harness'}", flush=True)
+    print(f"[loom] scores: {out / ENDPOINT_SCORES}; the harness's files: {out / 'harness'}", flush=True)
+    if run.manifest()["stages"]:  # the run's report shows them beside the eval stage's own
+        print(f"[loom] report: {write_report(run)}", flush=True)
     return 0
 
 

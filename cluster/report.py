@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.stages import STAGE_NAMES
-from pipelines.artifacts import DataOutputs, EvalResults
+from pipelines.artifacts import DataOutputs, EvalResults, EvalTaskInfo, TaskScore
 from pipelines.runs import RunDir
 
 #: The report's sections, in chain order.
@@ -106,15 +106,25 @@ def _eval_tables(run: RunDir) -> dict[str, list[tuple[str, str]]]:
     for task, info in summary.tasks.items():
         for model in summary.models:
             found = summary.headline(task, model)
-            if found is None:
-                continue
-            error = f" ± {found.stderr:.3g}" if found.stderr is not None else ""
-            rows.append((f"{task} · {model}", f"{info.headline} {found.value:.4g}{error} ({info.better} is better)"))
+            if found is not None:
+                rows.append((f"{task} · {model}", _headline(info, found)))
     skipped = [(model, scores.not_scored) for model, scores in summary.models.items() if scores.not_scored]
     tables = {"Scores (lm-evaluation-harness, n = task rows)": rows}
     if skipped:
         tables["Not scored"] = skipped
+    # What users of an endpoint get, as `loom eval --endpoint` scored it.
+    tables["Scored through an endpoint (loom eval --endpoint)"] = [
+        (f"{task} · {scored.model} at {scored.endpoint}", _headline(info, scored.headline(task)))
+        for scored in results.endpoint_scores()
+        for task, info in scored.tasks.items()
+        if scored.headline(task) is not None
+    ]
     return {title: table for title, table in tables.items() if table}
+
+
+def _headline(info: EvalTaskInfo, found: TaskScore) -> str:
+    error = f" ± {found.stderr:.3g}" if found.stderr is not None else ""
+    return f"{info.headline} {found.value:.4g}{error} ({info.better} is better)"
 
 
 #: Tables a stage's section shows besides its metrics, read from its own files.

@@ -326,6 +326,23 @@ class EvalSummary(StrictModel):
         return self.models[model].tasks.get(task, {}).get(self.tasks[task].headline)
 
 
+class EndpointScores(StrictModel):
+    """``eval/endpoint/<model>/scores.json``: a served model's scores on the run's tasks through an endpoint
+    (``loom eval --endpoint``)."""
+
+    endpoint: str
+    model: str
+    tasks: dict[str, EvalTaskInfo]
+    scores: ModelScores
+
+    def headline(self, task: str) -> TaskScore | None:
+        return self.scores.tasks.get(task, {}).get(self.tasks[task].headline)
+
+
+#: The file each endpoint's scores are written to, in its folder under ``eval/endpoint/``.
+ENDPOINT_SCORES = "scores.json"
+
+
 @dataclass(frozen=True)
 class EvalResults(Artifact):
     """The eval stage's ``eval.json`` and the harness's result files under ``harness/<model>/``."""
@@ -345,6 +362,18 @@ class EvalResults(Artifact):
 
     def summary(self) -> EvalSummary:
         return EvalSummary.model_validate_json(self.summary_path.read_text())
+
+    @property
+    def endpoint_root(self) -> Path:
+        """Where ``loom eval --endpoint`` writes, one folder per served model id."""
+        return self.root / "endpoint"
+
+    def endpoint_scores(self) -> list[EndpointScores]:
+        """Every served model scored through an endpoint in this run."""
+        return [
+            EndpointScores.model_validate_json(path.read_text())
+            for path in sorted(self.endpoint_root.glob(f"*/{ENDPOINT_SCORES}"))
+        ]
 
     @classmethod
     def of(cls, run: RunDir) -> EvalResults:

@@ -11,20 +11,18 @@ and is sent only as the request header: the harness records its model arguments,
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pipelines.artifacts import DataOutputs, EvalResults, ModelScores
+from pipelines.artifacts import ENDPOINT_SCORES, DataOutputs, EndpointScores, EvalResults, EvalTaskInfo, ModelScores
 from pipelines.eval.config import EvalConfig
 from pipelines.eval.stage import run_tasks, score
 from pipelines.runs import RunDir
 
 API_KEY_ENV = "LOOM_API_KEY"
-SCORES = "scores.json"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -78,7 +76,7 @@ def endpoint_dir(run: RunDir, model: str) -> Path:
     """One folder per served model id: its readable part, and a digest so that no id names another's folder
     (or, as ``..``, one above it)."""
     readable = re.sub(r"[^A-Za-z0-9_-]+", "_", model).strip("_")[:64] or "model"
-    return EvalResults.at(run).root / "endpoint" / f"{readable}-{hashlib.sha256(model.encode()).hexdigest()[:8]}"
+    return EvalResults.at(run).endpoint_root / f"{readable}-{hashlib.sha256(model.encode()).hexdigest()[:8]}"
 
 
 def check_endpoint(endpoint: Endpoint, timeout_s: float = 30) -> None:
@@ -152,16 +150,14 @@ def score_endpoint(
             "(a key's tokens per minute must hold the tasks' tokens)"
         ) from None
     scores = scores.model_copy(update={"path": f"{endpoint.url} model={endpoint.model}"})
-    (out / SCORES).write_text(
-        json.dumps(
-            {
-                "endpoint": endpoint.url,
-                "model": endpoint.model,
-                "tasks": {t.name: {"headline": t.headline, "lower_is_better": t.lower_is_better} for t in tasks},
-                "scores": scores.model_dump(mode="json"),
-            },
-            indent=2,
-        )
-        + "\n"
+    written = EndpointScores(
+        endpoint=endpoint.url,
+        model=endpoint.model,
+        tasks={
+            t.name: EvalTaskInfo(kind=t.kind, rows=t.rows, headline=t.headline, lower_is_better=t.lower_is_better)
+            for t in tasks
+        },
+        scores=scores,
     )
+    (out / ENDPOINT_SCORES).write_text(written.model_dump_json(indent=2) + "\n")
     return scores, out

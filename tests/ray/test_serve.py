@@ -190,21 +190,33 @@ def test_every_endpoint_answers_both_models_with_lineage(endpoint, tiny_config):
     assert len([c for c in chat_stream if c.choices]) >= 2
 
 
-def test_the_eval_tasks_score_through_the_endpoint_as_they_do_in_process(endpoint, eval_done, tiny_config):
-    """lm-evaluation-harness's local-completions backend through Loom's ingress (HTTPS, the key, its prices) and
-    vLLM's echoed prompt logprobs: the served trained model scores as the eval stage's hf backend scored it."""
+def test_the_eval_tasks_score_through_the_endpoint_as_they_do_in_process(
+    endpoint, eval_done, tiny_config, tmp_path, monkeypatch, capsys
+):
+    """`loom eval --endpoint`: lm-evaluation-harness's local-completions backend through Loom's ingress (HTTPS, the
+    key, its prices) and vLLM's echoed prompt logprobs. The served trained model scores as the eval stage's hf
+    backend scored it, and the run's report shows the endpoint's scores beside the stage's."""
+    from cluster.cli import main
     from pipelines.artifacts import EvalResults
-    from pipelines.eval.endpoint import SCORES, Endpoint, score_endpoint
+    from pipelines.eval.endpoint import API_KEY_ENV, endpoint_dir
     from pipelines.runs import RunDir
     from serve.stage import base_url
 
     config, _ = endpoint
     run = RunDir(tiny_config.run_dir())
-    served = Endpoint(url=base_url(config.serve), model=MAIN, api_key=KEY, ca_file=config.serve.tls.ca_file)
-    scores, out = score_endpoint(run, served, tiny_config.eval, tiny_config.seed, batch_size=2)
-    summary = EvalResults.of(run).summary()
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_none=True)))
+    monkeypatch.setenv(API_KEY_ENV, KEY)
+    url = base_url(config.serve)
+    command = ["eval", str(recipe), "--endpoint", url, "--model", MAIN, "--ca-file", config.serve.tls.ca_file]
+    assert main([*command, "--batch-size", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert f"[loom] eval through {url} ({MAIN}):" in printed
+    results = EvalResults.of(run)
+    [scored] = results.endpoint_scores()
+    scores, summary = scored.scores, results.summary()
     in_process = summary.models["base"]
-    assert set(scores.tasks) == set(summary.tasks)
+    assert (scored.endpoint, scored.model) == (url, MAIN) and set(scores.tasks) == set(summary.tasks)
     for task, info in summary.tasks.items():
         endpoint_score, hf_score = scores.tasks[task][info.headline], in_process.tasks[task][info.headline]
         if info.kind == "perplexity":
@@ -213,11 +225,21 @@ def test_the_eval_tasks_score_through_the_endpoint_as_they_do_in_process(endpoin
         else:  # the same answers, give or take a near-tie decided by another engine's arithmetic
             assert abs(endpoint_score.value - hf_score.value) <= 1 / info.rows + 1e-9, (task, endpoint_score, hf_score)
             assert endpoint_score.stderr is not None
-    written = json.loads((out / SCORES).read_text())
-    assert written["model"] == MAIN and written["scores"]["tasks"] == json.loads(scores.model_dump_json())["tasks"]
+        [line] = [line for line in printed.splitlines() if line.startswith(f"[loom]   {task}: ")]
+        assert f"{info.headline} {endpoint_score.value:.4g}" in line, line  # each of the task's metrics is printed
+    out = endpoint_dir(run, MAIN)
     assert len(list((out / "harness").rglob("samples_*.jsonl"))) == len(summary.tasks)
-    # The key went only into request headers: no file the harness or Loom wrote holds it.
+    # The report, rebuilt by the command, has a row per task for the endpoint, with its headline score.
+    page = (run.root / "report" / "index.html").read_text()
+    assert "Scored through an endpoint" in page
+    for task, info in summary.tasks.items():
+        assert re.search(
+            rf"{task} · {MAIN} at {re.escape(url)}</td>\s*<td[^>]*>{info.headline} {scored.headline(task).value:.4g}",
+            page,
+        ), (task, page[-4000:])
+    # The key went only into request headers: no file the harness or Loom wrote holds it, nor what was printed.
     assert not [p for p in out.rglob("*") if p.is_file() and KEY in p.read_text(errors="replace")]
+    assert KEY not in printed and KEY not in page
 
 
 def test_the_deployed_application_exports_as_a_rayservice_kuberay_accepts(endpoint):
