@@ -76,7 +76,7 @@ def run_trial(
 def _eval_report(result, objective: Objective, eval_config: EvalConfig, run: RunDir, trial: str, seed: int):
     """The trial's exported model scored on the objective's task (the harness's files under
     ``tune/eval/<trial>/``), as the trial's last report: the final step, the score and its standard error."""
-    from pipelines.eval.stage import harness_environment, load, score
+    from pipelines.eval.harness import harness_environment, load, score
     from pipelines.train.loop import FINAL_EXPORT_MARKER
 
     if result.checkpoint is None:
@@ -106,7 +106,7 @@ def loss_objective(has_val: bool) -> Objective:
 def eval_objective(config: TuneConfig, eval_config: EvalConfig, data: DataOutputs, run: RunDir, seed: int) -> Objective:
     """The recipe's eval task, built here once from the held-out documents, and its metric, checked before any
     trial trains."""
-    from pipelines.eval.stage import run_tasks
+    from pipelines.eval.harness import run_tasks
 
     wanted = config.objective
     tasks = {task.name: task for task in run_tasks(data, eval_config, run.stage_dir("tune") / "eval-tasks", seed)}

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from pipelines.artifacts import ENDPOINT_SCORES, DataOutputs, EndpointScores, EvalResults, EvalTaskInfo, ModelScores
 from pipelines.eval.config import EvalConfig
-from pipelines.eval.stage import run_tasks, score
+from pipelines.eval.harness import run_tasks, score
 from pipelines.runs import RunDir
 
 API_KEY_ENV = "LOOM_API_KEY"

@@ -101,7 +101,7 @@ def test_no_task_from_documents_without_lines_to_continue_says_why(tmp_path):
 
 
 def test_the_harness_results_are_read_metric_by_metric_with_their_errors():
-    from pipelines.eval.stage import _metrics
+    from pipelines.eval.harness import _metrics
 
     reported = {
         "alias": "loom_choice",
