@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from pipelines.eval.bounds import EvalMetric
 from pipelines.schema import StrictModel, pydantic_problems
 from pipelines.train.config import TrainConfig, Workers
 
@@ -66,20 +67,6 @@ class Distribution(StrictModel):
         return distributions.FloatDistribution(self.low, self.high, log=self.kind == "loguniform")
 
 
-class EvalObjective(StrictModel):
-    """A sweep judged by an eval task: each trial that trains its budget exports its model, which is scored on
-    this task of the eval stage (lm-evaluation-harness, on the run's held-out documents, built as ``eval`` says)."""
-
-    task: str = Field(
-        description="A task the eval stage builds: loom_choice, loom_next_line, loom_perplexity_<source>."
-    )
-    metric: str | None = Field(
-        default=None,
-        description="One of the task's metrics (acc, acc_norm, exact_match, bits_per_byte, word_perplexity, ...). "
-        "Unset: the task's headline. Higher or lower is better as the task says.",
-    )
-
-
 def _default_space() -> dict[str, Distribution]:
     return {"train.lr": Distribution(kind="loguniform", low=1e-4, high=1e-2)}
 
@@ -123,10 +110,11 @@ class TuneConfig(StrictModel):
     reduction_factor: float = Field(
         default=2.0, gt=1, description="ASHA keeps the best 1/reduction_factor of the trials at each rung."
     )
-    objective: EvalObjective | None = Field(
+    objective: EvalMetric | None = Field(
         default=None,
         description="What picks the best trial. Unset: the held-out loss at the trial's budget. An eval task "
-        "(e.g. {task: loom_choice}): each trial that trains its budget is scored on it, and the best score wins. "
+        "(e.g. {task: loom_choice}), built from the held-out documents as the eval section says: each trial that "
+        "trains its budget exports its model, which lm-evaluation-harness scores on it, and the best score wins. "
         "ASHA still stops trials at its rungs by held-out loss, the one figure every report has.",
     )
 

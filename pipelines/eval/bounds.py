@@ -11,9 +11,8 @@ from pipelines.schema import StrictModel
 BASE = "base"
 
 
-class EvalBound(StrictModel):
-    """A variant keeps this bound if its score on ``task`` is at most ``tolerance`` worse than the base model's,
-    as a fraction of the base's score, in the task's direction (lower bits per byte, higher accuracy)."""
+class EvalMetric(StrictModel):
+    """One metric of one of the run's eval tasks (a sweep's objective names one; a bound adds a tolerance)."""
 
     task: str = Field(
         description="A task of the run's eval stage (eval/eval.json): loom_choice, loom_next_line, "
@@ -22,8 +21,14 @@ class EvalBound(StrictModel):
     metric: str | None = Field(
         default=None,
         description="One of the task's metrics (acc, acc_norm, exact_match, bits_per_byte, word_perplexity, ...). "
-        "Unset: the task's headline.",
+        "Unset: the task's headline. Higher or lower is better as the task says.",
     )
+
+
+class EvalBound(EvalMetric):
+    """A variant keeps this bound if its score on ``task`` is at most ``tolerance`` worse than the base model's,
+    as a fraction of the base's score, in the task's direction (lower bits per byte, higher accuracy)."""
+
     tolerance: float = Field(
         gt=-1,
         description="How much worse than the base's score a variant's may be, as a fraction of the base's: 0.05 "
