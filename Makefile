@@ -54,8 +54,12 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 demo: setup
 	$(VENV)/bin/loom run $(RECIPE)
 
+# The unit tests start no Ray cluster and wait on nothing: they run on every core (pytest-xdist, a file per worker
+# at a time). The tests that start clusters, engines and browsers run one at a time after them. Exit 5 is "no test
+# selected" (PYTEST_ARGS="-k ..." naming tests of one part only).
 test: setup system-packages
-	$(VENV)/bin/pytest tests -m "not benchmark" --durations=40 $(PYTEST_ARGS)
+	$(VENV)/bin/pytest tests/unit -n logical --dist loadfile -m "not benchmark" --durations=15 $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(VENV)/bin/pytest tests --ignore=tests/unit -m "not benchmark" --durations=40 $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 bench: setup
 	$(VENV)/bin/pytest tests/benchmarks -m "benchmark and not scale" -s $(PYTEST_ARGS) || { $(PY) -m tests.benchmarks.table; exit 1; }

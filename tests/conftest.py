@@ -50,7 +50,15 @@ def free_port() -> int:
     between Ray's worker range (10002-19999) and the ephemeral range are assigned by nobody.
     """
     ephemeral = _ephemeral_ports()
-    candidates = [port for port in range(20000, 32768) if port not in ephemeral and port not in _HANDED_OUT]
+    # Under pytest-xdist (make test runs the unit tests on every core) each worker process hands out its own share
+    # of the range: _HANDED_OUT is per process, so two workers must never draw from the same ports.
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    candidates = [
+        port
+        for port in range(20000, 32768)
+        if port % workers == worker and port not in ephemeral and port not in _HANDED_OUT
+    ]
     start = _CHOOSER.randrange(len(candidates))
     for port in candidates[start:] + candidates[:start]:
         with socket.socket() as sock:
@@ -102,3 +110,65 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("=", f"shared fixtures slower than {SLOW_FIXTURE_S} s to set up (own time)")
         for seconds, what in sorted(_FIXTURE_SECONDS, reverse=True):
             terminalreporter.write_line(f"{seconds:8.1f}s {what}")
+
+
+#: Processes a test may start and must stop: a Ray node's (its workers are named ``ray::...``), vLLM's engine, the
+#: servers the tests drive. Listed when one outlives the folder of tests that started it.
+_SERVICE_PATTERN = (
+    "raylet", "gcs_server", "ray::", "ray/dashboard", "log_monitor", "EngineCore", "vllm", "prometheus",
+    "redis-server", "chromium",
+)  # fmt: skip
+_FOLDER_STARTED: dict[str, float] = {}
+
+
+def _folder(item) -> str:
+    """The item's folder under tests/ (e2e, multinode, ray, unit, ...)."""
+    parts = item.nodeid.split("/")
+    return "/".join(parts[:2]) if len(parts) > 2 else parts[0]
+
+
+def _services_running() -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # it ended meanwhile
+            continue
+        if command and any(pattern in command for pattern in _SERVICE_PATTERN):
+            found.append(f"{entry.name} {command[:120]}")
+    return found
+
+
+def pytest_runtest_logstart(nodeid, location):
+    import time
+
+    _FOLDER_STARTED.setdefault("/".join(nodeid.split("/")[:2]), time.monotonic())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """At the end of each folder of tests (its package fixtures torn down): its wall time, the machine's load, and
+    every Ray, vLLM or server process still running. A process one folder left behind takes CPU from every test
+    after it (on CI's two cores, minutes of make test) and can hold the ports and names the next folder needs."""
+    import time
+
+    try:
+        return (yield)
+    finally:
+        folder = _folder(item)
+        if nextitem is None or _folder(nextitem) != folder:
+            reporter = item.config.pluginmanager.get_plugin("terminalreporter")
+            give_up = time.monotonic() + 15  # a cluster shut down a moment ago is still exiting
+            while (left := _services_running()) and time.monotonic() < give_up:
+                time.sleep(1)
+            seconds = time.monotonic() - _FOLDER_STARTED.get(folder, time.monotonic())  # the wait included
+            if reporter is not None:
+                load = Path("/proc/loadavg").read_text().split()[:3]
+                reporter.write_line(
+                    f"\n[tests] {folder} took {seconds:.0f} s; load average {' '.join(load)}; "
+                    f"{len(left)} Ray, vLLM or server processes left running"
+                )
+                for line in left[:20]:
+                    reporter.write_line(f"[tests]   {line}")
