@@ -23,3 +23,30 @@ def read_parquet(path: str, **kwargs: Any):
         return ray.data.read_parquet(path, **kwargs)
     finally:
         context.use_datasource_v2 = before
+
+
+def blocks_by_size(paths: list[str]) -> int | None:
+    """Blocks for a data-stage input made of the local files ``paths``, where Ray's own choice would be too many;
+    None where Ray should decide (a large input, or a file that is not local).
+
+    Ray Data cuts every read into at least twice the cluster's CPUs (logical ones: 10 on the tests' cluster of two
+    cores) whatever its size, below its own minimum block size (``DataContext.target_min_block_size``, 1 MiB). A
+    few MB of documents then run as 20-150 tasks per operator and per shuffle partition, where start-up and
+    scheduling cost far more than the work: the tiny recipe's 150 documents were read as 150 blocks and written
+    as 91 files, which every later step read as 91 blocks. Below that floor an input gets a block per minimum
+    block size, at least two (two cores still share the work); above it Ray decides as it always does.
+    """
+    import os
+
+    import ray
+    import ray.data
+
+    try:
+        total = sum(os.path.getsize(path) for path in paths)
+    except OSError:  # a remote URI, or a file gone meanwhile: Ray plans the read as it would
+        return None
+    minimum = ray.data.DataContext.get_current().target_min_block_size
+    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
+    if total >= 2 * cpus * minimum:
+        return None
+    return max(2, -(-total // minimum))

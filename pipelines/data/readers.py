@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.data.config import DataConfig, SourceConfig
+from pipelines.datasets import blocks_by_size
 
 SKIP_STDLIB_DIRS = {"site-packages", "dist-packages", "__pycache__", "idlelib", "lib2to3"}
 
@@ -261,12 +262,15 @@ def _read_source(spec: SourceConfig, max_documents: int | None):
         if max_documents:
             files = files[:max_documents]
         items = [{"path": path, "source": spec.name} for path in files]
-        return ray.data.from_items(items).flat_map(_stdlib_documents)
+        blocks = blocks_by_size(files)
+        options = {"override_num_blocks": max(1, min(blocks, len(items)))} if blocks else {}
+        return ray.data.from_items(items, **options).flat_map(_stdlib_documents)
     paths = [entry.path for entry in list_source(spec)]
     if spec.format == "parquet":
         files = ray.data.from_items([{"path": path} for path in paths])
         return files.map_batches(_parquet_documents, fn_kwargs={"spec": spec}, batch_size=1, batch_format="numpy")
-    ds = ray.data.read_binary_files(paths, include_paths=True)
+    blocks = blocks_by_size(paths)
+    ds = ray.data.read_binary_files(paths, include_paths=True, **({"override_num_blocks": blocks} if blocks else {}))
     if spec.format == "text" and spec.text_unit == "file":
         return ds.map_batches(_decode_binary, fn_kwargs={"source": spec.name}, batch_format="numpy")
     return ds.map_batches(_lines_to_documents, fn_kwargs={"spec": spec}, batch_format="numpy")

@@ -26,7 +26,7 @@ from pipelines.data.perplexity import plot_histogram
 from pipelines.data.readers import SOURCES_CACHE, read_documents, source_fingerprint
 from pipelines.data.steps import reason_key, split_kept
 from pipelines.data.utils import shuffled_by
-from pipelines.datasets import read_parquet
+from pipelines.datasets import blocks_by_size, read_parquet
 from pipelines.progress import PartsProgress
 from pipelines.runs import MARKER, RunDir, StageResult
 
@@ -58,13 +58,20 @@ def _cached(directory: Path, key: str, produce):
     """
     marker = directory / MARKER
     if marker.is_file() and marker.read_text().strip() == key:
-        return read_parquet(str(directory), file_extensions=["parquet"]), False
+        return _read_step(directory), False
     shutil.rmtree(directory, ignore_errors=True)
     partial = directory.with_name(directory.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     produce().write_parquet(str(partial))
     partial.rename(directory)
-    return read_parquet(str(directory), file_extensions=["parquet"]), True
+    return _read_step(directory), True
+
+
+def _read_step(directory: Path):
+    """A materialised step's rows, in as many blocks as their size warrants (pipelines.datasets.blocks_by_size)."""
+    blocks = blocks_by_size([str(path) for path in directory.glob("*.parquet")])
+    extra = {"override_num_blocks": blocks} if blocks else {}
+    return read_parquet(str(directory), file_extensions=["parquet"], **extra)
 
 
 def _mark_done(directory: Path, key: str, stats: dict) -> None:

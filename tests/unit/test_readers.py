@@ -139,3 +139,20 @@ def test_text_files_and_parquet_rows_fail_one_at_a_time(tmp_path):
     ).to_pylist()
     assert [r["reject_reason"] is None for r in rows] == [True, False, False]
     assert rows[0]["text"] == "good text" and rows[1]["reject_reason"].startswith("read: invalid utf-8")
+
+
+def test_a_small_input_is_read_in_blocks_of_rays_minimum_size_and_a_large_or_remote_one_as_ray_plans_it(tmp_path):
+    import ray
+    import ray.data
+
+    from pipelines.datasets import blocks_by_size
+
+    assert not ray.is_initialized()  # no cluster: one CPU, so the floor Ray would apply is two blocks
+    minimum = ray.data.DataContext.get_current().target_min_block_size
+    small = [tmp_path / name for name in ("a.parquet", "b.parquet", "c.parquet")]
+    for path in small:
+        path.write_bytes(b"x" * (minimum // 4))
+    assert blocks_by_size([str(path) for path in small]) == 2  # under one minimum block: still two, for two cores
+    (tmp_path / "c.parquet").write_bytes(b"x" * (3 * minimum // 2))
+    assert blocks_by_size([str(path) for path in small]) is None  # 2 MiB: Ray's floor no longer cuts below 1 MiB
+    assert blocks_by_size([str(small[0]), "s3://bucket/corpus.parquet"]) is None  # not a local file: Ray plans it
