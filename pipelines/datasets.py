@@ -34,7 +34,9 @@ def blocks_by_size(paths: list[str]) -> int | None:
     few MB of documents then run as 20-150 tasks per operator and per shuffle partition, where start-up and
     scheduling cost far more than the work: the tiny recipe's 150 documents were read as 150 blocks and written
     as 91 files, which every later step read as 91 blocks. Below that floor an input gets a block per minimum
-    block size, at least two (two cores still share the work); above it Ray decides as it always does.
+    block size of its files on disk (parquet: more in memory), at least two (two cores still share the work);
+    above it Ray decides as it always does. Rows keep their order: fewer blocks only move the boundaries between
+    the same files in the same order.
     """
     import os
 
@@ -45,7 +47,9 @@ def blocks_by_size(paths: list[str]) -> int | None:
         total = sum(os.path.getsize(path) for path in paths)
     except OSError:  # a remote URI, or a file gone meanwhile: Ray plans the read as it would
         return None
-    minimum = ray.data.DataContext.get_current().target_min_block_size
+    minimum = int(ray.data.DataContext.get_current().target_min_block_size or 0)
+    if minimum <= 0:  # no minimum block size set: nothing to measure the input by
+        return None
     cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
     if total >= 2 * cpus * minimum:
         return None

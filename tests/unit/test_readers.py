@@ -141,13 +141,15 @@ def test_text_files_and_parquet_rows_fail_one_at_a_time(tmp_path):
     assert rows[0]["text"] == "good text" and rows[1]["reject_reason"].startswith("read: invalid utf-8")
 
 
-def test_a_small_input_is_read_in_blocks_of_rays_minimum_size_and_a_large_or_remote_one_as_ray_plans_it(tmp_path):
+def test_a_small_input_is_read_in_blocks_of_rays_minimum_size_and_a_large_or_remote_one_as_ray_plans_it(
+    tmp_path, monkeypatch
+):
     import ray
     import ray.data
 
     from pipelines.datasets import blocks_by_size
 
-    assert not ray.is_initialized()  # no cluster: one CPU, so the floor Ray would apply is two blocks
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # no cluster: one CPU, so Ray's floor is two blocks
     minimum = ray.data.DataContext.get_current().target_min_block_size
     small = [tmp_path / name for name in ("a.parquet", "b.parquet", "c.parquet")]
     for path in small:
