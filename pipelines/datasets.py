@@ -25,9 +25,9 @@ def read_parquet(path: str, **kwargs: Any):
         context.use_datasource_v2 = before
 
 
-def blocks_by_size(paths: list[str]) -> int | None:
-    """Blocks for a data-stage input made of the local files ``paths``, where Ray's own choice would be too many;
-    None where Ray should decide (a large input, or a file that is not local).
+def blocks_by_size(paths: list[str]) -> dict[str, int]:
+    """Read options for a data-stage input made of the local files ``paths``: ``override_num_blocks`` where Ray's
+    own choice would be too many blocks; none where Ray should decide (a large input, or a file that is not local).
 
     Ray Data cuts every read into at least twice the cluster's CPUs (logical ones: 10 on the tests' cluster of two
     cores) whatever its size, below its own minimum block size (``DataContext.target_min_block_size``, 1 MiB). A
@@ -46,11 +46,12 @@ def blocks_by_size(paths: list[str]) -> int | None:
     try:
         total = sum(os.path.getsize(path) for path in paths)
     except OSError:  # a remote URI, or a file gone meanwhile: Ray plans the read as it would
-        return None
+        return {}
     minimum = int(ray.data.DataContext.get_current().target_min_block_size or 0)
     if minimum <= 0:  # no minimum block size set: nothing to measure the input by
-        return None
+        return {}
     cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
     if total >= 2 * cpus * minimum:
-        return None
-    return max(2, -(-total // minimum))
+        return {}
+    # from_items truncates this to its item count itself; a read of fewer files splits their blocks.
+    return {"override_num_blocks": max(2, -(-total // minimum))}

@@ -121,9 +121,9 @@ _SERVICE_PATTERN = (
 _FOLDER_STARTED: dict[str, float] = {}
 
 
-def _folder(item) -> str:
-    """The item's folder under tests/ (e2e, multinode, ray, unit, ...)."""
-    parts = item.nodeid.split("/")
+def _folder(nodeid: str) -> str:
+    """The test's folder under tests/ (tests/e2e, tests/multinode, tests/ray, ...)."""
+    parts = nodeid.split("/")
     return "/".join(parts[:2]) if len(parts) > 2 else parts[0]
 
 
@@ -144,7 +144,7 @@ def _services_running() -> list[str]:
 def pytest_runtest_logstart(nodeid, location):
     import time
 
-    _FOLDER_STARTED.setdefault("/".join(nodeid.split("/")[:2]), time.monotonic())
+    _FOLDER_STARTED.setdefault(_folder(nodeid), time.monotonic())
 
 
 @pytest.hookimpl(wrapper=True)
@@ -157,8 +157,8 @@ def pytest_runtest_teardown(item, nextitem):
     try:
         return (yield)
     finally:
-        folder = _folder(item)
-        if nextitem is None or _folder(nextitem) != folder:
+        folder = _folder(item.nodeid)
+        if nextitem is None or _folder(nextitem.nodeid) != folder:
             reporter = item.config.pluginmanager.get_plugin("terminalreporter")
             give_up = time.monotonic() + 15  # a cluster shut down a moment ago is still exiting
             while (left := _services_running()) and time.monotonic() < give_up:

@@ -262,15 +262,12 @@ def _read_source(spec: SourceConfig, max_documents: int | None):
         if max_documents:
             files = files[:max_documents]
         items = [{"path": path, "source": spec.name} for path in files]
-        blocks = blocks_by_size(files)
-        options = {"override_num_blocks": max(1, min(blocks, len(items)))} if blocks else {}
-        return ray.data.from_items(items, **options).flat_map(_stdlib_documents)
+        return ray.data.from_items(items, **blocks_by_size(files)).flat_map(_stdlib_documents)
     paths = [entry.path for entry in list_source(spec)]
     if spec.format == "parquet":
         files = ray.data.from_items([{"path": path} for path in paths])
         return files.map_batches(_parquet_documents, fn_kwargs={"spec": spec}, batch_size=1, batch_format="numpy")
-    blocks = blocks_by_size(paths)
-    ds = ray.data.read_binary_files(paths, include_paths=True, **({"override_num_blocks": blocks} if blocks else {}))
+    ds = ray.data.read_binary_files(paths, include_paths=True, **blocks_by_size(paths))
     if spec.format == "text" and spec.text_unit == "file":
         return ds.map_batches(_decode_binary, fn_kwargs={"source": spec.name}, batch_format="numpy")
     return ds.map_batches(_lines_to_documents, fn_kwargs={"spec": spec}, batch_format="numpy")

@@ -69,9 +69,8 @@ def _cached(directory: Path, key: str, produce):
 
 def _read_step(directory: Path):
     """A materialised step's rows, in as many blocks as their size warrants (pipelines.datasets.blocks_by_size)."""
-    blocks = blocks_by_size([str(path) for path in directory.glob("*.parquet")])
-    extra = {"override_num_blocks": blocks} if blocks else {}
-    return read_parquet(str(directory), file_extensions=["parquet"], **extra)
+    options = blocks_by_size([str(path) for path in directory.glob("*.parquet")])
+    return read_parquet(str(directory), file_extensions=["parquet"], **options)
 
 
 def _mark_done(directory: Path, key: str, stats: dict) -> None:

@@ -154,7 +154,9 @@ def test_a_small_input_is_read_in_blocks_of_rays_minimum_size_and_a_large_or_rem
     small = [tmp_path / name for name in ("a.parquet", "b.parquet", "c.parquet")]
     for path in small:
         path.write_bytes(b"x" * (minimum // 4))
-    assert blocks_by_size([str(path) for path in small]) == 2  # under one minimum block: still two, for two cores
+    assert blocks_by_size([str(path) for path in small]) == {
+        "override_num_blocks": 2
+    }  # under one minimum block: still two, for two cores
     (tmp_path / "c.parquet").write_bytes(b"x" * (3 * minimum // 2))
-    assert blocks_by_size([str(path) for path in small]) is None  # 2 MiB: Ray's floor no longer cuts below 1 MiB
-    assert blocks_by_size([str(small[0]), "s3://bucket/corpus.parquet"]) is None  # not a local file: Ray plans it
+    assert blocks_by_size([str(path) for path in small]) == {}  # 2 MiB: Ray's floor no longer cuts below 1 MiB
+    assert blocks_by_size([str(small[0]), "s3://bucket/corpus.parquet"]) == {}  # not a local file: Ray plans it
