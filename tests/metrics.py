@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+#: How often a test may read Ray's metrics endpoint while it waits: each read has the agent render every series
+#: the cluster ever exported (seconds of CPU late in a long-lived test cluster; see PrometheusServer).
+SCRAPE_POLL_S = 5
+
 
 def scrape() -> dict[str, list]:
     """This node's Ray metrics endpoint, parsed by prometheus_client: sample name -> samples."""
@@ -37,10 +41,10 @@ class PrometheusServer:
         from tests.helpers import system_tool
 
         system_tool("prometheus")
-        # Every 5 s (the embedded Ray reports every 2 s): at 1 s the agent's answer, thousands of vLLM and Ray
-        # series, took over the 1 s timeout while the tests loaded both cores, and each failed scrape ended
-        # the target's series (seen: no TTFT or rejects data at all). The rules as the recipe writes them.
-        self.config = MonitorConfig(port=port, scrape_interval_s=5)
+        # Every 15 s, as `loom monitor` scrapes by default: each scrape has Ray's metrics agent render every series
+        # it holds, and Ray Data's per-dataset series are never dropped, so late in a long-lived test cluster (several
+        # hundred datasets) one answer costs the agent seconds of CPU. The rules as the recipe writes them.
+        self.config = MonitorConfig(port=port)
         files = write_files(self.config, folder, discovery=Path(session_dir) / DISCOVERY_FILE)
         self.log = open(folder / "prometheus.log", "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(

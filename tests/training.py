@@ -171,7 +171,7 @@ def watch_train_gauges(run_name: str, seen: list[float], done: threading.Event, 
     """Scrape Ray's Prometheus endpoint until rank 0's step gauge for this run shows up (Ray exports metrics every
     few seconds), for as long as training runs (worker start-up and the held-out read come first: no fixed deadline
     fits) and a grace period after it."""
-    from tests.metrics import scrape, total
+    from tests.metrics import SCRAPE_POLL_S, scrape, total
 
     deadline = None
     while not seen and (deadline is None or time.monotonic() < deadline):
@@ -181,4 +181,4 @@ def watch_train_gauges(run_name: str, seen: list[float], done: threading.Event, 
         steps = [s.value for s in samples.get("ray_loom_train_step", []) if s.labels.get("run") == run_name]
         if steps and total(samples, "ray_loom_train_loss", run=run_name) > 0:
             seen.extend(steps)
-        time.sleep(1)
+        time.sleep(SCRAPE_POLL_S)

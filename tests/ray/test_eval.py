@@ -132,7 +132,7 @@ def test_the_scores_are_in_prometheus_as_eval_json_has_them(eval_done, tiny_conf
         return set(seen) == set(expected)
 
     wait_for(
-        every_headline_scraped, 60, lambda: f"the eval headlines in Prometheus: {sorted(seen)} of {sorted(expected)}"
+        every_headline_scraped, 120, lambda: f"the eval headlines in Prometheus: {sorted(seen)} of {sorted(expected)}"
     )
     assert all(math.isclose(seen[key], value, rel_tol=1e-6) for key, value in expected.items()), (seen, expected)
     stderr = prometheus.api(

@@ -25,7 +25,7 @@ from cluster.chain import run_stage
 from tests.browser import render
 from tests.conftest import REPO_ROOT, free_port
 from tests.helpers import RELEASE_S, placement_groups, placement_groups_created, wait_for, wait_released
-from tests.metrics import scrape, total
+from tests.metrics import SCRAPE_POLL_S, scrape, total
 
 pytestmark = pytest.mark.ray
 #: Models the autoscaler test scaled up: the last test checks they scale back down.
@@ -118,14 +118,14 @@ def https(config, timeout: float = 60) -> httpx.Client:
     return httpx.Client(verify=ssl.create_default_context(cafile=config.serve.tls.ca_file), timeout=timeout)
 
 
-def client(config, key=KEY, **kwargs):
+def client(config, key=KEY, timeout: float = 120, **kwargs):
     import openai
 
     from serve.stage import base_url
 
     assert base_url(config.serve).startswith("https://")
     return openai.OpenAI(
-        base_url=base_url(config.serve), api_key=key, timeout=120, http_client=https(config, 120), **kwargs
+        base_url=base_url(config.serve), api_key=key, timeout=timeout, http_client=https(config, timeout), **kwargs
     )
 
 
@@ -497,7 +497,9 @@ def test_autoscaler_adds_a_replica_under_a_burst(endpoint):
         wait_for(lambda: running_replicas(MAIN) == 2, 900, "a second replica under load")
         SCALED_UP.append(MAIN)
         # The decision is visible in Prometheus (a gauge: read while it holds).
-        wait_for(lambda: autoscaler_target(MAIN) == 2, 180, "the autoscaler's target in the metrics")
+        wait_for(
+            lambda: autoscaler_target(MAIN) == 2, 180, "the autoscaler's target in the metrics", poll_s=SCRAPE_POLL_S
+        )
     finally:
         stop.set()
         load.join()
@@ -514,7 +516,10 @@ def test_a_killed_replica_is_replaced_while_requests_keep_succeeding(endpoint):
     replicas = [a for a in named if f"#LoomLLMServer:{SECOND}#" in a["name"]]
     assert len(replicas) == 1, named
     victim = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
-    api = client(config, max_retries=0)  # no client retries: the ingress alone must keep requests alive
+    # No client retries: the ingress alone must keep requests alive. The requests in flight when the replica dies wait
+    # for its replacement, a new vLLM engine: 2 min 12 s in a loaded fresh clone, past a 120 s timeout (4 of 200
+    # failed). 600 s is the OpenAI client's default.
+    api = client(config, max_retries=0, timeout=600)
 
     def one(i: int) -> bool:
         try:
@@ -541,7 +546,7 @@ def test_requests_rejects_latency_engine_and_scaling_metrics_reach_prometheus(en
             and total(samples, "ray_loom_serve_time_to_first_token_s_count", model=MAIN) > 0
         )
 
-    wait_for(complete, 180, "the ingress metrics to be exported")
+    wait_for(complete, 180, "the ingress metrics to be exported", poll_s=SCRAPE_POLL_S)
     samples = scrape()
     for reason in (
         "invalid-key",
@@ -579,7 +584,7 @@ def test_requests_rejects_latency_engine_and_scaling_metrics_reach_prometheus(en
         return not missing
 
     try:
-        wait_for(every_plotted_series_exported, 180, "every series the dashboard plots")
+        wait_for(every_plotted_series_exported, 180, "every series the dashboard plots", poll_s=SCRAPE_POLL_S)
     except AssertionError as error:
         raise AssertionError(f"{error}; never exported: {missing}") from None
 
