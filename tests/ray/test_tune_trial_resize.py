@@ -36,11 +36,12 @@ MICRO, GLOBAL_BATCH, CHECKPOINT_EVERY = 8, 32, 16
 #: before the loss, or no step is trained again at one worker.
 LOSS_WINDOW = 6
 #: Long enough that the trial is still training when the node is lost, and no longer: every step after that is the
-#: test's wait. One worker past its first checkpoint (16), the node added; Ray Train sees it (an elastic fit looks every
-#: 2 s) and restarts on two from that checkpoint; the loss once two have trained past a checkpoint of their own (33-38),
-#: where they stop (their peer is gone). One worker then trains the rest from checkpoint 32: at 128 steps, 96 of them
-#: (264 s of the test's 664 s in a fresh clone).
-STEPS = 64
+#: test's wait. One worker past its first checkpoint, the node added; Ray Train sees it (an elastic fit looks every
+#: 2 s) and restarts on two from the last checkpoint, 16 or, on a fast machine where one worker trains on while the
+#: node starts, 32 or 48; the loss once two have trained past a checkpoint of their own (16 steps and more later), where
+#: they stop (their peer is gone). 96 steps leave a loss window after a restart from 48; at 128, the steps one worker
+#: trained after the loss were 264 s of the test's 664 s in a loaded fresh clone.
+STEPS = 96
 
 
 def result_files(ray_module) -> set:
