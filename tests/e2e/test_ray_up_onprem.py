@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
-from tests.e2e.test_ray_up import RAY, TOKEN, other_ray_running, run
+from tests.e2e.test_ray_up import RAY, TOKEN, other_ray_running, ray_down, run
 from tests.helpers import system_tool, wait_for
 from tests.netns import _network
 from tests.ray.heads import env_without_ray_settings
@@ -149,12 +149,7 @@ def test_ray_up_of_three_machines_over_ssh_then_a_job_runs_on_every_node(tmp_pat
                 refused = subprocess.run(redis_cli, capture_output=True, text=True, timeout=30)
                 assert "NOAUTH" in refused.stdout + refused.stderr, refused.stdout + refused.stderr
             finally:
-                down = subprocess.run(
-                    [RAY, "down", "-y", str(config_path)], env=env, capture_output=True, text=True, timeout=300
-                )
-                for suffix in (".state", ".lock"):  # the local provider's record, in Ray's default temp folder
-                    Path(f"/tmp/ray/cluster-{config['cluster_name']}{suffix}").unlink(missing_ok=True)
-            assert down.returncode == 0, down.stdout + down.stderr
+                ray_down(config_path, env, config["cluster_name"])
             # `ray down` stopped every node: no Ray process is left in any namespace (sshd aside).
             wait_for(lambda: not other_ray_running(), 120, "ray down to stop every node")
     finally:
