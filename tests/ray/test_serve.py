@@ -517,8 +517,8 @@ def test_a_killed_replica_is_replaced_while_requests_keep_succeeding(endpoint):
     assert len(replicas) == 1, named
     victim = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
     # No client retries: the ingress alone must keep requests alive. The requests in flight when the replica dies wait
-    # for its replacement, a new vLLM engine: 2 min 12 s in a loaded fresh clone, past a 120 s timeout (4 of 200
-    # failed). 600 s is the OpenAI client's default.
+    # for its replacement, a new vLLM engine, which on a loaded machine takes longer than 120 s: the OpenAI client's
+    # default of 600 s.
     api = client(config, max_retries=0, timeout=600)
 
     def one(i: int) -> bool:
