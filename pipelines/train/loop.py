@@ -285,6 +285,19 @@ def _torch_compile_off():
             os.environ["TORCHDYNAMO_DISABLE"] = before
 
 
+def _lean_transformers() -> None:
+    """transformers imports optional packages as its modules load, for features training a causal LM never calls:
+    scikit-learn (with SciPy) for assisted decoding's ``roc_curve``, SciPy's optimizer for object detection's losses.
+    A training worker is a fresh process on every start and restart, and these imports are a large share of its time
+    before the first step (docs/src/benchmarks.md, recovery). transformers reads their availability when those
+    modules load, so this runs before any model is built; those features would then report the packages missing in
+    this process."""
+    import transformers.utils
+
+    transformers.utils.is_sklearn_available = lambda: False
+    transformers.utils.is_scipy_available = lambda: False
+
+
 class RankRun:
     """One rank's training run, in the order it happens: restore, step through micro-batches, report
     (and checkpoint) at the configured steps, export at the end.
@@ -578,6 +591,7 @@ class RankRun:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """restore -> step through the micro-batches, reporting at the configured steps -> export."""
+    _lean_transformers()
     run = RankRun(loop_config)
     if run.finished_before:
         return  # training already finished; the export is the latest checkpoint

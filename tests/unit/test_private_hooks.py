@@ -66,3 +66,30 @@ def test_serve_still_hands_an_ingress_replica_its_app_through_set_asgi_app():
 
     assert "self._set_asgi_app(" in inspect.getsource(ASGIAppReplicaWrapper.__init__)
     assert LoomIngress._set_asgi_app is not ASGIAppReplicaWrapper._set_asgi_app
+
+
+def test_training_workers_still_build_llama_without_scikit_learn_or_scipy():
+    # loop._lean_transformers patches the availability flags transformers reads as its modules load; a fresh
+    # process, like a training worker, shows whether transformers still reads them there.
+    import json
+    import subprocess
+    import sys
+
+    code = """
+import json, sys
+from pipelines.train.loop import _lean_transformers
+_lean_transformers()
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                     num_attention_heads=2, num_key_value_heads=2)
+ids = torch.randint(0, 64, (2, 8))
+loss = LlamaForCausalLM(config)(input_ids=ids, labels=ids).loss
+loss.backward()
+print(json.dumps({"loaded": sorted(set(sys.modules) & {"sklearn", "scipy"}), "loss": float(loss)}))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["loaded"] == [], result
+    assert result["loss"] > 0
