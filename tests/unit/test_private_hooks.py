@@ -80,9 +80,10 @@ import json, sys
 from pipelines.train.loop import _lean_transformers
 _lean_transformers()
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                     num_attention_heads=2, num_key_value_heads=2)
+from transformers import LlamaForCausalLM
+from pipelines.model.config import ModelConfig
+from pipelines.model.llama import llama_config
+config = llama_config(ModelConfig(), vocab_size=64, eos_token_id=0, pad_token_id=0)
 ids = torch.randint(0, 64, (2, 8))
 loss = LlamaForCausalLM(config)(input_ids=ids, labels=ids).loss
 loss.backward()
